@@ -1,0 +1,251 @@
+"""The ``simcal`` command: argument parsing only; each subcommand calls one library function.
+
+Bad input ends with one line ``simcal: error: FILE: FIELD: message`` and exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from simcal import __version__
+from simcal.errors import InputError, SimcalError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+# --------------------------------------------------------------------------- synth
+def cmd_synth(args: argparse.Namespace) -> int:
+    from simcal.data.synthetic import generate_synthetic
+
+    try:
+        summary = generate_synthetic(
+            args.out,
+            classes=args.classes,
+            train_images=args.train_images,
+            val_images=args.val_images,
+            size=args.size,
+            seed=args.seed,
+            mask_format=args.mask_format,
+        )
+    except ValueError as e:
+        raise InputError("simcal synth", "arguments", str(e)) from None
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- stats
+def cmd_stats(args: argparse.Namespace) -> int:
+    from simcal.data.annotations import load_dataset
+    from simcal.data.stats import bin_labels, category_stats, parse_bins
+
+    edges = parse_bins(args.bins)
+    stats = category_stats(load_dataset(args.annotations), edges)
+    labels = bin_labels(edges)
+    if args.json:
+        print(
+            json.dumps({"bins": labels, "bin_edges": list(edges), "categories": [s.as_dict() for s in stats]}, indent=1)
+        )
+        return 0
+    print(f"{'id':>6} {'name':<28} {'images':>8} {'instances':>10} freq  bin")
+    for s in stats:
+        print(f"{s.id:>6} {s.name[:28]:<28} {s.image_count:>8} {s.instance_count:>10}    {s.frequency}  {s.bin + 1}")
+    print()
+    groups = {g: sum(s.frequency == g for s in stats) for g in "rcf"}
+    print(f"{len(stats)} categories: rare {groups['r']}, common {groups['c']}, frequent {groups['f']}")
+    for i, lab in enumerate(labels):
+        members = [s for s in stats if s.bin == i]
+        print(
+            f"bin {i + 1} {lab:<14} {len(members):>5} categories, {sum(s.instance_count for s in members):>9} instances"
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from simcal.data.annotations import load_dataset, load_results
+    from simcal.data.stats import parse_bins
+    from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats, write_per_class_csv
+    from simcal.io import write_json
+
+    edges = parse_bins(args.bins)
+    gt = load_dataset(args.gt)
+    train = load_dataset(args.train) if args.train else None
+    stats = resolve_category_stats(gt, str(args.gt), train, str(args.train), edges)
+    results = load_results(args.results, gt, args.iou)
+    result = evaluate(gt, results, args.iou, stats, edges, chunk_categories=args.chunk_categories)
+    print(result.table())
+    if args.out:
+        write_json(args.out, result.to_json(), indent=1)
+        print(f"metrics written to {args.out}")
+    if args.per_class:
+        write_per_class_csv(result, args.per_class)
+        print(f"per-class AP written to {args.per_class}")
+    return 0
+
+
+# --------------------------------------------------------------------------- coco-lt
+def cmd_coco_lt(args: argparse.Namespace) -> int:
+    from simcal.data.annotations import load_dataset
+    from simcal.data.coco_lt import build_coco_lt
+    from simcal.io import write_json
+
+    coco = load_dataset(args.coco)
+    out = build_coco_lt(coco, seed=args.seed, source=str(args.coco))
+    write_json(args.out, out)
+    print(
+        f"COCO-LT: {len(out['images'])} images, {len(out['annotations'])} instances "
+        f"(from {len(coco['images'])} images, {len(coco['annotations'])} instances) -> {args.out}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from simcal.config import load_config
+    from simcal.engine.train import train
+
+    if args.resume and args.config is None:
+        cfg = None
+        if args.overrides:
+            raise InputError("simcal train", "overrides", "a resumed run keeps its own config.yaml")
+    else:
+        if args.config is None:
+            raise InputError("simcal train", "--config", "required for a new run")
+        cfg = load_config(args.config, args.overrides)
+    final = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"final weights: {final}")
+    return 0
+
+
+# --------------------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from simcal.engine.predict import predict
+
+    predict(
+        args.run,
+        split=args.split,
+        gt_json=args.gt,
+        images=args.images,
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        progress=not args.no_progress,
+        evaluate_results=not args.no_eval,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from simcal.demo import run_demo
+
+    run_demo(Path(args.out), budget=args.budget, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simcal",
+        description="Long-tail instance segmentation: Mask R-CNN, SimCal calibration, LVIS evaluation.",
+    )
+    p.add_argument("--version", action="version", version=f"simcal {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="generate the synthetic long-tail dataset (images + LVIS json)")
+    from simcal.data import synthetic as _syn
+
+    s.add_argument("--out", required=True, type=Path, help="output directory")
+    s.add_argument(
+        "--classes", type=_positive_int, default=_syn.DEFAULT_CLASSES, help="number of classes (default %(default)s)"
+    )
+    s.add_argument("--train-images", type=_positive_int, default=_syn.DEFAULT_TRAIN_IMAGES, help="default %(default)s")
+    s.add_argument("--val-images", type=_positive_int, default=_syn.DEFAULT_VAL_IMAGES, help="default %(default)s")
+    s.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mask-format", choices=["polygon", "rle"], default="polygon")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("stats", help="per-class image/instance counts, r/c/f groups and instance bins")
+    s.add_argument("annotations", type=Path, help="COCO or LVIS json (a training split)")
+    s.add_argument("--json", action="store_true", help="print json instead of a table")
+    s.add_argument("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)")
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("evaluate", help="LVIS/COCO AP, APr/APc/APf and instance-bin AP of a results json")
+    s.add_argument("--gt", required=True, type=Path, help="ground truth json (LVIS or COCO)")
+    s.add_argument("--results", required=True, type=Path, help="results json: a list of detections")
+    s.add_argument("--iou", choices=["bbox", "segm"], default="segm", help="default %(default)s")
+    s.add_argument("--train", type=Path, help="training json for the counts (default: the gt categories' fields)")
+    s.add_argument("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)")
+    s.add_argument("--out", type=Path, help="write metrics json here")
+    s.add_argument("--per-class", type=Path, help="write per-class AP csv here")
+    s.add_argument(
+        "--chunk-categories",
+        type=_positive_int,
+        default=None,
+        help="categories per evaluation pass (default: automatic, by size)",
+    )
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("coco-lt", help="build the COCO-LT training json from COCO train2017")
+    s.add_argument("--coco", required=True, type=Path, help="instances_train2017.json")
+    s.add_argument("--out", required=True, type=Path, help="output json")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_coco_lt)
+
+    s = sub.add_parser("train", help="train a Mask R-CNN (torchrun-aware) into a run directory")
+    s.add_argument("--config", type=Path, help="YAML preset (configs/*.yaml)")
+    s.add_argument("--out", required=True, type=Path, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.loss=focal train.sampler=repeat_factor")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("predict", help="run a trained detector on a split: LVIS results json + metrics")
+    s.add_argument("--run", required=True, type=Path, help="run directory")
+    s.add_argument("--split", default="val", help="val or train (from the run's config), or a name for --gt")
+    s.add_argument("--gt", help="annotations json instead of the config's split")
+    s.add_argument("--images", help="image folder for --gt")
+    s.add_argument("--checkpoint", help="weights file (default: RUN/model_final.pth)")
+    s.add_argument("--batch-size", type=_positive_int, default=8)
+    s.add_argument("--max-images", type=_positive_int, default=None, help="only the first N images")
+    s.add_argument("--no-eval", action="store_true", help="write results only")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("demo", help="the main job end to end on the synthetic data, ending in a table")
+    s.add_argument("--out", default="runs/demo", help="working directory (default %(default)s)")
+    s.add_argument("--budget", choices=["quick", "full"], default="full")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SimcalError as e:
+        print(f"simcal: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("simcal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Load and validate COCO / LVIS annotation and result files.
+
+Every check raises :class:`simcal.errors.InputError` naming the file and the field
+(``annotations[12].bbox``), so a user sees one clear line instead of a traceback deep inside an
+evaluation or training loop. Validation is done once, here; the rest of simcal trusts the dicts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from simcal.errors import InputError
+from simcal.io import read_json
+
+FREQUENCIES = ("r", "c", "f")
+LVIS_IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_bbox(src: str, field: str, bbox: Any) -> None:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise InputError(src, field, f"expected [x, y, width, height], got {str(bbox)[:60]}")
+    if not all(_is_number(v) for v in bbox):
+        raise InputError(src, field, f"non-finite or non-numeric value in {bbox}")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise InputError(src, field, f"negative width or height in {bbox}")
+
+
+def _check_segmentation(src: str, field: str, seg: Any) -> None:
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) and v >= 0 for v in size):
+            raise InputError(src, f"{field}.size", "RLE needs size [height, width]")
+        if not isinstance(counts, (str, list)):
+            raise InputError(src, f"{field}.counts", "RLE counts must be a string or a list")
+        return
+    if not isinstance(seg, list):
+        raise InputError(src, field, "expected a list of polygons or an RLE dict")
+    for j, poly in enumerate(seg):
+        if not isinstance(poly, list):
+            raise InputError(src, f"{field}[{j}]", "polygon must be a flat list of x, y numbers")
+        try:
+            arr = np.asarray(poly, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(src, f"{field}[{j}]", "polygon must be a flat list of x, y numbers") from None
+        if arr.ndim != 1 or arr.size < 6 or arr.size % 2:
+            raise InputError(
+                src, f"{field}[{j}]", f"polygon needs an even number (>= 6) of coordinates, got {arr.size}"
+            )
+        if not np.isfinite(arr).all():
+            raise InputError(src, f"{field}[{j}]", "polygon has a non-finite coordinate")
+
+
+def _check_ids(src: str, items: list[Any], key: str) -> dict[int, dict[str, Any]]:
+    by_id: dict[int, dict[str, Any]] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InputError(src, f"{key}[{i}]", "expected an object")
+        iid = item.get("id")
+        if not _is_int(iid):
+            raise InputError(src, f"{key}[{i}].id", f"expected an integer id, got {iid!r}")
+        if iid in by_id:
+            raise InputError(src, f"{key}[{i}].id", f"duplicate id {iid}")
+        by_id[iid] = item
+    return by_id
+
+
+def validate_dataset(data: Any, source: str | os.PathLike[str] = "<dataset>") -> dict[str, Any]:
+    """Check a COCO/LVIS dataset dict in place and fill in derivable fields.
+
+    Fills ``area`` (from the mask, else the box) and ``iscrowd`` (0) where missing.
+
+    Returns:
+        The same dict, with ``images``, ``annotations`` and ``categories`` validated.
+    """
+    src = str(source)
+    if not isinstance(data, dict):
+        raise InputError(src, "(top level)", f"expected a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise InputError(src, key, "missing top-level key")
+        if not isinstance(data[key], list):
+            raise InputError(src, key, f"expected a list, got {type(data[key]).__name__}")
+
+    images = _check_ids(src, data["images"], "images")
+    categories = _check_ids(src, data["categories"], "categories")
+    _check_ids(src, data["annotations"], "annotations")
+
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat.get("name", ""), str):
+            raise InputError(src, f"categories[{i}].name", "expected a string")
+        cat.setdefault("name", str(cat["id"]))
+        freq = cat.get("frequency")
+        if freq is not None and freq not in FREQUENCIES:
+            raise InputError(src, f"categories[{i}].frequency", f"expected one of r, c, f, got {freq!r}")
+        for key in ("image_count", "instance_count"):
+            if key in cat and not (_is_int(cat[key]) and cat[key] >= 0):
+                raise InputError(src, f"categories[{i}].{key}", "expected a non-negative integer")
+
+    for i, img in enumerate(data["images"]):
+        for key in ("width", "height"):
+            if not (_is_int(img.get(key)) and img[key] > 0):
+                raise InputError(src, f"images[{i}].{key}", f"expected a positive integer, got {img.get(key)!r}")
+        for key in LVIS_IMAGE_FIELDS:
+            if key not in img:
+                continue
+            ids = img[key]
+            if not isinstance(ids, list):
+                raise InputError(src, f"images[{i}].{key}", "expected a list of category ids")
+            for cid in ids:
+                if cid not in categories:
+                    raise InputError(src, f"images[{i}].{key}", f"unknown category id {cid!r}")
+
+    for i, ann in enumerate(data["annotations"]):
+        field = f"annotations[{i}]"
+        if ann.get("image_id") not in images:
+            raise InputError(src, f"{field}.image_id", f"unknown image id {ann.get('image_id')!r}")
+        if ann.get("category_id") not in categories:
+            raise InputError(src, f"{field}.category_id", f"unknown category id {ann.get('category_id')!r}")
+        if "bbox" not in ann:
+            raise InputError(src, f"{field}.bbox", "missing")
+        _check_bbox(src, f"{field}.bbox", ann["bbox"])
+        if "segmentation" in ann:
+            _check_segmentation(src, f"{field}.segmentation", ann["segmentation"])
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            ann["area"] = annotation_area(ann, images[ann["image_id"]])
+        elif not (_is_number(ann["area"]) and ann["area"] >= 0):
+            raise InputError(src, f"{field}.area", f"expected a non-negative number, got {ann['area']!r}")
+    return data
+
+
+def annotation_area(ann: dict[str, Any], image: dict[str, Any]) -> float:
+    """Area of an annotation: of its mask when it has one, else of its box (pixels)."""
+    seg = ann.get("segmentation")
+    if seg:
+        h, w = image["height"], image["width"]
+        if isinstance(seg, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg.get("counts"), list):
+            rle = mask_utils.frPyObjects(seg, h, w)
+        else:
+            rle = seg
+        return float(mask_utils.area(rle))
+    return float(ann["bbox"][2] * ann["bbox"][3])
+
+
+def load_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a COCO or LVIS annotation json (v0.5 or v1)."""
+    return validate_dataset(read_json(path), path)
+
+
+def is_lvis(dataset: dict[str, Any]) -> bool:
+    """True when the images carry LVIS's federated fields (negative / not-exhaustive ids)."""
+    images = dataset.get("images", [])
+    return bool(images) and any(k in images[0] for k in LVIS_IMAGE_FIELDS)
+
+
+def image_path(image: dict[str, Any], root: str | os.PathLike[str]) -> Path:
+    """Where an image lives: ``file_name`` (COCO, LVIS v0.5) or the tail of ``coco_url`` (LVIS v1).
+
+    LVIS v1 names images by ``coco_url`` such as ``http://images.cocodataset.org/val2017/X.jpg``;
+    the split folder is kept so one root holding ``train2017/`` and ``val2017/`` serves both.
+    """
+    if image.get("file_name"):
+        return Path(root) / image["file_name"]
+    url = image.get("coco_url")
+    if url:
+        parts = url.rstrip("/").split("/")
+        return Path(root, *parts[-2:])
+    raise InputError(str(root), f"images[id={image.get('id')}]", "has neither file_name nor coco_url")
+
+
+def validate_results(
+    results: Any,
+    dataset: dict[str, Any],
+    iou_type: str,
+    source: str | os.PathLike[str] = "<results>",
+) -> list[dict[str, Any]]:
+    """Check a detection results list against its ground truth.
+
+    Args:
+        results: the parsed results json: a list of ``{image_id, category_id, score, bbox | segmentation}``.
+        dataset: the validated ground truth it refers to.
+        iou_type: ``"bbox"`` needs ``bbox``; ``"segm"`` needs ``segmentation``.
+
+    Returns:
+        The list itself. An empty list is valid.
+    """
+    src = str(source)
+    if not isinstance(results, list):
+        raise InputError(src, "(top level)", f"results must be a list of detections, got {type(results).__name__}")
+    image_ids = {img["id"] for img in dataset["images"]}
+    cat_ids = {cat["id"] for cat in dataset["categories"]}
+    for i, det in enumerate(results):
+        field = f"[{i}]"
+        if not isinstance(det, dict):
+            raise InputError(src, field, "expected an object")
+        if det.get("image_id") not in image_ids:
+            raise InputError(src, f"{field}.image_id", f"unknown image id {det.get('image_id')!r}")
+        if det.get("category_id") not in cat_ids:
+            raise InputError(src, f"{field}.category_id", f"unknown category id {det.get('category_id')!r}")
+        if not _is_number(det.get("score")):
+            raise InputError(src, f"{field}.score", f"expected a finite number, got {det.get('score')!r}")
+        if iou_type == "bbox":
+            if "bbox" not in det:
+                raise InputError(src, f"{field}.bbox", "missing (needed for --iou bbox)")
+            _check_bbox(src, f"{field}.bbox", det["bbox"])
+        elif iou_type == "segm":
+            seg = det.get("segmentation")
+            if seg is None:
+                raise InputError(src, f"{field}.segmentation", "missing (needed for --iou segm)")
+            _check_segmentation(src, f"{field}.segmentation", seg)
+        else:
+            raise InputError("--iou", "iou", f"expected bbox or segm, got {iou_type!r}")
+    return results
+
+
+def load_results(path: str | os.PathLike[str], dataset: dict[str, Any], iou_type: str) -> list[dict[str, Any]]:
+    """Read and validate a results json (see :func:`validate_results`)."""
+    return validate_results(read_json(path), dataset, iou_type, path)

@@ -1,0 +1,146 @@
+"""Per-class statistics of a training split: counts, LVIS frequency groups, instance-count bins.
+
+Counts are always computed from the annotations themselves (LVIS ships ``image_count`` and
+``instance_count`` fields, COCO does not, and either may be stale).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from simcal.errors import InputError
+
+#: Inner bin edges on the training instance count (METHOD.md, paper Table 1).
+BIN_PRESETS: dict[str, tuple[float, ...]] = {
+    "lvis": (10, 100, 1000),
+    "coco-lt": (20, 400, 8000),
+}
+
+
+@dataclass(frozen=True)
+class CategoryStat:
+    """One category's training statistics."""
+
+    id: int
+    name: str
+    instance_count: int
+    image_count: int
+    frequency: str  # "r", "c" or "f"
+    bin: int  # 0-based index into the instance-count bins
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_bins(spec: str | Sequence[float], option: str = "--bins") -> tuple[float, ...]:
+    """Turn ``"lvis"``, ``"coco-lt"`` or ``"E1,E2,E3"`` into increasing inner edges.
+
+    The bins are ``[0, E1), [E1, E2), ..., [Ek, inf)``.
+    """
+    if isinstance(spec, str):
+        if spec in BIN_PRESETS:
+            return BIN_PRESETS[spec]
+        try:
+            edges = tuple(float(x) for x in spec.split(","))
+        except ValueError:
+            raise InputError(option, "bins", f"expected lvis, coco-lt or E1,E2,...; got {spec!r}") from None
+    else:
+        edges = tuple(float(x) for x in spec)
+    if not edges or any(not math.isfinite(e) or e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
+        raise InputError(option, "bins", f"edges must be positive and strictly increasing, got {spec!r}")
+    return edges
+
+
+def bin_index(count: float, edges: Sequence[float]) -> int:
+    """0-based bin of a training instance count: bin i holds ``edges[i-1] <= count < edges[i]``."""
+    return bisect.bisect_right(list(edges), count)
+
+
+def bin_labels(edges: Sequence[float]) -> list[str]:
+    """Human-readable ranges, e.g. ``['[0, 10)', '[10, 100)', ..., '[1000, inf)']``."""
+    bounds = [0.0, *edges, math.inf]
+    fmt = lambda v: "inf" if math.isinf(v) else f"{v:g}"  # noqa: E731
+    return [f"[{fmt(a)}, {fmt(b)})" for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def frequency_of(image_count: int) -> str:
+    """LVIS frequency group from a training image count, as METHOD.md pins it.
+
+    rare: fewer than 10 images; common: 10 to 100; frequent: more than 100.
+    """
+    if image_count < 10:
+        return "r"
+    if image_count <= 100:
+        return "c"
+    return "f"
+
+
+def count_instances(dataset: dict[str, Any]) -> dict[int, tuple[int, int]]:
+    """Per category id: ``(instance_count, image_count)`` from the annotations.
+
+    Crowd annotations are counted too (LVIS has none; COCO counts them in its statistics).
+    Categories without annotations get ``(0, 0)``.
+    """
+    instances = {cat["id"]: 0 for cat in dataset["categories"]}
+    images: dict[int, set[int]] = {cat["id"]: set() for cat in dataset["categories"]}
+    for ann in dataset["annotations"]:
+        instances[ann["category_id"]] += 1
+        images[ann["category_id"]].add(ann["image_id"])
+    return {cid: (instances[cid], len(images[cid])) for cid in instances}
+
+
+def category_stats(train: dict[str, Any], edges: Sequence[float] = BIN_PRESETS["lvis"]) -> list[CategoryStat]:
+    """Statistics of every category of a training split, ordered by category id.
+
+    The frequency group is the json's ``frequency`` field when the category has one (LVIS),
+    else computed from the image count.
+    """
+    counts = count_instances(train)
+    out = []
+    for cat in sorted(train["categories"], key=lambda c: c["id"]):
+        n_inst, n_img = counts[cat["id"]]
+        out.append(
+            CategoryStat(
+                id=cat["id"],
+                name=cat.get("name", str(cat["id"])),
+                instance_count=n_inst,
+                image_count=n_img,
+                frequency=cat.get("frequency") or frequency_of(n_img),
+                bin=bin_index(n_inst, edges),
+            )
+        )
+    return out
+
+
+def stats_from_fields(
+    dataset: dict[str, Any], source: str, edges: Sequence[float] = BIN_PRESETS["lvis"]
+) -> list[CategoryStat]:
+    """Statistics from the categories' own ``instance_count`` / ``image_count`` / ``frequency``.
+
+    This is how an LVIS *val* json carries the training statistics. Raises :class:`InputError`
+    when a category lacks ``instance_count``.
+    """
+    out = []
+    for i, cat in enumerate(sorted(dataset["categories"], key=lambda c: c["id"])):
+        if "instance_count" not in cat:
+            raise InputError(
+                source,
+                f"categories[{i}].instance_count",
+                "missing: give the training annotations with --train to compute the counts",
+            )
+        n_img = cat.get("image_count", 0)
+        out.append(
+            CategoryStat(
+                id=cat["id"],
+                name=cat.get("name", str(cat["id"])),
+                instance_count=cat["instance_count"],
+                image_count=n_img,
+                frequency=cat.get("frequency") or frequency_of(n_img),
+                bin=bin_index(cat["instance_count"], edges),
+            )
+        )
+    return out

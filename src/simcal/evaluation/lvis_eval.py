@@ -1,0 +1,335 @@
+"""LVIS / COCO evaluation on faster-coco-eval, with LVIS's guards, r/c/f groups and instance bins.
+
+faster-coco-eval (C++) is the engine. Three LVIS rules it does not apply the way the official
+LVIS API does are enforced here before the engine sees the detections (METHOD.md, Evaluation):
+
+1. at most 300 detections per image, the top ones by score across all classes, BEFORE matching
+   (the engine only caps per image *and category*);
+2. a detection of class c in image I is dropped unless c is in I's ground truth or in I's
+   ``neg_category_ids`` (federated rule; done here so no mask is decoded for it);
+3. for segm, a result's ``bbox`` is dropped so the size buckets use the mask area.
+
+Every summary number is computed here from the engine's precision array
+``precision[T, R, K, A, M]`` (IoU thresholds x recall thresholds x categories x area ranges x
+max-dets), so evaluating the categories in chunks gives identical numbers with less memory.
+
+A plain COCO json (no LVIS image fields) is evaluated with COCO rules (100 detections per image
+and category, no federated filtering) and still reports APr/APc/APf and the bins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
+
+from simcal.data.annotations import is_lvis
+from simcal.data.stats import BIN_PRESETS, CategoryStat, bin_labels, category_stats, stats_from_fields
+from simcal.errors import InputError
+
+LVIS_MAX_DETS = 300
+COCO_MAX_DETS = 100
+#: Above this many (image, category) pairs the evaluation runs in category chunks.
+CHUNK_PAIRS = 4_000_000
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one results file against one ground truth.
+
+    ``metrics`` holds fractions in [0, 1] under flat keys ``AP AP50 AP75 APs APm APl APr APc APf
+    AP1 .. APk`` (k = number of bins); a key is ``None`` when no category with ground truth falls
+    in its group, bin or size range. ``per_class`` has one row per category of the ground truth.
+    """
+
+    iou_type: str
+    mode: str  # "lvis" or "coco"
+    max_dets: int
+    bin_edges: tuple[float, ...]
+    metrics: dict[str, float | None]
+    per_class: list[dict[str, Any]]
+    num_images: int
+    num_detections: int  # as given
+    num_detections_evaluated: int  # after the guards
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.metrics,
+            "iou_type": self.iou_type,
+            "mode": self.mode,
+            "max_dets": self.max_dets,
+            "bins": bin_labels(self.bin_edges),
+            "bin_edges": list(self.bin_edges),
+            "num_images": self.num_images,
+            "num_detections": self.num_detections,
+            "num_detections_evaluated": self.num_detections_evaluated,
+            "per_class": self.per_class,
+        }
+
+    def table(self) -> str:
+        """The metrics in percent as a fixed-width text table, with a legend for the bins."""
+        keys = metric_keys(len(self.bin_edges) + 1)
+        head = " ".join(f"{k:>6}" for k in keys)
+        row = " ".join(_pct(self.metrics[k]) for k in keys)
+        legend = ", ".join(f"AP{i + 1} {lab}" for i, lab in enumerate(bin_labels(self.bin_edges)))
+        title = (
+            f"{self.iou_type} AP ({self.mode.upper()} rules, {self.max_dets} dets/img, "
+            f"{self.num_images} images, {self.num_detections_evaluated}/{self.num_detections} detections)"
+        )
+        return f"{title}\n{head}\n{row}\nbins on training instances: {legend}"
+
+
+def _pct(v: float | None) -> str:
+    return f"{'-':>6}" if v is None else f"{100 * v:6.1f}"
+
+
+def metric_keys(num_bins: int) -> list[str]:
+    """``AP AP50 AP75 APs APm APl APr APc APf AP1 .. AP<num_bins>``."""
+    return [*SUMMARY_KEYS, *(f"AP{i + 1}" for i in range(num_bins))]
+
+
+def resolve_category_stats(
+    gt: dict[str, Any],
+    gt_source: str,
+    train: dict[str, Any] | None = None,
+    train_source: str = "<train>",
+    edges: Sequence[float] = BIN_PRESETS["lvis"],
+) -> list[CategoryStat]:
+    """Training statistics for every ground-truth category, ordered by id.
+
+    From the training annotations when given, else from the ground truth categories' own
+    ``instance_count`` / ``image_count`` / ``frequency`` fields (LVIS val carries them). The
+    frequency group is the ground truth's ``frequency`` field when present (as the official LVIS
+    API does), else the training one, else computed from the training image count.
+    """
+    if train is not None:
+        stats = {s.id: s for s in category_stats(train, edges)}
+        missing = [c["id"] for c in gt["categories"] if c["id"] not in stats]
+        if missing:
+            raise InputError(train_source, "categories", f"lacks category ids {missing[:5]} of {gt_source}")
+    else:
+        stats = {s.id: s for s in stats_from_fields(gt, gt_source, edges)}
+    out = []
+    for cat in sorted(gt["categories"], key=lambda c: c["id"]):
+        s = stats[cat["id"]]
+        if cat.get("frequency") and cat["frequency"] != s.frequency:
+            s = CategoryStat(s.id, s.name, s.instance_count, s.image_count, cat["frequency"], s.bin)
+        out.append(s)
+    return out
+
+
+def apply_guards(
+    results: list[dict[str, Any]],
+    gt: dict[str, Any],
+    iou_type: str,
+    lvis_rules: bool,
+    max_dets: int = LVIS_MAX_DETS,
+) -> list[dict[str, Any]]:
+    """The LVIS guards, returning new detection dicts (the input is not modified).
+
+    With ``lvis_rules``: keep the top ``max_dets`` per image by score (stable on ties, as the
+    official API), then drop detections whose class is neither positive nor negative in the
+    image. Always: keep only the fields the engine needs, and no ``bbox`` for segm.
+    """
+    keep_keys = ("image_id", "category_id", "score", "bbox" if iou_type == "bbox" else "segmentation")
+    if lvis_rules:
+        per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for det in results:
+            per_image[det["image_id"]].append(det)
+        capped = []
+        for dets in per_image.values():
+            if len(dets) > max_dets:
+                dets = sorted(dets, key=lambda d: d["score"], reverse=True)[:max_dets]
+            capped.extend(dets)
+        allowed: dict[int, set[int]] = {img["id"]: set(img.get("neg_category_ids", [])) for img in gt["images"]}
+        for ann in gt["annotations"]:
+            allowed[ann["image_id"]].add(ann["category_id"])
+        results = [d for d in capped if d["category_id"] in allowed[d["image_id"]]]
+    return [{k: det[k] for k in keep_keys} for det in results]
+
+
+def _gt_for_engine(gt: dict[str, Any], stats: list[CategoryStat]) -> dict[str, Any]:
+    freq = {s.id: s.frequency for s in stats}
+    cats = [{"id": c["id"], "name": c.get("name", str(c["id"])), "frequency": freq[c["id"]]} for c in gt["categories"]]
+    return {"images": gt["images"], "annotations": gt["annotations"], "categories": cats}
+
+
+def _run_engine(
+    coco_gt: COCO,
+    coco_dt: COCO,
+    iou_type: str,
+    lvis_rules: bool,
+    max_dets: int,
+    cat_ids: list[int],
+) -> np.ndarray:
+    """Precision array ``[T, R, K, A]`` (area order all, small, medium, large) for ``cat_ids``."""
+    ev = COCOeval_faster(coco_gt, coco_dt, iou_type, lvis_style=lvis_rules, print_function=lambda *a: None)
+    ev.params.maxDets = [max_dets] if lvis_rules else [1, 10, max_dets]
+    ev.params.catIds = cat_ids
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+    return np.asarray(ev.eval["precision"])[..., -1]
+
+
+def _mean_valid(s: np.ndarray) -> float | None:
+    v = s[s > -1]
+    return float(v.mean()) if v.size else None
+
+
+def evaluate(
+    gt: dict[str, Any],
+    results: list[dict[str, Any]],
+    iou_type: str,
+    stats: list[CategoryStat],
+    edges: Sequence[float] = BIN_PRESETS["lvis"],
+    *,
+    lvis_rules: bool | None = None,
+    chunk_categories: int | None = None,
+) -> EvalResult:
+    """Evaluate validated detections against validated ground truth.
+
+    Args:
+        gt: ground truth dataset (COCO or LVIS dict).
+        results: detections ``{image_id, category_id, score, bbox | segmentation}``.
+        iou_type: ``"bbox"`` or ``"segm"``.
+        stats: training statistics of every gt category (see :func:`resolve_category_stats`).
+        edges: inner bin edges used for ``stats`` (AP1..AP<len(edges)+1>).
+        lvis_rules: federated LVIS rules with 300 detections per image; default: when the gt is LVIS.
+        chunk_categories: categories per engine run; default: all at once unless the
+            image x category product exceeds :data:`CHUNK_PAIRS`.
+
+    Returns:
+        An :class:`EvalResult`.
+    """
+    if iou_type not in ("bbox", "segm"):
+        raise InputError("--iou", "iou", f"expected bbox or segm, got {iou_type!r}")
+    if lvis_rules is None:
+        lvis_rules = is_lvis(gt)
+    if iou_type == "segm":
+        for i, ann in enumerate(gt["annotations"]):
+            if not ann.get("segmentation"):
+                raise InputError("<ground truth>", f"annotations[{i}].segmentation", "missing: cannot evaluate segm")
+    max_dets = LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
+    dets = apply_guards(results, gt, iou_type, lvis_rules, max_dets)
+
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    n_img = len(gt["images"])
+    if chunk_categories is None:
+        chunk_categories = max(1, CHUNK_PAIRS // max(n_img, 1))
+    chunk_categories = max(1, min(chunk_categories, len(cat_ids) or 1))
+
+    coco_gt = COCO(_gt_for_engine(gt, stats), print_function=lambda *a: None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(dets)
+    parts = [
+        _run_engine(coco_gt, coco_dt, iou_type, lvis_rules, max_dets, cat_ids[i : i + chunk_categories])
+        for i in range(0, len(cat_ids), chunk_categories)
+    ]
+    precision = np.concatenate(parts, axis=2) if parts else np.zeros((10, 101, 0, 4))
+    return summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), len(dets))
+
+
+def summarize(
+    precision: np.ndarray,
+    cat_ids: list[int],
+    gt: dict[str, Any],
+    stats: list[CategoryStat],
+    edges: Sequence[float],
+    iou_type: str,
+    lvis_rules: bool,
+    max_dets: int,
+    num_in: int,
+    num_kept: int,
+) -> EvalResult:
+    """Summary metrics from ``precision[T, R, K, A]`` (T: IoU 0.50:0.95, A: all/small/medium/large)."""
+    by_id = {s.id: s for s in stats}
+    gt_count: dict[int, int] = defaultdict(int)
+    for ann in gt["annotations"]:
+        gt_count[ann["category_id"]] += 1
+    iou50, iou75 = 0, 5  # np.linspace(0.5, 0.95, 10)
+    p_all = precision[..., 0]  # [T, R, K]
+
+    metrics: dict[str, float | None] = {
+        "AP": _mean_valid(p_all),
+        "AP50": _mean_valid(p_all[iou50]),
+        "AP75": _mean_valid(p_all[iou75]),
+        "APs": _mean_valid(precision[..., 1]),
+        "APm": _mean_valid(precision[..., 2]),
+        "APl": _mean_valid(precision[..., 3]),
+    }
+    per_class = []
+    group_ap: dict[str, list[float]] = defaultdict(list)
+    bin_ap: dict[int, list[float]] = defaultdict(list)
+    names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
+    for k, cid in enumerate(cat_ids):
+        s = by_id[cid]
+        ap = _mean_valid(p_all[:, :, k])
+        ap50 = _mean_valid(p_all[iou50, :, k])
+        if ap is not None:
+            group_ap[s.frequency].append(ap)
+            bin_ap[s.bin].append(ap)
+        per_class.append(
+            {
+                "id": cid,
+                "name": names[cid],
+                "AP": ap,
+                "AP50": ap50,
+                "frequency": s.frequency,
+                "bin": s.bin + 1,
+                "train_instance_count": s.instance_count,
+                "train_image_count": s.image_count,
+                "eval_instance_count": gt_count[cid],
+            }
+        )
+    for g in ("r", "c", "f"):
+        metrics[f"AP{g}"] = float(np.mean(group_ap[g])) if group_ap[g] else None
+    for b in range(len(edges) + 1):
+        metrics[f"AP{b + 1}"] = float(np.mean(bin_ap[b])) if bin_ap[b] else None
+    for key, v in metrics.items():
+        if v is not None and not math.isfinite(v):  # pragma: no cover - engine invariant
+            raise RuntimeError(f"non-finite metric {key}")
+    return EvalResult(
+        iou_type=iou_type,
+        mode="lvis" if lvis_rules else "coco",
+        max_dets=max_dets,
+        bin_edges=tuple(edges),
+        metrics={k: metrics[k] for k in metric_keys(len(edges) + 1)},
+        per_class=per_class,
+        num_images=len(gt["images"]),
+        num_detections=num_in,
+        num_detections_evaluated=num_kept,
+    )
+
+
+def write_per_class_csv(result: EvalResult, path: str) -> None:
+    """Per-class AP table as CSV (atomic)."""
+    import csv
+
+    from simcal.io import atomic_open
+
+    cols = [
+        "id",
+        "name",
+        "frequency",
+        "bin",
+        "train_instance_count",
+        "train_image_count",
+        "eval_instance_count",
+        "AP",
+        "AP50",
+    ]
+    with atomic_open(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        for row in result.per_class:
+            w.writerow({c: ("" if row[c] is None else row[c]) for c in cols})

@@ -1,0 +1,207 @@
+"""The evaluator against the official LVIS API, and each LVIS guard on a hand-made case."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+
+from simcal.data.annotations import validate_dataset
+from simcal.data.stats import BIN_PRESETS, bin_index, category_stats
+from simcal.errors import InputError
+from simcal.evaluation.lvis_eval import (
+    LVIS_MAX_DETS,
+    apply_guards,
+    evaluate,
+    resolve_category_stats,
+)
+from simcal.evaluation.perturb import perturb_ground_truth, random_lvis_gt
+from tests.conftest import tiny_lvis
+
+EDGES = (3, 15, 60)  # bins that the small fixture populates
+
+
+@pytest.fixture(scope="module")
+def lt_gt():
+    """Long-tailed LVIS-like ground truth: 120 images, 40 categories, neg / not-exhaustive ids."""
+    gt = validate_dataset(random_lvis_gt(120, 40, seed=3, not_exhaustive_fraction=0.2))
+    assert any(img["not_exhaustive_category_ids"] for img in gt["images"])
+    return gt
+
+
+@pytest.fixture(scope="module")
+def lt_results(lt_gt):
+    # 350 false positives per image: every image exceeds the 300 cap before the guard
+    return perturb_ground_truth(lt_gt, seed=4, false_positives=350, confuse_rate=0.2)
+
+
+def official_lvis(gt, results, iou_type, monkeypatch):
+    """Run the official LVIS API (lvis 0.5.3), numpy 2 patched here only; -1 means empty."""
+    monkeypatch.setattr(np, "float", float, raising=False)
+    from lvis import LVIS, LVISEval, LVISResults
+
+    lvis_gt = LVIS.__new__(LVIS)
+    lvis_gt.logger = logging.getLogger("lvis-test")
+    lvis_gt.dataset = copy.deepcopy(gt)
+    lvis_gt._create_index()
+    res = copy.deepcopy(results)
+    drop = "bbox" if iou_type == "segm" else "segmentation"
+    for d in res:
+        d.pop(drop, None)
+    ev = LVISEval(lvis_gt, LVISResults(lvis_gt, res, max_dets=300), iou_type)
+    ev.run()
+    return ev
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_parity_with_official_lvis_api(lt_gt, lt_results, iou_type, monkeypatch):
+    stats = resolve_category_stats(lt_gt, "gt", edges=EDGES)
+    ours = evaluate(lt_gt, lt_results, iou_type, stats, EDGES)
+    ev = official_lvis(lt_gt, lt_results, iou_type, monkeypatch)
+
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"):
+        theirs = float(ev.results[key])
+        mine = ours.metrics[key]
+        assert (mine if mine is not None else -1.0) == pytest.approx(theirs, abs=1e-6), key
+
+    # bins and per-class AP from the official precision array
+    prec = ev.eval["precision"][:, :, :, 0]  # [T, R, K] area all
+    per_cat = {}
+    for k, cid in enumerate(sorted(ev.params.cat_ids)):
+        v = prec[:, :, k]
+        if (v > -1).any():
+            per_cat[cid] = float(v[v > -1].mean())
+    by_bin = {}
+    for cat in lt_gt["categories"]:
+        if cat["id"] in per_cat:
+            by_bin.setdefault(bin_index(cat["instance_count"], EDGES), []).append(per_cat[cat["id"]])
+    assert len(by_bin) == 4, "fixture must populate every bin"
+    for b, aps in by_bin.items():
+        assert ours.metrics[f"AP{b + 1}"] == pytest.approx(np.mean(aps), abs=1e-6)
+    for row in ours.per_class:
+        if row["id"] in per_cat:
+            assert row["AP"] == pytest.approx(per_cat[row["id"]], abs=1e-6)
+        else:
+            assert row["AP"] is None and row["eval_instance_count"] == 0
+    assert ours.metrics["AP"] > 0.05  # a real, non-degenerate comparison
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_category_chunks_give_identical_numbers(lt_gt, lt_results, iou_type):
+    stats = resolve_category_stats(lt_gt, "gt", edges=EDGES)
+    whole = evaluate(lt_gt, lt_results, iou_type, stats, EDGES, chunk_categories=1000)
+    chunked = evaluate(lt_gt, lt_results, iou_type, stats, EDGES, chunk_categories=3)
+    assert whole.metrics == chunked.metrics
+    assert whole.per_class == chunked.per_class
+
+
+def _det(image_id, cat, box, score, h=80, w=100):
+    from pycocotools import mask as mask_utils
+
+    x, y, bw, bh = box
+    rle = mask_utils.merge(mask_utils.frPyObjects([[x, y, x + bw, y, x + bw, y + bh, x, y + bh]], h, w))
+    rle["counts"] = rle["counts"].decode()
+    return {"image_id": image_id, "category_id": cat, "bbox": list(box), "score": score, "segmentation": rle}
+
+
+def test_guard_top_300_per_image_before_matching():
+    gt = validate_dataset(tiny_lvis())
+    stats = resolve_category_stats(gt, "gt")
+    # 300 negatives (category 3 is negative in image 1) outscore the one true positive of class 1
+    fps = [_det(1, 3, (60, 5, 10, 10), 0.9) for _ in range(LVIS_MAX_DETS)]
+    tp = _det(1, 1, (10, 10, 20, 20), 0.5)
+    r = evaluate(gt, [*fps, tp], "bbox", stats)
+    ap1 = next(row["AP"] for row in r.per_class if row["id"] == 1)
+    assert ap1 == 0.0  # the engine alone (300 per image AND class) would give 1.0
+    assert r.num_detections_evaluated == LVIS_MAX_DETS
+    # one fewer false positive and the true positive survives the cap
+    r = evaluate(gt, [*fps[:-1], tp], "bbox", stats)
+    assert next(row["AP"] for row in r.per_class if row["id"] == 1) == pytest.approx(1.0)
+
+
+def test_guard_federated_filter_drops_unverified_classes():
+    gt = validate_dataset(tiny_lvis())
+    stats = resolve_category_stats(gt, "gt")
+    tp = _det(1, 1, (10, 10, 20, 20), 0.5)
+    # class 1 is neither in image 2's ground truth nor in its negatives: the FP does not count
+    unverified_fp = _det(2, 1, (50, 50, 20, 20), 0.9)
+    r = evaluate(gt, [tp, unverified_fp], "bbox", stats)
+    assert r.num_detections_evaluated == 1
+    assert next(row["AP"] for row in r.per_class if row["id"] == 1) == pytest.approx(1.0)
+    # once class 1 is a verified negative of image 2, the same FP costs precision
+    gt2 = copy.deepcopy(gt)
+    gt2["images"][1]["neg_category_ids"] = [1]
+    r = evaluate(gt2, [tp, unverified_fp], "bbox", stats)
+    assert next(row["AP"] for row in r.per_class if row["id"] == 1) < 0.6
+
+
+def test_not_exhaustive_unmatched_detections_are_ignored():
+    gt = validate_dataset(tiny_lvis())
+    stats = resolve_category_stats(gt, "gt")
+    tp = _det(2, 2, (5, 5, 40, 40), 0.5)
+    fp = _det(2, 2, (60, 40, 30, 30), 0.9)  # class 2 is not exhaustive in image 2
+    tp1 = _det(1, 2, (50, 40, 30, 20), 0.4)
+    r = evaluate(gt, [tp, fp, tp1], "bbox", stats)
+    assert next(row["AP"] for row in r.per_class if row["id"] == 2) == pytest.approx(1.0)
+
+
+def test_guard_segm_drops_bbox_so_sizes_use_mask_area():
+    gt = validate_dataset(tiny_lvis())
+    stats = resolve_category_stats(gt, "gt")
+    tp = _det(1, 1, (10, 10, 20, 20), 0.5)  # small object (400 px)
+    fp = _det(1, 1, (60, 5, 10, 10), 0.9)  # small mask, but claims a large box
+    fp["bbox"] = [0, 0, 100, 80]
+    guarded = apply_guards([fp], gt, "segm", lvis_rules=True)
+    assert "bbox" not in guarded[0] and "bbox" in fp  # input untouched
+    r = evaluate(gt, [tp, fp], "segm", stats)
+    # small objects: class 1 (FP ranked above TP: AP 0.5) and class 2 (not detected: AP 0).
+    # With the box area the FP would be 'large', ignored in APs, and APs would be (1 + 0) / 2.
+    assert r.metrics["APs"] == pytest.approx((0.5 + 0.0) / 2, abs=0.01)
+
+
+def test_empty_results_are_valid_and_score_zero():
+    gt = validate_dataset(tiny_lvis())
+    r = evaluate(gt, [], "segm", resolve_category_stats(gt, "gt"))
+    assert r.metrics["AP"] == 0.0
+    assert r.metrics["APr"] == 0.0 and r.metrics["APc"] == 0.0
+    assert r.metrics["APf"] is None  # no category of group f has ground truth here
+    assert r.num_detections == 0
+
+
+def test_plain_coco_uses_coco_rules_and_train_counts():
+    coco = tiny_lvis()
+    for img in coco["images"]:
+        del img["neg_category_ids"], img["not_exhaustive_category_ids"]
+    for cat in coco["categories"]:
+        for k in ("frequency", "instance_count", "image_count"):
+            del cat[k]
+    gt = validate_dataset(coco)
+    with pytest.raises(InputError, match="instance_count"):
+        resolve_category_stats(gt, "val.json")
+    train = copy.deepcopy(gt)
+    stats = resolve_category_stats(gt, "val.json", train, "train.json")
+    assert [s.instance_count for s in stats] == [1, 2, 0]
+    # a class-3 detection in image 2 counts as a false positive under COCO rules (no federation)
+    dets = [_det(1, 1, (10, 10, 20, 20), 0.5), _det(2, 3, (5, 5, 40, 40), 0.9)]
+    r = evaluate(gt, dets, "bbox", stats)
+    assert r.mode == "coco" and r.max_dets == 100
+    assert r.num_detections_evaluated == 2
+    assert r.metrics["APr"] == pytest.approx(1.0 / 2)  # class 1: AP 1; class 2: no detection
+
+
+def test_train_must_cover_gt_categories():
+    gt = validate_dataset(tiny_lvis())
+    train = copy.deepcopy(gt)
+    train["categories"] = train["categories"][:2]
+    train["annotations"] = [a for a in train["annotations"] if a["category_id"] != 3]
+    with pytest.raises(InputError, match=r"train.json: categories: lacks category ids \[3\]"):
+        resolve_category_stats(gt, "val.json", train, "train.json")
+
+
+def test_bins_from_train_split(lt_gt, lt_results):
+    stats = category_stats(lt_gt, BIN_PRESETS["lvis"])
+    r = evaluate(lt_gt, lt_results, "bbox", stats)
+    assert [row["bin"] for row in r.per_class] == [s.bin + 1 for s in stats]
+    assert set(r.metrics) >= {"AP1", "AP2", "AP3", "AP4"}
