@@ -130,12 +130,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- calibrate
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from simcal.engine.calibrate import calibrate
+
+    overrides = {
+        "head": args.head,
+        "layers": args.layers,
+        "steps": args.steps,
+        "classes_per_batch": args.classes_per_batch,
+        "loss": args.loss,
+        "sampler": args.sampler,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "seed": args.seed,
+    }
+    head = calibrate(
+        args.run,
+        overrides,
+        name=args.name,
+        resume=args.resume,
+        snapshot_every=args.snapshot_every,
+        progress=not args.no_progress,
+    )
+    print(f"calibrated head: {head}")
+    return 0
+
+
 # --------------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> int:
     from simcal.engine.predict import predict
 
     predict(
         args.run,
+        heads=[h.strip() for h in args.head.split(",") if h.strip()],
+        combine_name=args.combine,
+        T=args.T,
+        param=args.param,
+        calibration=args.calibration,
         split=args.split,
         gt_json=args.gt,
         images=args.images,
@@ -214,9 +246,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.loss=focal train.sampler=repeat_factor")
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser(
+        "calibrate", help="SimCal: bi-level calibration of the classification head on the frozen detector"
+    )
+    s.add_argument("--run", required=True, type=Path, help="trained run directory")
+    s.add_argument("--head", choices=["3fc_ft", "2fc_rand", "3fc_rand", "ncm"], help="default 3fc_ft")
+    s.add_argument("--layers", choices=["all3", "last2", "last1"], help="which head layers train (default all3)")
+    s.add_argument("--steps", type=_positive_int, help="default: the run config's (paper: 12000)")
+    s.add_argument("--classes-per-batch", type=_positive_int, help="default 16")
+    s.add_argument("--loss", choices=["ce", "lr", "focal", "cm"], help="default ce")
+    s.add_argument("--sampler", choices=["bilevel", "random", "repeat_factor"], help="default bilevel")
+    s.add_argument("--lr", type=float, help="default 0.01")
+    s.add_argument("--momentum", type=float, help="default 0.9 (the released code used 0)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--name", help="output name under RUN/calibration (default from the settings)")
+    s.add_argument("--snapshot-every", type=int, default=0, help="also save the head every K steps (dynamics)")
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_calibrate)
+
     s = sub.add_parser("predict", help="run a trained detector on a split: LVIS results json + metrics")
     s.add_argument("--run", required=True, type=Path, help="run directory")
     s.add_argument("--split", default="val", help="val or train (from the run's config), or a name for --gt")
+    s.add_argument(
+        "--head",
+        default="orig",
+        help="orig | cal | dual | norcal | logit-adj; comma-separate several to share one pass",
+    )
+    s.add_argument(
+        "--combine",
+        default=None,
+        help="dual-head combiner: sel (default), avg, cal-only, orig, sel-thr, sel-scale, sel-norm, det",
+    )
+    s.add_argument("--T", type=float, default=None, help="sel threshold on training instances (default 300)")
+    s.add_argument("--param", type=float, default=1.0, help="gamma for norcal, tau for logit-adj (default 1)")
+    s.add_argument("--calibration", help="calibrated head name under RUN/calibration (default: 3fc_ft)")
     s.add_argument("--gt", help="annotations json instead of the config's split")
     s.add_argument("--images", help="image folder for --gt")
     s.add_argument("--checkpoint", help="weights file (default: RUN/model_final.pth)")

@@ -1,0 +1,377 @@
+"""COCO / LVIS images and annotations as torchvision detection inputs.
+
+:class:`DetectionDataset` turns a validated dataset dict (see
+:func:`simcal.data.annotations.load_dataset`) into the ``(image, target)`` pairs torchvision's
+Mask R-CNN trains on:
+
+* ``image``: ``float32`` tensor ``(3, H, W)`` in ``[0, 1]``;
+* ``target["boxes"]``: ``float32`` ``(N, 4)`` ``[x1, y1, x2, y2]`` in pixels;
+* ``target["labels"]``: ``int64`` ``(N,)``, contiguous labels ``1..C`` (0 is background);
+* ``target["masks"]``: ``uint8`` ``(N, H, W)`` binary masks.
+
+Category ids (arbitrary, non-contiguous in LVIS and COCO) map to contiguous labels through a
+:class:`LabelMap`, which the trainer stores in the run directory so that inference maps the
+predicted labels back to the same ids.
+
+Random horizontal flips are decided by the samplers, not here: an item is addressed by
+``index`` or ``(index, flip)``, so a run is deterministic and resumable whatever the number of
+data-loader workers.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch import Tensor
+
+from simcal.data.annotations import image_path
+from simcal.errors import InputError
+from simcal.io import read_json, write_json
+
+LABEL_MAP_FORMAT = "simcal-label-map"
+LABEL_MAP_VERSION = 1
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class LabelMap:
+    """Category id <-> contiguous label map: background is 0, categories are ``1..C``.
+
+    Labels follow increasing category id, so the same category set always gives the same map
+    whatever the order of ``categories`` in the json.
+    """
+
+    def __init__(self, category_ids: Sequence[int], names: Sequence[str] | None = None) -> None:
+        """Build the map from category ids (any order) and optional names in the same order.
+
+        Raises:
+            ValueError: duplicate or non-integer ids, or ``names`` of a different length.
+        """
+        ids = list(category_ids)
+        if not all(_is_int(c) for c in ids):
+            raise ValueError(f"category ids must be integers, got {ids[:10]}")
+        if names is None:
+            names = [str(c) for c in ids]
+        names = list(names)
+        if len(names) != len(ids):
+            raise ValueError(f"{len(ids)} category ids but {len(names)} names")
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate category ids")
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        self._ids: list[int] = [ids[i] for i in order]
+        self._names: list[str] = [str(names[i]) for i in order]
+        self._label_of: dict[int, int] = {c: i + 1 for i, c in enumerate(self._ids)}
+
+    @classmethod
+    def from_dataset(cls, dataset: dict[str, Any]) -> LabelMap:
+        """The map of every category in ``dataset["categories"]`` (not only the annotated ones)."""
+        cats = dataset["categories"]
+        return cls([c["id"] for c in cats], [c.get("name", str(c["id"])) for c in cats])
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of foreground classes (the model has ``C + 1`` outputs with background)."""
+        return len(self._ids)
+
+    @property
+    def category_ids(self) -> list[int]:
+        """Category ids in label order: ``category_ids[label - 1]`` is the id of ``label``."""
+        return list(self._ids)
+
+    @property
+    def names(self) -> list[str]:
+        """Category names in label order."""
+        return list(self._names)
+
+    def __contains__(self, cat_id: object) -> bool:
+        return cat_id in self._label_of
+
+    def to_label(self, cat_id: int) -> int:
+        """Contiguous label (``1..C``) of a category id; ``KeyError`` for an unknown id."""
+        try:
+            return self._label_of[cat_id]
+        except KeyError:
+            raise KeyError(f"category id {cat_id!r} is not in the label map") from None
+
+    def to_category(self, label: int) -> int:
+        """Category id of a label ``1..C``; ``KeyError`` for background (0) or out of range."""
+        label = int(label)
+        if not 1 <= label <= len(self._ids):
+            raise KeyError(f"label {label} is not a foreground label 1..{len(self._ids)}")
+        return self._ids[label - 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written by :meth:`save`."""
+        return {
+            "format": LABEL_MAP_FORMAT,
+            "version": LABEL_MAP_VERSION,
+            "background": 0,
+            "categories": [
+                {"label": i + 1, "id": c, "name": n}
+                for i, (c, n) in enumerate(zip(self._ids, self._names, strict=True))
+            ],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the map (ids, labels and names) as JSON, atomically."""
+        write_json(path, self.to_dict(), indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LabelMap:
+        """Read a map written by :meth:`save`; :class:`InputError` on a malformed file."""
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("format") != LABEL_MAP_FORMAT:
+            raise InputError(path, "format", f"not a simcal label map (expected {LABEL_MAP_FORMAT!r})")
+        if data.get("version") != LABEL_MAP_VERSION:
+            raise InputError(path, "version", f"unsupported version {data.get('version')!r}")
+        cats = data.get("categories")
+        if not isinstance(cats, list):
+            raise InputError(path, "categories", "expected a list")
+        ids: list[int] = []
+        names: list[str] = []
+        for i, cat in enumerate(cats):
+            field = f"categories[{i}]"
+            if not isinstance(cat, dict):
+                raise InputError(path, field, "expected an object")
+            if not _is_int(cat.get("id")):
+                raise InputError(path, f"{field}.id", f"expected an integer, got {cat.get('id')!r}")
+            if not isinstance(cat.get("name"), str):
+                raise InputError(path, f"{field}.name", "expected a string")
+            if cat.get("label") != i + 1:
+                raise InputError(path, f"{field}.label", f"expected {i + 1}, got {cat.get('label')!r}")
+            if ids and cat["id"] <= ids[-1]:
+                raise InputError(path, f"{field}.id", "category ids must be strictly increasing")
+            ids.append(cat["id"])
+            names.append(cat["name"])
+        return cls(ids, names)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LabelMap):
+            return NotImplemented
+        return self._ids == other._ids and self._names == other._names
+
+    def __hash__(self) -> int:
+        return hash((tuple(self._ids), tuple(self._names)))
+
+    def __repr__(self) -> str:
+        return f"LabelMap(num_classes={self.num_classes})"
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB (alpha dropped, palette expanded, greyscale replicated)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images and instance annotations of a COCO/LVIS dict, in torchvision's detection format.
+
+    ``dataset[i]`` or ``dataset[(i, flip)]`` returns ``(image, target)``:
+
+    * ``image``: ``float32`` ``(3, H, W)`` in ``[0, 1]``, RGB;
+    * ``target["boxes"]``: ``float32`` ``(N, 4)`` ``x1, y1, x2, y2`` pixels, clipped to the image;
+    * ``target["labels"]``: ``int64`` ``(N,)`` in ``1..C``;
+    * ``target["masks"]``: ``uint8`` ``(N, H, W)`` of 0/1 (only when ``with_masks``);
+    * ``target["image_id"]``: ``int64`` scalar, the COCO image id;
+    * ``target["area"]``: ``float32`` ``(N,)``, the annotations' ``area``;
+    * ``target["iscrowd"]``: ``int64`` ``(N,)``, all 0 (crowd regions are dropped);
+    * ``target["flipped"]``: Python ``bool``, whether the item was mirrored horizontally.
+
+    ``H, W`` are the image's ``height`` and ``width`` from the json. Crowd annotations and boxes
+    narrower or shorter than 1 px (after clipping to the image) are left out, in json order
+    otherwise. ``N`` may be 0.
+    """
+
+    def __init__(
+        self,
+        dataset: dict[str, Any],
+        image_root: str | Path,
+        *,
+        label_map: LabelMap | None = None,
+        with_masks: bool = True,
+        source: str = "<annotations>",
+    ) -> None:
+        """
+        Args:
+            dataset: a dict validated by :func:`simcal.data.annotations.validate_dataset`.
+            image_root: folder the images' ``file_name`` (or ``coco_url`` tail) is relative to.
+            label_map: the map to use (e.g. the training set's for a validation set); by
+                default :meth:`LabelMap.from_dataset`.
+            with_masks: decode instance masks; ``False`` for box-only training (faster).
+            source: the annotation file's name, used in error messages.
+
+        Raises:
+            InputError: an annotation's category is missing from ``label_map``.
+        """
+        self.image_root = Path(image_root)
+        self.label_map = label_map if label_map is not None else LabelMap.from_dataset(dataset)
+        self.with_masks = with_masks
+        self.source = str(source)
+        self._images: list[dict[str, Any]] = list(dataset["images"])
+        by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in self._images}
+        for i, ann in enumerate(dataset["annotations"]):
+            if ann.get("iscrowd", 0):
+                continue
+            if ann["category_id"] not in self.label_map:
+                raise InputError(
+                    self.source,
+                    f"annotations[{i}].category_id",
+                    f"category id {ann['category_id']} is not in the label map",
+                )
+            if ann["image_id"] in by_image:
+                by_image[ann["image_id"]].append(ann)
+        self._anns: list[list[dict[str, Any]]] = [by_image[img["id"]] for img in self._images]
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    @property
+    def image_ids(self) -> list[int]:
+        """COCO image ids, in the order of ``dataset["images"]`` (the order of the indices)."""
+        return [img["id"] for img in self._images]
+
+    def image_info(self, index: int) -> dict[str, Any]:
+        """The json ``images`` entry of item ``index``."""
+        return self._images[index]
+
+    def _parse_key(self, key: int | tuple[int, bool]) -> tuple[int, bool]:
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise TypeError(f"expected index or (index, flip), got {key!r}")
+            index, flip = operator.index(key[0]), bool(key[1])
+        else:
+            index, flip = operator.index(key), False
+        n = len(self._images)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        return index, flip
+
+    def load_image(self, index: int) -> Tensor:
+        """Image ``index`` as ``float32`` ``(3, H, W)`` in ``[0, 1]``, not flipped.
+
+        Raises:
+            InputError: the file is missing or unreadable, or its size differs from the json's.
+        """
+        info = self._images[index]
+        path = image_path(info, self.image_root)
+        key = "file_name" if info.get("file_name") else "coco_url"
+        field = f"images[id={info['id']}].{key}"
+        try:
+            with Image.open(path) as img:
+                size = img.size
+                if size != (info["width"], info["height"]):
+                    raise InputError(
+                        path,
+                        f"images[id={info['id']}]",
+                        f"image is {size[0]}x{size[1]} (width x height) but the json says "
+                        f"{info['width']}x{info['height']}",
+                    )
+                array = np.array(_rgb(img), dtype=np.uint8)
+        except FileNotFoundError:
+            raise InputError(path, field, "cannot read image: no such file") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            reason = str(e) or type(e).__name__
+            raise InputError(path, field, f"cannot read image: {reason}") from None
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
+
+    def _mask(self, ann: dict[str, Any], index: int, h: int, w: int) -> np.ndarray:
+        """Binary ``uint8`` ``(h, w)`` mask of one annotation (its box when it has no mask)."""
+        seg = ann.get("segmentation")
+        if not seg:
+            x, y, bw, bh = ann["bbox"]
+            mask = np.zeros((h, w), dtype=np.uint8)
+            x1, y1 = max(int(np.floor(x)), 0), max(int(np.floor(y)), 0)
+            x2, y2 = min(int(np.ceil(x + bw)), w), min(int(np.ceil(y + bh)), h)
+            mask[y1:y2, x1:x2] = 1
+            return mask
+        if isinstance(seg, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        else:
+            if list(seg["size"]) != [h, w]:
+                raise InputError(
+                    self.source,
+                    f"annotations[id={ann.get('id')}].segmentation.size",
+                    f"RLE size {list(seg['size'])} differs from image "
+                    f"{self._images[index]['id']}'s [height, width] [{h}, {w}]",
+                )
+            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        return mask_utils.decode(rle).astype(np.uint8, copy=False)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[Tensor, dict[str, Any]]:
+        """``(image (3, H, W) float32, target)`` of ``key``: ``index`` or ``(index, flip)``."""
+        index, flip = self._parse_key(key)
+        info = self._images[index]
+        h, w = info["height"], info["width"]
+        image = self.load_image(index)
+
+        boxes: list[list[float]] = []
+        labels: list[int] = []
+        areas: list[float] = []
+        kept: list[dict[str, Any]] = []
+        for ann in self._anns[index]:
+            x, y, bw, bh = ann["bbox"]
+            x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+            x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+            if x2 - x1 < 1 or y2 - y1 < 1:
+                continue
+            boxes.append([x1, y1, x2, y2])
+            labels.append(self.label_map.to_label(ann["category_id"]))
+            areas.append(float(ann.get("area", bw * bh)))
+            kept.append(ann)
+
+        n = len(kept)
+        boxes_t = torch.tensor(boxes, dtype=torch.float32).reshape(n, 4)
+        target: dict[str, Any] = {
+            "boxes": boxes_t,
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "image_id": torch.tensor(info["id"], dtype=torch.int64),
+            "area": torch.tensor(areas, dtype=torch.float32),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+            "flipped": flip,
+        }
+        if self.with_masks:
+            if n:
+                masks = np.stack([self._mask(ann, index, h, w) for ann in kept])
+            else:
+                masks = np.zeros((0, h, w), dtype=np.uint8)
+            target["masks"] = torch.from_numpy(masks)
+
+        if flip:
+            image = image.flip(-1)
+            if n:
+                target["boxes"] = torch.stack(
+                    [w - boxes_t[:, 2], boxes_t[:, 1], w - boxes_t[:, 0], boxes_t[:, 3]], dim=1
+                )
+            if self.with_masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+def collate(
+    batch: Iterable[tuple[Tensor, dict[str, Any]]],
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """DataLoader ``collate_fn``: ``[(image, target), ...]`` -> ``([image, ...], [target, ...])``.
+
+    Images keep their own sizes ``(3, H_i, W_i)``; torchvision's detection models batch them.
+    """
+    images: list[Tensor] = []
+    targets: list[dict[str, Any]] = []
+    for image, target in batch:
+        images.append(image)
+        targets.append(target)
+    return images, targets

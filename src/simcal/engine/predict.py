@@ -1,0 +1,379 @@
+"""``simcal predict``: batched inference to an LVIS results json per head, then evaluation.
+
+One forward pass per batch gives boxes and masks together, for every head asked for (original,
+calibrated, dual, post-hoc): the backbone, RPN and RoI features are shared; masks are pasted into the image
+only for the final detections, in chunks, with ``grid_sample`` (no per-mask Python loop), and
+RLE-encoded straight away. Results stream to a temporary file that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from torch import Tensor
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.transform import resize_boxes
+from tqdm import tqdm
+
+from simcal.data.annotations import load_dataset
+from simcal.data.dataset import DetectionDataset, LabelMap, collate
+from simcal.engine.checkpoint import FINAL, load_checkpoint
+from simcal.engine.train import LABEL_MAP_FILE, class_instance_counts, load_run_config, setup_torch
+from simcal.errors import InputError
+from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
+from simcal.io import write_json
+from simcal.modeling.calibration import load_head
+from simcal.modeling.combine import COMBINERS, POSTHOC, combine, merge_detections
+from simcal.modeling.detector import build_detector
+
+PASTE_PIXELS = 20_000_000  # pixels of pasted masks held at once
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5) -> Tensor:
+    """Paste ``M x M`` mask probabilities into the image and binarise.
+
+    Args:
+        masks: ``(N, M, M)`` probabilities in box coordinates.
+        boxes: ``(N, 4)`` xyxy in image pixels.
+
+    Returns:
+        ``(N, height, width)`` bool.
+    """
+    n = masks.shape[0]
+    out = torch.zeros((n, height, width), dtype=torch.bool, device=masks.device)
+    if n == 0:
+        return out
+    chunk = max(1, PASTE_PIXELS // max(1, height * width))
+    ys = torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5
+    for s in range(0, n, chunk):
+        b = boxes[s : s + chunk].float()
+        x0, y0, x1, y1 = b.unbind(1)
+        gy = (ys[None] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1  # (n, H)
+        gx = (xs[None] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1  # (n, W)
+        k = b.shape[0]
+        grid = torch.stack([gx[:, None, :].expand(k, height, width), gy[:, :, None].expand(k, height, width)], dim=3)
+        pasted = F.grid_sample(masks[s : s + chunk, None].float(), grid, align_corners=False)[:, 0]
+        out[s : s + chunk] = pasted >= threshold
+    return out
+
+
+def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
+    """``(N, H, W)`` bool -> compressed RLE dicts with ``counts`` as str (json-ready)."""
+    if masks.shape[0] == 0:
+        return []
+    arr = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
+    rles = mask_utils.encode(arr)
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
+class ResultsWriter:
+    """Write a JSON list one detection at a time; the file appears only when complete."""
+
+    def __init__(self, f: TextIO) -> None:
+        self._f = f
+        self._first = True
+        self.count = 0
+
+    def write(self, det: dict[str, Any]) -> None:
+        self._f.write(("[\n" if self._first else ",\n") + json.dumps(det))
+        self._first = False
+        self.count += 1
+
+    def close(self) -> None:
+        self._f.write("[]\n" if self._first else "\n]\n")
+
+
+@contextmanager
+def results_file(path: str | os.PathLike[str]) -> Iterator[ResultsWriter]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            w = ResultsWriter(f)
+            yield w
+            w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def detections_to_results(
+    det: dict[str, Tensor], image_id: int, label_map: LabelMap, with_masks: bool = True
+) -> Iterator[dict[str, Any]]:
+    """One image's detections (boxes xyxy in original pixels, masks bool ``(N, H, W)``) as LVIS results."""
+    boxes = det["boxes"].cpu()
+    scores = det["scores"].cpu().tolist()
+    labels = det["labels"].cpu().tolist()
+    rles = encode_rle(det["masks"]) if with_masks and "masks" in det else [None] * len(scores)
+    for box, score, label, rle in zip(boxes.tolist(), scores, labels, rles):
+        x0, y0, x1, y1 = box
+        out = {
+            "image_id": image_id,
+            "category_id": label_map.to_category(label),
+            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+            "score": round(score, 5),
+        }
+        if rle is not None:
+            out["segmentation"] = rle
+        yield out
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One way of scoring the shared RoI features.
+
+    ``kind``: ``orig`` (the trained head), ``cal`` (the calibrated head alone), ``dual`` (both,
+    merged by ``combine`` with threshold ``T``), ``norcal`` / ``logit-adj`` (zero-training
+    post-hoc calibration of the original logits with ``param`` = gamma / tau).
+    """
+
+    kind: str
+    combine: str = "sel"
+    T: float = 300.0
+    param: float = 1.0
+
+    @property
+    def tag(self) -> str:
+        if self.kind == "dual":
+            return "dual" if (self.combine, self.T) == ("sel", 300.0) else f"dual_{self.combine}_T{self.T:g}"
+        if self.kind in POSTHOC:
+            return f"{self.kind}_{self.param:g}"
+        return self.kind
+
+    @property
+    def needs_calibrated_head(self) -> bool:
+        return self.kind in ("cal", "dual")
+
+
+HEAD_KINDS = ("orig", "cal", "dual", *POSTHOC)
+
+
+def parse_heads(kinds: list[str], combine_name: str, T: float, param: float) -> list[HeadSpec]:
+    """Head specs from kind names, with clear errors for unknown kinds or combiners."""
+    specs = []
+    for kind in kinds:
+        if kind not in HEAD_KINDS:
+            raise InputError("--head", "head", f"unknown head {kind!r}: expected one of {', '.join(HEAD_KINDS)}")
+        if kind == "dual" and combine_name not in (*COMBINERS, "det"):
+            raise InputError(
+                "--combine", "combine", f"unknown {combine_name!r}: one of {', '.join([*COMBINERS, 'det'])}"
+            )
+        specs.append(HeadSpec(kind, combine_name, float(T), float(param)))
+    if len({s.tag for s in specs}) != len(specs):
+        raise InputError("--head", "head", "a head is listed twice")
+    return specs
+
+
+class MultiHeadPredictor:
+    """Detections of several heads from ONE pass of the backbone, RPN and RoI box features.
+
+    For each head only the scores differ: probabilities ``(R, C+1)`` from the shared logits (and
+    the calibrated head on the shared pooled features), then class-wise NMS, then the mask head on
+    that head's final detections. Boxes and masks always come from the original heads.
+    """
+
+    def __init__(
+        self,
+        model: MaskRCNN,
+        heads: list[HeadSpec],
+        cal_head: torch.nn.Module | None = None,
+        counts: Tensor | None = None,
+    ) -> None:
+        if any(h.needs_calibrated_head for h in heads) and cal_head is None:
+            raise InputError("--head", "head", "cal and dual need a calibrated head: run simcal calibrate first")
+        self.model, self.heads, self.cal_head = model, heads, cal_head
+        self.counts = counts
+
+    def probabilities(self, spec: HeadSpec, pooled: Tensor, logits: Tensor, p_cal: Tensor | None) -> Tensor:
+        p_orig = F.softmax(logits, -1)
+        if spec.kind == "orig":
+            return p_orig
+        if spec.kind == "cal":
+            return p_cal
+        if spec.kind == "dual":
+            return combine(spec.combine, p_orig, p_cal, self.counts, spec.T)
+        return POSTHOC[spec.kind](logits, self.counts, spec.param)
+
+    @torch.no_grad()
+    def __call__(self, images: list[Tensor]) -> dict[str, list[dict[str, Tensor]]]:
+        model, roi = self.model, self.model.roi_heads
+        sizes = [im.shape[-2:] for im in images]
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        pooled, box_feats, logits, deltas = roi.box_features(features, proposals, batch.image_sizes)
+        p_cal = F.softmax(self.cal_head(pooled), -1) if self.cal_head is not None else None
+        out: dict[str, list[dict[str, Tensor]]] = {}
+        for spec in self.heads:
+            if spec.kind == "dual" and spec.combine == "det":
+                a = roi.postprocess_detections(F.softmax(logits, -1), deltas, proposals, batch.image_sizes)
+                b = roi.postprocess_detections(p_cal, deltas, proposals, batch.image_sizes)
+                result = [
+                    merge_detections(
+                        {"boxes": a[0][i], "scores": a[1][i], "labels": a[2][i]},
+                        {"boxes": b[0][i], "scores": b[1][i], "labels": b[2][i]},
+                        iou=roi.nms_thresh,
+                        max_dets=roi.detections_per_img,
+                    )
+                    for i in range(len(images))
+                ]
+            else:
+                probs = self.probabilities(spec, pooled, logits, p_cal)
+                boxes, scores, labels = roi.postprocess_detections(probs, deltas, proposals, batch.image_sizes)
+                result = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+            if roi.has_mask():
+                roi.mask_inference(features, result, batch.image_sizes)
+            for r, resized, (h, w) in zip(result, batch.image_sizes, sizes):
+                r["boxes"] = resize_boxes(r["boxes"], resized, (h, w))
+                if "masks" in r:
+                    r["masks"] = paste_masks(r["masks"][:, 0], r["boxes"], int(h), int(w))
+            out[spec.tag] = result
+        return out
+
+
+def infer_batch(model: MaskRCNN, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """The original head's detections per image, in original image coordinates, masks pasted."""
+    return MultiHeadPredictor(model, [HeadSpec("orig")])(images)["orig"]
+
+
+def load_model(run: Path, checkpoint: str | None = None) -> tuple[MaskRCNN, LabelMap, Any]:
+    """The trained detector of a run directory (final weights unless ``checkpoint`` is given)."""
+    cfg = load_run_config(run)
+    label_map = LabelMap.load(run / LABEL_MAP_FILE)
+    model = build_detector(cfg.model, label_map.num_classes)
+    state = load_checkpoint(Path(checkpoint) if checkpoint else run / FINAL)
+    model.load_state_dict(state["model"])
+    return model.eval(), label_map, cfg
+
+
+def predict(
+    run: str | os.PathLike[str],
+    *,
+    heads: list[str] | None = None,
+    combine_name: str | None = None,
+    T: float | None = None,
+    param: float = 1.0,
+    calibration: str | None = None,
+    split: str = "val",
+    gt_json: str | None = None,
+    images: str | None = None,
+    checkpoint: str | None = None,
+    batch_size: int = 8,
+    num_workers: int = 1,
+    max_images: int | None = None,
+    progress: bool = True,
+    evaluate_results: bool = True,
+) -> dict[str, dict[str, EvalResult]]:
+    """Run the trained detector with each of ``heads`` (default: the original) on a split.
+
+    ``heads`` are kinds from :data:`HEAD_KINDS`; ``dual`` merges with ``combine_name`` and ``T``
+    (default: the run config's ``inference`` section, the paper's sel / 300); ``param`` is gamma
+    for ``norcal`` and tau for ``logit-adj``.
+
+    One pass per batch serves every head. Writes ``RUN/predictions/<split>/<head>/results.json``
+    and, with ``evaluate_results``, ``metrics_bbox.json`` / ``metrics_segm.json`` beside it.
+    ``calibration`` names the calibrated head (``RUN/calibration/<name>/head.pth``; default: the
+    only one there is).
+
+    Returns:
+        ``{head tag: {"bbox": EvalResult, "segm": EvalResult}}`` (empty without evaluation).
+    """
+    run = Path(run)
+    model, label_map, cfg = load_model(run, checkpoint)
+    specs = parse_heads(
+        heads or ["orig"], combine_name or cfg.inference.combine, cfg.inference.T if T is None else T, param
+    )
+    setup_torch(cfg.train.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if gt_json is None:
+        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
+        images = images or {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(split)
+        if not gt_json:
+            raise InputError("--split", "split", f"no annotations for split {split!r}: pass --gt and --images")
+    if not images:
+        raise InputError("--images", "images", "an image folder is needed with --gt")
+    gt = load_dataset(gt_json)
+    train = load_dataset(cfg.data.train_json) if cfg.data.train_json and os.path.exists(cfg.data.train_json) else None
+    counts = None
+    if train is not None:
+        counts = torch.tensor([c for c in class_instance_counts(train, label_map)], dtype=torch.float32, device=device)
+    elif any(h.kind != "orig" for h in specs):
+        raise InputError("data.train_json", "train_json", "training counts are needed for calibrated heads")
+    cal_head = None
+    if any(h.needs_calibrated_head for h in specs):
+        cal_head = load_calibrated_head(run, calibration, model).to(device).eval()
+    predictor = MultiHeadPredictor(model, specs, cal_head, counts)
+
+    dataset = DetectionDataset(gt, images, label_map=label_map, with_masks=False, source=gt_json)
+    indices = list(range(len(dataset)))[: max_images or None]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate
+    )
+    out_dir = run / "predictions" / split
+    with ExitStack() as stack:
+        writers = {h.tag: stack.enter_context(results_file(out_dir / h.tag / "results.json")) for h in specs}
+        for imgs, targets in tqdm(loader, desc=f"predict {split}", disable=not progress, dynamic_ncols=True):
+            per_head = predictor([im.to(device) for im in imgs])
+            for tag, dets in per_head.items():
+                for det, tgt in zip(dets, targets):
+                    for r in detections_to_results(det, int(tgt["image_id"]), label_map):
+                        writers[tag].write(r)
+    for tag, w in writers.items():
+        print(f"{tag}: {w.count} detections on {len(indices)} images -> {out_dir / tag / 'results.json'}")
+    if not evaluate_results:
+        return {}
+    if max_images:
+        kept = {gt["images"][i]["id"] for i in indices}
+        gt = {
+            **gt,
+            "images": [im for im in gt["images"] if im["id"] in kept],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in kept],
+        }
+    stats = resolve_category_stats(gt, gt_json, train, cfg.data.train_json)
+    metrics: dict[str, dict[str, EvalResult]] = {}
+    for h in specs:
+        results = json.loads((out_dir / h.tag / "results.json").read_text())
+        metrics[h.tag] = {}
+        for iou in ("bbox", "segm"):
+            r = evaluate(gt, results, iou, stats)
+            write_json(out_dir / h.tag / f"metrics_{iou}.json", r.to_json(), indent=1)
+            print(f"[{h.tag}] {r.table()}")
+            metrics[h.tag][iou] = r
+    return metrics
+
+
+def load_calibrated_head(run: Path, name: str | None, model: MaskRCNN) -> torch.nn.Module:
+    """The calibrated head ``RUN/calibration/<name>/head.pth`` (``name`` optional if there is one)."""
+    root = run / "calibration"
+    found = sorted(p.parent.name for p in root.glob("*/head.pth")) if root.is_dir() else []
+    if name is None:
+        if not found:
+            raise InputError(root, "(calibration)", "no calibrated head: run simcal calibrate first")
+        if "3fc_ft" in found:
+            name = "3fc_ft"
+        elif len(found) == 1:
+            name = found[0]
+        else:
+            raise InputError(
+                root, "(calibration)", f"several calibrated heads ({', '.join(found)}): pass --calibration"
+            )
+    head, _ = load_head(root / name / "head.pth", model.roi_heads)
+    return head

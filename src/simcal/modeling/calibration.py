@@ -1,0 +1,325 @@
+"""Calibrated classification heads that SimCal trains on the frozen detector's RoI features.
+
+After normal training every detector parameter is frozen; SimCal trains only a new classification
+head on the pooled RoI features ``(R, C_fpn, 7, 7)`` (paper Sec. 4.2, Fig. 4b, Table 10). The head
+maps them to logits ``(R, C+1)``, column 0 background, like the original
+``box_head`` + ``box_predictor.cls_score``. Kinds (:data:`HEAD_KINDS`):
+
+- ``3fc_ft`` (default): copies of the trained ``box_head.fc6`` (``C_fpn*49 -> D``), ``box_head.fc7``
+  (``D -> D``) and ``box_predictor.cls_score`` (``D -> C+1``), ReLU after fc6 and fc7. Before any
+  training its logits equal the original head's, so calibration starts from the trained classifier.
+- ``3fc_rand``: the same three layers, randomly initialised (seeded; PyTorch's default ``nn.Linear``
+  init, which is what torchvision's ``TwoMLPHead`` and ``FastRCNNPredictor`` use).
+- ``2fc_rand``: ``fc6`` (``C_fpn*49 -> D``) + ReLU + ``cls_score`` (``D -> C+1``), random init.
+- ``ncm``: nearest class mean on the ``D``-d representation of frozen copies of the trained fc6/fc7:
+  ``logit_c = NCM_SCALE * cos(feature, mean_c)`` for the labels ``0..C`` (background included). The
+  means are buffers filled by :meth:`CalibratedHead.ncm_accumulate` + :meth:`CalibratedHead.ncm_finalize`;
+  classes never seen get :data:`UNSEEN_LOGIT`. Nothing trains.
+
+Which layers train (``layers``, :data:`LAYER_CHOICES`, Table 10): ``all3`` every layer, ``last2``
+fc7 + cls_score, ``last1`` cls_score only; the rest get ``requires_grad=False``. For ``2fc_rand``,
+``last1`` trains ``cls_score`` only and ``last2``/``all3`` both layers. ``ncm`` ignores it.
+
+Every head holds its own tensors (never the detector's), so ``head.state_dict()`` is
+self-contained; :func:`save_head` / :func:`load_head` write and read it with the kind and layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from simcal.engine.checkpoint import load_checkpoint, save_checkpoint
+from simcal.errors import InputError
+
+HEAD_KINDS = ("3fc_ft", "2fc_rand", "3fc_rand", "ncm")
+LAYER_CHOICES = ("all3", "last2", "last1")
+
+#: Temperature of the NCM cosine logits: ``logit = NCM_SCALE * cos`` lies in ``[-16, 16]``, enough for
+#: a softmax over the C+1 columns to be peaked, as in cosine classifiers with a fixed scale.
+NCM_SCALE = 16.0
+#: Logit of a class the NCM head never saw: finite (no NaN from ``-inf - -inf``; representable in
+#: float16) and far below any cosine logit, so its softmax probability is 0 to float precision.
+UNSEEN_LOGIT = -1.0e4
+
+HEAD_FORMAT = "simcal.calibrated_head"
+HEAD_FORMAT_VERSION = 1
+
+# Which layers train, per kind and layer choice.
+_TRAINABLE: dict[str, dict[str, tuple[str, ...]]] = {
+    "3fc_ft": {"all3": ("fc6", "fc7", "cls_score"), "last2": ("fc7", "cls_score"), "last1": ("cls_score",)},
+    "3fc_rand": {"all3": ("fc6", "fc7", "cls_score"), "last2": ("fc7", "cls_score"), "last1": ("cls_score",)},
+    "2fc_rand": {"all3": ("fc6", "cls_score"), "last2": ("fc6", "cls_score"), "last1": ("cls_score",)},
+    "ncm": {"all3": (), "last2": (), "last1": ()},
+}
+
+
+def _check_choice(kind: str, layers: str) -> None:
+    if kind not in HEAD_KINDS:
+        raise InputError("calibration.head", "head", f"expected one of {', '.join(HEAD_KINDS)}, got {kind!r}")
+    if layers not in LAYER_CHOICES:
+        raise InputError("calibration.layers", "layers", f"expected one of {', '.join(LAYER_CHOICES)}, got {layers!r}")
+
+
+def _source_layers(roi_heads: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """The trained ``(fc6, fc7, cls_score)`` of a torchvision-style RoIHeads, shapes checked."""
+    try:
+        fc6, fc7 = roi_heads.box_head.fc6, roi_heads.box_head.fc7
+        cls = roi_heads.box_predictor.cls_score
+    except AttributeError:
+        raise TypeError("roi_heads needs box_head.fc6, box_head.fc7 (TwoMLPHead) and box_predictor.cls_score") from None
+    if not all(isinstance(m, nn.Linear) for m in (fc6, fc7, cls)):
+        raise TypeError("box_head.fc6, box_head.fc7 and box_predictor.cls_score must be nn.Linear")
+    d = fc6.out_features
+    if fc7.in_features != d or fc7.out_features != d or cls.in_features != d:
+        raise TypeError(
+            f"inconsistent box head widths: fc6 -> {d}, fc7 {fc7.in_features} -> {fc7.out_features}, "
+            f"cls_score {cls.in_features} -> {cls.out_features}"
+        )
+    return fc6, fc7, cls
+
+
+class CalibratedHead(nn.Module):
+    """A classification head on pooled RoI features: ``(R, C_fpn, 7, 7)`` or ``(R, C_fpn*49)`` -> ``(R, C+1)``.
+
+    Build it with :func:`build_calibrated_head`. The head is :meth:`representation` (every layer but
+    the last, ``(R, D)``) followed by :meth:`classify` (the last fc, or the NCM cosine).
+
+    Attributes:
+        kind: one of :data:`HEAD_KINDS`.
+        layers: one of :data:`LAYER_CHOICES` (which layers train).
+        seed: the seed of the random init (kept for the record; unused by ``3fc_ft``/``ncm``).
+        in_features: ``C_fpn * 7 * 7``; ``representation_size``: ``D``; ``num_outputs``: ``C + 1``.
+        fc6, fc7 (absent for ``2fc_rand``), cls_score (absent for ``ncm``): the ``nn.Linear`` layers.
+        ncm_sums ``(C+1, D)`` float64, ncm_counts ``(C+1,)`` int64, ncm_means ``(C+1, D)``,
+        ncm_valid ``(C+1,)`` bool: NCM buffers (``ncm`` only), all in the state dict.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        in_features: int,
+        representation_size: int,
+        num_outputs: int,
+        layers: str = "all3",
+        seed: int = 0,
+        source: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None,
+    ) -> None:
+        """Create the layers of ``kind``: copies of ``source`` (``(fc6, fc7, cls_score)``, needed by
+        ``3fc_ft`` and ``ncm``) or seeded random ones, then apply the ``layers`` freezing."""
+        super().__init__()
+        _check_choice(kind, layers)
+        self.kind = kind
+        self.layers = layers
+        self.seed = seed
+        self.in_features = in_features
+        self.representation_size = representation_size
+        self.num_outputs = num_outputs
+        self.scale = NCM_SCALE
+
+        if kind in ("3fc_ft", "ncm"):
+            if source is None:
+                raise ValueError(f"kind {kind!r} copies the trained layers: pass source=(fc6, fc7, cls_score)")
+            fc6, fc7, cls = (copy.deepcopy(m) for m in source)
+            self.fc6, self.fc7 = fc6, fc7
+            if kind == "3fc_ft":
+                self.cls_score = cls
+        else:
+            shapes = [(in_features, representation_size)]
+            if kind == "3fc_rand":
+                shapes.append((representation_size, representation_size))
+            shapes.append((representation_size, num_outputs))
+            # A private RNG stream: the same seed gives the same head, and the global RNG is untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                fcs = [nn.Linear(i, o) for i, o in shapes]
+            if source is not None:
+                ref = source[0].weight
+                fcs = [fc.to(device=ref.device, dtype=ref.dtype) for fc in fcs]
+            self.fc6 = fcs[0]
+            if kind == "3fc_rand":
+                self.fc7 = fcs[1]
+            self.cls_score = fcs[-1]
+
+        if kind == "ncm":
+            ref = self.fc6.weight
+            c1, d = num_outputs, representation_size
+            self.register_buffer("ncm_sums", torch.zeros(c1, d, dtype=torch.float64, device=ref.device))
+            self.register_buffer("ncm_counts", torch.zeros(c1, dtype=torch.int64, device=ref.device))
+            self.register_buffer("ncm_means", torch.zeros(c1, d, dtype=ref.dtype, device=ref.device))
+            self.register_buffer("ncm_valid", torch.zeros(c1, dtype=torch.bool, device=ref.device))
+
+        trainable = set(_TRAINABLE[kind][layers])
+        for name, module in self.named_children():
+            module.requires_grad_(name in trainable)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, layers={self.layers!r}"
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the calibration optimiser updates (empty for ``ncm``)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ forward
+    def representation(self, x: Tensor) -> Tensor:
+        """Pooled ``(R, C_fpn, 7, 7)`` or flat ``(R, C_fpn*49)`` -> hidden features ``(R, D)`` (after ReLU).
+
+        For ``3fc_ft`` before training and for ``ncm`` this equals the detector's box-head features.
+        """
+        x = x.flatten(start_dim=1)
+        x = F.relu(self.fc6(x))
+        if hasattr(self, "fc7"):
+            x = F.relu(self.fc7(x))
+        return x
+
+    def classify(self, feats: Tensor) -> Tensor:
+        """Hidden features ``(R, D)`` -> logits ``(R, C+1)``: the last fc, or NCM cosine logits.
+
+        NCM: ``NCM_SCALE * cos(feats, mean_c)`` for classes seen by :meth:`ncm_finalize`,
+        :data:`UNSEEN_LOGIT` for the others.
+        """
+        if self.kind != "ncm":
+            return self.cls_score(feats)
+        valid = self.ncm_valid
+        if not bool(valid.any()):
+            raise RuntimeError("the NCM head has no class means: call ncm_accumulate and ncm_finalize first")
+        means = self.ncm_means.to(feats.dtype)
+        cos = F.normalize(feats, dim=1) @ F.normalize(means, dim=1).t()
+        return torch.where(valid, self.scale * cos, torch.full_like(cos, UNSEEN_LOGIT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled RoI features ``(R, C_fpn, 7, 7)`` or ``(R, C_fpn*49)`` -> logits ``(R, C+1)``, column 0 background."""
+        return self.classify(self.representation(x))
+
+    # ------------------------------------------------------------------ NCM
+    def _require_ncm(self, what: str) -> None:
+        if self.kind != "ncm":
+            raise RuntimeError(f"{what} is only for kind 'ncm', this head is {self.kind!r}")
+
+    @torch.no_grad()
+    def ncm_accumulate(self, features: Tensor, labels: Tensor) -> None:
+        """Add RoIs to the per-class sums.
+
+        Args:
+            features: ``(R, D)`` representations, i.e. :meth:`representation` of the pooled features
+                (equal to the detector's box-head features ``box_feats``).
+            labels: ``(R,)`` integers in ``0..C``, 0 = background.
+        """
+        self._require_ncm("ncm_accumulate")
+        if features.dim() != 2 or features.shape[1] != self.representation_size:
+            raise ValueError(f"features must be (R, {self.representation_size}), got {tuple(features.shape)}")
+        if labels.shape != (features.shape[0],):
+            raise ValueError(f"labels must be ({features.shape[0]},), got {tuple(labels.shape)}")
+        if labels.numel() == 0:
+            return
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got {labels.dtype}")
+        labels = labels.to(device=self.ncm_sums.device, dtype=torch.int64)
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_outputs:
+            raise ValueError(
+                f"labels must lie in 0..{self.num_outputs - 1}, got {int(labels.min())}..{int(labels.max())}"
+            )
+        self.ncm_sums.index_add_(0, labels, features.detach().to(self.ncm_sums))
+        self.ncm_counts += torch.bincount(labels, minlength=self.num_outputs)
+
+    @torch.no_grad()
+    def ncm_finalize(self) -> None:
+        """Means ``(C+1, D)`` from everything accumulated so far; classes with no RoI become invalid.
+
+        May be called again after more :meth:`ncm_accumulate` calls (it recomputes from the sums).
+        """
+        self._require_ncm("ncm_finalize")
+        counts = self.ncm_counts.clamp(min=1).to(self.ncm_sums.dtype)
+        self.ncm_means.copy_(self.ncm_sums / counts[:, None])
+        self.ncm_valid.copy_(self.ncm_counts > 0)
+
+
+def build_calibrated_head(kind: str, roi_heads: nn.Module, *, layers: str = "all3", seed: int = 0) -> CalibratedHead:
+    """The calibrated head of ``kind`` for the detector whose RoI heads are ``roi_heads``.
+
+    Shapes come from the trained ``box_head.fc6`` (``C_fpn*49 -> D``) and ``box_predictor.cls_score``
+    (``D -> C+1``); ``3fc_ft`` and ``ncm`` copy their weights (never share them), random kinds are
+    seeded by ``seed``. The head lives on the device and dtype of the trained layers.
+    """
+    _check_choice(kind, layers)
+    fc6, fc7, cls = _source_layers(roi_heads)
+    return CalibratedHead(
+        kind,
+        in_features=fc6.in_features,
+        representation_size=fc6.out_features,
+        num_outputs=cls.out_features,
+        layers=layers,
+        seed=seed,
+        source=(fc6, fc7, cls),
+    )
+
+
+def save_head(head: CalibratedHead, path: str | os.PathLike[str], meta: Mapping[str, Any]) -> None:
+    """Write ``head`` atomically with ``meta`` (any picklable fields: steps, config, ...).
+
+    The file holds ``{"format", "version", "meta", "state_dict"}``; ``meta`` gets the head's
+    ``kind``, ``layers``, ``seed`` and shapes added (a conflicting ``kind``/``layers`` in ``meta``
+    is a ``ValueError``).
+    """
+    record = {
+        "kind": head.kind,
+        "layers": head.layers,
+        "seed": head.seed,
+        "in_features": head.in_features,
+        "representation_size": head.representation_size,
+        "num_outputs": head.num_outputs,
+    }
+    for key in ("kind", "layers"):
+        if key in meta and meta[key] != record[key]:
+            raise ValueError(f"meta[{key!r}] = {meta[key]!r} but the head's is {record[key]!r}")
+    state = {
+        "format": HEAD_FORMAT,
+        "version": HEAD_FORMAT_VERSION,
+        "meta": {**dict(meta), **record},
+        "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+    }
+    save_checkpoint(path, state)
+
+
+def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[CalibratedHead, dict[str, Any]]:
+    """Read a head written by :func:`save_head` for the detector whose RoI heads are ``roi_heads``.
+
+    Returns ``(head, meta)``: the head rebuilt with the saved kind and layers (and their freezing),
+    on the device of ``roi_heads``, with the saved weights. A missing, unreadable or malformed file,
+    or one whose shapes do not fit ``roi_heads``, is an :class:`InputError` naming the file.
+    """
+    path = Path(path)
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
+        raise InputError(path, "format", f"not a calibrated head file (expected format {HEAD_FORMAT!r})")
+    if state.get("version") != HEAD_FORMAT_VERSION:
+        raise InputError(path, "version", f"expected {HEAD_FORMAT_VERSION}, got {state.get('version')!r}")
+    meta, weights = state.get("meta"), state.get("state_dict")
+    if not isinstance(meta, dict):
+        raise InputError(path, "meta", "missing or not a dict")
+    if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise InputError(path, "state_dict", "missing or not a dict of tensors")
+    kind, layers = meta.get("kind"), meta.get("layers")
+    if kind not in HEAD_KINDS:
+        raise InputError(path, "meta.kind", f"expected one of {', '.join(HEAD_KINDS)}, got {kind!r}")
+    if layers not in LAYER_CHOICES:
+        raise InputError(path, "meta.layers", f"expected one of {', '.join(LAYER_CHOICES)}, got {layers!r}")
+    seed = meta.get("seed", 0)
+    head = build_calibrated_head(kind, roi_heads, layers=layers, seed=seed if isinstance(seed, int) else 0)
+    for key in ("in_features", "representation_size", "num_outputs"):
+        if key in meta and meta[key] != getattr(head, key):
+            raise InputError(path, f"meta.{key}", f"the file has {meta[key]!r}, this detector {getattr(head, key)!r}")
+    try:
+        head.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise InputError(path, "state_dict", f"does not fit a {kind} head of this detector: {msg}") from None
+    return head, meta

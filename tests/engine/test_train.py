@@ -1,0 +1,147 @@
+"""Training: exact resume after a kill, atomic checkpoints, the non-finite stop, the remedies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from simcal.cli import main
+from simcal.config import load_config
+from simcal.engine.checkpoint import FINAL, LAST, load_checkpoint
+from simcal.engine.train import learning_rate, schedule, train
+from simcal.errors import InputError
+
+torch.set_num_threads(1)
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_config, tmp_path):
+    cfg_path = tiny_config(max_iter=8)
+    full = tmp_path / "full"
+    train(load_config(cfg_path), full, progress=False)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simcal", "train", "--config", str(cfg_path), "--out", str(killed), "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (killed / LAST).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = load_checkpoint(killed / LAST)["iteration"]
+    assert stopped_at < 8, "the run finished before it could be killed"
+    assert not (killed / FINAL).exists()
+
+    assert main(["train", "--out", str(killed), "--resume", "--no-progress"]) == 0
+    _assert_same_weights(_weights(full / FINAL), _weights(killed / FINAL))
+    iters = [json.loads(line)["iteration"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert iters == sorted(set(iters)) and iters[-1] == 8
+
+
+def test_run_directory_and_no_silent_overwrite(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg_path = tiny_config(max_iter=2)
+    assert main(["train", "--config", str(cfg_path), "--out", str(run), "--no-progress"]) == 0
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "label_map.json", LAST, FINAL, "train_log.jsonl"}
+    assert not list(run.glob(".*.tmp"))  # no temp files left by the atomic writes
+    record = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    assert {"iteration", "lr", "loss", "loss_classifier", "loss_mask", "sec_per_iter"} <= set(record)
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg_path), "--out", str(run), "--no-progress"]) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch, capsys):
+    import simcal.engine.train as train_mod
+
+    real = train_mod.build_classification_loss
+
+    def poisoned(name, counts, **kw):
+        loss = real(name, counts, **kw)
+        calls = {"n": 0}
+
+        class NaNAfterThree(torch.nn.Module):
+            def forward(self, logits, labels):
+                calls["n"] += 1
+                value = loss(logits, labels)
+                return value * float("nan") if calls["n"] > 3 else value
+
+        return NaNAfterThree()
+
+    monkeypatch.setattr(train_mod, "build_classification_loss", poisoned)
+    run = tmp_path / "nan"
+    rc = main(["train", "--config", str(tiny_config()), "--out", str(run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "non-finite loss at iteration 3 (loss_classifier=nan)" in err and f"{run / LAST}" in err
+    assert load_checkpoint(run / LAST)["iteration"] == 2
+    assert not (run / FINAL).exists()
+
+
+@pytest.mark.parametrize(
+    "override", ["train.loss=lr", "train.loss=focal", "train.loss=cm", "train.sampler=repeat_factor"]
+)
+def test_remedies_train_from_the_cli(tiny_config, tmp_path, override):
+    run = tmp_path / "remedy"
+    assert main(["train", "--config", str(tiny_config(max_iter=2)), "--out", str(run), "--no-progress", override]) == 0
+    logged = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    assert all(v == v and abs(v) < 1e6 for k, v in logged.items() if k.startswith("loss"))
+    key, value = override.split("=")
+    saved = (run / "config.yaml").read_text()
+    assert f"{key.split('.')[1]}: {value}" in saved
+
+
+def test_schedule_and_learning_rate_by_hand(tiny_config):
+    cfg = load_config(
+        tiny_config(
+            max_iter=None,
+            epochs=12,
+            steps=[8, 11],
+            batch_size=4,
+            base_lr=0.02,
+            reference_batch_size=16,
+            warmup_iters=10,
+            warmup_factor=0.5,
+        )
+    )
+    max_iter, steps = schedule(cfg, images_per_epoch=100)
+    assert max_iter == 300 and steps == [200, 275]  # 25 iterations per epoch
+    base = 0.02 * 4 / 16
+    assert learning_rate(cfg, 0, steps) == pytest.approx(base * 0.5)
+    assert learning_rate(cfg, 5, steps) == pytest.approx(base * 0.75)
+    assert learning_rate(cfg, 10, steps) == pytest.approx(base)
+    assert learning_rate(cfg, 200, steps) == pytest.approx(base * 0.1)
+    assert learning_rate(cfg, 299, steps) == pytest.approx(base * 0.01)
+
+
+def test_bad_config_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  loss: hinge\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"simcal: error: {bad}: train.loss: expected one of ce, lr, focal, cm, got 'hinge'"
+    )
+    with pytest.raises(InputError, match="unknown key"):
+        load_config(None, ["train.lr=3"])

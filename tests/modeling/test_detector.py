@@ -1,0 +1,158 @@
+"""Detector builders, the RoIHeads hooks, class-agnostic heads and torchvision compatibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import maskrcnn_resnet50_fpn as tv_maskrcnn_resnet50_fpn
+
+from simcal.config import ModelConfig
+from simcal.errors import InputError
+from simcal.modeling.detector import build_detector, maskrcnn_resnet50_fpn, maskrcnn_small
+from simcal.modeling.roi_heads import LongTailRoIHeads
+
+torch.set_num_threads(1)
+SMALL = dict(
+    min_size=64,
+    max_size=64,
+    rpn_pre_nms_top_n_test=50,
+    rpn_post_nms_top_n_test=50,
+    rpn_pre_nms_top_n_train=100,
+    rpn_post_nms_top_n_train=50,
+    box_batch_size_per_image=32,
+    rpn_batch_size_per_image=32,
+)
+
+
+def _batch(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    masks = torch.zeros(2, size, size, dtype=torch.uint8)
+    masks[0, 8:30, 8:30] = 1
+    masks[1, 35:60, 30:62] = 1
+    targets = [
+        {"boxes": torch.tensor([[8.0, 8, 30, 30], [30, 35, 62, 60]]), "labels": torch.tensor([1, 3]), "masks": masks}
+        for _ in range(n)
+    ]
+    return images, targets
+
+
+def test_lvis_test_preset_from_config():
+    m = build_detector(ModelConfig(), num_classes=5)
+    rh = m.roi_heads
+    assert isinstance(rh, LongTailRoIHeads)
+    assert (rh.score_thresh, rh.nms_thresh, rh.detections_per_img) == (0.0, 0.5, 300)
+    assert m.rpn._post_nms_top_n["testing"] == 1000
+    assert rh.box_predictor.cls_score.out_features == 6  # C + 1, column 0 background
+    assert (m.transform.min_size, m.transform.max_size) == ((800,), 1333)
+
+
+def test_classwise_checkpoint_loads_into_plain_torchvision_and_predicts_the_same():
+    torch.manual_seed(0)
+    ours = maskrcnn_resnet50_fpn(
+        num_classes=4, min_size=64, max_size=64, box_score_thresh=0.0, box_detections_per_img=50
+    ).eval()
+    plain = tv_maskrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=5,
+        min_size=64,
+        max_size=64,
+        box_score_thresh=0.0,
+        box_detections_per_img=50,
+    ).eval()
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    images, _ = _batch(1)
+    with torch.no_grad():
+        a, b = ours(images)[0], plain(images)[0]
+    assert a["boxes"].shape[0] > 0
+    torch.testing.assert_close(a["boxes"], b["boxes"])
+    torch.testing.assert_close(a["scores"], b["scores"])
+    assert torch.equal(a["labels"], b["labels"])
+    torch.testing.assert_close(a["masks"], b["masks"])
+
+
+def test_classification_loss_hook_is_used():
+    calls = []
+
+    class Recorder(nn.Module):
+        def forward(self, logits, labels):
+            calls.append((tuple(logits.shape), labels.clone()))
+            return logits.sum() * 0 + 7.0
+
+    torch.manual_seed(0)
+    m = maskrcnn_small(num_classes=4, cls_loss=Recorder(), **SMALL).train()
+    images, targets = _batch()
+    losses = m(images, targets)
+    assert losses["loss_classifier"].item() == pytest.approx(7.0)
+    ((shape, labels),) = calls
+    assert shape[1] == 5 and labels.max() <= 4 and (labels > 0).any()
+
+
+def test_score_hook_changes_detections():
+    torch.manual_seed(0)
+    m = maskrcnn_small(num_classes=4, **SMALL, box_score_thresh=0.0).eval()
+    images, _ = _batch(1)
+    with torch.no_grad():
+        base = m(images)[0]
+    assert set(base["labels"].tolist()) > {3} or len(set(base["labels"].tolist())) > 1
+
+    def only_class_3(pooled, feats, logits):
+        p = torch.zeros_like(logits)
+        p[:, 0], p[:, 3] = 0.5, 0.5
+        return p
+
+    m.roi_heads.score = only_class_3
+    with torch.no_grad():
+        out = m(images)[0]
+    assert set(out["labels"].tolist()) == {3}
+    assert torch.allclose(out["scores"], torch.full_like(out["scores"], 0.5))
+
+
+def test_class_agnostic_heads_train_and_share_box_and_mask():
+    torch.manual_seed(0)
+    m = maskrcnn_small(num_classes=4, class_agnostic=True, **SMALL)
+    assert m.roi_heads.box_predictor.bbox_pred.out_features == 4
+    assert m.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 1
+    m.train()
+    images, targets = _batch()
+    losses = m(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert m.roi_heads.box_predictor.bbox_pred.weight.grad.abs().sum() > 0
+    m.eval()
+    m.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        out = m(images[:1])[0]
+    assert out["masks"].shape[1:] == (1, 64, 64)
+    # the same proposal gives the same box for every class: boxes repeat across labels
+    boxes = out["boxes"]
+    uniq = torch.unique(boxes.round(decimals=3), dim=0)
+    assert uniq.shape[0] < boxes.shape[0]
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "frozen_bn"])
+def test_small_model_norms_train(norm):
+    torch.manual_seed(0)
+    m = maskrcnn_small(num_classes=3, norm=norm, **SMALL).train()
+    images, targets = _batch()
+    losses = m(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_unknown_weights_name_is_a_clear_error():
+    with pytest.raises(InputError, match="model.weights: weights: unknown weights 'COCO_V9'"):
+        build_detector(ModelConfig(weights="COCO_V9"), num_classes=3)
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1)
+    body = resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(body.state_dict(), path)
+    m = maskrcnn_small(num_classes=3, weights_backbone=str(path), **SMALL)
+    torch.testing.assert_close(m.backbone.body.conv1.weight, body.conv1.weight)
