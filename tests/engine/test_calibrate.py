@@ -1,0 +1,182 @@
+"""SimCal calibration: frozen detector, bi-level object-level batches, resume, cache, dual-head predict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from simcal.cli import main
+from simcal.data.annotations import load_dataset
+from simcal.data.dataset import DetectionDataset
+from simcal.data.samplers import BiLevelSampler
+from simcal.engine import calibrate as cal_mod
+from simcal.engine.calibrate import FrozenDetector, calibrate, calibration_batch
+from simcal.engine.checkpoint import FINAL
+from simcal.engine.predict import HeadSpec, MultiHeadPredictor, load_model
+from simcal.modeling.calibration import load_head
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained_run, dst)
+    return dst
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_detector_is_byte_identical_after_calibration(run, monkeypatch):
+    captured = {}
+    real = cal_mod.load_model
+
+    def capture(*a, **kw):
+        model, lm, cfg = real(*a, **kw)
+        captured["model"] = model
+        captured["before"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model, lm, cfg
+
+    monkeypatch.setattr(cal_mod, "load_model", capture)
+    file_hash = _sha(run / FINAL)
+    head_path = calibrate(run, progress=False)
+    after = captured["model"].state_dict()
+    assert after.keys() == captured["before"].keys()
+    for k, v in captured["before"].items():
+        assert torch.equal(v, after[k]), k
+    assert _sha(run / FINAL) == file_hash
+    assert not captured["model"].training
+    assert not any(p.requires_grad for p in captured["model"].parameters())
+    head, meta = load_head(head_path, captured["model"].roi_heads)
+    assert meta["kind"] == "3fc_ft" and meta["step"] == 6
+    # the head did train: it moved away from the original classifier it was copied from
+    orig = captured["model"].roi_heads.box_predictor.cls_score.weight
+    assert not torch.equal(head.cls_score.weight, orig)
+    log = [json.loads(line) for line in (head_path.parent / "calibration_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6] and all(r["fg"] == r["bg"] for r in log)
+
+
+def test_bilevel_batch_keeps_only_the_sampled_class_and_one_to_one_background(run):
+    model, label_map, cfg = load_model(run)
+    model.eval()
+    train = load_dataset(cfg.data.train_json)
+    ds = DetectionDataset(train, cfg.data.train_images, label_map=label_map, with_masks=False)
+    frozen = FrozenDetector(model, ds, cache_mb=100, device=torch.device("cpu"))
+    draws = BiLevelSampler(train, classes_per_batch=6, seed=0).batch(0)
+    pooled, feats, labels = calibration_batch(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1)
+    sampled = {label_map.to_label(c) for _, c in draws}
+    fg = labels[labels > 0]
+    assert fg.numel() > 0 and set(fg.tolist()) <= sampled
+    assert (labels == 0).sum() == fg.numel()  # 1:1 background
+    assert pooled.shape[0] == labels.shape[0] == feats.shape[0]
+    # each image contributes only the sampled class: an image drawn for class c holding another
+    # class d keeps no RoI of d
+    for (index, cat), flip in zip(draws, [False] * 6):
+        present = set(ds[(index, flip)][1]["labels"].tolist())
+        assert label_map.to_label(cat) in present
+    # the frozen part was computed once per (image, flip) and is served from the cache afterwards
+    misses = frozen.misses
+    calibration_batch(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1)
+    assert frozen.misses == misses and frozen.hits >= 6
+
+
+def test_resume_and_cache_do_not_change_the_head(run, tmp_path, monkeypatch):
+    ref = calibrate(run, name="ref", progress=False)
+    nocache = calibrate(run, {"cache_mb": 0}, name="nocache", progress=False)
+
+    calls = {"n": 0}
+    real = cal_mod.calibration_batch
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cal_mod, "calibration_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(run, name="resumed", progress=False)
+    monkeypatch.setattr(cal_mod, "calibration_batch", real)
+    assert not (run / "calibration" / "resumed" / "head.pth").exists()
+    resumed = calibrate(run, name="resumed", resume=True, progress=False)
+
+    model, _, _ = load_model(run)
+    heads = [load_head(p, model.roi_heads)[0].state_dict() for p in (ref, nocache, resumed)]
+    for other in heads[1:]:
+        for k in heads[0]:
+            assert torch.equal(heads[0][k], other[k]), k
+
+
+def test_dual_head_takes_calibrated_columns_for_tail_classes_only(run):
+    calibrate(run, progress=False)
+    model, label_map, cfg = load_model(run)
+    model.roi_heads.detections_per_img = 100_000  # no cap: per-class NMS makes classes independent
+    cal_head = load_head(run / "calibration" / "3fc_ft" / "head.pth", model.roi_heads)[0].eval()
+    train = load_dataset(cfg.data.train_json)
+    counts = torch.tensor(cal_mod.class_instance_counts(train, label_map), dtype=torch.float32)
+    T = float(torch.median(counts))
+    specs = [HeadSpec("orig"), HeadSpec("cal"), HeadSpec("dual", "sel", T)]
+    val = load_dataset(cfg.data.val_json)
+    ds = DetectionDataset(val, cfg.data.val_images, label_map=label_map, with_masks=False)
+    out = MultiHeadPredictor(model, specs, cal_head, counts)([ds[0][0], ds[1][0]])
+    tag = specs[2].tag
+    for i in range(2):
+        for label in range(1, label_map.num_classes + 1):
+            src = "cal" if counts[label - 1] <= T else "orig"
+            d, s = out[tag][i], out[src][i]
+            a, b = d["labels"] == label, s["labels"] == label
+            torch.testing.assert_close(d["scores"][a], s["scores"][b])
+            torch.testing.assert_close(d["boxes"][a], s["boxes"][b])
+
+
+def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
+    assert main(["calibrate", "--run", str(run), "--no-progress"]) == 0
+    assert main(["calibrate", "--run", str(run), "--no-progress"]) == 2  # no silent overwrite
+    assert "already done" in capsys.readouterr().err
+    assert (
+        main(
+            ["calibrate", "--run", str(run), "--loss", "focal", "--sampler", "random", "--steps", "2", "--no-progress"]
+        )
+        == 0
+    )
+    assert (run / "calibration" / "3fc_ft_focal_random" / "head.pth").exists()
+    assert main(["calibrate", "--run", str(run), "--head", "ncm", "--steps", "3", "--no-progress"]) == 0
+
+    import simcal.engine.predict as pred
+
+    passes = {"n": 0}
+    real = pred.load_model
+
+    def counting(*a, **kw):
+        model, lm, cfg = real(*a, **kw)
+        model.backbone.register_forward_hook(lambda *_: passes.__setitem__("n", passes["n"] + 1))
+        return model, lm, cfg
+
+    monkeypatch.setattr(pred, "load_model", counting)
+    argv = [
+        "predict",
+        "--run",
+        str(run),
+        "--head",
+        "orig,cal,dual,norcal",
+        "--max-images",
+        "6",
+        "--batch-size",
+        "3",
+        "--calibration",
+        "3fc_ft",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert passes["n"] == 2  # 6 images in batches of 3, all four heads from the same pass
+    for tag in ("orig", "cal", "dual", "norcal_1"):
+        m = json.loads((run / "predictions" / "val" / tag / "metrics_segm.json").read_text())
+        assert 0.0 <= m["AP"] <= 1.0 and len(m["per_class"]) == 6
+    assert main(["predict", "--run", str(run), "--head", "dual", "--combine", "bogus", "--no-progress"]) == 2
+    assert "unknown 'bogus'" in capsys.readouterr().err
