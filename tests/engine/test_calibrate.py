@@ -180,3 +180,19 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
         assert 0.0 <= m["AP"] <= 1.0 and len(m["per_class"]) == 6
     assert main(["predict", "--run", str(run), "--head", "dual", "--combine", "bogus", "--no-progress"]) == 2
     assert "unknown 'bogus'" in capsys.readouterr().err
+
+
+def test_heads_share_the_mask_head_work(run):
+    calibrate(run, progress=False)
+    model, label_map, cfg = load_model(run)
+    cal_head = load_head(run / "calibration" / "3fc_ft" / "head.pth", model.roi_heads)[0].eval()
+    counts = torch.tensor(cal_mod.class_instance_counts(load_dataset(cfg.data.train_json), label_map))
+    val = load_dataset(cfg.data.val_json)
+    ds = DetectionDataset(val, cfg.data.val_images, label_map=label_map, with_masks=False)
+    rows = []
+    model.roi_heads.mask_head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    specs = [HeadSpec("orig"), HeadSpec("dual", "sel", -1.0)]  # T = -1: dual keeps exactly orig's detections
+    out = MultiHeadPredictor(model, specs, cal_head, counts.float())([ds[0][0]])
+    a, b = out["orig"][0], out[specs[1].tag][0]
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["masks"], b["masks"])
+    assert rows == [a["labels"].numel()]  # one mask-head pass over the union, not one per head

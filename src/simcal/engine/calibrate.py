@@ -97,8 +97,13 @@ class FrozenDetector:
         feats = self.model.backbone(batch.tensors)
         proposals, _ = self.model.rpn(batch, feats)
         return [
-            ({k: v[i : i + 1].clone() for k, v in feats.items()}, proposals[i], targets[i]["boxes"],
-             targets[i]["labels"], batch.image_sizes[i])
+            (
+                {k: v[i : i + 1].clone() for k, v in feats.items()},
+                proposals[i],
+                targets[i]["boxes"],
+                targets[i]["labels"],
+                batch.image_sizes[i],
+            )
             for i in range(len(keys))
         ]
 
@@ -189,8 +194,9 @@ def calibration_batch(
             rois = torch.cat([fg_boxes, bg_boxes])
             if rois.shape[0]:
                 pooled.append(roi.box_roi_pool(feats, [rois], [size]))
-                labels.append(torch.cat([fg_labels, torch.zeros(bg_boxes.shape[0], dtype=torch.int64,
-                                                                 device=fg_labels.device)]))
+                labels.append(
+                    torch.cat([fg_labels, torch.zeros(bg_boxes.shape[0], dtype=torch.int64, device=fg_labels.device)])
+                )
         if not pooled:
             return None
         pooled_t = torch.cat(pooled)

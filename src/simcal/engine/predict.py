@@ -220,32 +220,65 @@ class MultiHeadPredictor:
         proposals, _ = model.rpn(batch, features)
         pooled, box_feats, logits, deltas = roi.box_features(features, proposals, batch.image_sizes)
         p_cal = F.softmax(self.cal_head(pooled), -1) if self.cal_head is not None else None
+        n = len(images)
         out: dict[str, list[dict[str, Tensor]]] = {}
         for spec in self.heads:
             if spec.kind == "dual" and spec.combine == "det":
-                a = roi.postprocess_detections(F.softmax(logits, -1), deltas, proposals, batch.image_sizes)
-                b = roi.postprocess_detections(p_cal, deltas, proposals, batch.image_sizes)
-                result = [
+                a = roi.postprocess_detections(F.softmax(logits, -1), deltas, proposals, batch.image_sizes, True)
+                b = roi.postprocess_detections(p_cal, deltas, proposals, batch.image_sizes, True)
+                out[spec.tag] = [
                     merge_detections(
-                        {"boxes": a[0][i], "scores": a[1][i], "labels": a[2][i]},
-                        {"boxes": b[0][i], "scores": b[1][i], "labels": b[2][i]},
+                        {"boxes": a[0][i], "scores": a[1][i], "labels": a[2][i], "roi": a[3][i]},
+                        {"boxes": b[0][i], "scores": b[1][i], "labels": b[2][i], "roi": b[3][i]},
                         iou=roi.nms_thresh,
                         max_dets=roi.detections_per_img,
                     )
-                    for i in range(len(images))
+                    for i in range(n)
                 ]
             else:
                 probs = self.probabilities(spec, pooled, logits, p_cal)
-                boxes, scores, labels = roi.postprocess_detections(probs, deltas, proposals, batch.image_sizes)
-                result = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
-            if roi.has_mask():
-                roi.mask_inference(features, result, batch.image_sizes)
+                boxes, scores, labels, index = roi.postprocess_detections(
+                    probs, deltas, proposals, batch.image_sizes, True
+                )
+                out[spec.tag] = [
+                    {"boxes": b, "scores": s, "labels": lab, "roi": i}
+                    for b, s, lab, i in zip(boxes, scores, labels, index)
+                ]
+        if roi.has_mask():
+            self._masks(features, out, batch.image_sizes)
+        for result in out.values():
             for r, resized, (h, w) in zip(result, batch.image_sizes, sizes):
+                r.pop("roi", None)
                 r["boxes"] = resize_boxes(r["boxes"], resized, (h, w))
                 if "masks" in r:
                     r["masks"] = paste_masks(r["masks"][:, 0], r["boxes"], int(h), int(w))
-            out[spec.tag] = result
         return out
+
+    def _masks(self, features: dict[str, Tensor], out: dict[str, list[dict[str, Tensor]]], sizes: list) -> None:
+        """Run the mask head once per distinct (RoI, class) over all heads, then hand out the masks.
+
+        A detection's box and mask depend only on its RoI and class, never on the head that
+        scored it, so heads that keep the same detections share their mask computation.
+        """
+        roi = self.model.roi_heads
+        num_classes = roi.box_predictor.cls_score.out_features
+        union = []
+        for i in range(len(sizes)):
+            dets = [result[i] for result in out.values()]
+            keys = torch.cat([d["roi"] * num_classes + d["labels"] for d in dets])
+            uniq, inverse = torch.unique(keys, return_inverse=True)
+            first = torch.full((uniq.numel(),), -1, dtype=torch.long, device=keys.device)
+            first.scatter_(0, inverse.flip(0), torch.arange(keys.numel() - 1, -1, -1, device=keys.device))
+            all_boxes = torch.cat([d["boxes"] for d in dets])
+            all_labels = torch.cat([d["labels"] for d in dets])
+            union.append(
+                ({"boxes": all_boxes[first], "labels": all_labels[first]}, inverse, [len(d["labels"]) for d in dets])
+            )
+        result = [u[0] for u in union]
+        roi.mask_inference(features, result, sizes)
+        for i, (u, inverse, lengths) in enumerate(union):
+            for r, part in zip((res[i] for res in out.values()), inverse.split(lengths)):
+                r["masks"] = u["masks"][part]
 
 
 def infer_batch(model: MaskRCNN, images: list[Tensor]) -> list[dict[str, Tensor]]:

@@ -222,13 +222,24 @@ def merge_detections(
 
     Returns:
         ``{"boxes" (M, 4), "scores" (M,), "labels" (M,)}`` sorted by decreasing score, ``M <= max_dets``.
-        Other keys (e.g. masks) are not carried: masks are computed after the merge.
+        Other per-detection tensors present in both (e.g. ``roi``, the RoI index) are carried along;
+        masks should be computed after the merge.
     """
     boxes = torch.cat([dets_a["boxes"], dets_b["boxes"]]).reshape(-1, 4)
     scores = torch.cat([dets_a["scores"], dets_b["scores"]])
     labels = torch.cat([dets_a["labels"], dets_b["labels"]])
     keep = batched_nms(boxes, scores, labels, iou)[:max_dets]  # sorted by decreasing score
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    out = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    for key in dets_a.keys() & dets_b.keys() - out.keys():
+        a, b = dets_a[key], dets_b[key]
+        if (
+            torch.is_tensor(a)
+            and torch.is_tensor(b)
+            and a.shape[:1] == dets_a["scores"].shape
+            and b.shape[:1] == dets_b["scores"].shape
+        ):
+            out[key] = torch.cat([a, b])[keep]
+    return out
 
 
 # ----------------------------------------------------------------------------- post-hoc calibration

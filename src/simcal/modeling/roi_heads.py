@@ -113,32 +113,39 @@ class LongTailRoIHeads(RoIHeads):
         box_regression: Tensor,
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        return_roi_index: bool = False,
+    ) -> tuple[list[Tensor], ...]:
         """Per image: threshold, remove tiny boxes, class-wise NMS, keep the top detections.
 
         Args:
             scores: probabilities ``(R, C+1)``, column 0 background (never a detection).
             box_regression: ``(R, 4 * (C+1))`` or ``(R, 4)`` (class-agnostic).
+            return_roi_index: also return, per detection, the index of its RoI in the image.
 
         Returns:
-            boxes ``[(N_i, 4)]`` xyxy in the resized image, scores ``[(N_i,)]``, labels ``[(N_i,)]``.
+            boxes ``[(N_i, 4)]`` xyxy in the resized image, scores ``[(N_i,)]``, labels ``[(N_i,)]``
+            (and RoI indices ``[(N_i,)]``).
         """
         num_classes = scores.shape[-1]
         per_image = [p.shape[0] for p in proposals]
         pred_boxes = self.decode_boxes(box_regression, proposals, num_classes).split(per_image, 0)
-        out_boxes, out_scores, out_labels = [], [], []
+        out_boxes, out_scores, out_labels, out_index = [], [], [], []
         for boxes, sc, shape in zip(pred_boxes, scores.split(per_image, 0), image_shapes):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
             labels = torch.arange(num_classes, device=sc.device).view(1, -1).expand_as(sc)
-            boxes, sc, labels = boxes[:, 1:].reshape(-1, 4), sc[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            index = torch.arange(sc.shape[0], device=sc.device).view(-1, 1).expand_as(sc)
+            boxes, sc = boxes[:, 1:].reshape(-1, 4), sc[:, 1:].reshape(-1)
+            labels, index = labels[:, 1:].reshape(-1), index[:, 1:].reshape(-1)
             keep = torch.where(sc > self.score_thresh)[0]
-            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
-            keep = box_ops.batched_nms(boxes, sc, labels, self.nms_thresh)[: self.detections_per_img]
+            keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
+            keep = keep[box_ops.batched_nms(boxes[keep], sc[keep], labels[keep], self.nms_thresh)]
+            keep = keep[: self.detections_per_img]
             out_boxes.append(boxes[keep])
             out_scores.append(sc[keep])
             out_labels.append(labels[keep])
+            out_index.append(index[keep])
+        if return_roi_index:
+            return out_boxes, out_scores, out_labels, out_index
         return out_boxes, out_scores, out_labels
 
     def mask_inference(
