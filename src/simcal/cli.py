@@ -180,6 +180,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- analyze
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from simcal.engine import analyze as an
+
+    common = dict(split=args.split, max_images=args.max_images, progress=not args.no_progress)
+    if args.tool == "recall":
+        out = an.analyze_recall(args.run, **common)
+        print(f"proposal AR@100 {100 * out['AR@100']:.1f}  AR@1000 {100 * out['AR@1000']:.1f}")
+    elif args.tool == "oracle":
+        out = an.analyze_oracle(args.run, iou=args.iou, **common)
+        _print_rows(out["heads"])
+    elif args.tool == "sweep-T":
+        Ts = tuple(float(t) for t in args.T.split(",")) if args.T else an.DEFAULT_TS
+        out = an.analyze_sweep_T(args.run, Ts=Ts, iou=args.iou, calibration=args.calibration, **common)
+        _print_rows({f"T={r['T']:g}": {k: v for k, v in r.items() if k != "T"} for r in out["sweep"]})
+    else:
+        out = an.analyze_dynamics(args.run, calibration=args.calibration or "3fc_ft", iou=args.iou, **common)
+        _print_rows({f"cal @{r['step']}": r["cal"] for r in out["steps"]})
+    print(f"written to {args.run / 'analysis'}")
+    return 0
+
+
+def _print_rows(rows: dict[str, dict[str, float | None]]) -> None:
+    keys = list(next(iter(rows.values())))
+    print(f"{'':>12} " + " ".join(f"{k:>6}" for k in keys))
+    for name, r in rows.items():
+        print(f"{name:>12} " + " ".join(f"{'-':>6}" if r[k] is None else f"{r[k]:6.1f}" for k in keys))
+
+
 # --------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from simcal.demo import run_demo
@@ -289,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-eval", action="store_true", help="write results only")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("analyze", help="analysis tools: proposal recall, props-gt oracle, T sweep, dynamics")
+    s.add_argument("tool", choices=["recall", "oracle", "sweep-T", "dynamics"])
+    s.add_argument("--run", required=True, type=Path)
+    s.add_argument("--split", default="val")
+    s.add_argument("--max-images", type=_positive_int, default=None)
+    s.add_argument("--iou", choices=["bbox", "segm"], default="bbox")
+    s.add_argument("--T", help="sweep-T values, comma-separated (default 10,20,50,100,200,300,500,1000)")
+    s.add_argument("--calibration", help="calibrated head name (default 3fc_ft)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("demo", help="the main job end to end on the synthetic data, ending in a table")
     s.add_argument("--out", default="runs/demo", help="working directory (default %(default)s)")

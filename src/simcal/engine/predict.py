@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import boxes as box_ops
 from tqdm import tqdm
 
 from simcal.data.annotations import load_dataset
@@ -141,28 +142,34 @@ class HeadSpec:
 
     ``kind``: ``orig`` (the trained head), ``cal`` (the calibrated head alone), ``dual`` (both,
     merged by ``combine`` with threshold ``T``), ``norcal`` / ``logit-adj`` (zero-training
-    post-hoc calibration of the original logits with ``param`` = gamma / tau).
+    post-hoc calibration of the original logits with ``param`` = gamma / tau), ``oracle`` (the
+    analysis "props-gt": each RoI matching a ground truth at IoU >= 0.5 gets that class, with the
+    original foreground probability; needs the ground truth). ``cal`` names which calibrated
+    head when several are loaded (``""``: the only one).
     """
 
     kind: str
     combine: str = "sel"
     T: float = 300.0
     param: float = 1.0
+    cal: str = ""
 
     @property
     def tag(self) -> str:
+        suffix = f"@{self.cal}" if self.cal else ""
         if self.kind == "dual":
-            return "dual" if (self.combine, self.T) == ("sel", 300.0) else f"dual_{self.combine}_T{self.T:g}"
+            base = "dual" if (self.combine, self.T) == ("sel", 300.0) else f"dual_{self.combine}_T{self.T:g}"
+            return base + suffix
         if self.kind in POSTHOC:
             return f"{self.kind}_{self.param:g}"
-        return self.kind
+        return self.kind + (suffix if self.kind == "cal" else "")
 
     @property
     def needs_calibrated_head(self) -> bool:
         return self.kind in ("cal", "dual")
 
 
-HEAD_KINDS = ("orig", "cal", "dual", *POSTHOC)
+HEAD_KINDS = ("orig", "cal", "dual", "oracle", *POSTHOC)
 
 
 def parse_heads(kinds: list[str], combine_name: str, T: float, param: float) -> list[HeadSpec]:
@@ -193,39 +200,77 @@ class MultiHeadPredictor:
         self,
         model: MaskRCNN,
         heads: list[HeadSpec],
-        cal_head: torch.nn.Module | None = None,
+        cal_head: torch.nn.Module | dict[str, torch.nn.Module] | None = None,
         counts: Tensor | None = None,
+        with_masks: bool = True,
     ) -> None:
-        if any(h.needs_calibrated_head for h in heads) and cal_head is None:
-            raise InputError("--head", "head", "cal and dual need a calibrated head: run simcal calibrate first")
-        self.model, self.heads, self.cal_head = model, heads, cal_head
-        self.counts = counts
+        self.cal_heads = cal_head if isinstance(cal_head, dict) else ({"": cal_head} if cal_head is not None else {})
+        for h in heads:
+            if h.needs_calibrated_head and h.cal not in self.cal_heads:
+                raise InputError("--head", "head", "cal and dual need a calibrated head: run simcal calibrate first")
+        self.model, self.heads, self.counts, self.with_masks = model, heads, counts, with_masks
 
-    def probabilities(self, spec: HeadSpec, pooled: Tensor, logits: Tensor, p_cal: Tensor | None) -> Tensor:
+    def probabilities(
+        self, spec: HeadSpec, logits: Tensor, p_cal: dict[str, Tensor], oracle: Tensor | None = None
+    ) -> Tensor:
+        """Scores ``(R, C+1)`` of one head from the shared logits and calibrated probabilities."""
         p_orig = F.softmax(logits, -1)
         if spec.kind == "orig":
             return p_orig
         if spec.kind == "cal":
-            return p_cal
+            return p_cal[spec.cal]
         if spec.kind == "dual":
-            return combine(spec.combine, p_orig, p_cal, self.counts, spec.T)
+            return combine(spec.combine, p_orig, p_cal[spec.cal], self.counts, spec.T)
+        if spec.kind == "oracle":
+            if oracle is None:
+                raise InputError("--head", "head", "the oracle needs ground truth")
+            matched = oracle > 0
+            probs = p_orig.clone()
+            fg = 1 - p_orig[matched, 0]
+            probs[matched, 1:] = 0
+            probs[matched, oracle[matched]] = fg
+            return probs
         return POSTHOC[spec.kind](logits, self.counts, spec.param)
 
+    @staticmethod
+    def _oracle_labels(proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
+        """Per RoI, the label of the ground truth it matches at IoU >= 0.5 (0: none), ``(R,)``."""
+        out = []
+        for props, tgt in zip(proposals, targets):
+            lab = torch.zeros(props.shape[0], dtype=torch.long, device=props.device)
+            if tgt["boxes"].numel() and props.numel():
+                iou = box_ops.box_iou(props, tgt["boxes"])
+                best, idx = iou.max(1)
+                lab[best >= 0.5] = tgt["labels"][idx[best >= 0.5]]
+            out.append(lab)
+        return torch.cat(out)
+
     @torch.no_grad()
-    def __call__(self, images: list[Tensor]) -> dict[str, list[dict[str, Tensor]]]:
+    def __call__(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, list[dict[str, Tensor]]]:
+        """Detections per head: ``{tag: [per image {"boxes" (N, 4) xyxy, "scores", "labels",
+        "masks" (N, H, W) bool}]}`` in original image coordinates. ``targets`` (boxes, labels) are
+        needed only by the oracle."""
         model, roi = self.model, self.model.roi_heads
         sizes = [im.shape[-2:] for im in images]
-        batch, _ = model.transform(images)
+        if targets is not None:
+            targets = [
+                {"boxes": t["boxes"].to(images[0].device), "labels": t["labels"].to(images[0].device)} for t in targets
+            ]
+        batch, targets = model.transform(images, targets)
         features = model.backbone(batch.tensors)
         proposals, _ = model.rpn(batch, features)
         pooled, box_feats, logits, deltas = roi.box_features(features, proposals, batch.image_sizes)
-        p_cal = F.softmax(self.cal_head(pooled), -1) if self.cal_head is not None else None
+        used = {h.cal for h in self.heads if h.needs_calibrated_head or (h.kind == "dual" and h.combine == "det")}
+        p_cal = {name: F.softmax(self.cal_heads[name](pooled), -1) for name in used}
+        oracle = self._oracle_labels(proposals, targets) if targets is not None else None
         n = len(images)
         out: dict[str, list[dict[str, Tensor]]] = {}
         for spec in self.heads:
             if spec.kind == "dual" and spec.combine == "det":
                 a = roi.postprocess_detections(F.softmax(logits, -1), deltas, proposals, batch.image_sizes, True)
-                b = roi.postprocess_detections(p_cal, deltas, proposals, batch.image_sizes, True)
+                b = roi.postprocess_detections(p_cal[spec.cal], deltas, proposals, batch.image_sizes, True)
                 out[spec.tag] = [
                     merge_detections(
                         {"boxes": a[0][i], "scores": a[1][i], "labels": a[2][i], "roi": a[3][i]},
@@ -236,7 +281,7 @@ class MultiHeadPredictor:
                     for i in range(n)
                 ]
             else:
-                probs = self.probabilities(spec, pooled, logits, p_cal)
+                probs = self.probabilities(spec, logits, p_cal, oracle)
                 boxes, scores, labels, index = roi.postprocess_detections(
                     probs, deltas, proposals, batch.image_sizes, True
                 )
@@ -244,7 +289,7 @@ class MultiHeadPredictor:
                     {"boxes": b, "scores": s, "labels": lab, "roi": i}
                     for b, s, lab, i in zip(boxes, scores, labels, index)
                 ]
-        if roi.has_mask():
+        if roi.has_mask() and self.with_masks:
             self._masks(features, out, batch.image_sizes)
         for result in out.values():
             for r, resized, (h, w) in zip(result, batch.image_sizes, sizes):
@@ -333,9 +378,29 @@ def predict(
     specs = parse_heads(
         heads or ["orig"], combine_name or cfg.inference.combine, cfg.inference.T if T is None else T, param
     )
-    setup_torch(cfg.train.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    cal_heads = {}
+    if any(h.needs_calibrated_head for h in specs):
+        cal_heads[""] = load_calibrated_head(run, calibration, model)
+    return run_heads(
+        run,
+        model,
+        label_map,
+        cfg,
+        specs,
+        cal_heads,
+        split=split,
+        gt_json=gt_json,
+        images=images,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        max_images=max_images,
+        progress=progress,
+        evaluate_results=evaluate_results,
+    )
+
+
+def resolve_split(cfg: Any, split: str, gt_json: str | None, images: str | None) -> tuple[str, str]:
+    """The annotations and image folder of a split: the config's ``val`` / ``train`` or given."""
     if gt_json is None:
         gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
         images = images or {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(split)
@@ -343,34 +408,65 @@ def predict(
             raise InputError("--split", "split", f"no annotations for split {split!r}: pass --gt and --images")
     if not images:
         raise InputError("--images", "images", "an image folder is needed with --gt")
+    return gt_json, images
+
+
+def run_heads(
+    run: Path,
+    model: MaskRCNN,
+    label_map: LabelMap,
+    cfg: Any,
+    specs: list[HeadSpec],
+    cal_heads: dict[str, torch.nn.Module],
+    *,
+    split: str = "val",
+    gt_json: str | None = None,
+    images: str | None = None,
+    batch_size: int = 8,
+    num_workers: int = 1,
+    max_images: int | None = None,
+    progress: bool = True,
+    evaluate_results: bool = True,
+    ious: tuple[str, ...] = ("bbox", "segm"),
+    out_dir: Path | None = None,
+    verbose: bool = True,
+) -> dict[str, dict[str, EvalResult]]:
+    """Predict with every head spec in one pass per batch; write results (and metrics) per head
+    under ``out_dir`` (default ``RUN/predictions/<split>``). Without ``segm`` in ``ious`` no mask
+    is computed."""
+    setup_torch(cfg.train.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    gt_json, images = resolve_split(cfg, split, gt_json, images)
     gt = load_dataset(gt_json)
     train = load_dataset(cfg.data.train_json) if cfg.data.train_json and os.path.exists(cfg.data.train_json) else None
     counts = None
     if train is not None:
-        counts = torch.tensor([c for c in class_instance_counts(train, label_map)], dtype=torch.float32, device=device)
-    elif any(h.kind != "orig" for h in specs):
+        counts = torch.tensor(class_instance_counts(train, label_map), dtype=torch.float32, device=device)
+    elif any(h.kind not in ("orig", "oracle") for h in specs):
         raise InputError("data.train_json", "train_json", "training counts are needed for calibrated heads")
-    cal_head = None
-    if any(h.needs_calibrated_head for h in specs):
-        cal_head = load_calibrated_head(run, calibration, model).to(device).eval()
-    predictor = MultiHeadPredictor(model, specs, cal_head, counts)
+    cal_heads = {k: v.to(device).eval() for k, v in cal_heads.items()}
+    with_masks = "segm" in ious
+    predictor = MultiHeadPredictor(model, specs, cal_heads, counts, with_masks=with_masks)
+    oracle = any(h.kind == "oracle" for h in specs)
 
     dataset = DetectionDataset(gt, images, label_map=label_map, with_masks=False, source=gt_json)
     indices = list(range(len(dataset)))[: max_images or None]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate
     )
-    out_dir = run / "predictions" / split
+    out_dir = out_dir or run / "predictions" / split
     with ExitStack() as stack:
         writers = {h.tag: stack.enter_context(results_file(out_dir / h.tag / "results.json")) for h in specs}
         for imgs, targets in tqdm(loader, desc=f"predict {split}", disable=not progress, dynamic_ncols=True):
-            per_head = predictor([im.to(device) for im in imgs])
+            per_head = predictor([im.to(device) for im in imgs], targets if oracle else None)
             for tag, dets in per_head.items():
                 for det, tgt in zip(dets, targets):
                     for r in detections_to_results(det, int(tgt["image_id"]), label_map):
                         writers[tag].write(r)
-    for tag, w in writers.items():
-        print(f"{tag}: {w.count} detections on {len(indices)} images -> {out_dir / tag / 'results.json'}")
+    if verbose:
+        for tag, w in writers.items():
+            print(f"{tag}: {w.count} detections on {len(indices)} images -> {out_dir / tag / 'results.json'}")
     if not evaluate_results:
         return {}
     if max_images:
@@ -385,10 +481,11 @@ def predict(
     for h in specs:
         results = json.loads((out_dir / h.tag / "results.json").read_text())
         metrics[h.tag] = {}
-        for iou in ("bbox", "segm"):
+        for iou in ious:
             r = evaluate(gt, results, iou, stats)
             write_json(out_dir / h.tag / f"metrics_{iou}.json", r.to_json(), indent=1)
-            print(f"[{h.tag}] {r.table()}")
+            if verbose:
+                print(f"[{h.tag}] {r.table()}")
             metrics[h.tag][iou] = r
     return metrics
 
@@ -409,4 +506,4 @@ def load_calibrated_head(run: Path, name: str | None, model: MaskRCNN) -> torch.
                 root, "(calibration)", f"several calibrated heads ({', '.join(found)}): pass --calibration"
             )
     head, _ = load_head(root / name / "head.pth", model.roi_heads)
-    return head
+    return head.eval()

@@ -1,0 +1,234 @@
+"""``simcal analyze``: the paper's analysis tools on a trained (and calibrated) run.
+
+- ``recall``: class-agnostic proposal AR@100 / AR@1000 of the RPN (Fig. 1b);
+- ``oracle``: "props-gt", every RoI that matches a ground truth (IoU >= 0.5) takes its class,
+  boxes and masks unchanged: what better classification alone could give (Fig. 1c);
+- ``sweep-T``: AP per bin of the dual head against the threshold T (Fig. 4c);
+- ``dynamics``: AP per bin of the calibrated and dual heads every K calibration steps, from the
+  snapshots ``simcal calibrate --snapshot-every K`` saved (Fig. 4a).
+
+Each writes ``RUN/analysis/<tool>.json`` and ``RUN/analysis/<tool>.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.models.detection.transform import resize_boxes
+from tqdm import tqdm
+
+from simcal.data.annotations import load_dataset
+from simcal.data.dataset import DetectionDataset, collate
+from simcal.engine.predict import (
+    HeadSpec,
+    load_calibrated_head,
+    load_model,
+    resolve_split,
+    run_heads,
+)
+from simcal.engine.train import setup_torch
+from simcal.errors import InputError
+from simcal.evaluation.analysis import proposal_recall
+from simcal.evaluation.lvis_eval import EvalResult
+from simcal.io import write_json
+from simcal.modeling.calibration import load_head
+from simcal.report.plots import grouped_bars, line_plot
+
+DEFAULT_TS = (10, 20, 50, 100, 200, 300, 500, 1000)
+BIN_KEYS = ("AP1", "AP2", "AP3", "AP4")
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else round(100 * v, 2)
+
+
+def _summary(r: EvalResult) -> dict[str, float | None]:
+    keys = ["AP", "APr", "APc", "APf", *[k for k in r.metrics if k.startswith("AP") and k[2:].isdigit()]]
+    return {k: _pct(r.metrics[k]) for k in keys}
+
+
+def analysis_dir(run: Path) -> Path:
+    d = run / "analysis"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@torch.no_grad()
+def analyze_recall(
+    run: Path, *, split: str = "val", max_images: int | None = None, batch_size: int = 8, progress: bool = True
+) -> dict[str, Any]:
+    """Proposal AR@100 / AR@1000 (the RPN set to 1000 test proposals, LVIS's setting)."""
+    model, label_map, cfg = load_model(run)
+    setup_torch(cfg.train.threads)
+    rpn = model.rpn
+    rpn._pre_nms_top_n = {**rpn._pre_nms_top_n, "testing": max(1000, rpn._pre_nms_top_n["testing"])}
+    rpn._post_nms_top_n = {**rpn._post_nms_top_n, "testing": max(1000, rpn._post_nms_top_n["testing"])}
+    gt_json, images = resolve_split(cfg, split, None, None)
+    gt = load_dataset(gt_json)
+    ds = DetectionDataset(gt, images, label_map=label_map, with_masks=False, source=gt_json)
+    indices = list(range(len(ds)))[: max_images or None]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(ds, indices), batch_size=batch_size, collate_fn=collate
+    )
+    proposals: dict[int, np.ndarray] = {}
+    for imgs, targets in tqdm(loader, desc="proposals", disable=not progress, dynamic_ncols=True):
+        batch, _ = model.transform(imgs)
+        props, _ = model.rpn(batch, model.backbone(batch.tensors))
+        for p, resized, im, t in zip(props, batch.image_sizes, imgs, targets):
+            boxes = resize_boxes(p, resized, im.shape[-2:])
+            score = -torch.arange(boxes.shape[0], dtype=torch.float32)  # RPN output is sorted by objectness
+            proposals[int(t["image_id"])] = torch.cat([boxes, score[:, None]], 1).numpy()
+    out = proposal_recall(gt, proposals, (100, 1000))
+    out["num_images"] = len(indices)
+    d = analysis_dir(run)
+    write_json(d / "recall.json", out, indent=1)
+    line_plot(
+        d / "recall.png",
+        out["iou_thresholds"],
+        {f"{k} proposals": [100 * v for v in vals] for k, vals in out["recall_by_iou"].items()},
+        title=f"RPN recall on {split} (AR@100 {100 * out['AR@100']:.1f}, AR@1000 {100 * out['AR@1000']:.1f})",
+        xlabel="IoU threshold",
+        ylabel="recall (%)",
+    )
+    return out
+
+
+def _bars(path: Path, results: dict[str, dict[str, float | None]], title: str) -> None:
+    groups = [k for k in ("AP", "APr", "APc", "APf", *BIN_KEYS) if any(k in r for r in results.values())]
+    grouped_bars(path, groups, {name: [r.get(k) for k in groups] for name, r in results.items()}, title=title)
+
+
+def analyze_oracle(
+    run: Path, *, split: str = "val", max_images: int | None = None, iou: str = "bbox", progress: bool = True
+) -> dict[str, Any]:
+    """Original head vs props-gt oracle (and the dual head when a calibrated head exists)."""
+    model, label_map, cfg = load_model(run)
+    specs = [HeadSpec("orig"), HeadSpec("oracle")]
+    cal_heads = {}
+    if (run / "calibration").is_dir() and any((run / "calibration").glob("*/head.pth")):
+        cal_heads[""] = load_calibrated_head(run, None, model)
+        specs.append(HeadSpec("dual", cfg.inference.combine, cfg.inference.T))
+    d = analysis_dir(run)
+    metrics = run_heads(
+        run,
+        model,
+        label_map,
+        cfg,
+        specs,
+        cal_heads,
+        split=split,
+        max_images=max_images,
+        progress=progress,
+        ious=(iou,),
+        out_dir=d / "oracle",
+        verbose=False,
+    )
+    out = {"iou": iou, "heads": {tag: _summary(m[iou]) for tag, m in metrics.items()}}
+    write_json(d / "oracle.json", out, indent=1)
+    _bars(d / "oracle.png", out["heads"], f"{iou} AP: original vs props-gt oracle ({split})")
+    return out
+
+
+def analyze_sweep_T(
+    run: Path,
+    *,
+    Ts: tuple[float, ...] = DEFAULT_TS,
+    split: str = "val",
+    max_images: int | None = None,
+    iou: str = "bbox",
+    calibration: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """AP per bin of the dual head (sel) for each T, all from one inference pass."""
+    model, label_map, cfg = load_model(run)
+    cal_heads = {"": load_calibrated_head(run, calibration, model)}
+    specs = [HeadSpec("orig"), HeadSpec("cal")] + [HeadSpec("dual", "sel", float(t)) for t in Ts]
+    d = analysis_dir(run)
+    metrics = run_heads(
+        run,
+        model,
+        label_map,
+        cfg,
+        specs,
+        cal_heads,
+        split=split,
+        max_images=max_images,
+        progress=progress,
+        ious=(iou,),
+        out_dir=d / "sweep_T",
+        verbose=False,
+    )
+    rows = [{"T": float(t), **_summary(metrics[s.tag][iou])} for t, s in zip(Ts, specs[2:])]
+    out = {"iou": iou, "orig": _summary(metrics["orig"][iou]), "cal": _summary(metrics["cal"][iou]), "sweep": rows}
+    write_json(d / "sweep_T.json", out, indent=1)
+    keys = ["AP", *[k for k in BIN_KEYS if k in rows[0]]]
+    line_plot(
+        d / "sweep_T.png",
+        [r["T"] for r in rows],
+        {k: [r[k] for r in rows] for k in keys},
+        title=f"dual head (sel) {iou} AP against T ({split})",
+        xlabel="T (training instances)",
+        logx=True,
+    )
+    return out
+
+
+def analyze_dynamics(
+    run: Path,
+    *,
+    calibration: str = "3fc_ft",
+    split: str = "val",
+    max_images: int | None = None,
+    iou: str = "bbox",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """AP per bin of the calibrated and dual heads at each saved calibration snapshot."""
+    model, label_map, cfg = load_model(run)
+    snap_dir = run / "calibration" / calibration / "snapshots"
+    snaps = sorted(snap_dir.glob("head_*.pth"))
+    if not snaps:
+        raise InputError(snap_dir, "(snapshots)", "none: run simcal calibrate --snapshot-every K first")
+    cal_heads = {}
+    steps = []
+    for p in snaps:
+        head, meta = load_head(p, model.roi_heads)
+        name = f"step{int(meta['step'])}"
+        cal_heads[name] = head.eval()
+        steps.append(int(meta["step"]))
+    specs = [HeadSpec("orig")]
+    for name in cal_heads:
+        specs += [HeadSpec("cal", cal=name), HeadSpec("dual", cfg.inference.combine, cfg.inference.T, cal=name)]
+    d = analysis_dir(run)
+    metrics = run_heads(
+        run,
+        model,
+        label_map,
+        cfg,
+        specs,
+        cal_heads,
+        split=split,
+        max_images=max_images,
+        progress=progress,
+        ious=(iou,),
+        out_dir=d / "dynamics",
+        verbose=False,
+    )
+    rows = []
+    for step, name in zip(steps, cal_heads):
+        cal = next(s for s in specs if s.kind == "cal" and s.cal == name)
+        dual = next(s for s in specs if s.kind == "dual" and s.cal == name)
+        rows.append({"step": step, "cal": _summary(metrics[cal.tag][iou]), "dual": _summary(metrics[dual.tag][iou])})
+    out = {"iou": iou, "calibration": calibration, "orig": _summary(metrics["orig"][iou]), "steps": rows}
+    write_json(d / "dynamics.json", out, indent=1)
+    keys = ["AP", *[k for k in BIN_KEYS if k in rows[0]["cal"]]]
+    line_plot(
+        d / "dynamics.png",
+        steps,
+        {f"cal {k}": [r["cal"][k] for r in rows] for k in keys},
+        title=f"calibrated head {iou} AP during calibration ({split})",
+        xlabel="calibration step",
+    )
+    return out

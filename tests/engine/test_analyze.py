@@ -1,0 +1,84 @@
+"""The analysis tools on a tiny trained and calibrated run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from simcal.cli import main
+from simcal.engine.calibrate import calibrate
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(trained_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("an") / "run"
+    shutil.copytree(trained_run, run)
+    calibrate(run, snapshot_every=3, progress=False)
+    return run
+
+
+def test_recall(calibrated_run, capsys):
+    assert main(["analyze", "recall", "--run", str(calibrated_run), "--max-images", "8", "--no-progress"]) == 0
+    out = json.loads((calibrated_run / "analysis" / "recall.json").read_text())
+    assert 0 < out["AR@100"] <= out["AR@1000"] <= 1
+    assert (calibrated_run / "analysis" / "recall.png").stat().st_size > 1000
+    assert "AR@100" in capsys.readouterr().out
+
+
+def test_oracle_beats_the_original_classifier(calibrated_run):
+    assert main(["analyze", "oracle", "--run", str(calibrated_run), "--max-images", "10", "--no-progress"]) == 0
+    out = json.loads((calibrated_run / "analysis" / "oracle.json").read_text())["heads"]
+    assert set(out) == {"orig", "oracle", "dual"}
+    assert out["oracle"]["AP"] > out["orig"]["AP"]
+
+
+def test_sweep_T_ends_at_the_original_and_the_calibrated_head(calibrated_run):
+    # T below every training count: dual == orig; T above every count: dual == cal
+    assert (
+        main(
+            [
+                "analyze",
+                "sweep-T",
+                "--run",
+                str(calibrated_run),
+                "--T",
+                "0,100000",
+                "--max-images",
+                "10",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    out = json.loads((calibrated_run / "analysis" / "sweep_T.json").read_text())
+    low, high = out["sweep"]
+    assert {k: v for k, v in low.items() if k != "T"} == out["orig"]
+    assert {k: v for k, v in high.items() if k != "T"} == out["cal"]
+    assert (calibrated_run / "analysis" / "sweep_T.png").exists()
+
+
+def test_dynamics_last_snapshot_is_the_final_head(calibrated_run):
+    assert main(["analyze", "dynamics", "--run", str(calibrated_run), "--max-images", "10", "--no-progress"]) == 0
+    out = json.loads((calibrated_run / "analysis" / "dynamics.json").read_text())
+    assert [r["step"] for r in out["steps"]] == [3, 6]
+    assert (
+        main(
+            ["analyze", "sweep-T", "--run", str(calibrated_run), "--T", "100000", "--max-images", "10", "--no-progress"]
+        )
+        == 0
+    )
+    final_cal = json.loads((calibrated_run / "analysis" / "sweep_T.json").read_text())["cal"]
+    assert out["steps"][-1]["cal"] == final_cal
+
+
+def test_dynamics_without_snapshots_is_a_clear_error(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    calibrate(run, progress=False)
+    assert main(["analyze", "dynamics", "--run", str(run), "--no-progress"]) == 2
+    assert "run simcal calibrate --snapshot-every K first" in capsys.readouterr().err
