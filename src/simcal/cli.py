@@ -213,7 +213,7 @@ def _print_rows(rows: dict[str, dict[str, float | None]]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from simcal.demo import run_demo
 
-    run_demo(Path(args.out), budget=args.budget, seed=args.seed)
+    run_demo(Path(args.out), budget=args.budget, seed=args.seed, progress=not args.no_progress)
     return 0
 
 
@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the main job end to end on the synthetic data, ending in a table")
     s.add_argument("--out", default="runs/demo", help="working directory (default %(default)s)")
-    s.add_argument("--budget", choices=["quick", "full"], default="full")
+    s.add_argument("--budget", choices=["quick", "full"], default="full", help="quick: a ~3 min smoke run")
+    s.add_argument("--no-progress", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_demo)
     return p
