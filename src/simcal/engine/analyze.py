@@ -96,6 +96,36 @@ def analyze_recall(
     return out
 
 
+def _evaluate_heads(
+    run: Path,
+    model: Any,
+    label_map: Any,
+    cfg: Any,
+    specs: list[HeadSpec],
+    cal_heads: dict[str, Any],
+    out_dir: Path,
+    split: str,
+    max_images: int | None,
+    iou: str,
+    progress: bool,
+) -> dict[str, dict[str, EvalResult]]:
+    """One inference pass for every head spec, evaluated with one iou type (no masks for bbox)."""
+    return run_heads(
+        run,
+        model,
+        label_map,
+        cfg,
+        specs,
+        cal_heads,
+        split=split,
+        max_images=max_images,
+        progress=progress,
+        ious=(iou,),
+        out_dir=out_dir,
+        verbose=False,
+    )
+
+
 def _bars(path: Path, results: dict[str, dict[str, float | None]], title: str) -> None:
     groups = [k for k in ("AP", "APr", "APc", "APf", *BIN_KEYS) if any(k in r for r in results.values())]
     grouped_bars(path, groups, {name: [r.get(k) for k in groups] for name, r in results.items()}, title=title)
@@ -112,19 +142,8 @@ def analyze_oracle(
         cal_heads[""] = load_calibrated_head(run, None, model)
         specs.append(HeadSpec("dual", cfg.inference.combine, cfg.inference.T))
     d = analysis_dir(run)
-    metrics = run_heads(
-        run,
-        model,
-        label_map,
-        cfg,
-        specs,
-        cal_heads,
-        split=split,
-        max_images=max_images,
-        progress=progress,
-        ious=(iou,),
-        out_dir=d / "oracle",
-        verbose=False,
+    metrics = _evaluate_heads(
+        run, model, label_map, cfg, specs, cal_heads, d / "oracle", split, max_images, iou, progress
     )
     out = {"iou": iou, "heads": {tag: _summary(m[iou]) for tag, m in metrics.items()}}
     write_json(d / "oracle.json", out, indent=1)
@@ -147,19 +166,8 @@ def analyze_sweep_T(
     cal_heads = {"": load_calibrated_head(run, calibration, model)}
     specs = [HeadSpec("orig"), HeadSpec("cal")] + [HeadSpec("dual", "sel", float(t)) for t in Ts]
     d = analysis_dir(run)
-    metrics = run_heads(
-        run,
-        model,
-        label_map,
-        cfg,
-        specs,
-        cal_heads,
-        split=split,
-        max_images=max_images,
-        progress=progress,
-        ious=(iou,),
-        out_dir=d / "sweep_T",
-        verbose=False,
+    metrics = _evaluate_heads(
+        run, model, label_map, cfg, specs, cal_heads, d / "sweep_T", split, max_images, iou, progress
     )
     rows = [{"T": float(t), **_summary(metrics[s.tag][iou])} for t, s in zip(Ts, specs[2:])]
     out = {"iou": iou, "orig": _summary(metrics["orig"][iou]), "cal": _summary(metrics["cal"][iou]), "sweep": rows}
@@ -202,19 +210,8 @@ def analyze_dynamics(
     for name in cal_heads:
         specs += [HeadSpec("cal", cal=name), HeadSpec("dual", cfg.inference.combine, cfg.inference.T, cal=name)]
     d = analysis_dir(run)
-    metrics = run_heads(
-        run,
-        model,
-        label_map,
-        cfg,
-        specs,
-        cal_heads,
-        split=split,
-        max_images=max_images,
-        progress=progress,
-        ious=(iou,),
-        out_dir=d / "dynamics",
-        verbose=False,
+    metrics = _evaluate_heads(
+        run, model, label_map, cfg, specs, cal_heads, d / "dynamics", split, max_images, iou, progress
     )
     rows = []
     for step, name in zip(steps, cal_heads):

@@ -125,6 +125,15 @@ def _truncate_log(path: Path, iteration: int) -> None:
         f.write("".join(line + "\n" for line in keep))
 
 
+def _tensorboard(path: Path) -> Any:
+    """A TensorBoard writer when the ``tensorboard`` package is installed, else ``None``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.train.base_lr * cfg.train.batch_size / cfg.train.reference_batch_size
@@ -218,6 +227,7 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     )
     use_amp = t.amp and device.type == "cuda"
     log_path = out / LOG_FILE
+    tb = _tensorboard(out / "tb") if dist_utils.is_main() else None
     bar = tqdm(
         total=max_iter, initial=start, desc="train", disable=not (progress and dist_utils.is_main()), dynamic_ncols=True
     )
@@ -257,6 +267,10 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
             t_last = now
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if tb is not None:
+                for key, value in record.items():
+                    if key != "iteration":
+                        tb.add_scalar(f"train/{key}", value, done)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
         if dist_utils.is_main() and (done % t.checkpoint_period == 0 or done == max_iter):
             save_checkpoint(
