@@ -196,3 +196,18 @@ def test_heads_share_the_mask_head_work(run):
     a, b = out["orig"][0], out[specs[1].tag][0]
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["masks"], b["masks"])
     assert rows == [a["labels"].numel()]  # one mask-head pass over the union, not one per head
+
+
+def test_frozen_outputs_do_not_depend_on_the_other_images_fetched(run):
+    model, label_map, cfg = load_model(run)
+    model.eval()
+    ds = DetectionDataset(
+        load_dataset(cfg.data.train_json), cfg.data.train_images, label_map=label_map, with_masks=False
+    )
+    alone = FrozenDetector(model, ds, cache_mb=0, device=torch.device("cpu")).fetch([(3, True)])[0]
+    together = FrozenDetector(model, ds, cache_mb=0, device=torch.device("cpu")).fetch(
+        [(0, False), (3, True), (5, False)]
+    )[1]
+    for k in alone[0]:
+        assert torch.equal(alone[0][k], together[0][k])
+    assert torch.equal(alone[1], together[1])
