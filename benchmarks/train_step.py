@@ -20,7 +20,7 @@ import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from simcal.config import load_config
-from simcal.modeling.detector import build_detector
+from simcal.modeling.detector import build_detector, rebuild_roi_heads
 from simcal.modeling.losses import build_classification_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,23 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 def plain_torchvision(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` whose roi_heads is torchvision's own RoIHeads with the same parts."""
     plain = copy.deepcopy(model)
-    rh = plain.roi_heads
-    plain.roi_heads = RoIHeads(
-        rh.box_roi_pool,
-        rh.box_head,
-        rh.box_predictor,
-        rh.proposal_matcher.high_threshold,
-        rh.proposal_matcher.low_threshold,
-        rh.fg_bg_sampler.batch_size_per_image,
-        rh.fg_bg_sampler.positive_fraction,
-        rh.box_coder.weights,
-        rh.score_thresh,
-        rh.nms_thresh,
-        rh.detections_per_img,
-        mask_roi_pool=rh.mask_roi_pool,
-        mask_head=rh.mask_head,
-        mask_predictor=rh.mask_predictor,
-    )
+    plain.roi_heads = rebuild_roi_heads(plain.roi_heads, RoIHeads)
     return plain
 
 

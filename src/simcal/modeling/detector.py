@@ -24,6 +24,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -74,10 +75,9 @@ def _class_agnostic_predictors(model: MaskRCNN, num_classes: int) -> None:
     nn.init.zeros_(mp.mask_fcn_logits.bias)
 
 
-def _install_roi_heads(model: MaskRCNN, class_agnostic: bool, cls_loss: nn.Module | None) -> MaskRCNN:
-    """Replace torchvision's RoIHeads by :class:`LongTailRoIHeads` with the same parts and settings."""
-    old = model.roi_heads
-    model.roi_heads = LongTailRoIHeads(
+def rebuild_roi_heads(old: RoIHeads, cls: type[RoIHeads] = LongTailRoIHeads, **kwargs: Any) -> RoIHeads:
+    """A ``cls`` RoIHeads with the same parts (pools, heads, predictors) and settings as ``old``."""
+    return cls(
         old.box_roi_pool,
         old.box_head,
         old.box_predictor,
@@ -92,9 +92,13 @@ def _install_roi_heads(model: MaskRCNN, class_agnostic: bool, cls_loss: nn.Modul
         mask_roi_pool=old.mask_roi_pool,
         mask_head=old.mask_head,
         mask_predictor=old.mask_predictor,
-        class_agnostic=class_agnostic,
-        cls_loss=cls_loss,
+        **kwargs,
     )
+
+
+def _install_roi_heads(model: MaskRCNN, class_agnostic: bool, cls_loss: nn.Module | None) -> MaskRCNN:
+    """Replace torchvision's RoIHeads by :class:`LongTailRoIHeads` with the same parts and settings."""
+    model.roi_heads = rebuild_roi_heads(model.roi_heads, class_agnostic=class_agnostic, cls_loss=cls_loss)
     install_seeded_samplers(model)
     return model
 
