@@ -10,6 +10,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
+def data_section(data: Path) -> dict:
+    """The ``data`` config section pointing at a ``simcal synth`` folder (no loader workers)."""
+    return {
+        "train_json": str(data / "train.json"),
+        "train_images": str(data / "images"),
+        "val_json": str(data / "val.json"),
+        "val_images": str(data / "images"),
+        "num_workers": 0,
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     from simcal.data.synthetic import generate_synthetic
@@ -26,13 +37,7 @@ def tiny_config(tiny_data, tmp_path):
     def make(**train_overrides) -> Path:
         cfg = {
             "_base_": str(REPO / "configs" / "synthetic_cpu.yaml"),
-            "data": {
-                "train_json": str(tiny_data / "train.json"),
-                "train_images": str(tiny_data / "images"),
-                "val_json": str(tiny_data / "val.json"),
-                "val_images": str(tiny_data / "images"),
-                "num_workers": 0,
-            },
+            "data": data_section(tiny_data),
             "model": {"min_size": 64, "max_size": 64, "box_batch_size_per_image": 32},
             "train": {
                 "batch_size": 2,
@@ -62,13 +67,7 @@ def trained_run(tmp_path_factory, tiny_data):
     tmp = tmp_path_factory.mktemp("run")
     cfg = {
         "_base_": str(REPO / "configs" / "synthetic_cpu.yaml"),
-        "data": {
-            "train_json": str(tiny_data / "train.json"),
-            "train_images": str(tiny_data / "images"),
-            "val_json": str(tiny_data / "val.json"),
-            "val_images": str(tiny_data / "images"),
-            "num_workers": 0,
-        },
+        "data": data_section(tiny_data),
         "model": {"min_size": 64, "max_size": 64},
         "train": {"batch_size": 2, "max_iter": 3, "warmup_iters": 1, "steps": [], "threads": 1},
         "calibration": {"steps": 6, "classes_per_batch": 4, "checkpoint_period": 3, "log_period": 2},

@@ -115,14 +115,12 @@ def results_file(path: str | os.PathLike[str]) -> Iterator[ResultsWriter]:
         raise
 
 
-def detections_to_results(
-    det: dict[str, Tensor], image_id: int, label_map: LabelMap, with_masks: bool = True
-) -> Iterator[dict[str, Any]]:
+def detections_to_results(det: dict[str, Tensor], image_id: int, label_map: LabelMap) -> Iterator[dict[str, Any]]:
     """One image's detections (boxes xyxy in original pixels, masks bool ``(N, H, W)``) as LVIS results."""
     boxes = det["boxes"].cpu()
     scores = det["scores"].cpu().tolist()
     labels = det["labels"].cpu().tolist()
-    rles = encode_rle(det["masks"]) if with_masks and "masks" in det else [None] * len(scores)
+    rles = encode_rle(det["masks"]) if "masks" in det else [None] * len(scores)
     for box, score, label, rle in zip(boxes.tolist(), scores, labels, rles):
         x0, y0, x1, y1 = box
         out = {
