@@ -1,47 +1,104 @@
-"""The demo end to end on a tiny budget: the Table-3 shaped output, and resuming skips finished stages."""
+"""The demo end to end on a tiny budget: the Table-3 shaped output, the report, resuming, seeds and
+the decoupled baselines."""
 
 from __future__ import annotations
 
 import json
+import statistics
+
+import pytest
 
 import simcal.demo as demo
 from simcal.cli import main
 
+TINY = {
+    "synth": dict(classes=6, train_images=24, val_images=20, size=64),
+    "overrides": [
+        "model.min_size=64",
+        "model.max_size=64",
+        "train.max_iter=2",
+        "train.steps=[]",
+        "train.warmup_iters=1",
+        "train.batch_size=2",
+        "train.threads=1",
+        "data.num_workers=0",
+        "calibration.steps=6",
+        "calibration.classes_per_batch=4",
+    ],
+    "analysis_images": 6,
+}
 
-def test_demo_tiny_budget_table_and_resume(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(
-        demo.BUDGETS,
-        "quick",
-        {
-            "synth": dict(classes=6, train_images=24, val_images=20, size=64),
-            "overrides": [
-                "model.min_size=64",
-                "model.max_size=64",
-                "train.max_iter=2",
-                "train.steps=[]",
-                "train.warmup_iters=1",
-                "train.batch_size=2",
-                "train.threads=1",
-                "data.num_workers=0",
-                "calibration.steps=3",
-                "calibration.classes_per_batch=4",
-            ],
-        },
-    )
+
+@pytest.fixture
+def tiny_budget(monkeypatch):
+    monkeypatch.setitem(demo.BUDGETS, "quick", TINY)
+
+
+def test_demo_tiny_budget_table_report_and_resume(tiny_budget, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--budget", "quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    table = (out / "demo_results.md").read_text().splitlines()
+    md = (out / "demo_results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
     assert table[0] == "| head | AP on | AP1 | AP2 | AP3 | AP4 | APr | APc | APf | AP |"
     assert [row.split("|")[1].strip() for row in table[2:]] == ["original", "calibrated only", "dual head (SimCal)"] * 2
     assert "\n".join(table) in printed
     summary = json.loads((out / "demo_results.json").read_text())
     assert set(summary["metrics"]) == {"orig", "cal", "dual"}
     assert 0.0 <= summary["metrics"]["dual"]["segm"]["AP"] <= 1.0
+    page = (out / "run" / "report" / "index.html").read_text()
+    assert "dual head (SimCal)" in page and "data:image/png;base64," in page
+    assert (out / "run" / "analysis" / "sweep_T.json").exists()
+    assert (out / "run" / "analysis" / "dynamics.json").exists()
 
-    # a second run finds every stage done and only predicts again
+    # a second run finds every stage done, trains and predicts nothing, and prints the same table
     weights = (out / "run" / "model_final.pth").stat().st_mtime_ns
+    results = (out / "run" / "predictions" / "val" / "dual" / "results.json").stat().st_mtime_ns
     assert main(["demo", "--budget", "quick", "--out", str(out), "--no-progress"]) == 0
     again = capsys.readouterr().out
-    assert "(exists)" in again and again.count("(exists)") == 3
+    assert again.count("(exists)") == 6  # data, train, calibrate, predict, T sweep, dynamics
     assert (out / "run" / "model_final.pth").stat().st_mtime_ns == weights
+    assert (out / "run" / "predictions" / "val" / "dual" / "results.json").stat().st_mtime_ns == results
+    assert "\n".join(table) in again
+
+
+def test_demo_seeds_and_compare(tiny_budget, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--budget", "quick", "--out", str(out), "--seeds", "2", "--compare", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "demo_results.json").read_text())
+    assert summary["seeds"] == [0, 1] and len(summary["per_seed"]) == 2
+    assert (out / "run_seed1" / "model_final.pth").exists()
+    a, b = (s["dual"]["bbox"]["AP"] for s in summary["per_seed"])
+    assert summary["metrics"]["dual"]["bbox"]["AP"] == pytest.approx(statistics.median([a, b]))
+    assert summary["mean"]["dual"]["bbox"]["AP"] == pytest.approx((a + b) / 2)
+    assert summary["std"]["dual"]["bbox"]["AP"] == pytest.approx(statistics.stdev([a, b]))
+    # the decoupled baselines: one calibrated head each, on both detectors, used as dual heads
+    names = ["3fc_ft_lr_random", "3fc_ft_focal_random", "3fc_ft_cm_random", "3fc_ft_repeat_factor"]
+    for run in ("run", "run_seed1"):
+        for n in names:
+            assert (out / run / "calibration" / n / "head.pth").exists()
+            assert (out / run / "predictions" / "val" / f"dual@{n}" / "metrics_segm.json").exists()
+    md = (out / "demo_results.md").read_text()
+    assert "mean ± std over 2 seeds" in md and "median of 2 seeds" in md
+    rows = [line.split("|")[1].strip() for line in md.split("### Table 4")[1].splitlines() if line.startswith("| ")]
+    assert rows[1:7] == [
+        "original (no calibration)",
+        "LR (re-weighting) + dual",
+        "FL (focal loss) + dual",
+        "CM (class-aware margin) + dual",
+        "IS (repeat-factor sampling) + dual",
+        "SimCal (bi-level) + dual",
+    ]
+    assert "Table 4" in printed
+    page = (out / "run" / "report" / "index.html").read_text()
+    assert "mean ± std over 2 seeds" in page and "LR (re-weighting) + dual" in page
+
+
+def test_aggregate_median_mean_std():
+    per_seed = [{"h": {"bbox": {"AP": v, "APr": None if v == 0.3 else v}}} for v in (0.1, 0.2, 0.3)]
+    agg = demo.aggregate(per_seed)
+    assert agg["median"]["h"]["bbox"]["AP"] == pytest.approx(0.2)
+    assert agg["mean"]["h"]["bbox"]["AP"] == pytest.approx(0.2)
+    assert agg["std"]["h"]["bbox"]["AP"] == pytest.approx(0.1)
+    assert agg["median"]["h"]["bbox"]["APr"] is None  # a seed without the group: no aggregate

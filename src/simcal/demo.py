@@ -1,14 +1,23 @@
 """``simcal demo``: the paper's Table 3 in miniature, end to end on the embedded synthetic data.
 
 synth -> train (configs/synthetic_cpu.yaml) -> calibrate (SimCal) -> predict with the original,
-calibrated and dual heads in one pass -> evaluate -> a table shaped like the paper's Table 3
-(AP1..AP4, APr/APc/APf, AP; box and mask). Every stage is skipped when its output exists and
-resumes when it was interrupted, so running the demo again continues where it stopped.
+calibrated and dual heads in one pass -> evaluate -> T sweep and calibration dynamics -> a table
+shaped like the paper's Table 3 (AP1..AP4, APr/APc/APf, AP; box and mask) and an HTML report.
+
+``seeds=N`` trains N detectors (training seeds ``seed .. seed+N-1`` on the same data) and reports
+the median and mean +- std of every cell (Table 11). ``compare`` also calibrates the decoupled
+baselines of Table 4 on each frozen detector (LR, FL, CM with image-centric sampling; IS with
+repeat-factor sampling) and evaluates each with the dual head.
+
+Every stage is skipped when its output exists and resumes when it was interrupted, so running the
+demo again continues where it stopped.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +31,8 @@ from simcal.io import read_json, write_json
 REPO = Path(__file__).resolve().parents[2]
 PRESET = REPO / "configs" / "synthetic_cpu.yaml"
 
-#: Data, training and calibration sizes per budget. ``full`` is the synthetic_cpu preset itself.
+#: Data, training and calibration sizes per budget. ``full`` is the synthetic_cpu preset with 500
+#: training iterations and a 300-image val split, sized to stay under 15 minutes on a 2-core CPU.
 BUDGETS: dict[str, dict[str, Any]] = {
     "quick": {
         "synth": dict(classes=24, train_images=300, val_images=150, size=96),
@@ -36,119 +46,271 @@ BUDGETS: dict[str, dict[str, Any]] = {
             "calibration.steps=40",
             "calibration.checkpoint_period=20",
         ],
+        "analysis_images": 48,
     },
-    "full": {"synth": {}, "overrides": []},
+    "full": {
+        "synth": dict(val_images=300),
+        "overrides": ["train.max_iter=500", "train.steps=[375, 460]"],
+        "analysis_images": None,  # all of val
+    },
 }
 HEADS = ("orig", "cal", "dual")
 TABLE_KEYS = ("AP1", "AP2", "AP3", "AP4", "APr", "APc", "APf", "AP")
+HEAD_NAMES = {"orig": "original", "cal": "calibrated only", "dual": "dual head (SimCal)"}
+#: Table 4: (row name, calibration loss, calibration sampler); each calibrated head is used as a dual head.
+BASELINES = (
+    ("LR (re-weighting)", "lr", "random"),
+    ("FL (focal loss)", "focal", "random"),
+    ("CM (class-aware margin)", "cm", "random"),
+    ("IS (repeat-factor sampling)", "ce", "repeat_factor"),
+)
+SNAPSHOTS = 4  # calibration snapshots for the dynamics plot
 
 
 def _fmt(v: float | None) -> str:
     return f"{'-':>5}" if v is None else f"{100 * v:5.1f}"
 
 
-def results_table(metrics: dict[str, dict[str, dict[str, float | None]]]) -> str:
+def results_table(metrics: dict[str, dict[str, dict[str, float | None]]], names: dict[str, str] | None = None) -> str:
     """Markdown table: one row per (head, box/mask), Table 3's columns, values in percent."""
-    names = {"orig": "original", "cal": "calibrated only", "dual": "dual head (SimCal)"}
+    names = names or HEAD_NAMES
     lines = ["| head | AP on | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
     for iou, label in (("bbox", "box"), ("segm", "mask")):
-        for head in HEADS:
+        for head, name in names.items():
             m = metrics[head][iou]
-            lines.append(f"| {names[head]} | {label} | " + " | ".join(_fmt(m[k]) for k in TABLE_KEYS) + " |")
+            lines.append(f"| {name} | {label} | " + " | ".join(_fmt(m[k]) for k in TABLE_KEYS) + " |")
     return "\n".join(lines)
 
 
-def run_demo(out: Path, *, budget: str = "full", seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the demo in ``out``; print and return the table's metrics."""
+def aggregate(per_seed: list[dict[str, dict[str, dict[str, float | None]]]]) -> dict[str, Any]:
+    """Median, mean and (sample) std over seeds of every (head, iou, key); ``None`` where any seed has none."""
+    out: dict[str, Any] = {"median": {}, "mean": {}, "std": {}}
+    for head, ious in per_seed[0].items():
+        for stat in out.values():
+            stat[head] = {}
+        for iou, keys in ious.items():
+            for stat in out.values():
+                stat[head][iou] = {}
+            for k in keys:
+                vals = [s[head][iou][k] for s in per_seed]
+                ok = None not in vals
+                out["median"][head][iou][k] = statistics.median(vals) if ok else None
+                out["mean"][head][iou][k] = statistics.fmean(vals) if ok else None
+                out["std"][head][iou][k] = (statistics.stdev(vals) if len(vals) > 1 else 0.0) if ok else None
+    return out
+
+
+def mean_std_table(agg: dict[str, Any], names: dict[str, str]) -> str:
+    """Markdown table of ``mean +- std`` in percent (Table 11's form)."""
+    lines = ["| head | AP on | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
+    for iou, label in (("bbox", "box"), ("segm", "mask")):
+        for head, name in names.items():
+            mean, std = agg["mean"][head][iou], agg["std"][head][iou]
+            cells = ["-" if mean[k] is None else f"{100 * mean[k]:.1f} ± {100 * std[k]:.1f}" for k in TABLE_KEYS]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown_to_html(table: str) -> str:
+    rows = [r.strip().strip("|").split("|") for r in table.splitlines() if not r.startswith("|---")]
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _run_dir(out: Path, k: int, seed: int) -> Path:
+    return out / "run" if k == 0 else out / f"run_seed{seed}"
+
+
+def _prepare_data(data: Path, params: dict[str, Any], progress: bool) -> None:
     from simcal.data.synthetic import generate_synthetic
-    from simcal.engine.calibrate import HEAD, calibrate, calibration_dir
-    from simcal.engine.predict import predict
-    from simcal.engine.train import train
 
-    if not PRESET.is_file():
-        raise InputError(PRESET, "(file)", "the demo runs from a simcal checkout (configs/synthetic_cpu.yaml)")
-    spec = BUDGETS[budget]
-    data, run = out / "data", out / "run"
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    params = {**spec["synth"], "seed": seed}
-    if (
-        (data / "val.json").exists()
-        and (data / "demo_synth.json").exists()
-        and read_json(data / "demo_synth.json") == params
-    ):
-        print(f"[1/4] synthetic data: {data} (exists)")
+    marker = data / "demo_synth.json"
+    if (data / "val.json").exists() and marker.exists() and read_json(marker) == params:
+        print(f"[data] synthetic data: {data} (exists)")
     else:
-        print(f"[1/4] simcal synth -> {data}")
+        print(f"[data] simcal synth -> {data}")
         generate_synthetic(data, progress=progress, **params)
-        write_json(data / "demo_synth.json", params)
+        write_json(marker, params)
     train_json = read_json(data / "train.json")
     stats = category_stats(train_json, BIN_PRESETS["lvis"])
     groups = {g: sum(s.frequency == g for s in stats) for g in "rcf"}
     counts = sorted(s.instance_count for s in stats)
     print(
-        f"      {len(stats)} classes (rare {groups['r']}, common {groups['c']}, frequent {groups['f']}), "
+        f"       {len(stats)} classes (rare {groups['r']}, common {groups['c']}, frequent {groups['f']}), "
         f"{counts[0]}..{counts[-1]} training instances per class, {len(train_json['images'])} training images"
     )
-    times["data"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
-    overrides = [
-        f"data.train_json={data / 'train.json'}",
-        f"data.train_images={data / 'images'}",
-        f"data.val_json={data / 'val.json'}",
-        f"data.val_images={data / 'images'}",
-        f"train.seed={seed}",
-        f"calibration.seed={seed}",
-        *spec["overrides"],
-    ]
+
+def _train(run: Path, overrides: list[str], tag: str, progress: bool) -> None:
+    from simcal.engine.train import train
+
     if (run / FINAL).exists():
-        print(f"[2/4] train: {run / FINAL} (exists)")
-    else:
-        resume = (run / LAST).exists()
-        print(f"[2/4] simcal train -> {run}{' (resuming)' if resume else ''}")
-        train(None if resume else load_config(PRESET, overrides), run, resume=resume, progress=progress)
-    times["train"] = time.perf_counter() - t
+        print(f"[{tag} train] {run / FINAL} (exists)")
+        return
+    resume = (run / LAST).exists()
+    print(f"[{tag} train] simcal train -> {run}{' (resuming)' if resume else ''}")
+    train(None if resume else load_config(PRESET, overrides), run, resume=resume, progress=progress)
 
-    t = time.perf_counter()
-    head = calibration_dir(run, "3fc_ft") / HEAD
-    if head.exists():
-        print(f"[3/4] calibrate: {head} (exists)")
-    else:
-        resuming = (calibration_dir(run, "3fc_ft") / "checkpoint.pth").exists()
-        print(f"[3/4] simcal calibrate (bi-level sampling, frozen detector){' (resuming)' if resuming else ''}")
-        calibrate(run, resume=resuming, progress=progress)
-    times["calibrate"] = time.perf_counter() - t
 
+def _calibrate(run: Path, overrides: dict[str, Any], label: str, tag: str, progress: bool, snapshots: bool) -> str:
+    """Calibrate (or resume, or find done) one head; returns its name under RUN/calibration."""
+    from simcal.engine.calibrate import HEAD, calibrate, calibration_dir, default_name
+    from simcal.engine.train import load_run_config
+
+    cfg = load_run_config(run)
+    for k, v in overrides.items():
+        setattr(cfg.calibration, k, v)
+    name = default_name(cfg)
+    d = calibration_dir(run, name)
+    if (d / HEAD).exists():
+        print(f"[{tag} calibrate] {label}: {d / HEAD} (exists)")
+        return name
+    resume = (d / "checkpoint.pth").exists()
+    print(f"[{tag} calibrate] {label}{' (resuming)' if resume else ''}")
+    every = max(1, cfg.calibration.steps // SNAPSHOTS) if snapshots else 0
+    calibrate(run, overrides, resume=resume, snapshot_every=every, progress=progress)
+    return name
+
+
+def _predict(run: Path, baselines: dict[str, str], tag: str, progress: bool) -> dict[str, dict[str, dict]]:
+    """orig / cal / dual (+ the baselines' dual heads) in one pass; metrics per head tag."""
+    from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, run_heads
+    from simcal.modeling.calibration import load_head
+
+    pred = run / "predictions" / "val"
+    model, label_map, cfg = load_model(run)
+    specs = [HeadSpec("orig"), HeadSpec("cal"), HeadSpec("dual", cfg.inference.combine, cfg.inference.T)]
+    specs += [HeadSpec("dual", cfg.inference.combine, cfg.inference.T, cal=n) for n in baselines.values()]
+    tags = [s.tag for s in specs]
+    if all((pred / t / f"metrics_{iou}.json").exists() for t in tags for iou in ("bbox", "segm")):
+        print(f"[{tag} predict] {pred} (exists)")
+    else:
+        print(f"[{tag} predict] simcal predict --head orig,cal,dual{' + baselines' if baselines else ''} (one pass)")
+        cal_heads = {"": load_calibrated_head(run, "3fc_ft", model)}
+        for n in baselines.values():
+            cal_heads[n] = load_head(run / "calibration" / n / "head.pth", model.roi_heads)[0].eval()
+        run_heads(run, model, label_map, cfg, specs, cal_heads, progress=progress, verbose=False)
+    return {t: {iou: read_json(pred / t / f"metrics_{iou}.json") for iou in ("bbox", "segm")} for t in tags}
+
+
+def _analyses(run: Path, tag: str, max_images: int | None, progress: bool) -> None:
+    from simcal.engine.analyze import analyze_dynamics, analyze_sweep_T
+
+    a = run / "analysis"
+    if (a / "sweep_T.json").exists():
+        print(f"[{tag} analyze] T sweep: {a / 'sweep_T.json'} (exists)")
+    else:
+        print(f"[{tag} analyze] T sweep (box AP, one pass)")
+        analyze_sweep_T(run, max_images=max_images, progress=progress)
+    if (a / "dynamics.json").exists():
+        print(f"[{tag} analyze] dynamics: {a / 'dynamics.json'} (exists)")
+    else:
+        print(f"[{tag} analyze] calibration dynamics (box AP at {SNAPSHOTS} snapshots, one pass)")
+        analyze_dynamics(run, max_images=max_images, progress=progress)
+
+
+def run_demo(
+    out: Path,
+    *,
+    budget: str = "full",
+    seed: int = 0,
+    seeds: int = 1,
+    compare: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the demo in ``out``; print and return the tables' metrics (fractions)."""
+    from simcal.report.html import build_report
+
+    if not PRESET.is_file():
+        raise InputError(PRESET, "(file)", "the demo runs from a simcal checkout (configs/synthetic_cpu.yaml)")
+    spec = BUDGETS[budget]
+    data = out / "data"
+    t0 = time.perf_counter()
+    _prepare_data(data, {**spec["synth"], "seed": seed}, progress)
+    times: dict[str, float] = {"data": time.perf_counter() - t0}
+
+    names = dict(HEAD_NAMES)
+    per_seed: list[dict[str, dict[str, dict[str, float | None]]]] = []
+    compare_names: dict[str, str] = {}
+    for k in range(seeds):
+        s = seed + k
+        run = _run_dir(out, k, s)
+        tag = f"seed {s}"
+        overrides = [
+            f"data.train_json={data / 'train.json'}",
+            f"data.train_images={data / 'images'}",
+            f"data.val_json={data / 'val.json'}",
+            f"data.val_images={data / 'images'}",
+            f"train.seed={s}",
+            f"calibration.seed={s}",
+            *spec["overrides"],
+        ]
+        t = time.perf_counter()
+        _train(run, overrides, tag, progress)
+        times[f"train seed {s}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        _calibrate(run, {}, "SimCal (bi-level sampling, frozen detector)", tag, progress, snapshots=True)
+        baselines = {}
+        if compare:
+            for label, loss, sampler in BASELINES:
+                baselines[label] = _calibrate(run, {"loss": loss, "sampler": sampler}, label, tag, progress, False)
+        times[f"calibrate seed {s}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        metrics = _predict(run, baselines, tag, progress)
+        times[f"predict seed {s}"] = time.perf_counter() - t
+        compare_names = {f"dual@{n}": f"{label} + dual" for label, n in baselines.items()}
+        per_seed.append({h: {iou: {key: m[iou][key] for key in TABLE_KEYS} for iou in m} for h, m in metrics.items()})
+        if k == 0:
+            t = time.perf_counter()
+            _analyses(run, tag, spec.get("analysis_images"), progress)
+            times["analyze"] = time.perf_counter() - t
+
+    agg = aggregate(per_seed) if seeds > 1 else None
+    main_metrics = agg["median"] if agg else per_seed[0]
+    table = results_table(main_metrics, names)
+    texts = [("Table 3" + (f", median of {seeds} seeds" if agg else ""), table)]
+    if agg:
+        texts.append((f"Table 3, mean ± std over {seeds} seeds", mean_std_table(agg, names)))
+    if compare:
+        rows = {"orig": "original (no calibration)", **compare_names, "dual": "SimCal (bi-level) + dual"}
+        texts.append(
+            (
+                "Table 4: decoupled baselines, each calibrated head used as a dual head"
+                + (f" (median of {seeds} seeds)" if agg else ""),
+                results_table(main_metrics, rows),
+            )
+        )
+    extra = (
+        "".join(f"<h2>{html.escape(title)}</h2>{_markdown_to_html(t)}" for title, t in texts[1:])
+        if len(texts) > 1
+        else ""
+    )
     t = time.perf_counter()
-    print("[4/4] simcal predict --head orig,cal,dual (one pass) + evaluate")
-    predict(run, heads=list(HEADS), progress=progress)
-    times["predict"] = time.perf_counter() - t
+    report = build_report(out / "run", extra_html=extra)
+    times["report"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
 
-    metrics = {
-        h: {iou: read_json(run / "predictions" / "val" / h / f"metrics_{iou}.json") for iou in ("bbox", "segm")}
-        for h in HEADS
-    }
-    table = results_table(metrics)
     summary = {
         "budget": budget,
-        "seed": seed,
+        "seeds": [seed + k for k in range(seeds)],
+        "compare": compare,
         "seconds": {k: round(v, 1) for k, v in times.items()},
-        "metrics": {h: {iou: {k: metrics[h][iou][k] for k in TABLE_KEYS} for iou in m} for h, m in metrics.items()},
+        "metrics": main_metrics,
+        "per_seed": per_seed,
+        **({"mean": agg["mean"], "std": agg["std"]} if agg else {}),
+        "report": str(report),
     }
     write_json(out / "demo_results.json", summary, indent=1)
-    (out / "demo_results.md").write_text(table + "\n")
+    md = "\n\n".join(f"### {title}\n\n{t}" for title, t in texts)
+    (out / "demo_results.md").write_text(md + "\n")
     print()
     print(
-        f"simcal demo ({budget}), val split of the synthetic set, bins on training instances "
+        f"simcal demo ({budget}), val split of the synthetic set, AP in %, bins on training instances "
         "[0,10) [10,100) [100,1000) [1000,inf):"
     )
-    print(table)
-    print(
-        f"\nwall time {times['total'] / 60:.1f} min "
-        f"(train {times['train'] / 60:.1f}, calibrate {times['calibrate'] / 60:.1f}, "
-        f"predict+evaluate {times['predict'] / 60:.1f}); files in {out}"
-    )
+    for title, t in texts:
+        print(f"\n{title}\n{t}")
+    stage = ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items() if k != "total")
+    print(f"\nwall time {times['total'] / 60:.1f} min ({stage}); report: {report}")
     return json.loads(json.dumps(summary))

@@ -156,3 +156,28 @@ def test_backbone_weights_from_a_local_file(tmp_path):
     torch.save(body.state_dict(), path)
     m = maskrcnn_small(num_classes=3, weights_backbone=str(path), **SMALL)
     torch.testing.assert_close(m.backbone.body.conv1.weight, body.conv1.weight)
+
+
+@pytest.mark.parametrize("k", [1, 100, 300])
+def test_top_batched_nms_equals_full_class_wise_nms(k):
+    """The best-candidates NMS keeps exactly what full class-wise NMS keeps in its top k (same
+    boxes, same score order; only exactly tied scores may swap places), including when few
+    candidates survive and the candidate set must grow."""
+    from torchvision.ops import batched_nms
+
+    from simcal.modeling.roi_heads import top_batched_nms
+
+    g = torch.Generator().manual_seed(k)
+    for trial in range(40):
+        n = int(torch.randint(1, 20000, (1,), generator=g))
+        classes = int(torch.randint(1, 90, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 100
+        # trial % 2: large boxes of few classes overlap heavily, so most top candidates are suppressed
+        wh = torch.rand(n, 2, generator=g) * (80 if trial % 2 else 5) + 1
+        boxes = torch.cat([xy, xy + wh], 1)
+        scores = torch.rand(n, generator=g) ** (8 if trial % 3 == 0 else 1)
+        labels = torch.randint(0, classes if trial % 2 == 0 else 3, (n,), generator=g)
+        ref = batched_nms(boxes, scores, labels, 0.5)[:k]
+        got = top_batched_nms(boxes, scores, labels, 0.5, k)
+        assert sorted(got.tolist()) == sorted(ref.tolist())
+        assert torch.equal(scores[got], scores[ref])

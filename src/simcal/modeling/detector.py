@@ -209,12 +209,17 @@ def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | Non
         box_detections_per_img=cfg.detections_per_img,
     )
     if cfg.arch == "resnet50_fpn":
-        return maskrcnn_resnet50_fpn(
+        model = maskrcnn_resnet50_fpn(
             weights=cfg.weights,
             weights_backbone=cfg.weights_backbone,
             trainable_backbone_layers=cfg.trainable_backbone_layers,
             **common,
         )
-    if cfg.arch == "small":
-        return maskrcnn_small(norm=cfg.norm, weights_backbone=cfg.weights_backbone, **common)
-    raise InputError("model.arch", "arch", f"expected resnet50_fpn or small, got {cfg.arch!r}")
+    elif cfg.arch == "small":
+        model = maskrcnn_small(norm=cfg.norm, weights_backbone=cfg.weights_backbone, **common)
+    else:
+        raise InputError("model.arch", "arch", f"expected resnet50_fpn or small, got {cfg.arch!r}")
+    if cfg.channels_last:
+        # weights in NHWC make every convolution (and its output) NHWC; load_state_dict keeps the format
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -20,13 +20,17 @@ def line_plot(
     xlabel: str,
     ylabel: str = "AP (%)",
     logx: bool = False,
+    vline: float | None = None,
+    vline_label: str = "",
 ) -> None:
-    """One line per series (``None`` points are skipped); saved as PNG."""
+    """One line per series (``None`` points are skipped), optionally a marked x (``vline``); PNG."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for name, ys in series.items():
         pts = [(a, b) for a, b in zip(x, ys) if b is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+    if vline is not None:
+        ax.axvline(vline, color="grey", lw=1, ls=":", label=vline_label or None)
     if logx:
         ax.set_xscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -54,6 +58,71 @@ def grouped_bars(
     ax.set_xticks(range(len(groups)), groups)
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+GROUP_COLOURS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
+
+
+def class_histogram(
+    path: str | os.PathLike[str],
+    counts: Sequence[int],
+    groups: Sequence[str],
+    edges: Sequence[float],
+    *,
+    title: str,
+) -> None:
+    """Training instances per class, classes sorted by count (log y), coloured by frequency group
+    (rare / common / frequent), with the instance-count bin edges drawn and the bins named."""
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])
+    fig, ax = plt.subplots(figsize=(8.0, 3.8), dpi=110)
+    ax.bar(
+        range(len(order)),
+        [max(counts[i], 0.8) for i in order],
+        width=1.0,
+        color=[GROUP_COLOURS.get(groups[i], "grey") for i in order],
+        edgecolor="none",
+    )
+    ax.set_yscale("log")
+    top = max(max(counts), max(edges) if edges else 1) * 2
+    ax.set_ylim(0.7, top)
+    bounds = [0.7, *edges, top]
+    for e in edges:
+        ax.axhline(e, color="black", lw=0.8, ls="--")
+    for k in range(len(bounds) - 1):
+        n = sum(bounds[k] <= max(c, 0.8) < bounds[k + 1] for c in counts)
+        mid = (bounds[k] * bounds[k + 1]) ** 0.5
+        ax.text(len(order) - 0.5, mid, f"AP{k + 1}: {n} classes", ha="right", va="center", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in GROUP_COLOURS.values()]
+    ax.legend(handles, ["rare (<10 images)", "common (10-100)", "frequent (>100)"], fontsize=8, loc="upper center")
+    ax.set(title=title, xlabel="classes, sorted by training instances", ylabel="training instances")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def per_class_scatter(
+    path: str | os.PathLike[str],
+    counts: Sequence[int],
+    series: dict[str, Sequence[float | None]],
+    edges: Sequence[float],
+    *,
+    title: str,
+) -> None:
+    """Per-class AP (%) against the class's training instances (log x), one marker set per head."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    markers = "o^sDv"
+    for k, (name, ys) in enumerate(series.items()):
+        pts = [(max(c, 0.8), y) for c, y in zip(counts, ys) if y is not None]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, alpha=0.7, marker=markers[k % 5], label=name)
+    for e in edges:
+        ax.axvline(e, color="black", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set(title=title, xlabel="training instances of the class", ylabel="AP (%)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -1,0 +1,158 @@
+"""Detection gallery (the paper's Fig. 5): ground truth, original head and dual head side by side.
+
+Images are chosen from the ground truth alone, never from the results: for each rare class (fewest
+training instances first) the first evaluation image that holds it, so the gallery is not picked
+to flatter either head.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from pycocotools import mask as mask_utils
+
+from simcal.data.annotations import image_path
+
+GOOD, BAD, TRUTH = (40, 200, 60), (230, 40, 40), (250, 250, 250)
+
+
+def pick_images(gt: dict[str, Any], rare_ids: Sequence[int], limit: int) -> list[tuple[int, int]]:
+    """``(image id, category id)`` pairs: per rare class in the given order, its first image (by id)
+    not already chosen, at most ``limit`` pairs."""
+    by_cat: dict[int, list[int]] = {}
+    for a in gt["annotations"]:
+        by_cat.setdefault(a["category_id"], []).append(a["image_id"])
+    chosen: list[tuple[int, int]] = []
+    used: set[int] = set()
+    for c in rare_ids:
+        for img in sorted(set(by_cat.get(c, []))):
+            if img not in used:
+                chosen.append((img, c))
+                used.add(img)
+                break
+        if len(chosen) >= limit:
+            break
+    return chosen
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ax0, ay0, aw, ah = a
+    bx0, by0, bw, bh = b
+    iw = max(0.0, min(ax0 + aw, bx0 + bw) - max(ax0, bx0))
+    ih = max(0.0, min(ay0 + ah, by0 + bh) - max(ay0, by0))
+    inter = iw * ih
+    union = aw * ah + bw * bh - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def draw_panel(
+    image: Image.Image,
+    objects: list[dict[str, Any]],
+    names: dict[int, str],
+    gt: list[dict[str, Any]] | None,
+    title: str,
+    size: int,
+) -> Image.Image:
+    """One panel, ``size`` pixels square below a title line: the image scaled to fit, with boxes,
+    mask outlines and ``name score`` labels.
+
+    ``objects`` are LVIS annotations (ground truth, ``gt=None``) or results; a result is green when
+    it matches a ground-truth object of its class at IoU >= 0.5, else red.
+    """
+    w, h = image.size
+    scale = size / max(w, h)
+    base = image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.NEAREST)
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    od = ImageDraw.Draw(overlay)
+    font = _font(13)
+    labels = []
+    for obj in objects:
+        if gt is None:
+            colour = TRUTH
+        else:
+            hit = any(g["category_id"] == obj["category_id"] and _iou(g["bbox"], obj["bbox"]) >= 0.5 for g in gt)
+            colour = GOOD if hit else BAD
+        seg = obj.get("segmentation")
+        if isinstance(seg, dict):  # outline, not fill: a fill would change the colour the classes differ by
+            m = Image.fromarray(mask_utils.decode(seg) * 255).resize(base.size, Image.NEAREST)
+            edge = m.filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v else 0)
+            overlay.paste(Image.new("RGBA", base.size, (*colour, 230)), (0, 0), edge)
+        x, y, bw, bh = (v * scale for v in obj["bbox"])
+        od.rectangle([x, y, x + bw, y + bh], outline=(*colour, 255), width=2)
+        text = names.get(obj["category_id"], str(obj["category_id"]))
+        if "score" in obj:
+            text += f" {obj['score']:.2f}"
+        labels.append((x, y, text, colour))
+    for x, y, text, colour in labels:  # labels last, kept inside the panel
+        width = od.textlength(text, font=font)
+        pos = (max(0.0, min(x + 2, base.width - width - 2)), max(0.0, min(y + 1, base.height - 16)))
+        od.rectangle(od.textbbox(pos, text, font=font), fill=(0, 0, 0, 170))
+        od.text(pos, text, fill=(*colour, 255), font=font)
+    panel = Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
+    canvas = Image.new("RGB", (size, size + 22), (255, 255, 255))
+    canvas.paste(panel, (0, 22))
+    ImageDraw.Draw(canvas).text((4, 3), title, fill=(0, 0, 0), font=_font(14))
+    return canvas
+
+
+def gallery(
+    path: str | os.PathLike[str],
+    gt: dict[str, Any],
+    images_root: str | os.PathLike[str],
+    results: dict[str, dict[int, list[dict[str, Any]]]],
+    picks: list[tuple[int, int]],
+    *,
+    score_thresh: float = 0.5,
+    max_dets: int = 6,
+    size: int = 384,
+) -> list[dict[str, Any]]:
+    """Write one PNG (a row per picked image: ground truth, then each head of ``results``).
+
+    ``results`` maps a head's title to its detections per image id (LVIS results). A head shows its
+    detections with score >= ``score_thresh``, at most ``max_dets``, best first. Returns per row
+    what was drawn (image, rare class, and per head the shown detections and whether the rare
+    object was found).
+    """
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    images = {im["id"]: im for im in gt["images"]}
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for a in gt["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    rows, info = [], []
+    for image_id, cat in picks:
+        im = Image.open(image_path(images[image_id], images_root))
+        truth = anns.get(image_id, [])
+        panels = [draw_panel(im, truth, names, None, f"ground truth ({names[cat]} is rare)", size)]
+        row_info: dict[str, Any] = {"image_id": image_id, "rare_class": names[cat], "heads": {}}
+        for title, per_image in results.items():
+            dets = sorted(per_image.get(image_id, []), key=lambda r: -r["score"])
+            shown = [d for d in dets if d["score"] >= score_thresh][:max_dets]
+            panels.append(draw_panel(im, shown, names, truth, title, size))
+            found = any(
+                d["category_id"] == cat
+                and any(_iou(g["bbox"], d["bbox"]) >= 0.5 for g in truth if g["category_id"] == cat)
+                for d in shown
+            )
+            row_info["heads"][title] = {"shown": len(shown), "rare_found": found}
+        rows.append(panels)
+        info.append(row_info)
+    if not rows:
+        return info
+    gap = 8
+    pw, ph = rows[0][0].size
+    sheet = Image.new("RGB", (len(rows[0]) * (pw + gap) - gap, len(rows) * (ph + gap) - gap), (255, 255, 255))
+    for r, panels in enumerate(rows):
+        for c, p in enumerate(panels):
+            sheet.paste(p, (c * (pw + gap), r * (ph + gap)))
+    sheet.save(path)
+    return info
