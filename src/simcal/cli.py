@@ -354,8 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, type=Path)
     s.add_argument("--split", default="val", help="the predictions/<split> to report (default %(default)s)")
     s.add_argument("--out", type=Path, default=None, help="folder for index.html and PNGs (default RUN/report)")
-    s.add_argument("--gallery", type=int, default=6, help="images in the low-shot gallery (default %(default)s)")
-    s.add_argument("--score", type=float, default=0.5, help="gallery score threshold (default %(default)s)")
+    s.add_argument("--gallery", type=int, default=8, help="images in the low-shot gallery (default %(default)s)")
+    s.add_argument(
+        "--score",
+        type=float,
+        default=None,
+        help="gallery: show detections scoring at least this (default: each head's top N, N = objects in the image)",
+    )
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("demo", help="the main job end to end on the synthetic data, ending in a table and a report")

@@ -31,7 +31,7 @@ from simcal.io import read_json, write_json
 REPO = Path(__file__).resolve().parents[2]
 PRESET = REPO / "configs" / "synthetic_cpu.yaml"
 
-#: Data, training and calibration sizes per budget. ``full`` is the synthetic_cpu preset with 500
+#: Data, training and calibration sizes per budget. ``full`` is the synthetic_cpu preset with 450
 #: training iterations and a 300-image val split, sized to stay under 15 minutes on a 2-core CPU.
 BUDGETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -50,7 +50,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     },
     "full": {
         "synth": dict(val_images=300),
-        "overrides": ["train.max_iter=500", "train.steps=[375, 460]"],
+        "overrides": ["train.max_iter=450", "train.steps=[340, 415]"],
         "analysis_images": None,  # all of val
     },
 }

@@ -152,3 +152,27 @@ def test_gallery_marks_the_rare_object_found_only_by_the_head_that_found_it(tiny
     assert info[0]["heads"]["b"] == {"shown": 1, "rare_found": True}
     # one row of three 384-px panels (ground truth, a, b) with 8-px gaps, each under a 22-px title
     assert Image.open(tmp_path / "g.png").size == (3 * 384 + 2 * 8, 384 + 22)
+
+
+def test_spread_and_rare_hits():
+    from simcal.report.gallery import rare_hits, spread
+
+    assert spread([1, 2, 3], 5) == [1, 2, 3]
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9]
+    gt = {
+        "annotations": [
+            {"image_id": 1, "category_id": 7, "bbox": [0, 0, 10, 10]},
+            {"image_id": 1, "category_id": 2, "bbox": [50, 50, 10, 10]},
+            {"image_id": 2, "category_id": 7, "bbox": [0, 0, 10, 10]},
+        ]
+    }
+    good = {"category_id": 7, "bbox": [1, 1, 10, 10], "score": 0.4}
+    other = {"category_id": 2, "bbox": [50, 50, 10, 10], "score": 0.9}
+    results = {
+        # image 1 has two objects: the top two detections are shown, so the rare one counts
+        "a": {1: [other, good], 2: [{**good, "bbox": [30, 30, 10, 10]}]},  # image 2: wrong place
+        # image 1: the rare detection ranks third of two shown -> not found; image 2: found
+        "b": {1: [other, {**other, "score": 0.8}, good], 2: [good]},
+    }
+    assert rare_hits(gt, results, [7]) == {"a": (1, 2), "b": (1, 2)}
+    assert rare_hits(gt, results, [7], score_thresh=0.5) == {"a": (0, 2), "b": (0, 2)}

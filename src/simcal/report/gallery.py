@@ -1,8 +1,8 @@
 """Detection gallery (the paper's Fig. 5): ground truth, original head and dual head side by side.
 
-Images are chosen from the ground truth alone, never from the results: for each rare class (fewest
-training instances first) the first evaluation image that holds it, so the gallery is not picked
-to flatter either head.
+Images are chosen from the ground truth alone, never from the results: rare classes evenly spread
+over their training counts, and for each the first evaluation image that holds it, so the
+gallery is not picked to flatter either head.
 """
 
 from __future__ import annotations
@@ -36,6 +36,52 @@ def pick_images(gt: dict[str, Any], rare_ids: Sequence[int], limit: int) -> list
         if len(chosen) >= limit:
             break
     return chosen
+
+
+def spread(ids: Sequence[int], n: int) -> list[int]:
+    """``n`` of ``ids`` at evenly spaced positions (all of them when there are at most ``n``)."""
+    if len(ids) <= n:
+        return list(ids)
+    step = (len(ids) - 1) / max(1, n - 1)
+    return [ids[round(i * step)] for i in range(n)]
+
+
+def shown_detections(dets: list[dict[str, Any]], n_objects: int, score_thresh: float | None, max_dets: int):
+    """What a panel shows: the top ``n_objects`` by score, or those >= ``score_thresh`` (at most ``max_dets``)."""
+    dets = sorted(dets, key=lambda r: -r["score"])
+    if score_thresh is None:
+        return dets[:n_objects]
+    return [d for d in dets if d["score"] >= score_thresh][:max_dets]
+
+
+def found(shown: list[dict[str, Any]], truth: list[dict[str, Any]], cat: int) -> bool:
+    """Whether a shown detection of class ``cat`` matches a ground-truth ``cat`` object at IoU >= 0.5."""
+    objs = [g for g in truth if g["category_id"] == cat]
+    return any(d["category_id"] == cat and any(_iou(g["bbox"], d["bbox"]) >= 0.5 for g in objs) for d in shown)
+
+
+def rare_hits(
+    gt: dict[str, Any],
+    results: dict[str, dict[int, list[dict[str, Any]]]],
+    rare_ids: Sequence[int],
+    score_thresh: float | None = None,
+    max_dets: int = 6,
+) -> dict[str, tuple[int, int]]:
+    """Per head ``(found, total)`` over every (image, rare class) pair of the ground truth, with
+    the gallery's rule for what is shown."""
+    rare = set(rare_ids)
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for a in gt["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    pairs = sorted({(a["image_id"], a["category_id"]) for a in gt["annotations"] if a["category_id"] in rare})
+    out = {}
+    for head, per_image in results.items():
+        hits = sum(
+            found(shown_detections(per_image.get(i, []), len(anns[i]), score_thresh, max_dets), anns[i], c)
+            for i, c in pairs
+        )
+        out[head] = (hits, len(pairs))
+    return out
 
 
 def _iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -112,14 +158,16 @@ def gallery(
     results: dict[str, dict[int, list[dict[str, Any]]]],
     picks: list[tuple[int, int]],
     *,
-    score_thresh: float = 0.5,
+    score_thresh: float | None = None,
     max_dets: int = 6,
     size: int = 384,
 ) -> list[dict[str, Any]]:
     """Write one PNG (a row per picked image: ground truth, then each head of ``results``).
 
     ``results`` maps a head's title to its detections per image id (LVIS results). A head shows its
-    detections with score >= ``score_thresh``, at most ``max_dets``, best first. Returns per row
+    best detections: as many as the image has ground-truth objects (rank-based, so heads whose
+    scores are scaled differently are compared fairly), or, with ``score_thresh``, those scoring at
+    least that, at most ``max_dets``. Returns per row
     what was drawn (image, rare class, and per head the shown detections and whether the rare
     object was found).
     """
@@ -135,15 +183,10 @@ def gallery(
         panels = [draw_panel(im, truth, names, None, f"ground truth ({names[cat]} is rare)", size)]
         row_info: dict[str, Any] = {"image_id": image_id, "rare_class": names[cat], "heads": {}}
         for title, per_image in results.items():
-            dets = sorted(per_image.get(image_id, []), key=lambda r: -r["score"])
-            shown = [d for d in dets if d["score"] >= score_thresh][:max_dets]
+            shown = shown_detections(per_image.get(image_id, []), len(truth), score_thresh, max_dets)
             panels.append(draw_panel(im, shown, names, truth, title, size))
-            found = any(
-                d["category_id"] == cat
-                and any(_iou(g["bbox"], d["bbox"]) >= 0.5 for g in truth if g["category_id"] == cat)
-                for d in shown
-            )
-            row_info["heads"][title] = {"shown": len(shown), "rare_found": found}
+            hit = found(shown, truth, cat)
+            row_info["heads"][title] = {"shown": len(shown), "rare_found": hit}
         rows.append(panels)
         info.append(row_info)
     if not rows:

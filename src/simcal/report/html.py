@@ -24,7 +24,7 @@ from simcal.engine.train import load_run_config
 from simcal.errors import InputError
 from simcal.io import atomic_open, read_json, write_json
 from simcal.report import plots
-from simcal.report.gallery import gallery, pick_images
+from simcal.report.gallery import gallery, pick_images, rare_hits, spread
 
 HEAD_ORDER = ("orig", "cal", "dual")
 HEAD_NAMES = {"orig": "original", "cal": "calibrated only", "dual": "dual head (SimCal)"}
@@ -103,8 +103,8 @@ def build_report(
     *,
     split: str = "val",
     out: str | Path | None = None,
-    gallery_images: int = 6,
-    score_thresh: float = 0.5,
+    gallery_images: int = 8,
+    score_thresh: float | None = None,
     extra_html: str = "",
 ) -> Path:
     """Write ``out/index.html`` (default ``RUN/report``) and its PNGs; returns the page's path.
@@ -132,7 +132,7 @@ def build_report(
     edges = m0.get("bin_edges") or list(BIN_PRESETS["lvis"])
     bins = [f"AP{i + 1}" for i in range(len(edges) + 1)]
     keys = [*bins, "APr", "APc", "APf", "AP", "AP50", "AP75"]
-    names = {h: HEAD_NAMES.get(h, h) for h in heads}
+    names = {h: HEAD_NAMES.get(h, f"dual head ({h[5:]})" if h.startswith("dual@") else h) for h in heads}
     sections: list[str] = []
     figures: dict[str, str] = {}
 
@@ -200,9 +200,10 @@ def build_report(
     for iou in ious:
         p = out / f"bins_{iou}.png"
         groups_k = [*bins, "APr", "APc", "APf", "AP"]
+        main_heads = [h for h in heads if h in HEAD_ORDER]  # the table lists the others (baselines, variants)
         series = {
             names[h]: [None if metrics[h][iou].get(k) is None else 100 * metrics[h][iou][k] for k in groups_k]
-            for h in heads
+            for h in main_heads
             if iou in metrics[h]
         }
         plots.grouped_bars(p, groups_k, series, title=f"{IOU_NAMES[iou]} AP per bin and group ({split})")
@@ -302,6 +303,7 @@ def build_report(
 
     # --- gallery
     gallery_info: list[dict[str, Any]] = []
+    rare_hit_counts: dict[str, Any] = {}
     if "dual" in heads and gallery_images > 0:
         gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
         gt_images = {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(split)
@@ -310,26 +312,38 @@ def build_report(
             rare = [s.id for s in sorted(stats, key=lambda s: (s.instance_count, s.id)) if s.frequency == "r"]
             if not rare:  # no rare class: take the rarest bin's classes
                 rare = [s.id for s in sorted(stats, key=lambda s: (s.instance_count, s.id))][:gallery_images]
-            picks = pick_images(gt, rare, gallery_images)
-            ids = [i for i, _ in picks]
+            picks = pick_images(gt, spread(rare, gallery_images), gallery_images)
+            rare_set = set(rare)
+            ids = sorted({a["image_id"] for a in gt["annotations"] if a["category_id"] in rare_set})
             res = {
                 "original head": read_results(pred / "orig" / "results.json", ids),
                 "dual head (SimCal)": read_results(pred / "dual" / "results.json", ids),
             }
+            hits = rare_hits(gt, res, rare, score_thresh)
+            rare_hit_counts = {t: {"found": f, "pairs": n} for t, (f, n) in hits.items()}
             p = out / "gallery.png"
             gallery_info = gallery(p, gt, gt_images, res, picks, score_thresh=score_thresh)
             if gallery_info:
                 figures["gallery"] = p.name
-                found = {t: sum(r["heads"][t]["rare_found"] for r in gallery_info) for t in res}
                 sections.append(
                     "<h2>Low-shot detections: original against dual head</h2>"
-                    f"<p>For each rare class (fewest training instances first) the first {split} image holding it; "
-                    f"detections with score &ge; {score_thresh:g}, at most 6. Green: matches a ground-truth object "
+                    "<p>Rare classes spread evenly over their training counts, for each the first "
+                    f"{split} image holding it; "
+                    + (
+                        "each head's top detections, as many as the image has objects"
+                        if score_thresh is None
+                        else f"detections with score &ge; {score_thresh:g}, at most 6"
+                    )
+                    + ". Green: matches a ground-truth object "
                     "of its class at IoU &ge; 0.5; red: does not. Both heads use the original box and mask "
                     "regressors, so a rare class's box can be off even when its score is right (its "
                     "class-specific regressor saw few examples; the class-agnostic r50-ag variant avoids that). "
-                    "The rare object was found in "
-                    + ", ".join(f"{v}/{len(gallery_info)} images by the {html.escape(t)}" for t, v in found.items())
+                    "Over all "
+                    + str(next(iter(hits.values()))[1])
+                    + f" (image, rare class) pairs of {split}, the rare object is among the shown detections for "
+                    + ", ".join(
+                        f"{f}/{n} ({100 * f / max(n, 1):.0f} %) with the {html.escape(t)}" for t, (f, n) in hits.items()
+                    )
                     + ".</p>"
                     + _img(p, "gallery")
                 )
@@ -342,5 +356,9 @@ def build_report(
     )
     with atomic_open(out / "index.html", "w") as f:
         f.write(page)
-    write_json(out / "report.json", {"heads": heads, "figures": figures, "gallery": gallery_info}, indent=1)
+    write_json(
+        out / "report.json",
+        {"heads": heads, "figures": figures, "gallery": gallery_info, "rare_hits": rare_hit_counts},
+        indent=1,
+    )
     return out / "index.html"
