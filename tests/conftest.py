@@ -150,3 +150,16 @@ def trained_run(tmp_path_factory, tiny_data):
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     train(load_config(tmp / "cfg.yaml"), tmp / "run", progress=False)
     return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(trained_run, tmp_path_factory):
+    """A copy of the trained run (one per test module), calibrated with snapshots every 3 steps."""
+    import shutil
+
+    from simcal.engine.calibrate import calibrate
+
+    run = tmp_path_factory.mktemp("cal") / "run"
+    shutil.copytree(trained_run, run)
+    calibrate(run, snapshot_every=3, progress=False)
+    return run

@@ -5,21 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
 
 from simcal.cli import main
 from simcal.engine.calibrate import calibrate
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def calibrated_run(trained_run, tmp_path_factory):
-    run = tmp_path_factory.mktemp("an") / "run"
-    shutil.copytree(trained_run, run)
-    calibrate(run, snapshot_every=3, progress=False)
-    return run
 
 
 def test_recall(calibrated_run, capsys):

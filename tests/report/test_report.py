@@ -14,7 +14,6 @@ from PIL import Image
 
 from simcal.cli import main
 from simcal.data.annotations import load_dataset
-from simcal.engine.calibrate import calibrate
 from simcal.report.gallery import gallery, pick_images
 from simcal.report.html import read_results
 
@@ -22,10 +21,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def reported_run(trained_run, tmp_path_factory):
-    run = tmp_path_factory.mktemp("rep") / "run"
-    shutil.copytree(trained_run, run)
-    calibrate(run, snapshot_every=3, progress=False)
+def reported_run(calibrated_run):
+    run = calibrated_run
     common = ["--run", str(run), "--no-progress"]
     assert main(["predict", *common, "--head", "orig,cal,dual"]) == 0
     assert main(["analyze", "sweep-T", *common, "--max-images", "8"]) == 0
