@@ -93,6 +93,7 @@ def test_demo_seeds_and_compare(tiny_budget, tmp_path, capsys):
     assert "Table 4" in printed
     page = (out / "run" / "report" / "index.html").read_text()
     assert "mean ± std over 2 seeds" in page and "LR (re-weighting) + dual" in page
+    assert "Table 3, median of 2 seeds" in page
 
 
 def test_aggregate_median_mean_std():

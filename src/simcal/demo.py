@@ -281,11 +281,8 @@ def run_demo(
                 results_table(main_metrics, rows),
             )
         )
-    extra = (
-        "".join(f"<h2>{html.escape(title)}</h2>{_markdown_to_html(t)}" for title, t in texts[1:])
-        if len(texts) > 1
-        else ""
-    )
+    # the report's own table is this run's (seed ``seed``); add the aggregates and the baselines
+    extra = "".join(f"<h2>{html.escape(title)}</h2>{_markdown_to_html(t)}" for title, t in texts[(0 if agg else 1) :])
     t = time.perf_counter()
     report = build_report(out / "run", extra_html=extra)
     times["report"] = time.perf_counter() - t
