@@ -67,3 +67,15 @@ def test_stats_from_fields_missing_count_names_file_and_field():
     with pytest.raises(InputError) as e:
         stats_from_fields(data, "val.json")
     assert "val.json: categories[1].instance_count" in str(e.value)
+
+
+def test_stats_from_fields_without_frequency_or_image_count_is_an_error_not_rare():
+    data = tiny_lvis()
+    data["categories"][2].pop("frequency", None)
+    data["categories"][2].pop("image_count", None)
+    with pytest.raises(InputError) as e:
+        stats_from_fields(data, "val.json")
+    assert "val.json: categories[2].frequency" in str(e.value)
+    # image_count alone is enough: the group is derived from it
+    data["categories"][2]["image_count"] = 500
+    assert stats_from_fields(data, "val.json")[2].frequency == "f"

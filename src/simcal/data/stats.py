@@ -122,7 +122,7 @@ def stats_from_fields(
     """Statistics from the categories' own ``instance_count`` / ``image_count`` / ``frequency``.
 
     This is how an LVIS *val* json carries the training statistics. Raises :class:`InputError`
-    when a category lacks ``instance_count``.
+    when a category lacks ``instance_count``, or has neither ``frequency`` nor ``image_count``.
     """
     out = []
     for i, cat in enumerate(sorted(dataset["categories"], key=lambda c: c["id"])):
@@ -131,6 +131,12 @@ def stats_from_fields(
                 source,
                 f"categories[{i}].instance_count",
                 "missing: give the training annotations with --train to compute the counts",
+            )
+        if not cat.get("frequency") and "image_count" not in cat:
+            raise InputError(
+                source,
+                f"categories[{i}].frequency",
+                "missing, and no image_count to derive it from: give the training annotations with --train",
             )
         n_img = cat.get("image_count", 0)
         out.append(
