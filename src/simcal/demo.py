@@ -27,6 +27,7 @@ from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.engine.checkpoint import FINAL, LAST
 from simcal.errors import InputError
 from simcal.io import read_json, write_json
+from simcal.report.html import HEAD_NAMES, build_report, html_table
 
 REPO = Path(__file__).resolve().parents[2]
 PRESET = REPO / "configs" / "synthetic_cpu.yaml"
@@ -54,9 +55,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "analysis_images": None,  # all of val
     },
 }
-HEADS = ("orig", "cal", "dual")
 TABLE_KEYS = ("AP1", "AP2", "AP3", "AP4", "APr", "APc", "APf", "AP")
-HEAD_NAMES = {"orig": "original", "cal": "calibrated only", "dual": "dual head (SimCal)"}
+HEADER = ["head", "AP on", *TABLE_KEYS]
 #: Table 4: (row name, calibration loss, calibration sampler); each calibrated head is used as a dual head.
 BASELINES = (
     ("LR (re-weighting)", "lr", "random"),
@@ -71,15 +71,33 @@ def _fmt(v: float | None) -> str:
     return f"{'-':>5}" if v is None else f"{100 * v:5.1f}"
 
 
-def results_table(metrics: dict[str, dict[str, dict[str, float | None]]], names: dict[str, str] | None = None) -> str:
-    """Markdown table: one row per (head, box/mask), Table 3's columns, values in percent."""
-    names = names or HEAD_NAMES
-    lines = ["| head | AP on | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
-    for iou, label in (("bbox", "box"), ("segm", "mask")):
-        for head, name in names.items():
-            m = metrics[head][iou]
-            lines.append(f"| {name} | {label} | " + " | ".join(_fmt(m[k]) for k in TABLE_KEYS) + " |")
-    return "\n".join(lines)
+def _rows(names: dict[str, str], cell: Any) -> list[list[str]]:
+    """One row per (box/mask, head): name, AP on, then ``cell(head, iou, key)`` per Table-3 column."""
+    return [
+        [name, label, *(cell(head, iou, k) for k in TABLE_KEYS)]
+        for iou, label in (("bbox", "box"), ("segm", "mask"))
+        for head, name in names.items()
+    ]
+
+
+def results_rows(metrics: dict[str, dict[str, dict[str, float | None]]], names: dict[str, str]) -> list[list[str]]:
+    """Table 3's rows, values in percent."""
+    return _rows(names, lambda h, iou, k: _fmt(metrics[h][iou][k]))
+
+
+def mean_std_rows(agg: dict[str, Any], names: dict[str, str]) -> list[list[str]]:
+    """Rows of ``mean +- std`` in percent (Table 11's form)."""
+
+    def cell(h: str, iou: str, k: str) -> str:
+        mean, std = agg["mean"][h][iou][k], agg["std"][h][iou][k]
+        return "-" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+    return _rows(names, cell)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def aggregate(per_seed: list[dict[str, dict[str, dict[str, float | None]]]]) -> dict[str, Any]:
@@ -98,24 +116,6 @@ def aggregate(per_seed: list[dict[str, dict[str, dict[str, float | None]]]]) -> 
                 out["mean"][head][iou][k] = statistics.fmean(vals) if ok else None
                 out["std"][head][iou][k] = (statistics.stdev(vals) if len(vals) > 1 else 0.0) if ok else None
     return out
-
-
-def mean_std_table(agg: dict[str, Any], names: dict[str, str]) -> str:
-    """Markdown table of ``mean +- std`` in percent (Table 11's form)."""
-    lines = ["| head | AP on | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
-    for iou, label in (("bbox", "box"), ("segm", "mask")):
-        for head, name in names.items():
-            mean, std = agg["mean"][head][iou], agg["std"][head][iou]
-            cells = ["-" if mean[k] is None else f"{100 * mean[k]:.1f} ± {100 * std[k]:.1f}" for k in TABLE_KEYS]
-            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _markdown_to_html(table: str) -> str:
-    rows = [r.strip().strip("|").split("|") for r in table.splitlines() if not r.startswith("|---")]
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _run_dir(out: Path, k: int, seed: int) -> Path:
@@ -176,17 +176,19 @@ def _calibrate(run: Path, overrides: dict[str, Any], label: str, tag: str, progr
 def _predict(run: Path, baselines: dict[str, str], tag: str, progress: bool) -> dict[str, dict[str, dict]]:
     """orig / cal / dual (+ the baselines' dual heads) in one pass; metrics per head tag."""
     from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, run_heads
+    from simcal.engine.train import load_run_config
     from simcal.modeling.calibration import load_head
 
     pred = run / "predictions" / "val"
-    model, label_map, cfg = load_model(run)
-    specs = [HeadSpec("orig"), HeadSpec("cal"), HeadSpec("dual", cfg.inference.combine, cfg.inference.T)]
-    specs += [HeadSpec("dual", cfg.inference.combine, cfg.inference.T, cal=n) for n in baselines.values()]
+    inference = load_run_config(run).inference
+    specs = [HeadSpec("orig"), HeadSpec("cal"), HeadSpec("dual", inference.combine, inference.T)]
+    specs += [HeadSpec("dual", inference.combine, inference.T, cal=n) for n in baselines.values()]
     tags = [s.tag for s in specs]
     if all((pred / t / f"metrics_{iou}.json").exists() for t in tags for iou in ("bbox", "segm")):
         print(f"[{tag} predict] {pred} (exists)")
     else:
         print(f"[{tag} predict] simcal predict --head orig,cal,dual{' + baselines' if baselines else ''} (one pass)")
+        model, label_map, cfg = load_model(run)  # only when there is something to predict
         cal_heads = {"": load_calibrated_head(run, "3fc_ft", model)}
         for n in baselines.values():
             cal_heads[n] = load_head(run / "calibration" / n / "head.pth", model.roi_heads)[0].eval()
@@ -220,8 +222,6 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the demo in ``out``; print and return the tables' metrics (fractions)."""
-    from simcal.report.html import build_report
-
     if not PRESET.is_file():
         raise InputError(PRESET, "(file)", "the demo runs from a simcal checkout (configs/synthetic_cpu.yaml)")
     spec = BUDGETS[budget]
@@ -230,7 +230,6 @@ def run_demo(
     _prepare_data(data, {**spec["synth"], "seed": seed}, progress)
     times: dict[str, float] = {"data": time.perf_counter() - t0}
 
-    names = dict(HEAD_NAMES)
     per_seed: list[dict[str, dict[str, dict[str, float | None]]]] = []
     compare_names: dict[str, str] = {}
     for k in range(seeds):
@@ -268,21 +267,20 @@ def run_demo(
 
     agg = aggregate(per_seed) if seeds > 1 else None
     main_metrics = agg["median"] if agg else per_seed[0]
-    table = results_table(main_metrics, names)
-    texts = [("Table 3" + (f", median of {seeds} seeds" if agg else ""), table)]
+    texts = [("Table 3" + (f", median of {seeds} seeds" if agg else ""), results_rows(main_metrics, HEAD_NAMES))]
     if agg:
-        texts.append((f"Table 3, mean ± std over {seeds} seeds", mean_std_table(agg, names)))
+        texts.append((f"Table 3, mean ± std over {seeds} seeds", mean_std_rows(agg, HEAD_NAMES)))
     if compare:
         rows = {"orig": "original (no calibration)", **compare_names, "dual": "SimCal (bi-level) + dual"}
         texts.append(
             (
                 "Table 4: decoupled baselines, each calibrated head used as a dual head"
                 + (f" (median of {seeds} seeds)" if agg else ""),
-                results_table(main_metrics, rows),
+                results_rows(main_metrics, rows),
             )
         )
     # the report's own table is this run's (seed ``seed``); add the aggregates and the baselines
-    extra = "".join(f"<h2>{html.escape(title)}</h2>{_markdown_to_html(t)}" for title, t in texts[(0 if agg else 1) :])
+    extra = "".join(f"<h2>{html.escape(title)}</h2>{html_table(HEADER, r)}" for title, r in texts[(0 if agg else 1) :])
     t = time.perf_counter()
     report = build_report(out / "run", extra_html=extra)
     times["report"] = time.perf_counter() - t
@@ -299,15 +297,15 @@ def run_demo(
         "report": str(report),
     }
     write_json(out / "demo_results.json", summary, indent=1)
-    md = "\n\n".join(f"### {title}\n\n{t}" for title, t in texts)
+    md = "\n\n".join(f"### {title}\n\n{markdown_table(r)}" for title, r in texts)
     (out / "demo_results.md").write_text(md + "\n")
     print()
     print(
         f"simcal demo ({budget}), val split of the synthetic set, AP in %, bins on training instances "
         "[0,10) [10,100) [100,1000) [1000,inf):"
     )
-    for title, t in texts:
-        print(f"\n{title}\n{t}")
+    for title, r in texts:
+        print(f"\n{title}\n{markdown_table(r)}")
     stage = ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items() if k != "total")
     print(f"\nwall time {times['total'] / 60:.1f} min ({stage}); report: {report}")
     return json.loads(json.dumps(summary))

@@ -13,6 +13,15 @@ from typing import IO, Any
 from simcal.errors import InputError
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` and rename it over ``path`` only on success.
@@ -23,9 +32,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
+    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the file the mode open() would
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -180,6 +180,8 @@ def analyze_sweep_T(
         title=f"dual head (sel) {iou} AP against T ({split})",
         xlabel="T (training instances)",
         logx=True,
+        vline=cfg.inference.T,
+        vline_label=f"T = {cfg.inference.T:g} (the run's)",
     )
     return out
 

@@ -19,6 +19,20 @@ from simcal.data.annotations import image_path
 GOOD, BAD, TRUTH = (40, 200, 60), (230, 40, 40), (250, 250, 250)
 
 
+def by_image(gt: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """The ground-truth annotations of each image id."""
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for a in gt["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    return anns
+
+
+def matches(det: dict[str, Any], truth: list[dict[str, Any]]) -> bool:
+    """Whether a detection (xywh ``bbox``) matches a ground-truth object of its class at IoU >= 0.5."""
+    boxes = [g["bbox"] for g in truth if g["category_id"] == det["category_id"]]
+    return bool(boxes) and float(mask_utils.iou([det["bbox"]], boxes, [0] * len(boxes)).max()) >= 0.5
+
+
 def pick_images(gt: dict[str, Any], rare_ids: Sequence[int], limit: int) -> list[tuple[int, int]]:
     """``(image id, category id)`` pairs: per rare class in the given order, its first image (by id)
     not already chosen, at most ``limit`` pairs."""
@@ -56,8 +70,7 @@ def shown_detections(dets: list[dict[str, Any]], n_objects: int, score_thresh: f
 
 def found(shown: list[dict[str, Any]], truth: list[dict[str, Any]], cat: int) -> bool:
     """Whether a shown detection of class ``cat`` matches a ground-truth ``cat`` object at IoU >= 0.5."""
-    objs = [g for g in truth if g["category_id"] == cat]
-    return any(d["category_id"] == cat and any(_iou(g["bbox"], d["bbox"]) >= 0.5 for g in objs) for d in shown)
+    return any(d["category_id"] == cat and matches(d, truth) for d in shown)
 
 
 def rare_hits(
@@ -70,9 +83,7 @@ def rare_hits(
     """Per head ``(found, total)`` over every (image, rare class) pair of the ground truth, with
     the gallery's rule for what is shown."""
     rare = set(rare_ids)
-    anns: dict[int, list[dict[str, Any]]] = {}
-    for a in gt["annotations"]:
-        anns.setdefault(a["image_id"], []).append(a)
+    anns = by_image(gt)
     pairs = sorted({(a["image_id"], a["category_id"]) for a in gt["annotations"] if a["category_id"] in rare})
     out = {}
     for head, per_image in results.items():
@@ -82,16 +93,6 @@ def rare_hits(
         )
         out[head] = (hits, len(pairs))
     return out
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ax0, ay0, aw, ah = a
-    bx0, by0, bw, bh = b
-    iw = max(0.0, min(ax0 + aw, bx0 + bw) - max(ax0, bx0))
-    ih = max(0.0, min(ay0 + ah, by0 + bh) - max(ay0, by0))
-    inter = iw * ih
-    union = aw * ah + bw * bh - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -123,11 +124,7 @@ def draw_panel(
     font = _font(13)
     labels = []
     for obj in objects:
-        if gt is None:
-            colour = TRUTH
-        else:
-            hit = any(g["category_id"] == obj["category_id"] and _iou(g["bbox"], obj["bbox"]) >= 0.5 for g in gt)
-            colour = GOOD if hit else BAD
+        colour = TRUTH if gt is None else GOOD if matches(obj, gt) else BAD
         seg = obj.get("segmentation")
         if isinstance(seg, dict):  # outline, not fill: a fill would change the colour the classes differ by
             m = Image.fromarray(mask_utils.decode(seg) * 255).resize(base.size, Image.NEAREST)
@@ -167,15 +164,12 @@ def gallery(
     ``results`` maps a head's title to its detections per image id (LVIS results). A head shows its
     best detections: as many as the image has ground-truth objects (rank-based, so heads whose
     scores are scaled differently are compared fairly), or, with ``score_thresh``, those scoring at
-    least that, at most ``max_dets``. Returns per row
-    what was drawn (image, rare class, and per head the shown detections and whether the rare
-    object was found).
+    least that, at most ``max_dets``. Returns per row what was drawn (image, rare class, and per
+    head the shown detections and whether the rare object was found).
     """
     names = {c["id"]: c["name"] for c in gt["categories"]}
     images = {im["id"]: im for im in gt["images"]}
-    anns: dict[int, list[dict[str, Any]]] = {}
-    for a in gt["annotations"]:
-        anns.setdefault(a["image_id"], []).append(a)
+    anns = by_image(gt)
     rows, info = [], []
     for image_id, cat in picks:
         im = Image.open(image_path(images[image_id], images_root))
@@ -185,8 +179,7 @@ def gallery(
         for title, per_image in results.items():
             shown = shown_detections(per_image.get(image_id, []), len(truth), score_thresh, max_dets)
             panels.append(draw_panel(im, shown, names, truth, title, size))
-            hit = found(shown, truth, cat)
-            row_info["heads"][title] = {"shown": len(shown), "rare_found": hit}
+            row_info["heads"][title] = {"shown": len(shown), "rare_found": found(shown, truth, cat)}
         rows.append(panels)
         info.append(row_info)
     if not rows:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from simcal.data.annotations import load_dataset
 from simcal.data.stats import BIN_PRESETS, category_stats
+from simcal.engine.predict import resolve_split
 from simcal.engine.train import load_run_config
 from simcal.errors import InputError
 from simcal.io import atomic_open, read_json, write_json
@@ -78,7 +80,7 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" title="{html.escape(path.name)}">'
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -87,6 +89,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _kv_table(rows: list[list[str]]) -> str:
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table class='kv'>{body}</table>"
+
+
+def _copy(src: Path, out: Path, figures: dict[str, str], key: str) -> None:
+    """Put a PNG another command drew beside the page (the page embeds it)."""
+    shutil.copyfile(src, out / src.name)
+    figures[key] = src.name
 
 
 def _missing(what: str, command: str) -> str:
@@ -133,6 +141,7 @@ def build_report(
     bins = [f"AP{i + 1}" for i in range(len(edges) + 1)]
     keys = [*bins, "APr", "APc", "APf", "AP", "AP50", "AP75"]
     names = {h: HEAD_NAMES.get(h, f"dual head ({h[5:]})" if h.startswith("dual@") else h) for h in heads}
+    show = [h for h in heads if h in HEAD_ORDER]  # plotted heads; the table lists the others too
     sections: list[str] = []
     figures: dict[str, str] = {}
 
@@ -177,7 +186,7 @@ def build_report(
     legend = ", ".join(f"AP{i + 1} {b}" for i, b in enumerate(m0.get("bins", [])))
     sections.append(
         "<h2>Results (AP in %, the paper's Table 3)</h2>"
-        + _table(["head", "AP on", *keys], rows)
+        + html_table(["head", "AP on", *keys], rows)
         + f"<p class='sub'>Bins on training instances: {html.escape(legend)}. APr/APc/APf: rare/common/frequent.</p>"
     )
     if extra_html:
@@ -200,10 +209,9 @@ def build_report(
     for iou in ious:
         p = out / f"bins_{iou}.png"
         groups_k = [*bins, "APr", "APc", "APf", "AP"]
-        main_heads = [h for h in heads if h in HEAD_ORDER]  # the table lists the others (baselines, variants)
         series = {
             names[h]: [None if metrics[h][iou].get(k) is None else 100 * metrics[h][iou][k] for k in groups_k]
-            for h in main_heads
+            for h in show
             if iou in metrics[h]
         }
         plots.grouped_bars(p, groups_k, series, title=f"{IOU_NAMES[iou]} AP per bin and group ({split})")
@@ -212,26 +220,13 @@ def build_report(
     sections.append("<h2>AP per bin, each head</h2><div class='row'>" + "".join(imgs) + "</div>")
 
     # --- T sweep
-    sweep = run / "analysis" / "sweep_T.json"
-    if sweep.exists():
-        s = read_json(sweep)
-        rowsT = s["sweep"]
-        ks = ["AP", *[k for k in bins if k in rowsT[0]]]
-        p = out / "sweep_T.png"
-        plots.line_plot(
-            p,
-            [r["T"] for r in rowsT],
-            {k: [r[k] for r in rowsT] for k in ks},
-            title=f"dual head {IOU_NAMES[s['iou']]} AP against T",
-            xlabel="T (training instances)",
-            logx=True,
-            vline=cfg.inference.T,
-            vline_label=f"T = {cfg.inference.T:g} (used)",
-        )
-        figures["sweep_T"] = p.name
+    analysis = run / "analysis"
+    if (analysis / "sweep_T.png").exists():
+        _copy(analysis / "sweep_T.png", out, figures, "sweep_T")
         sections.append(
             "<h2>Threshold T of the dual head</h2><p>Classes with at most T training instances take the "
-            "calibrated head's scores, the others the original head's (Fig. 4c).</p>" + _img(p, "T sweep")
+            "calibrated head's scores, the others the original head's (Fig. 4c).</p>"
+            + _img(out / "sweep_T.png", "T sweep")
         )
     else:
         sections.append(
@@ -239,23 +234,12 @@ def build_report(
         )
 
     # --- dynamics
-    dyn = run / "analysis" / "dynamics.json"
+    dyn = analysis / "dynamics.png"
     cal_name = "3fc_ft" if "3fc_ft" in cal_summaries else next(iter(cal_summaries), None)
     imgs = []
     if dyn.exists():
-        d = read_json(dyn)
-        steps = [r["step"] for r in d["steps"]]
-        ks = ["AP", *[k for k in bins if k in d["steps"][0]["cal"]]]
-        p = out / "dynamics.png"
-        plots.line_plot(
-            p,
-            steps,
-            {f"cal {k}": [r["cal"][k] for r in d["steps"]] for k in ks},
-            title=f"calibrated head {IOU_NAMES[d['iou']]} AP during calibration",
-            xlabel="calibration step",
-        )
-        figures["dynamics"] = p.name
-        imgs.append(_img(p, "calibration dynamics"))
+        _copy(dyn, out, figures, "dynamics")
+        imgs.append(_img(out / "dynamics.png", "calibration dynamics"))
     calib_log = run / "calibration" / (cal_name or "") / "calibration_log.jsonl"
     if cal_name and calib_log.exists():
         recs = [json.loads(x) for x in calib_log.read_text().splitlines() if x.strip()]
@@ -282,7 +266,6 @@ def build_report(
 
     # --- per-class AP vs training count
     imgs = []
-    show = [h for h in ("orig", "cal", "dual") if h in heads]
     for iou in ious:
         per = {h: {c["id"]: c for c in metrics[h][iou]["per_class"]} for h in show}
         ids = [s.id for s in stats]
@@ -305,13 +288,15 @@ def build_report(
     gallery_info: list[dict[str, Any]] = []
     rare_hit_counts: dict[str, Any] = {}
     if "dual" in heads and gallery_images > 0:
-        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
-        gt_images = {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(split)
-        gt = load_dataset(gt_json) if gt_json else None
-        if gt is not None:
-            rare = [s.id for s in sorted(stats, key=lambda s: (s.instance_count, s.id)) if s.frequency == "r"]
-            if not rare:  # no rare class: take the rarest bin's classes
-                rare = [s.id for s in sorted(stats, key=lambda s: (s.instance_count, s.id))][:gallery_images]
+        try:
+            gt_json, gt_images = resolve_split(cfg, split, None, None)
+        except InputError:  # a split predicted from --gt: its annotations are not in the config
+            gt_json = None
+        if gt_json:
+            gt = load_dataset(gt_json)
+            by_count = sorted(stats, key=lambda s: (s.instance_count, s.id))
+            # the rare classes; without any, the rarest ones
+            rare = [s.id for s in by_count if s.frequency == "r"] or [s.id for s in by_count][:gallery_images]
             picks = pick_images(gt, spread(rare, gallery_images), gallery_images)
             rare_set = set(rare)
             ids = sorted({a["image_id"] for a in gt["annotations"] if a["category_id"] in rare_set})

@@ -11,6 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig: plt.Figure, ax: plt.Axes | None, path: str | os.PathLike[str]) -> None:
+    """Legend (when ``ax`` is given), tight layout, PNG, and the figure closed."""
+    if ax is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def line_plot(
     path: str | os.PathLike[str],
     x: Sequence[float],
@@ -35,10 +44,7 @@ def line_plot(
         ax.set_xscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def grouped_bars(
@@ -58,10 +64,7 @@ def grouped_bars(
     ax.set_xticks(range(len(groups)), groups)
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 GROUP_COLOURS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
@@ -99,9 +102,7 @@ def class_histogram(
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in GROUP_COLOURS.values()]
     ax.legend(handles, ["rare (<10 images)", "common (10-100)", "frequent (>100)"], fontsize=8, loc="upper center")
     ax.set(title=title, xlabel="classes, sorted by training instances", ylabel="training instances")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, None, path)
 
 
 def per_class_scatter(
@@ -123,7 +124,4 @@ def per_class_scatter(
     ax.set_xscale("log")
     ax.set(title=title, xlabel="training instances of the class", ylabel="AP (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path)
