@@ -84,7 +84,6 @@ def write_json(tmp_path: Path):
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def data_section(data: Path) -> dict:
     """The ``data`` config section pointing at a ``simcal synth`` folder (no loader workers)."""
     return {

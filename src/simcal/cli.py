@@ -213,9 +213,7 @@ def _print_rows(rows: dict[str, dict[str, float | None]]) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from simcal.report.html import build_report
 
-    page = build_report(
-        args.run, split=args.split, out=args.out, gallery_images=args.gallery, score_thresh=args.score
-    )
+    page = build_report(args.run, split=args.split, out=args.out, gallery_images=args.gallery, score_thresh=args.score)
     print(f"report: {page}")
     return 0
 

@@ -108,6 +108,10 @@ class CalibrationConfig:
     sampler: str = "bilevel"  # bilevel | random | repeat_factor (image-centric: decoupled baselines)
     flip_prob: float = 0.5
     cache_mb: int = 4096  # frozen backbone/RPN outputs kept per (image, flip); 0 disables
+    # cache misses of a step computed together, up to this many same-size images (a lone miss is
+    # paired with a copy of itself): per-image results do not depend on the batch for 2+ images on
+    # oneDNN (tested); 1 = one image at a time, for a backend where that is not so
+    miss_batch: int = 16
     checkpoint_period: int = 1000
     log_period: int = 20
     seed: int = 0
@@ -278,6 +282,7 @@ def validate_config(cfg: Config, source: str) -> None:
         "calibration.steps": cfg.calibration.steps,
         "calibration.classes_per_batch": cfg.calibration.classes_per_batch,
         "calibration.lr": cfg.calibration.lr,
+        "calibration.miss_batch": cfg.calibration.miss_batch,
     }
     for name, value in positive.items():
         if not value > 0:

@@ -69,7 +69,9 @@ def test_bilevel_batch_keeps_only_the_sampled_class_and_one_to_one_background(ru
     ds = DetectionDataset(train, cfg.data.train_images, label_map=label_map, with_masks=False)
     frozen = FrozenDetector(model, ds, cache_mb=100, device=torch.device("cpu"))
     draws = BiLevelSampler(train, classes_per_batch=6, seed=0).batch(0)
-    pooled, feats, labels = calibration_batch(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1)
+    pooled, feats, labels = calibration_batch(
+        frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1, box_feats=True
+    )
     sampled = {label_map.to_label(c) for _, c in draws}
     fg = labels[labels > 0]
     assert fg.numel() > 0 and set(fg.tolist()) <= sampled
@@ -198,16 +200,102 @@ def test_heads_share_the_mask_head_work(run):
     assert rows == [a["labels"].numel()]  # one mask-head pass over the union, not one per head
 
 
-def test_frozen_outputs_do_not_depend_on_the_other_images_fetched(run):
+@pytest.mark.parametrize("miss_batch", [16, 1])
+def test_frozen_outputs_do_not_depend_on_the_other_images_fetched(run, miss_batch):
+    """An (image, flip)'s features and proposals are the same bits whether it missed the cache
+    alone or with 1, 2 or 7 other images: batched misses keep calibration exactly reproducible."""
     model, label_map, cfg = load_model(run)
     model.eval()
     ds = DetectionDataset(
         load_dataset(cfg.data.train_json), cfg.data.train_images, label_map=label_map, with_masks=False
     )
-    alone = FrozenDetector(model, ds, cache_mb=0, device=torch.device("cpu")).fetch([(3, True)])[0]
-    together = FrozenDetector(model, ds, cache_mb=0, device=torch.device("cpu")).fetch(
-        [(0, False), (3, True), (5, False)]
-    )[1]
-    for k in alone[0]:
-        assert torch.equal(alone[0][k], together[0][k])
-    assert torch.equal(alone[1], together[1])
+
+    def fetch(keys):
+        frozen = FrozenDetector(model, ds, cache_mb=0, device=torch.device("cpu"), miss_batch=miss_batch)
+        return frozen.fetch(keys)[keys.index((3, True))]
+
+    alone = fetch([(3, True)])
+    for keys in (
+        [(0, False), (3, True)],
+        [(0, False), (3, True), (5, False)],
+        [(3, True)] + [(i, i % 2 == 0) for i in range(7)],
+    ):
+        together = fetch(keys)
+        for k in alone[0]:
+            assert torch.equal(alone[0][k], together[0][k]), (keys, k)
+        assert torch.equal(alone[1], together[1])
+
+
+def _frozen(run, cache_mb, schedule=None):
+    model, label_map, cfg = load_model(run)
+    model.eval()
+    ds = DetectionDataset(
+        load_dataset(cfg.data.train_json), cfg.data.train_images, label_map=label_map, with_masks=False
+    )
+    return FrozenDetector(model, ds, cache_mb=cache_mb, device=torch.device("cpu"), schedule=schedule)
+
+
+def _belady_misses(schedule, capacity):
+    """Misses of the optimal offline cache holding ``capacity`` items (reference by brute force:
+    evict, or skip storing, whichever item is next used farthest away)."""
+    held, misses = set(), 0
+
+    def next_use(k, step):
+        later = [s for s in range(step + 1, len(schedule)) if k in schedule[s]]
+        return later[0] if later else float("inf")
+
+    for step, keys in enumerate(schedule):
+
+        def nxt(k, step=step):
+            return next_use(k, step)
+
+        for k in dict.fromkeys(keys):
+            if k in held:
+                continue
+            misses += 1
+            if nxt(k) == float("inf"):
+                continue
+            if len(held) >= capacity:
+                far = max(held, key=nxt)
+                if nxt(far) <= nxt(k):
+                    continue
+                held.remove(far)
+            held.add(k)
+        held = {k for k in held if nxt(k) != float("inf")}
+    return misses
+
+
+def test_planned_cache_is_optimal_for_its_memory_and_exact(run):
+    """With the schedule known, the cache keeps an output only until its last use and evicts the
+    one needed farthest ahead: its misses equal Belady's optimum; outputs equal uncached ones."""
+    schedule = [
+        [(0, False), (1, False)],
+        [(2, False), (0, False)],
+        [(1, False), (3, True)],
+        [(2, False), (0, False)],
+        [(3, True), (1, False)],
+        [(4, False), (0, False)],
+    ]
+    plain = _frozen(run, cache_mb=0)
+    reference = {k: plain.fetch([k])[0] for keys in schedule for k in keys}
+    sizes = [plain._size(item) for item in reference.values()]
+    one = max(sizes)
+    assert 4 * min(sizes) > 3 * one  # proposal counts differ a little: the limit still fits exactly `capacity`
+    for capacity in (1, 2, 3):
+        frozen = _frozen(run, cache_mb=1, schedule=schedule)
+        frozen.limit = capacity * one  # room for exactly `capacity` outputs
+        for step, keys in enumerate(schedule):
+            out = frozen.fetch(keys, step=step)
+            for k, item in zip(keys, out):
+                for level in item[0]:
+                    assert torch.equal(item[0][level], reference[k][0][level])
+                assert torch.equal(item[1], reference[k][1])
+            assert frozen.cache_bytes <= frozen.limit
+            # nothing is kept past its last use
+            assert all(frozen.next_use(k, step) != float("inf") for k in frozen.cache)
+        assert frozen.misses == _belady_misses(schedule, capacity), capacity
+    # with room for everything, each (image, flip) is computed once
+    frozen = _frozen(run, cache_mb=100, schedule=schedule)
+    for step, keys in enumerate(schedule):
+        frozen.fetch(keys, step=step)
+    assert frozen.misses == len({k for keys in schedule for k in keys}) and not frozen.cache

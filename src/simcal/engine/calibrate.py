@@ -17,12 +17,14 @@ trained on its RoI features (METHOD.md, SimCal calibration):
 (image-centric): with ``loss=lr|focal|cm`` these are the decoupled baselines of Table 4.
 
 Cost: the frozen part (backbone + RPN) of an (image, flip) never changes, so its outputs are
-cached (LRU, ``cache_mb``); an image drawn again costs only RoIAlign and the head.
+cached (``cache_mb``; planned by the known schedule: kept until their last use, Belady eviction);
+an image drawn again costs only RoIAlign and the head. The frozen box head runs only for ``ncm``.
 Deterministic and resumable: every draw is a pure function of (seed, step).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections import OrderedDict
@@ -64,19 +66,55 @@ def default_name(cfg: Config) -> str:
     return "_".join(parts)
 
 
+Key = tuple[int, bool]  # (image index, horizontal flip)
+
+
 class FrozenDetector:
-    """The frozen backbone + RPN of a trained detector, per (image, flip), with an LRU cache.
+    """The frozen backbone + RPN of a trained detector, per (image, flip), with a cache.
 
     ``fetch(keys)`` returns, per ``(index, flip)``, ``(features {level: (1, C, h, w)}, proposals
     (P, 4), gt_boxes (N, 4), gt_labels (N,), image_size (h, w))`` in the model's resized frame. Proposals
-    use the RPN's TRAINING counts although the model is in eval mode.
+    use the RPN's TRAINING counts although the model is in eval mode. Features are stored contiguous
+    (NCHW), the layout RoIAlign reads, so a channels_last model does not pay a copy per RoIAlign call.
+
+    Misses are computed ``miss_batch`` same-size images at a time, and a lone miss together with a
+    copy of itself: a convolution over one image takes another code path (and rounding) than over
+    several, while for two or more images each image's result does not depend on the others or on
+    their number (oneDNN; a test checks it), so features are the same whatever missed together,
+    with or without the cache, resumed or not. Batched misses cost ~35 % less per image on this
+    CPU. ``miss_batch=1`` computes one image at a time (equally reproducible, slower).
+
+    The cache holds at most ``cache_mb`` MiB. With ``schedule`` (the keys of every calibration step,
+    known in advance because every draw is a pure function of (seed, step)) it knows the future:
+    an output is kept only while a later step uses it (dropped after its last use), and when the
+    cache is full the output used farthest in the future is evicted, or the new one is not stored
+    if it is used later still (Belady's optimal policy: fewest recomputations for the memory).
+    Without a schedule, or for keys outside it: least recently used.
     """
 
-    def __init__(self, model: nn.Module, dataset: DetectionDataset, cache_mb: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: DetectionDataset,
+        cache_mb: int,
+        device: torch.device,
+        schedule: list[list[Key]] | None = None,
+        miss_batch: int = 16,
+    ) -> None:
         self.model, self.dataset, self.device = model, dataset, device
-        self.cache: OrderedDict[tuple[int, bool], tuple[Any, ...]] = OrderedDict()
+        self.miss_batch = max(1, miss_batch)
+        self.cache: OrderedDict[Key, tuple[Any, ...]] = OrderedDict()
         self.cache_bytes, self.limit = 0, cache_mb * 2**20
         self.hits = self.misses = 0
+        self._uses: dict[Key, list[int]] = {}  # the steps that use each key, ascending
+        for step, keys in enumerate(schedule or []):
+            for key in keys:
+                uses = self._uses.setdefault(key, [])
+                if not uses or uses[-1] != step:
+                    uses.append(step)
+        self._expire: dict[int, list[Key]] = {}  # step -> keys last used at that step
+        for key, uses in self._uses.items():
+            self._expire.setdefault(uses[-1], []).append(key)
         rpn = model.rpn
         rpn._pre_nms_top_n = {**rpn._pre_nms_top_n, "testing": rpn._pre_nms_top_n["training"]}
         rpn._post_nms_top_n = {**rpn._post_nms_top_n, "testing": rpn._post_nms_top_n["training"]}
@@ -84,10 +122,21 @@ class FrozenDetector:
     def _size(self, item: tuple[Any, ...]) -> int:
         return sum(t.numel() * t.element_size() for t in item[0].values()) + item[1].numel() * 4
 
+    def next_use(self, key: Key, step: int) -> float:
+        """The first step after ``step`` that uses ``key`` in the schedule (``inf``: none)."""
+        uses = self._uses.get(key)
+        if not uses:
+            return float("inf")
+        i = bisect.bisect_right(uses, step)
+        return uses[i] if i < len(uses) else float("inf")
+
     @torch.inference_mode()
-    def _compute(self, keys: list[tuple[int, bool]]) -> list[tuple[Any, ...]]:
+    def _compute(self, keys: list[Key]) -> list[tuple[Any, ...]]:
         """Backbone + RPN of several (image, flip) in one batch (callers group keys by image size,
-        so the batch needs no extra padding)."""
+        so the batch needs no extra padding). With ``miss_batch > 1`` a single key is computed
+        in a batch of two copies of itself, so that every key takes the batched code path."""
+        if len(keys) == 1 and self.miss_batch > 1:
+            return self._compute(keys * 2)[:1]
         images, targets = [], []
         for index, flip in keys:
             image, target = self.dataset[(index, flip)]
@@ -98,7 +147,7 @@ class FrozenDetector:
         proposals, _ = self.model.rpn(batch, feats)
         return [
             (
-                {k: v[i : i + 1].clone() for k, v in feats.items()},
+                {k: v[i : i + 1].contiguous() for k, v in feats.items()},
                 proposals[i],
                 targets[i]["boxes"],
                 targets[i]["labels"],
@@ -107,15 +156,13 @@ class FrozenDetector:
             for i in range(len(keys))
         ]
 
-    def fetch(self, keys: list[tuple[int, bool]], batch_size: int = 1) -> list[tuple[Any, ...]]:
+    def fetch(self, keys: list[Key], step: int | None = None) -> list[tuple[Any, ...]]:
         """Outputs for each key, computing what the cache lacks (in batches of same-size images).
 
-        ``batch_size`` is 1 by default: a batched convolution rounds differently from a single
-        one, so with batches an image's features would depend on which other images happened to
-        miss the cache with it, and a resumed or differently cached calibration would drift in the
-        last bits. One image at a time costs ~30 % more per miss and keeps every head bit-identical.
+        ``step``: the schedule step these keys belong to (enables the planned cache; outputs whose
+        last use is ``step`` leave the cache afterwards).
         """
-        found: dict[tuple[int, bool], tuple[Any, ...]] = {}
+        found: dict[Key, tuple[Any, ...] | None] = {}
         missing = []
         for key in keys:
             if key in found:
@@ -128,25 +175,44 @@ class FrozenDetector:
                 self.misses += 1
                 found[key] = None  # placeholder: computed below
                 missing.append(key)
-        groups: dict[tuple[int, int], list[tuple[int, bool]]] = {}
+        groups: dict[tuple[int, int], list[Key]] = {}
         for key in missing:
             info = self.dataset.image_info(key[0])
             groups.setdefault((info["height"], info["width"]), []).append(key)
         for group in groups.values():
-            for i in range(0, len(group), batch_size):
-                chunk = group[i : i + batch_size]
+            for i in range(0, len(group), self.miss_batch):
+                chunk = group[i : i + self.miss_batch]
                 for key, item in zip(chunk, self._compute(chunk)):
                     found[key] = item
                     if self.limit > 0:
-                        self._store(key, item)
-        return [found[k] for k in keys]
+                        self._store(key, item, step)
+        if step is not None:
+            for key in self._expire.pop(step, []):
+                old = self.cache.pop(key, None)
+                if old is not None:
+                    self.cache_bytes -= self._size(old)
+        return [found[k] for k in keys]  # type: ignore[misc]
 
-    def _store(self, key: tuple[int, bool], item: tuple[Any, ...]) -> None:
-        self.cache[key] = item
-        self.cache_bytes += self._size(item)
-        while self.cache_bytes > self.limit and len(self.cache) > 1:
-            _, old = self.cache.popitem(last=False)
-            self.cache_bytes -= self._size(old)
+    def _store(self, key: Key, item: tuple[Any, ...], step: int | None) -> None:
+        size = self._size(item)
+        if step is None or key not in self._uses:  # no plan: least recently used
+            self.cache[key] = item
+            self.cache_bytes += size
+            while self.cache_bytes > self.limit and len(self.cache) > 1:
+                _, old = self.cache.popitem(last=False)
+                self.cache_bytes -= self._size(old)
+            return
+        mine = self.next_use(key, step)
+        if mine == float("inf"):
+            return  # never used again
+        while self.cache_bytes + size > self.limit and self.cache:
+            far = max(self.cache, key=lambda k: self.next_use(k, step))
+            if self.next_use(far, step) <= mine:
+                return  # the new output is the one needed last: do not store it
+            self.cache_bytes -= self._size(self.cache.pop(far))
+        if self.cache_bytes + size <= self.limit:
+            self.cache[key] = item
+            self.cache_bytes += size
 
 
 def calibration_batch(
@@ -156,19 +222,24 @@ def calibration_batch(
     seeds: list[int],
     label_map: LabelMap,
     bg_seed: int,
-) -> tuple[Tensor, Tensor, Tensor] | None:
+    step: int | None = None,
+    box_feats: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor] | None:
     """RoIs of one calibration step (``None`` when no RoI is kept).
 
     Args:
         draws: ``(image index, category id)`` per slot (bi-level), or ``(image index, None)``
             (image-centric: every sampled RoI kept, no 1:1 background balancing).
         seeds: the RoI sub-sampling seed of each slot.
+        step: the step in ``frozen``'s schedule (for its planned cache), if it has one.
+        box_feats: also run the frozen box head (only the NCM head needs its features).
 
     Returns:
-        ``(pooled (K, C_fpn, 7, 7), box_feats (K, D), labels (K,))`` of the kept RoIs, label 0 background.
+        ``(pooled (K, C_fpn, 7, 7), box_feats (K, D) or None, labels (K,))`` of the kept RoIs,
+        label 0 background.
     """
     roi = frozen.model.roi_heads
-    items = frozen.fetch(list(zip((d[0] for d in draws), flips)))
+    items = frozen.fetch(list(zip((d[0] for d in draws), flips)), step=step)
     slots = []  # (features, size, fg boxes, fg labels, bg boxes)
     for (_, cat_id), seed, item in zip(draws, seeds, items):
         feats, props, gt_boxes, gt_labels, size = item
@@ -206,9 +277,9 @@ def calibration_batch(
         if not pooled:
             return None
         pooled_t = torch.cat(pooled)
-        box_feats = roi.box_head(pooled_t)
+        feats_t = roi.box_head(pooled_t).clone() if box_feats else None
     # inference tensors cannot enter autograd: clone into normal tensors for the head's training
-    return pooled_t.clone(), box_feats.clone(), torch.cat(labels).clone()
+    return pooled_t.clone(), feats_t, torch.cat(labels).clone()
 
 
 def calibrate(
@@ -286,7 +357,13 @@ def calibrate(
         _truncate(out / LOG, start)
     out.mkdir(parents=True, exist_ok=True)
 
-    frozen = FrozenDetector(model, dataset, c.cache_mb, device)
+    # every draw is a pure function of (seed, step): the whole schedule is known, and the cache plans by it
+    draws_all = [draws_of(s) for s in range(c.steps)]
+    flips_of = [
+        list(np.random.default_rng([c.seed, s, 3]).random(len(d)) < c.flip_prob) for s, d in enumerate(draws_all)
+    ]
+    schedule = [list(zip((d[0] for d in draws), flips)) for draws, flips in zip(draws_all, flips_of)]
+    frozen = FrozenDetector(model, dataset, c.cache_mb, device, schedule=schedule, miss_batch=c.miss_batch)
     meta = {
         "kind": c.head,
         "layers": c.layers,
@@ -300,10 +377,18 @@ def calibrate(
     head.train()
     for step in range(start, c.steps):
         lr = c.lr * 0.1 ** sum(step >= s for s in decay_steps)
-        draws = draws_of(step)
-        flips = list(np.random.default_rng([c.seed, step, 3]).random(len(draws)) < c.flip_prob)
+        draws, flips = draws_all[step], flips_of[step]
         seeds = [image_seed(c.seed, step, p) for p in range(len(draws))]
-        batch = calibration_batch(frozen, draws, flips, seeds, label_map, image_seed(c.seed, step, 10**6))
+        batch = calibration_batch(
+            frozen,
+            draws,
+            flips,
+            seeds,
+            label_map,
+            image_seed(c.seed, step, 10**6),
+            step=step,
+            box_feats=c.head == "ncm",
+        )
         record: dict[str, Any] = {"step": step + 1, "lr": lr, "fg": 0, "bg": 0}
         if batch is not None:
             pooled, box_feats, labels = batch
