@@ -135,13 +135,13 @@ class FrozenDetector:
         """Backbone + RPN of several (image, flip) in one batch (callers group keys by image size,
         so the batch needs no extra padding). With ``miss_batch > 1`` a single key is computed
         in a batch of two copies of itself, so that every key takes the batched code path."""
-        if len(keys) == 1 and self.miss_batch > 1:
-            return self._compute(keys * 2)[:1]
         images, targets = [], []
         for index, flip in keys:
             image, target = self.dataset[(index, flip)]
             images.append(image.to(self.device))
             targets.append({"boxes": target["boxes"].to(self.device), "labels": target["labels"].to(self.device)})
+        if len(keys) == 1 and self.miss_batch > 1:  # the pair reuses the loaded image, not a second read
+            images, targets = images * 2, targets * 2
         batch, targets = self.model.transform(images, targets)
         feats = self.model.backbone(batch.tensors)
         proposals, _ = self.model.rpn(batch, feats)
