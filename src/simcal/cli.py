@@ -143,6 +143,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "sampler": args.sampler,
         "lr": args.lr,
         "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
         "seed": args.seed,
     }
     head = calibrate(
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=["bilevel", "random", "repeat_factor"], help="default bilevel")
     s.add_argument("--lr", type=float, help="default 0.01")
     s.add_argument("--momentum", type=float, help="default 0.9 (the released code used 0)")
+    s.add_argument("--weight-decay", type=float, help="default 0.0001 (the released code used 0)")
     s.add_argument("--seed", type=int)
     s.add_argument("--name", help="output name under RUN/calibration (default from the settings)")
     s.add_argument("--snapshot-every", type=int, default=0, help="also save the head every K steps (dynamics)")

@@ -287,6 +287,15 @@ def validate_config(cfg: Config, source: str) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise InputError(source, name, f"must be positive, got {value!r}")
+    non_negative = {
+        "train.momentum": cfg.train.momentum,
+        "train.weight_decay": cfg.train.weight_decay,
+        "calibration.momentum": cfg.calibration.momentum,
+        "calibration.weight_decay": cfg.calibration.weight_decay,
+    }
+    for name, value in non_negative.items():
+        if not value >= 0:
+            raise InputError(source, name, f"must be >= 0, got {value!r}")
     if cfg.train.max_iter is not None and cfg.train.max_iter < 1:
         raise InputError(source, "train.max_iter", "must be positive")
 

@@ -180,6 +180,13 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
     for tag in ("orig", "cal", "dual", "norcal_1"):
         m = json.loads((run / "predictions" / "val" / tag / "metrics_segm.json").read_text())
         assert 0.0 <= m["AP"] <= 1.0 and len(m["per_class"]) == 6
+    # another calibrated head goes beside the default's results, not over them
+    before = (run / "predictions" / "val" / "cal" / "results.json").read_bytes()
+    other = "3fc_ft_focal_random"
+    assert main([*argv[:4], "cal,dual", *argv[5:9], "--calibration", other, "--no-progress"]) == 0
+    assert (run / "predictions" / "val" / "cal" / "results.json").read_bytes() == before
+    for tag in (f"cal@{other}", f"dual@{other}"):
+        assert len(json.loads((run / "predictions" / "val" / tag / "results.json").read_text())) > 0
     assert main(["predict", "--run", str(run), "--head", "dual", "--combine", "bogus", "--no-progress"]) == 2
     assert "unknown 'bogus'" in capsys.readouterr().err
 

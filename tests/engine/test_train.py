@@ -145,3 +145,11 @@ def test_bad_config_is_one_line(tmp_path, capsys):
     )
     with pytest.raises(InputError, match="unknown key"):
         load_config(None, ["train.lr=3"])
+
+
+@pytest.mark.parametrize("key", ["train.momentum", "calibration.weight_decay"])
+def test_negative_optimizer_settings_are_refused(key):
+    with pytest.raises(InputError, match=f"{key}: must be >= 0, got -0.1"):
+        load_config(None, [f"{key}=-0.1"])
+    section, field = key.split(".")
+    assert getattr(getattr(load_config(None, [f"{key}=0"]), section), field) == 0  # zero is allowed

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -365,8 +365,9 @@ def predict(
 
     One pass per batch serves every head. Writes ``RUN/predictions/<split>/<head>/results.json``
     and, with ``evaluate_results``, ``metrics_bbox.json`` / ``metrics_segm.json`` beside it.
-    ``calibration`` names the calibrated head (``RUN/calibration/<name>/head.pth``; default: the
-    only one there is).
+    ``calibration`` names the calibrated head (``RUN/calibration/<name>/head.pth``; default:
+    ``3fc_ft``, else the only one there is). Results of a head other than ``3fc_ft`` go to
+    ``cal@<name>`` / ``dual@<name>``, so comparing calibrations never overwrites ``cal`` / ``dual``.
 
     Returns:
         ``{head tag: {"bbox": EvalResult, "segm": EvalResult}}`` (empty without evaluation).
@@ -378,7 +379,10 @@ def predict(
     )
     cal_heads = {}
     if any(h.needs_calibrated_head for h in specs):
-        cal_heads[""] = load_calibrated_head(run, calibration, model)
+        name = resolve_calibration(run, calibration)
+        key = "" if name == "3fc_ft" else name
+        cal_heads[key] = load_calibrated_head(run, name, model)
+        specs = [replace(h, cal=key) if h.needs_calibrated_head else h for h in specs]
     return run_heads(
         run,
         model,
@@ -489,7 +493,13 @@ def run_heads(
 
 
 def load_calibrated_head(run: Path, name: str | None, model: MaskRCNN) -> torch.nn.Module:
-    """The calibrated head ``RUN/calibration/<name>/head.pth`` (``name`` optional if there is one)."""
+    """The calibrated head ``RUN/calibration/<name>/head.pth`` (``name`` as :func:`resolve_calibration`)."""
+    head, _ = load_head(run / "calibration" / resolve_calibration(run, name) / "head.pth", model.roi_heads)
+    return head.eval()
+
+
+def resolve_calibration(run: Path, name: str | None) -> str:
+    """``name``, or when None the default calibrated head: ``3fc_ft``, else the only one there is."""
     root = run / "calibration"
     found = sorted(p.parent.name for p in root.glob("*/head.pth")) if root.is_dir() else []
     if name is None:
@@ -503,5 +513,4 @@ def load_calibrated_head(run: Path, name: str | None, model: MaskRCNN) -> torch.
             raise InputError(
                 root, "(calibration)", f"several calibrated heads ({', '.join(found)}): pass --calibration"
             )
-    head, _ = load_head(root / name / "head.pth", model.roi_heads)
-    return head.eval()
+    return name
