@@ -39,15 +39,27 @@ def test_demo_tiny_budget_table_report_and_resume(tiny_budget, tmp_path, capsys)
     assert main(["demo", "--budget", "quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     md = (out / "demo_results.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("|")]
+    main_md, without_md = md.split("### ")[1:]
+    table = [line for line in main_md.splitlines() if line.startswith("|")]
     assert table[0] == "| head | AP on | AP1 | AP2 | AP3 | AP4 | APr | APc | APf | AP |"
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["original", "calibrated only", "dual head (SimCal)"] * 2
+    heads = ["original", "calibrated only", "dual head (SimCal)"]
+    assert [row.split("|")[1].strip() for row in table[2:]] == heads * 2
     assert "\n".join(table) in printed
     summary = json.loads((out / "demo_results.json").read_text())
     assert set(summary["metrics"]) == {"orig", "cal", "dual"}
     assert 0.0 <= summary["metrics"]["dual"]["segm"]["AP"] <= 1.0
+    # box AP without the detections on tail objects: only false positives go, so AP can only rise
+    assert without_md.startswith("Table 3, box, without the detections on rare and common objects")
+    rows = [line.split("|")[1:3] for line in without_md.splitlines() if line.startswith("| ")][1:]
+    assert [(a.strip(), b.strip()) for a, b in rows] == [(h, "box") for h in heads]
+    without = summary["without_dets_on_tail_objects"]
+    for h in ("orig", "cal", "dual"):
+        for k, v in summary["metrics"][h]["bbox"].items():
+            assert (v is None) == (without[h]["bbox"][k] is None)
+            assert v is None or without[h]["bbox"][k] >= v - 1e-12
     page = (out / "run" / "report" / "index.html").read_text()
     assert "dual head (SimCal)" in page and "data:image/png;base64," in page
+    assert "Where the classification errors land" in page
     assert (out / "run" / "analysis" / "sweep_T.json").exists()
     assert (out / "run" / "analysis" / "dynamics.json").exists()
 

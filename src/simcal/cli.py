@@ -196,9 +196,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         Ts = tuple(float(t) for t in args.T.split(",")) if args.T else an.DEFAULT_TS
         out = an.analyze_sweep_T(args.run, Ts=Ts, iou=args.iou, calibration=args.calibration, **common)
         _print_rows({f"T={r['T']:g}": {k: v for k, v in r.items() if k != "T"} for r in out["sweep"]})
-    else:
+    elif args.tool == "dynamics":
         out = an.analyze_dynamics(args.run, calibration=args.calibration or "3fc_ft", iou=args.iou, **common)
         _print_rows({f"cal @{r['step']}": r["cal"] for r in out["steps"]})
+    else:
+        heads = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
+        out = an.analyze_confusion(args.run, split=args.split, gt_json=args.gt, heads=heads, iou=args.iou)
+        print("rows: AP as is, without the detections on rare/common objects, without any on other-class objects")
+        for head, r in out["heads"].items():
+            n = r["dets_on_other_objects"]
+            print(f"{head}: detections (score >= {out['score']:g}) on other-class objects, class -> object group:")
+            print("   " + "  ".join(f"{a}->{b} {n[a][b]}" for a in "rcf" for b in "rcf"))
+            _print_rows(dict(zip(("as is", "-on tail", "-on other"), (r[k] for k in an.CONFUSION_VARIANTS))))
     print(f"written to {args.run / 'analysis'}")
     return 0
 
@@ -337,14 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("analyze", help="analysis tools: proposal recall, props-gt oracle, T sweep, dynamics")
-    s.add_argument("tool", choices=["recall", "oracle", "sweep-T", "dynamics"])
+    s = sub.add_parser(
+        "analyze", help="analysis tools: proposal recall, props-gt oracle, T sweep, dynamics, confusion sources"
+    )
+    s.add_argument("tool", choices=["recall", "oracle", "sweep-T", "dynamics", "confusion"])
     s.add_argument("--run", required=True, type=Path)
     s.add_argument("--split", default="val")
     s.add_argument("--max-images", type=_positive_int, default=None)
     s.add_argument("--iou", choices=["bbox", "segm"], default="bbox")
     s.add_argument("--T", help="sweep-T values, comma-separated (default 10,20,50,100,200,300,500,1000)")
     s.add_argument("--calibration", help="calibrated head name (default 3fc_ft)")
+    s.add_argument("--gt", help="confusion: annotations of --split when it is not the config's val / train")
+    s.add_argument("--heads", help="confusion: predictions/<split>/<head> to read, comma-separated (default all)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_analyze)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
 from simcal.cli import main
@@ -73,3 +74,28 @@ def test_dynamics_without_snapshots_is_a_clear_error(trained_run, tmp_path, caps
     calibrate(run, progress=False)
     assert main(["analyze", "dynamics", "--run", str(run), "--no-progress"]) == 2
     assert "run simcal calibrate --snapshot-every K first" in capsys.readouterr().err
+
+
+def test_confusion_reads_the_predictions_and_only_removes_false_positives(calibrated_run, capsys):
+    run = calibrated_run
+    shutil.rmtree(run / "predictions", ignore_errors=True)
+    assert main(["analyze", "confusion", "--run", str(run)]) == 2
+    assert "run simcal predict first" in capsys.readouterr().err
+    argv = ["predict", "--run", str(run), "--head", "orig,cal", "--max-images", "10", "--no-progress"]
+    assert main(argv) == 0
+    assert main(["analyze", "confusion", "--run", str(run)]) == 0
+    out = json.loads((run / "analysis" / "confusion.json").read_text())
+    assert set(out["heads"]) == {"cal", "orig"} and (run / "analysis" / "confusion.png").exists()
+    for head, r in out["heads"].items():
+        # as is, it is predict's own evaluation (same 10 images, though the json holds all of val)
+        predicted = json.loads((run / "predictions" / "val" / head / "metrics_bbox.json").read_text())
+        assert r["as is"]["AP"] == pytest.approx(100 * predicted["AP"], abs=1e-9)
+        # the dropped detections are false positives at every IoU >= 0.5: AP can only rise
+        for key, v in r["as is"].items():
+            if v is not None:
+                mid, least = r["without dets on tail objects"][key], r["without dets on other-class objects"][key]
+                assert v <= mid <= least
+        assert set(r["dets_on_other_objects"]) == {"r", "c", "f"}
+    assert "-on other" in capsys.readouterr().out
+    assert main(["analyze", "confusion", "--run", str(run), "--heads", "dual"]) == 2
+    assert "no predictions of head 'dual'" in capsys.readouterr().err

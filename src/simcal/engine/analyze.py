@@ -5,13 +5,16 @@
   boxes and masks unchanged: what better classification alone could give (Fig. 1c);
 - ``sweep-T``: AP per bin of the dual head against the threshold T (Fig. 4c);
 - ``dynamics``: AP per bin of the calibrated and dual heads every K calibration steps, from the
-  snapshots ``simcal calibrate --snapshot-every K`` saved (Fig. 4a).
+  snapshots ``simcal calibrate --snapshot-every K`` saved (Fig. 4a);
+- ``confusion``: from saved predictions, how many of each head's detections sit on objects of
+  another class, by frequency group, and AP without them (is a head-class gain a tail fix?).
 
 Each writes ``RUN/analysis/<tool>.json`` and ``RUN/analysis/<tool>.png``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, collate
 from simcal.engine.predict import (
     HeadSpec,
+    first_images,
     load_calibrated_head,
     load_model,
     resolve_split,
@@ -42,7 +46,7 @@ BIN_KEYS = ("AP1", "AP2", "AP3", "AP4")
 
 
 def _pct(v: float | None) -> float | None:
-    return None if v is None else round(100 * v, 2)
+    return None if v is None else 100 * v  # unrounded: a table rounding it again would differ by 0.1
 
 
 def _summary(r: EvalResult) -> dict[str, float | None]:
@@ -229,5 +233,84 @@ def analyze_dynamics(
         {f"cal {k}": [r["cal"][k] for r in rows] for k in keys},
         title=f"calibrated head {iou} AP during calibration ({split})",
         xlabel="calibration step",
+    )
+    return out
+
+
+# what each evaluation of analyze_confusion leaves out: detections sitting on objects of these groups
+CONFUSION_VARIANTS = {
+    "as is": frozenset(),
+    "without dets on tail objects": frozenset("rc"),
+    "without dets on other-class objects": frozenset("rcf"),
+}
+
+
+def analyze_confusion(
+    run: Path,
+    *,
+    split: str = "val",
+    gt_json: str | None = None,
+    heads: list[str] | None = None,
+    iou: str = "bbox",
+    score: float = 0.05,
+) -> dict[str, Any]:
+    """Where each head's classification errors land, and the AP each head would have without them.
+
+    Reads ``RUN/predictions/<split>/<head>/results.json`` (``simcal predict`` first; default: every
+    head there). A detection of class c that sits on an object of another class d
+    (:func:`other_object_groups`) is a false positive for c. This counts such detections scoring at
+    least ``score`` by the frequency groups of c and d, and evaluates each head three times: as is,
+    without the detections on rare and common objects, and without any on other-class objects.
+
+    Why: a head-class AP gain of the calibrated head can come from the tail objects it no longer
+    calls head classes. How much that weighs depends on the evaluation set: many tail objects (a
+    class-balanced val) or exhaustive negatives make it large; LVIS's long-tailed val and sparse
+    ``neg_category_ids`` make it small. The middle evaluation shows the head classes without it.
+    """
+    from simcal.data.annotations import load_results
+    from simcal.engine.train import load_run_config
+    from simcal.evaluation.analysis import other_object_groups
+    from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
+
+    cfg = load_run_config(run)
+    if gt_json is None:
+        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
+        if not gt_json:
+            raise InputError("--split", "split", f"no annotations for split {split!r}: pass --gt")
+    gt = load_dataset(gt_json)
+    stats = resolve_category_stats(gt, gt_json, load_dataset(cfg.data.train_json), cfg.data.train_json)
+    group_of = {s.id: s.frequency for s in stats}
+    pred_dir = run / "predictions" / split
+    heads = heads or sorted(p.parent.name for p in pred_dir.glob("*/results.json"))
+    if not heads:
+        raise InputError(pred_dir, "(predictions)", "no results.json: run simcal predict first")
+    out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "score": score, "heads": {}}
+    for head in heads:
+        path = pred_dir / head / "results.json"
+        if not path.is_file():
+            raise InputError(path, "(file)", f"no predictions of head {head!r}: run simcal predict --head first")
+        seen = pred_dir / head / f"metrics_{iou}.json"  # predict --max-images evaluated its first N images
+        sub = first_images(gt, json.loads(seen.read_text()).get("num_images") if seen.is_file() else None)
+        results = load_results(path, sub, iou)
+        on = other_object_groups(sub, results, group_of)
+        counts = {g: {h: 0 for h in "rcf"} for g in "rcf"}
+        for r, g in zip(results, on):
+            if g is not None and r["score"] >= score:
+                counts[group_of[r["category_id"]]][g] += 1
+        out["heads"][head] = {
+            "dets_on_other_objects": counts,  # [class group of the detection][group of the object]
+            **{
+                name: _summary(evaluate(sub, [r for r, g in zip(results, on) if g not in drop], iou, stats))
+                for name, drop in CONFUSION_VARIANTS.items()
+            },
+        }
+    d = analysis_dir(run)
+    write_json(d / "confusion.json", out, indent=1)
+    grouped_bars(
+        d / "confusion.png",
+        list(out["heads"]),
+        {name: [h[name]["APf"] for h in out["heads"].values()] for name in CONFUSION_VARIANTS},
+        title=f"frequent-class {iou} AP by false-positive source ({split})",
+        ylabel="APf (%)",
     )
     return out

@@ -472,12 +472,7 @@ def run_heads(
     if not evaluate_results:
         return {}
     if max_images:
-        kept = {gt["images"][i]["id"] for i in indices}
-        gt = {
-            **gt,
-            "images": [im for im in gt["images"] if im["id"] in kept],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in kept],
-        }
+        gt = first_images(gt, len(indices))
     stats = resolve_category_stats(gt, gt_json, train, cfg.data.train_json)
     metrics: dict[str, dict[str, EvalResult]] = {}
     for h in specs:
@@ -490,6 +485,18 @@ def run_heads(
                 print(f"[{h.tag}] {r.table()}")
             metrics[h.tag][iou] = r
     return metrics
+
+
+def first_images(gt: dict[str, Any], n: int | None) -> dict[str, Any]:
+    """The ground truth of the first ``n`` images (all when None): what ``--max-images`` predicted."""
+    if n is None:
+        return gt
+    kept = {im["id"] for im in gt["images"][:n]}
+    return {
+        **gt,
+        "images": [im for im in gt["images"] if im["id"] in kept],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] in kept],
+    }
 
 
 def load_calibrated_head(run: Path, name: str | None, model: MaskRCNN) -> torch.nn.Module:

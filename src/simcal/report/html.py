@@ -233,6 +233,22 @@ def build_report(
             "<h2>Threshold T of the dual head</h2>" + _missing("T sweep", f"simcal analyze sweep-T --run {run}")
         )
 
+    # --- where the classification errors land
+    if (analysis / "confusion.png").exists():
+        conf = json.loads((analysis / "confusion.json").read_text())
+        _copy(analysis / "confusion.png", out, figures, "confusion")
+        counts = "; ".join(
+            f"{h}: {sum(r['dets_on_other_objects']['f'][g] for g in 'rc')}" for h, r in conf["heads"].items()
+        )
+        sections.append(
+            "<h2>Where the classification errors land</h2><p>Frequent-class AP as is, without the "
+            "detections that sit on rare or common objects, and without any on objects of another class "
+            f"({html.escape(conf['split'])}, {conf['iou']}). Frequent-class detections scoring at least "
+            f"{conf['score']:g} on rare or common objects: {html.escape(counts)}. A val with few tail "
+            "objects (LVIS's) hardly counts those; there the middle bars are what the head classes see.</p>"
+            + _img(out / "confusion.png", "false-positive sources")
+        )
+
     # --- dynamics
     dyn = analysis / "dynamics.png"
     cal_name = "3fc_ft" if "3fc_ft" in cal_summaries else next(iter(cal_summaries), None)
