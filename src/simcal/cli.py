@@ -207,7 +207,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             n = r["dets_on_other_objects"]
             print(f"{head}: detections (score >= {out['score']:g}) on other-class objects, class -> object group:")
             print("   " + "  ".join(f"{a}->{b} {n[a][b]}" for a in "rcf" for b in "rcf"))
-            _print_rows(dict(zip(("as is", "-on tail", "-on other"), (r[k] for k in an.CONFUSION_VARIANTS))))
+            _print_rows(dict(zip(an.CONFUSION_LABELS, (r[k] for k in an.CONFUSION_VARIANTS))))
     print(f"written to {args.run / 'analysis'}")
     return 0
 

@@ -228,11 +228,8 @@ def _confusion(run: Path, tag: str) -> dict[str, dict[str, dict[str, float | Non
 
     print(f"[{tag} analyze] where the classification errors land (box AP, from the predictions)")
     out = analyze_confusion(run, heads=["orig", "cal", "dual"])
-    return {
-        h: {"bbox": {k: None if r[k] is None else r[k] / 100 for k in TABLE_KEYS}}
-        for h, v in out["heads"].items()
-        for r in [v["without dets on tail objects"]]
-    }
+    without = {h: v["without dets on tail objects"] for h, v in out["heads"].items()}
+    return {h: {"bbox": {k: None if r[k] is None else r[k] / 100 for k in TABLE_KEYS}} for h, r in without.items()}
 
 
 def run_demo(

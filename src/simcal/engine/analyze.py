@@ -243,6 +243,7 @@ CONFUSION_VARIANTS = {
     "without dets on tail objects": frozenset("rc"),
     "without dets on other-class objects": frozenset("rcf"),
 }
+CONFUSION_LABELS = ("as is", "-on tail", "-on other")  # short names of the variants, for tables and plots
 
 
 def analyze_confusion(
@@ -306,11 +307,13 @@ def analyze_confusion(
         }
     d = analysis_dir(run)
     write_json(d / "confusion.json", out, indent=1)
+    short = dict(zip(CONFUSION_VARIANTS, CONFUSION_LABELS))
+    cells = [(key, name) for key in ("APf", "AP4") for name in CONFUSION_VARIANTS]
     grouped_bars(
         d / "confusion.png",
-        list(out["heads"]),
-        {name: [h[name]["APf"] for h in out["heads"].values()] for name in CONFUSION_VARIANTS},
-        title=f"frequent-class {iou} AP by false-positive source ({split})",
-        ylabel="APf (%)",
+        [f"{key}\n{short[name]}" for key, name in cells],
+        {head: [r[name].get(key) for key, name in cells] for head, r in out["heads"].items()},
+        title=f"head classes' {iou} AP without the detections on other-class objects ({split})",
+        values=True,
     )
     return out

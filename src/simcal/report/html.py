@@ -241,8 +241,9 @@ def build_report(
             f"{h}: {sum(r['dets_on_other_objects']['f'][g] for g in 'rc')}" for h, r in conf["heads"].items()
         )
         sections.append(
-            "<h2>Where the classification errors land</h2><p>Frequent-class AP as is, without the "
-            "detections that sit on rare or common objects, and without any on objects of another class "
+            "<h2>Where the classification errors land</h2><p>AP of the frequent classes (APf) and of the "
+            "top bin (AP4) as is, without the detections that sit on rare or common objects, and without "
+            "any on objects of another class "
             f"({html.escape(conf['split'])}, {conf['iou']}). Frequent-class detections scoring at least "
             f"{conf['score']:g} on rare or common objects: {html.escape(counts)}. A val with few tail "
             "objects (LVIS's) hardly counts those; there the middle bars are what the head classes see.</p>"

@@ -54,13 +54,16 @@ def grouped_bars(
     *,
     title: str,
     ylabel: str = "AP (%)",
+    values: bool = False,
 ) -> None:
-    """Grouped bar chart: one group per x label, one bar per series."""
+    """Grouped bar chart: one group per x label, one bar per series (``values``: printed on the bars)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     width = 0.8 / max(1, len(series))
     for i, (name, ys) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [0 if y is None else y for y in ys], width=width, label=name)
+        bars = ax.bar(xs, [0 if y is None else y for y in ys], width=width, label=name)
+        if values:
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, rotation=90, padding=2)
     ax.set_xticks(range(len(groups)), groups)
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
