@@ -164,7 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     predict(
         args.run,
-        heads=[h.strip() for h in args.head.split(",") if h.strip()],
+        heads=_names(args.head),
         combine_name=args.combine,
         T=args.T,
         param=args.param,
@@ -200,7 +200,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         out = an.analyze_dynamics(args.run, calibration=args.calibration or "3fc_ft", iou=args.iou, **common)
         _print_rows({f"cal @{r['step']}": r["cal"] for r in out["steps"]})
     else:
-        heads = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
+        heads = _names(args.heads) if args.heads else None
         out = an.analyze_confusion(args.run, split=args.split, gt_json=args.gt, heads=heads, iou=args.iou)
         print("rows: AP as is, without the detections on rare/common objects, without any on other-class objects")
         for head, r in out["heads"].items():
@@ -210,6 +210,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             _print_rows(dict(zip(an.CONFUSION_LABELS, (r[k] for k in an.CONFUSION_VARIANTS))))
     print(f"written to {args.run / 'analysis'}")
     return 0
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated option's names (``orig,cal, dual`` -> ``["orig", "cal", "dual"]``)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _print_rows(rows: dict[str, dict[str, float | None]]) -> None:

@@ -32,6 +32,7 @@ from simcal.engine.predict import (
     load_model,
     resolve_split,
     run_heads,
+    split_annotations,
 )
 from simcal.engine.train import setup_torch
 from simcal.errors import InputError
@@ -274,10 +275,7 @@ def analyze_confusion(
     from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
 
     cfg = load_run_config(run)
-    if gt_json is None:
-        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
-        if not gt_json:
-            raise InputError("--split", "split", f"no annotations for split {split!r}: pass --gt")
+    gt_json = split_annotations(cfg, split, gt_json)
     gt = load_dataset(gt_json)
     stats = resolve_category_stats(gt, gt_json, load_dataset(cfg.data.train_json), cfg.data.train_json)
     group_of = {s.id: s.frequency for s in stats}

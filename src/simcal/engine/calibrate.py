@@ -206,8 +206,8 @@ class FrozenDetector:
         if mine == float("inf"):
             return  # never used again
         while self.cache_bytes + size > self.limit and self.cache:
-            far = max(self.cache, key=lambda k: self.next_use(k, step))
-            if self.next_use(far, step) <= mine:
+            far_use, far = max((self.next_use(k, step), k) for k in self.cache)
+            if far_use <= mine:
                 return  # the new output is the one needed last: do not store it
             self.cache_bytes -= self._size(self.cache.pop(far))
         if self.cache_bytes + size <= self.limit:

@@ -401,13 +401,20 @@ def predict(
     )
 
 
+def split_annotations(cfg: Any, split: str, gt_json: str | None, needs: str = "--gt") -> str:
+    """The annotations json of a split: ``gt_json`` when given, else the config's ``val`` / ``train``."""
+    if gt_json is None:
+        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
+        if not gt_json:
+            raise InputError("--split", "split", f"no annotations for split {split!r}: pass {needs}")
+    return gt_json
+
+
 def resolve_split(cfg: Any, split: str, gt_json: str | None, images: str | None) -> tuple[str, str]:
     """The annotations and image folder of a split: the config's ``val`` / ``train`` or given."""
     if gt_json is None:
-        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
         images = images or {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(split)
-        if not gt_json:
-            raise InputError("--split", "split", f"no annotations for split {split!r}: pass --gt and --images")
+    gt_json = split_annotations(cfg, split, gt_json, needs="--gt and --images")
     if not images:
         raise InputError("--images", "images", "an image folder is needed with --gt")
     return gt_json, images
@@ -508,8 +515,8 @@ def load_calibrated_head(run: Path, name: str | None, model: MaskRCNN) -> torch.
 def resolve_calibration(run: Path, name: str | None) -> str:
     """``name``, or when None the default calibrated head: ``3fc_ft``, else the only one there is."""
     root = run / "calibration"
-    found = sorted(p.parent.name for p in root.glob("*/head.pth")) if root.is_dir() else []
     if name is None:
+        found = sorted(p.parent.name for p in root.glob("*/head.pth")) if root.is_dir() else []
         if not found:
             raise InputError(root, "(calibration)", "no calibrated head: run simcal calibrate first")
         if "3fc_ft" in found:
