@@ -4,6 +4,7 @@ dataset, training config and trained run for the engine and report tests."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,33 @@ def data_section(data: Path) -> dict:
     }
 
 
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def _read_only(root: Path, name: str):
+    """Yield ``root``; afterwards fail if any test wrote into it (session fixtures are shared)."""
+    before = _tree(root)
+    yield root
+    after = _tree(root)
+    changed = sorted(set(before) ^ set(after) | {k for k in before.keys() & after.keys() if before[k] != after[k]})
+    assert not changed, f"a test wrote into the session-scoped {name} ({changed[:5]}): copy it with copy_run first"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of run directory ``src`` at ``dst`` (the one way tests get a run they may change)."""
+    shutil.copytree(src, dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
+def tiny_data(tmp_path_factory):
     from simcal.data.synthetic import generate_synthetic
 
     out = tmp_path_factory.mktemp("synth")
     generate_synthetic(out, classes=6, train_images=24, val_images=20, size=64, seed=0, progress=False)
-    return out
+    yield from _read_only(out, "tiny_data")
 
 
 @pytest.fixture
@@ -124,6 +145,9 @@ def tiny_config(tiny_data, tmp_path):
                 **train_overrides,
             },
         }
+        budget = cfg["train"]["max_iter"]
+        if budget is not None and "steps" not in train_overrides:
+            cfg["train"]["steps"] = [s for s in cfg["train"]["steps"] if s < budget]  # inside the schedule
         path = tmp_path / f"cfg_{len(list(tmp_path.glob('cfg_*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path
@@ -133,8 +157,7 @@ def tiny_config(tiny_data, tmp_path):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_data):
-    import yaml
-
+    """A tiny trained run, shared by the whole session: read it, or copy it with :func:`copy_run`."""
     from simcal.config import load_config
     from simcal.engine.train import train
 
@@ -148,17 +171,20 @@ def trained_run(tmp_path_factory, tiny_data):
     }
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     train(load_config(tmp / "cfg.yaml"), tmp / "run", progress=False)
-    return tmp / "run"
+    yield from _read_only(tmp / "run", "trained_run")
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
+    """A private copy of the trained run, for a test that calibrates, predicts or analyses it."""
+    return copy_run(trained_run, tmp_path / "run")
 
 
 @pytest.fixture(scope="module")
 def calibrated_run(trained_run, tmp_path_factory):
     """A copy of the trained run (one per test module), calibrated with snapshots every 3 steps."""
-    import shutil
-
     from simcal.engine.calibrate import calibrate
 
-    run = tmp_path_factory.mktemp("cal") / "run"
-    shutil.copytree(trained_run, run)
+    run = copy_run(trained_run, tmp_path_factory.mktemp("cal") / "run")
     calibrate(run, snapshot_every=3, progress=False)
     return run

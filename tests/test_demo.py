@@ -16,6 +16,7 @@ TINY = {
     "overrides": [
         "model.min_size=64",
         "model.max_size=64",
+        "model.detections_per_img=20",  # masks of 100 detections x 7 heads x 20 images dominate otherwise
         "train.max_iter=2",
         "train.steps=[]",
         "train.warmup_iters=1",

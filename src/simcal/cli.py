@@ -1,7 +1,11 @@
-"""The ``simcal`` command: argument parsing only; each subcommand calls one library function.
+"""The ``simcal`` command: one table of subcommands (name, arguments, handler); parsing only.
 
-Bad input ends with one line ``simcal: error: FILE: FIELD: message`` and exit code 2, never a
-traceback.
+Each handler calls the Python API (:mod:`simcal.api`) or a library function. ``train``,
+``calibrate`` and ``predict`` take ``section.key=value`` overrides after their options; their
+flags that set a config value (``calibrate --steps``, ``predict --T``) are aliases of an
+override. Bad input ends with one line ``simcal: error: FILE: FIELD: message`` and exit code 2,
+never a traceback. Building the parser imports only the standard library and
+:mod:`simcal.choices`, so ``simcal --version`` and ``--help`` are instant.
 """
 
 from __future__ import annotations
@@ -9,24 +13,110 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from simcal import __version__
+from simcal import __version__, choices
 from simcal.errors import InputError, SimcalError
 
 
-def _positive_int(text: str) -> int:
+# --------------------------------------------------------------------------- argument types
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _number(text: str) -> float:
     try:
-        v = int(text)
+        v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return v
 
 
-# --------------------------------------------------------------------------- synth
+def _probability(text: str) -> float:
+    v = _number(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """A comma-separated list of non-negative numbers (``10,100,1000``)."""
+    try:
+        values = tuple(_number(t) for t in text.split(",") if t.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated option's names (``orig,cal, dual`` -> ``["orig", "cal", "dual"]``)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Option:
+    """One argument: argparse's flags and keyword arguments; ``alias``: the config key it sets."""
+
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    alias: str | None = None
+
+
+def opt(*flags: str, alias: str | None = None, **kwargs: Any) -> Option:
+    return Option(flags, kwargs, alias)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, arguments and handler.
+
+    ``overrides``: help for trailing ``section.key=value`` arguments (``None``: not accepted).
+    """
+
+    name: str
+    help: str
+    handler: Callable[[argparse.Namespace], int]
+    options: tuple[Option, ...] = ()
+    overrides: str | None = None
+
+
+def _alias_overrides(command: Command, args: argparse.Namespace) -> list[str]:
+    """The aliased flags that were given, as overrides, then the trailing ``section.key=value`` ones."""
+    out = []
+    for o in command.options:
+        if o.alias is None:
+            continue
+        value = getattr(args, o.kwargs.get("dest") or o.flags[0].lstrip("-").replace("-", "_"))
+        if value is not None:
+            out.append(f"{o.alias}={json.dumps(value)}")
+    return out + list(getattr(args, "overrides", []) or [])
+
+
+NO_PROGRESS = opt("--no-progress", action="store_true", help="no progress bar")
+
+
+# --------------------------------------------------------------------------- handlers
 def cmd_synth(args: argparse.Namespace) -> int:
     from simcal.data.synthetic import generate_synthetic
 
@@ -46,7 +136,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- stats
 def cmd_stats(args: argparse.Namespace) -> int:
     from simcal.data.annotations import load_dataset
     from simcal.data.stats import bin_labels, category_stats, parse_bins
@@ -73,19 +162,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from simcal.data.annotations import load_dataset, load_results
-    from simcal.data.stats import parse_bins
-    from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats, write_per_class_csv
+    from simcal import api
+    from simcal.evaluation.lvis_eval import write_per_class_csv
     from simcal.io import write_json
 
-    edges = parse_bins(args.bins)
-    gt = load_dataset(args.gt)
-    train = load_dataset(args.train) if args.train else None
-    stats = resolve_category_stats(gt, str(args.gt), train, str(args.train), edges)
-    results = load_results(args.results, gt, args.iou)
-    result = evaluate(gt, results, args.iou, stats, edges, chunk_categories=args.chunk_categories)
+    result = api.evaluate(
+        args.gt, args.results, iou=args.iou, train=args.train, bins=args.bins, chunk_categories=args.chunk_categories
+    )
     print(result.table())
     if args.out:
         write_json(args.out, result.to_json(), indent=1)
@@ -96,7 +180,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- coco-lt
 def cmd_coco_lt(args: argparse.Namespace) -> int:
     from simcal.data.annotations import load_dataset
     from simcal.data.coco_lt import build_coco_lt
@@ -112,43 +195,22 @@ def cmd_coco_lt(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from simcal.config import load_config
-    from simcal.engine.train import train
+    from simcal import api
 
-    if args.resume and args.config is None:
-        cfg = None
-        if args.overrides:
-            raise InputError("simcal train", "overrides", "a resumed run keeps its own config.yaml")
-    else:
-        if args.config is None:
-            raise InputError("simcal train", "--config", "required for a new run")
-        cfg = load_config(args.config, args.overrides)
-    final = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    final = api.train(
+        args.config, args.out, overrides=args.overrides, resume=args.resume, progress=not args.no_progress
+    )
     print(f"final weights: {final}")
     return 0
 
 
-# --------------------------------------------------------------------------- calibrate
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from simcal.engine.calibrate import calibrate
+    from simcal import api
 
-    overrides = {
-        "head": args.head,
-        "layers": args.layers,
-        "steps": args.steps,
-        "classes_per_batch": args.classes_per_batch,
-        "loss": args.loss,
-        "sampler": args.sampler,
-        "lr": args.lr,
-        "momentum": args.momentum,
-        "weight_decay": args.weight_decay,
-        "seed": args.seed,
-    }
-    head = calibrate(
+    head = api.calibrate(
         args.run,
-        overrides,
+        overrides=_alias_overrides(COMMANDS_BY_NAME["calibrate"], args),
         name=args.name,
         resume=args.resume,
         snapshot_every=args.snapshot_every,
@@ -158,32 +220,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> int:
-    from simcal.engine.predict import predict
+    from simcal import api
 
-    predict(
+    api.predict(
         args.run,
         heads=_names(args.head),
-        combine_name=args.combine,
-        T=args.T,
-        param=args.param,
+        overrides=_alias_overrides(COMMANDS_BY_NAME["predict"], args),
         calibration=args.calibration,
         split=args.split,
-        gt_json=args.gt,
+        gt=args.gt,
         images=args.images,
         checkpoint=args.checkpoint,
         batch_size=args.batch_size,
         max_images=args.max_images,
+        evaluate=not args.no_eval,
         progress=not args.no_progress,
-        evaluate_results=not args.no_eval,
     )
     return 0
 
 
-# --------------------------------------------------------------------------- analyze
+def _print_rows(rows: dict[str, dict[str, float | None]]) -> None:
+    keys = list(next(iter(rows.values())))
+    print(f"{'':>12} " + " ".join(f"{k:>6}" for k in keys))
+    for name, r in rows.items():
+        print(f"{name:>12} " + " ".join(f"{'-':>6}" if r[k] is None else f"{r[k]:6.1f}" for k in keys))
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from simcal.engine import analyze as an
+    from simcal.run import Run
 
     common = dict(split=args.split, max_images=args.max_images, progress=not args.no_progress)
     if args.tool == "recall":
@@ -193,11 +259,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         out = an.analyze_oracle(args.run, iou=args.iou, **common)
         _print_rows(out["heads"])
     elif args.tool == "sweep-T":
-        Ts = tuple(float(t) for t in args.T.split(",")) if args.T else an.DEFAULT_TS
-        out = an.analyze_sweep_T(args.run, Ts=Ts, iou=args.iou, calibration=args.calibration, **common)
+        out = an.analyze_sweep_T(
+            args.run, Ts=args.T or an.DEFAULT_TS, iou=args.iou, calibration=args.calibration, **common
+        )
         _print_rows({f"T={r['T']:g}": {k: v for k, v in r.items() if k != "T"} for r in out["sweep"]})
     elif args.tool == "dynamics":
-        out = an.analyze_dynamics(args.run, calibration=args.calibration or "3fc_ft", iou=args.iou, **common)
+        out = an.analyze_dynamics(args.run, calibration=args.calibration, iou=args.iou, **common)
         _print_rows({f"cal @{r['step']}": r["cal"] for r in out["steps"]})
     else:
         heads = _names(args.heads) if args.heads else None
@@ -208,23 +275,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             print(f"{head}: detections (score >= {out['score']:g}) on other-class objects, class -> object group:")
             print("   " + "  ".join(f"{a}->{b} {n[a][b]}" for a in "rcf" for b in "rcf"))
             _print_rows(dict(zip(an.CONFUSION_LABELS, (r[k] for k in an.CONFUSION_VARIANTS))))
-    print(f"written to {args.run / 'analysis'}")
+    print(f"written to {Run(args.run).analysis_dir}")
     return 0
 
 
-def _names(text: str) -> list[str]:
-    """A comma-separated option's names (``orig,cal, dual`` -> ``["orig", "cal", "dual"]``)."""
-    return [n.strip() for n in text.split(",") if n.strip()]
-
-
-def _print_rows(rows: dict[str, dict[str, float | None]]) -> None:
-    keys = list(next(iter(rows.values())))
-    print(f"{'':>12} " + " ".join(f"{k:>6}" for k in keys))
-    for name, r in rows.items():
-        print(f"{name:>12} " + " ".join(f"{'-':>6}" if r[k] is None else f"{r[k]:6.1f}" for k in keys))
-
-
-# --------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
     from simcal.report.html import build_report
 
@@ -233,7 +287,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from simcal.demo import run_demo
 
@@ -248,6 +301,173 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "synth",
+        "generate the synthetic long-tail dataset (images + LVIS json)",
+        cmd_synth,
+        (
+            opt("--out", required=True, type=Path, help="output directory"),
+            opt("--classes", type=_positive_int, default=choices.SYNTH_CLASSES, help="classes (default %(default)s)"),
+            opt("--train-images", type=_positive_int, default=choices.SYNTH_TRAIN_IMAGES, help="default %(default)s"),
+            opt("--val-images", type=_positive_int, default=choices.SYNTH_VAL_IMAGES, help="default %(default)s"),
+            opt(
+                "--size", type=_positive_int, default=choices.SYNTH_SIZE, help="image side in px (default %(default)s)"
+            ),
+            opt("--seed", type=_non_negative_int, default=0),
+            opt("--mask-format", choices=choices.MASK_FORMATS, default="polygon"),
+        ),
+    ),
+    Command(
+        "stats",
+        "per-class image/instance counts, r/c/f groups and instance bins",
+        cmd_stats,
+        (
+            opt("annotations", type=Path, help="COCO or LVIS json (a training split)"),
+            opt("--json", action="store_true", help="print json instead of a table"),
+            opt("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)"),
+        ),
+    ),
+    Command(
+        "evaluate",
+        "LVIS/COCO AP, APr/APc/APf and instance-bin AP of a results json",
+        cmd_evaluate,
+        (
+            opt("--gt", required=True, type=Path, help="ground truth json (LVIS or COCO)"),
+            opt("--results", required=True, type=Path, help="results json: a list of detections"),
+            opt("--iou", choices=choices.IOU_TYPES, default="segm", help="default %(default)s"),
+            opt("--train", type=Path, help="training json for the counts (default: the gt categories' fields)"),
+            opt("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)"),
+            opt("--out", type=Path, help="write metrics json here"),
+            opt("--per-class", type=Path, help="write per-class AP csv here"),
+            opt(
+                "--chunk-categories",
+                type=_positive_int,
+                default=None,
+                help="categories per evaluation pass (default: automatic, by size)",
+            ),
+        ),
+    ),
+    Command(
+        "coco-lt",
+        "build the COCO-LT training json from COCO train2017",
+        cmd_coco_lt,
+        (
+            opt("--coco", required=True, type=Path, help="instances_train2017.json"),
+            opt("--out", required=True, type=Path, help="output json"),
+            opt("--seed", type=_non_negative_int, default=0),
+        ),
+    ),
+    Command(
+        "train",
+        "train a Mask R-CNN (torchrun-aware) into a run directory",
+        cmd_train,
+        (
+            opt("--config", type=Path, help="YAML preset (configs/*.yaml)"),
+            opt("--out", required=True, type=Path, help="run directory"),
+            opt("--resume", action="store_true", help="continue the run in --out from its last checkpoint"),
+            NO_PROGRESS,
+        ),
+        overrides="section.key=value, e.g. train.loss=focal train.sampler=repeat_factor",
+    ),
+    Command(
+        "calibrate",
+        "SimCal: bi-level calibration of the classification head on the frozen detector",
+        cmd_calibrate,
+        (
+            opt("--run", required=True, type=Path, help="trained run directory"),
+            opt("--head", choices=choices.CALIBRATED_HEADS, alias="calibration.head", help="default 3fc_ft"),
+            opt(
+                "--layers", choices=choices.LAYERS, alias="calibration.layers", help="layers that train (default all3)"
+            ),
+            opt("--steps", type=_positive_int, alias="calibration.steps", help="default: the run's (paper: 12000)"),
+            opt("--classes-per-batch", type=_positive_int, alias="calibration.classes_per_batch", help="default 16"),
+            opt("--loss", choices=tuple(choices.LOSSES), alias="calibration.loss", help="default ce"),
+            opt("--sampler", choices=choices.CALIBRATION_SAMPLERS, alias="calibration.sampler", help="default bilevel"),
+            opt("--lr", type=_number, alias="calibration.lr", help="default 0.01"),
+            opt("--momentum", type=_number, alias="calibration.momentum", help="default 0.9 (released code: 0)"),
+            opt("--weight-decay", type=_number, alias="calibration.weight_decay", help="default 0.0001"),
+            opt("--seed", type=_non_negative_int, alias="calibration.seed"),
+            opt("--name", help="output name under RUN/calibration (default from the settings)"),
+            opt("--snapshot-every", type=_non_negative_int, default=0, help="also save the head every K steps"),
+            opt("--resume", action="store_true", help="continue an interrupted calibration"),
+            NO_PROGRESS,
+        ),
+        overrides="calibration.key=value, e.g. calibration.loss_kwargs={gamma: 2} calibration.decay=[0.5,0.9]",
+    ),
+    Command(
+        "predict",
+        "run a trained detector on a split: LVIS results json + metrics, several heads in one pass",
+        cmd_predict,
+        (
+            opt("--run", required=True, type=Path, help="run directory"),
+            opt("--split", default="val", help="val or train (from the run's config), or a name for --gt"),
+            opt("--head", default="orig", help=f"{' | '.join(choices.SCORERS)}; comma-separate several"),
+            opt("--combine", choices=choices.COMBINERS, alias="inference.combine", help="dual-head combiner (sel)"),
+            opt("--T", type=_number, alias="inference.T", help="sel threshold on training instances (default 300)"),
+            opt("--param", type=_number, alias="inference.param", help="gamma of norcal, tau of logit-adj (1)"),
+            opt("--calibration", help="calibrated head name under RUN/calibration (default: 3fc_ft)"),
+            opt("--gt", help="annotations json instead of the config's split"),
+            opt("--images", help="image folder for --gt"),
+            opt("--checkpoint", help="weights file (default: RUN/model_final.pth)"),
+            opt("--batch-size", type=_positive_int, default=8),
+            opt("--max-images", type=_positive_int, default=None, help="only the first N images"),
+            opt("--no-eval", action="store_true", help="write results only"),
+            NO_PROGRESS,
+        ),
+        overrides="inference.key=value or model test settings, e.g. model.detections_per_img=300",
+    ),
+    Command(
+        "analyze",
+        "analysis tools: proposal recall, props-gt oracle, T sweep, dynamics, confusion sources",
+        cmd_analyze,
+        (
+            opt("tool", choices=choices.ANALYSES),
+            opt("--run", required=True, type=Path),
+            opt("--split", default="val"),
+            opt("--max-images", type=_positive_int, default=None),
+            opt("--iou", choices=choices.IOU_TYPES, default="bbox"),
+            opt("--T", type=_numbers, help="sweep-T values, comma-separated (default 10,20,50,100,200,300,500,1000)"),
+            opt("--calibration", help="calibrated head name (default 3fc_ft)"),
+            opt("--gt", help="confusion: annotations of --split when it is not the config's val / train"),
+            opt("--heads", help="confusion: predictions/<split>/<head> to read, comma-separated (default all)"),
+            NO_PROGRESS,
+        ),
+    ),
+    Command(
+        "report",
+        "one self-contained HTML page (and PNGs) about a run: tables, plots, detection gallery",
+        cmd_report,
+        (
+            opt("--run", required=True, type=Path),
+            opt("--split", default="val", help="the predictions/<split> to report (default %(default)s)"),
+            opt("--out", type=Path, default=None, help="folder for index.html and PNGs (default RUN/report)"),
+            opt("--gallery", type=_non_negative_int, default=8, help="images in the gallery (default %(default)s)"),
+            opt(
+                "--score",
+                type=_probability,
+                default=None,
+                help="gallery: show detections scoring at least this (default: each head's top N, N = objects)",
+            ),
+        ),
+    ),
+    Command(
+        "demo",
+        "the main job end to end on the synthetic data, ending in a table and a report",
+        cmd_demo,
+        (
+            opt("--out", default="runs/demo", help="working directory (default %(default)s)"),
+            opt("--budget", choices=choices.DEMO_BUDGETS, default="full", help="quick: a ~3 min smoke run"),
+            opt("--seeds", type=_positive_int, default=1, help="training seeds; >1 adds median and mean +- std"),
+            opt("--compare", action="store_true", help="also calibrate the decoupled baselines LR/FL/CM/IS (Table 4)"),
+            NO_PROGRESS,
+            opt("--seed", type=_non_negative_int, default=0, help="seed of the data and of the first training run"),
+        ),
+    ),
+)
+COMMANDS_BY_NAME = {c.name: c for c in COMMANDS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simcal",
@@ -255,142 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"simcal {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("synth", help="generate the synthetic long-tail dataset (images + LVIS json)")
-    from simcal.data import synthetic as _syn
-
-    s.add_argument("--out", required=True, type=Path, help="output directory")
-    s.add_argument(
-        "--classes", type=_positive_int, default=_syn.DEFAULT_CLASSES, help="number of classes (default %(default)s)"
-    )
-    s.add_argument("--train-images", type=_positive_int, default=_syn.DEFAULT_TRAIN_IMAGES, help="default %(default)s")
-    s.add_argument("--val-images", type=_positive_int, default=_syn.DEFAULT_VAL_IMAGES, help="default %(default)s")
-    s.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default %(default)s)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--mask-format", choices=["polygon", "rle"], default="polygon")
-    s.set_defaults(func=cmd_synth)
-
-    s = sub.add_parser("stats", help="per-class image/instance counts, r/c/f groups and instance bins")
-    s.add_argument("annotations", type=Path, help="COCO or LVIS json (a training split)")
-    s.add_argument("--json", action="store_true", help="print json instead of a table")
-    s.add_argument("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)")
-    s.set_defaults(func=cmd_stats)
-
-    s = sub.add_parser("evaluate", help="LVIS/COCO AP, APr/APc/APf and instance-bin AP of a results json")
-    s.add_argument("--gt", required=True, type=Path, help="ground truth json (LVIS or COCO)")
-    s.add_argument("--results", required=True, type=Path, help="results json: a list of detections")
-    s.add_argument("--iou", choices=["bbox", "segm"], default="segm", help="default %(default)s")
-    s.add_argument("--train", type=Path, help="training json for the counts (default: the gt categories' fields)")
-    s.add_argument("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)")
-    s.add_argument("--out", type=Path, help="write metrics json here")
-    s.add_argument("--per-class", type=Path, help="write per-class AP csv here")
-    s.add_argument(
-        "--chunk-categories",
-        type=_positive_int,
-        default=None,
-        help="categories per evaluation pass (default: automatic, by size)",
-    )
-    s.set_defaults(func=cmd_evaluate)
-
-    s = sub.add_parser("coco-lt", help="build the COCO-LT training json from COCO train2017")
-    s.add_argument("--coco", required=True, type=Path, help="instances_train2017.json")
-    s.add_argument("--out", required=True, type=Path, help="output json")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_coco_lt)
-
-    s = sub.add_parser("train", help="train a Mask R-CNN (torchrun-aware) into a run directory")
-    s.add_argument("--config", type=Path, help="YAML preset (configs/*.yaml)")
-    s.add_argument("--out", required=True, type=Path, help="run directory")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.loss=focal train.sampler=repeat_factor")
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser(
-        "calibrate", help="SimCal: bi-level calibration of the classification head on the frozen detector"
-    )
-    s.add_argument("--run", required=True, type=Path, help="trained run directory")
-    s.add_argument("--head", choices=["3fc_ft", "2fc_rand", "3fc_rand", "ncm"], help="default 3fc_ft")
-    s.add_argument("--layers", choices=["all3", "last2", "last1"], help="which head layers train (default all3)")
-    s.add_argument("--steps", type=_positive_int, help="default: the run config's (paper: 12000)")
-    s.add_argument("--classes-per-batch", type=_positive_int, help="default 16")
-    s.add_argument("--loss", choices=["ce", "lr", "focal", "cm"], help="default ce")
-    s.add_argument("--sampler", choices=["bilevel", "random", "repeat_factor"], help="default bilevel")
-    s.add_argument("--lr", type=float, help="default 0.01")
-    s.add_argument("--momentum", type=float, help="default 0.9 (the released code used 0)")
-    s.add_argument("--weight-decay", type=float, help="default 0.0001 (the released code used 0)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--name", help="output name under RUN/calibration (default from the settings)")
-    s.add_argument("--snapshot-every", type=int, default=0, help="also save the head every K steps (dynamics)")
-    s.add_argument("--resume", action="store_true")
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=cmd_calibrate)
-
-    s = sub.add_parser("predict", help="run a trained detector on a split: LVIS results json + metrics")
-    s.add_argument("--run", required=True, type=Path, help="run directory")
-    s.add_argument("--split", default="val", help="val or train (from the run's config), or a name for --gt")
-    s.add_argument(
-        "--head",
-        default="orig",
-        help="orig | cal | dual | norcal | logit-adj; comma-separate several to share one pass",
-    )
-    s.add_argument(
-        "--combine",
-        default=None,
-        help="dual-head combiner: sel (default), avg, cal-only, orig, sel-thr, sel-scale, sel-norm, det",
-    )
-    s.add_argument("--T", type=float, default=None, help="sel threshold on training instances (default 300)")
-    s.add_argument("--param", type=float, default=1.0, help="gamma for norcal, tau for logit-adj (default 1)")
-    s.add_argument("--calibration", help="calibrated head name under RUN/calibration (default: 3fc_ft)")
-    s.add_argument("--gt", help="annotations json instead of the config's split")
-    s.add_argument("--images", help="image folder for --gt")
-    s.add_argument("--checkpoint", help="weights file (default: RUN/model_final.pth)")
-    s.add_argument("--batch-size", type=_positive_int, default=8)
-    s.add_argument("--max-images", type=_positive_int, default=None, help="only the first N images")
-    s.add_argument("--no-eval", action="store_true", help="write results only")
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=cmd_predict)
-
-    s = sub.add_parser(
-        "analyze", help="analysis tools: proposal recall, props-gt oracle, T sweep, dynamics, confusion sources"
-    )
-    s.add_argument("tool", choices=["recall", "oracle", "sweep-T", "dynamics", "confusion"])
-    s.add_argument("--run", required=True, type=Path)
-    s.add_argument("--split", default="val")
-    s.add_argument("--max-images", type=_positive_int, default=None)
-    s.add_argument("--iou", choices=["bbox", "segm"], default="bbox")
-    s.add_argument("--T", help="sweep-T values, comma-separated (default 10,20,50,100,200,300,500,1000)")
-    s.add_argument("--calibration", help="calibrated head name (default 3fc_ft)")
-    s.add_argument("--gt", help="confusion: annotations of --split when it is not the config's val / train")
-    s.add_argument("--heads", help="confusion: predictions/<split>/<head> to read, comma-separated (default all)")
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=cmd_analyze)
-
-    s = sub.add_parser(
-        "report", help="one self-contained HTML page (and PNGs) about a run: tables, plots, detection gallery"
-    )
-    s.add_argument("--run", required=True, type=Path)
-    s.add_argument("--split", default="val", help="the predictions/<split> to report (default %(default)s)")
-    s.add_argument("--out", type=Path, default=None, help="folder for index.html and PNGs (default RUN/report)")
-    s.add_argument("--gallery", type=int, default=8, help="images in the low-shot gallery (default %(default)s)")
-    s.add_argument(
-        "--score",
-        type=float,
-        default=None,
-        help="gallery: show detections scoring at least this (default: each head's top N, N = objects in the image)",
-    )
-    s.set_defaults(func=cmd_report)
-
-    s = sub.add_parser("demo", help="the main job end to end on the synthetic data, ending in a table and a report")
-    s.add_argument("--out", default="runs/demo", help="working directory (default %(default)s)")
-    s.add_argument("--budget", choices=["quick", "full"], default="full", help="quick: a ~3 min smoke run")
-    s.add_argument("--seeds", type=_positive_int, default=1, help="training seeds; >1 adds median and mean +- std")
-    s.add_argument(
-        "--compare", action="store_true", help="also calibrate the decoupled baselines LR / FL / CM / IS (Table 4)"
-    )
-    s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--seed", type=int, default=0, help="seed of the data and of the first training run")
-    s.set_defaults(func=cmd_demo)
+    for command in COMMANDS:
+        s = sub.add_parser(command.name, help=command.help, description=command.help)
+        for o in command.options:
+            s.add_argument(*o.flags, **o.kwargs)
+        if command.overrides is not None:
+            s.add_argument("overrides", nargs="*", help=command.overrides)
+        s.set_defaults(func=command.handler)
     return p
 
 

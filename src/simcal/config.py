@@ -7,12 +7,18 @@ A preset is a short YAML diff over a base (mmdetection's habit, without its regi
       loss: focal
 
 Overrides on the command line use dotted keys: ``train.max_iter=200 model.class_agnostic=true``.
-Values are parsed as YAML scalars (``1e-3``, ``true``, ``[8, 11]``).
+Values are parsed as YAML (``true``, ``[8, 11]``, ``{gamma: 2}``; ``1e-3`` is a number).
+
+Every value is checked (:func:`validate_config`): names against :mod:`simcal.choices`, ranges
+(probabilities in [0, 1], counts > 0, learning-rate steps increasing and inside the schedule),
+and each loss's keyword arguments. An error names the file that set the value (or
+``(command line)`` for an override) and the dotted field, on one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from simcal import choices
 from simcal.errors import InputError
 
 
@@ -38,12 +45,12 @@ class DataConfig:
 class ModelConfig:
     """Detector architecture and test-time settings (METHOD.md, LVIS test settings)."""
 
-    arch: str = "resnet50_fpn"  # resnet50_fpn | small
+    arch: str = "resnet50_fpn"  # choices.ARCHS
     class_agnostic: bool = False  # r50-ag: one box regressor and one mask channel for all classes
     weights: str | None = None  # torchvision detection weights name (e.g. COCO_V1) or a .pth path
     weights_backbone: str | None = None  # e.g. IMAGENET1K_V1 (the paper's) or a .pth path
     trainable_backbone_layers: int | None = None
-    norm: str = "frozen_bn"  # frozen_bn (pretrained r50), bn, gn (small / from scratch)
+    norm: str = "frozen_bn"  # choices.NORMS: frozen_bn (pretrained r50), bn, gn (small / from scratch)
     min_size: int = 800
     max_size: int = 1333
     # RPN
@@ -70,7 +77,7 @@ class TrainConfig:
     batch_size: int = 16  # global, over all processes
     base_lr: float = 0.01  # the paper (supp. G), at reference_batch_size; scaled linearly with batch_size
     reference_batch_size: int = 16
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # choices.OPTIMIZERS
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500  # mmdetection v1 (the authors' base): 500 iterations from 1/3
@@ -79,9 +86,9 @@ class TrainConfig:
     epochs: float = 12.0
     steps: list[float] = field(default_factory=lambda: [8.0, 11.0])  # in the unit of the budget
     gamma: float = 0.1
-    loss: str = "ce"  # ce | lr | focal | cm
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)
-    sampler: str = "random"  # random | repeat_factor
+    loss: str = "ce"  # choices.LOSSES
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {gamma: 2} for focal
+    sampler: str = "random"  # choices.TRAIN_SAMPLERS
     repeat_threshold: float = 0.001
     repeat_rounding: str = "stochastic"  # stochastic | ceil
     flip_prob: float = 0.5
@@ -96,16 +103,17 @@ class TrainConfig:
 class CalibrationConfig:
     """SimCal calibration of the classification head (METHOD.md; paper Sec. 4.2, supp. G.2)."""
 
-    head: str = "3fc_ft"  # 3fc_ft | 2fc_rand | 3fc_rand | ncm
-    layers: str = "all3"  # all3 | last2 | last1 (which layers of the head train, Table 10)
+    head: str = "3fc_ft"  # choices.CALIBRATED_HEADS
+    layers: str = "all3"  # choices.LAYERS (which layers of the head train, Table 10)
     steps: int = 12000
     decay: list[float] = field(default_factory=lambda: [8000 / 12000, 11000 / 12000])  # fractions of steps
     classes_per_batch: int = 16  # bi-level: n classes per step, one image each
     lr: float = 0.01
     momentum: float = 0.9  # the paper's; the released code used 0
     weight_decay: float = 0.0001
-    loss: str = "ce"  # ce | lr | focal | cm (decoupled baselines, Table 4)
-    sampler: str = "bilevel"  # bilevel | random | repeat_factor (image-centric: decoupled baselines)
+    loss: str = "ce"  # choices.LOSSES (decoupled baselines, Table 4)
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    sampler: str = "bilevel"  # choices.CALIBRATION_SAMPLERS (random, repeat_factor: decoupled baselines)
     flip_prob: float = 0.5
     cache_mb: int = 4096  # frozen backbone/RPN outputs kept per (image, flip); 0 disables
     # cache misses of a step computed together, up to this many same-size images (a lone miss is
@@ -119,10 +127,11 @@ class CalibrationConfig:
 
 @dataclass
 class InferenceConfig:
-    """Dual-head inference (Eq. 2): calibrated column for classes with N_z <= T."""
+    """Dual-head inference (Eq. 2): calibrated column for classes with N_z <= T; post-hoc methods."""
 
-    combine: str = "sel"
-    T: float = 300.0
+    combine: str = "sel"  # choices.COMBINERS
+    T: float = 300.0  # training instances
+    param: float = 1.0  # gamma of norcal, tau of logit-adj
 
 
 @dataclass
@@ -137,6 +146,40 @@ class Config:
         return dataclasses.asdict(self)
 
 
+#: where a value came from when it was not set by a file: an override on the command line
+COMMAND_LINE = "(command line)"
+
+
+class Origins:
+    """Which file set each dotted field (``train.loss`` -> ``configs/x.yaml``), for error messages.
+
+    A field nobody set explicitly (a dataclass default) is reported against ``default``.
+    """
+
+    def __init__(self, default: str, fields: dict[str, str] | None = None) -> None:
+        self.default = default
+        self.fields: dict[str, str] = dict(fields or {})
+
+    def set_all(self, raw: dict[str, Any], source: str, prefix: str = "") -> None:
+        """Record ``source`` for every leaf of ``raw`` (a nested dict; loss_kwargs is one leaf)."""
+        for key, value in raw.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and not name.endswith("loss_kwargs"):
+                self.set_all(value, source, name + ".")
+            else:
+                self.fields[name] = source
+
+    def of(self, name: str) -> str:
+        """The source of ``name``, of the nearest enclosing field that has one, or of a field inside it."""
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):
+            hit = self.fields.get(".".join(parts[:n]))
+            if hit is not None:
+                return hit
+        inner = [source for field, source in self.fields.items() if field.startswith(name + ".")]
+        return inner[-1] if inner else self.default
+
+
 def _merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in diff.items():
@@ -144,7 +187,7 @@ def _merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
     path = path.resolve()
     if path in seen:
         raise InputError(path, "_base_", "circular inheritance")
@@ -153,13 +196,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise InputError(path, "(yaml)", str(e).replace("\n", " ")) from None
+        raise InputError(path, "(yaml)", " ".join(str(e).split())) from None
     if not isinstance(raw, dict):
         raise InputError(path, "(top level)", "expected a mapping")
-    base = raw.pop("_base_", None)
-    if base:
-        parent = _read_yaml(path.parent / base, (*seen, path))
-        raw = _merge(parent, raw)
     # resolve relative data paths against the file that names them
     data = raw.get("data")
     if isinstance(data, dict):
@@ -167,25 +206,42 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
             v = data.get(key)
             if isinstance(v, str) and v and not os.path.isabs(v) and not v.startswith("${"):
                 data[key] = str((path.parent / v).resolve())
-    return raw
+    base = raw.pop("_base_", None)
+    origins = Origins(str(path))
+    if base:
+        if not isinstance(base, str):
+            raise InputError(path, "_base_", f"expected a file name, got {base!r}")
+        parent, origins = _read_yaml(path.parent / base, (*seen, path))
+        origins.default = str(path)
+        origins.set_all(raw, str(path))
+        raw = _merge(parent, raw)
+    else:
+        origins.set_all(raw, str(path))
+    return raw, origins
 
 
-def _build(cls: type, values: dict[str, Any], source: str, prefix: str) -> Any:
+def _build(cls: type, values: Any, origins: Origins, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        name = prefix.rstrip(".") or "(top level)"
+        raise InputError(origins.of(name), name, f"expected a mapping, got {values!r}")
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        name = f"{prefix}{key}"
         if key not in known:
-            raise InputError(source, f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(known))})")
+            raise InputError(origins.of(name), name, f"unknown key (known: {', '.join(sorted(known))})")
         f = known[key]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
-                raise InputError(source, f"{prefix}{key}", "expected a mapping")
-            value = _build(type(default), value, source, f"{prefix}{key}.")
+            value = _build(type(default), value, origins, f"{name}.")
         else:
-            value = _coerce(value, default, f.type, source, f"{prefix}{key}")
+            value = _coerce(value, default, f.type, origins.of(name), name)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _coerce(value: Any, default: Any, type_str: Any, source: str, name: str) -> Any:
@@ -198,106 +254,234 @@ def _coerce(value: Any, default: Any, type_str: Any, source: str, name: str) -> 
         if not isinstance(value, bool):
             raise InputError(source, name, f"expected true or false, got {value!r}")
         return value
-    if t.startswith("int") and not isinstance(value, bool):
-        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+    if t.startswith("int"):
+        if _is_number(value) and float(value).is_integer():
             return int(value)
         raise InputError(source, name, f"expected an integer, got {value!r}")
     if t.startswith("float"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if _is_number(value) and math.isfinite(value):
             return float(value)
-        raise InputError(source, name, f"expected a number, got {value!r}")
+        raise InputError(source, name, f"expected a finite number, got {value!r}")
     if t.startswith("str"):
         if not isinstance(value, str):
             raise InputError(source, name, f"expected a string, got {value!r}")
         return value
     if t.startswith("list"):
-        if not isinstance(value, list):
-            raise InputError(source, name, f"expected a list, got {value!r}")
+        if not isinstance(value, list) or not all(_is_number(v) and math.isfinite(v) for v in value):
+            raise InputError(source, name, f"expected a list of numbers, got {value!r}")
         return [float(v) for v in value]
     if t.startswith("dict"):
-        if not isinstance(value, dict):
-            raise InputError(source, name, f"expected a mapping, got {value!r}")
-        return value
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise InputError(source, name, f"expected a mapping of names to values, got {value!r}")
+        return dict(value)
     return value
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.max_iter=10", "model.arch=small"]`` -> nested dict of YAML-parsed values."""
+def parse_overrides(items: list[str], allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``["train.max_iter=10", "model.arch=small"]`` -> nested dict of YAML-parsed values.
+
+    ``allowed``: dotted prefixes a key must start with (``("calibration.",)``); ``None``: any.
+    """
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise InputError("(command line)", item, "overrides look like section.key=value")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        node = out
+        key, sep, text = item.partition("=")
         parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise InputError(COMMAND_LINE, item, "overrides look like section.key=value")
+        key = ".".join(parts)
+        if allowed is not None and not any(key == a.rstrip(".") or key.startswith(a) for a in allowed):
+            raise InputError(COMMAND_LINE, key, f"cannot be overridden here (accepted: {', '.join(allowed)})")
+        value = parse_value(text)
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise InputError(COMMAND_LINE, key, "conflicts with another override")
+        if parts[-1] in node and node[parts[-1]] != value:
+            raise InputError(COMMAND_LINE, key, f"given twice, as {node[parts[-1]]!r} and {value!r}")
         node[parts[-1]] = value
     return out
 
 
+def parse_value(text: str) -> Any:
+    """An override's value: YAML (``true``, ``[8, 11]``, ``{gamma: 2}``), with ``1e-3`` a number
+    (YAML 1.1 reads exponents without a dot as text)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML preset (following ``_base_``), apply overrides, and validate every key."""
-    raw = _read_yaml(Path(path)) if path else {}
+    if path:
+        raw, origins = _read_yaml(Path(path))
+    else:
+        raw, origins = {}, Origins("(defaults)")
     if overrides:
-        raw = _merge(raw, parse_overrides(overrides))
-    cfg = _build(Config, raw, str(path or "(defaults)"), "")
-    validate_config(cfg, str(path or "(defaults)"))
+        diff = parse_overrides(overrides)
+        raw = _merge(raw, diff)
+        origins.set_all(diff, COMMAND_LINE)
+    cfg = _build(Config, raw, origins, "")
+    validate_config(cfg, origins)
     return cfg
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
-    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (as stored in a run directory)."""
-    cfg = _build(Config, raw, source, "")
-    validate_config(cfg, source)
+def config_from_dict(raw: dict[str, Any], source: str = "<config>", stored: bool = True) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (as stored in a run directory).
+
+    ``stored``: the config of an existing run. Its names, types and ranges are checked, but not
+    the rules that only shape a new run (:data:`NEW_RUN_RULES`): a run trained before they
+    existed keeps loading, and resumes with the schedule it started with.
+    """
+    origins = Origins(source)
+    cfg = _build(Config, raw, origins, "")
+    validate_config(cfg, origins, stored=stored)
     return cfg
 
 
-def validate_config(cfg: Config, source: str) -> None:
-    choices = {
-        "model.arch": (cfg.model.arch, ("resnet50_fpn", "small")),
-        "model.norm": (cfg.model.norm, ("frozen_bn", "bn", "gn")),
-        "train.loss": (cfg.train.loss, ("ce", "lr", "focal", "cm")),
-        "train.sampler": (cfg.train.sampler, ("random", "repeat_factor")),
-        "train.repeat_rounding": (cfg.train.repeat_rounding, ("stochastic", "ceil")),
-        "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw")),
-        "calibration.head": (cfg.calibration.head, ("3fc_ft", "2fc_rand", "3fc_rand", "ncm")),
-        "calibration.layers": (cfg.calibration.layers, ("all3", "last2", "last1")),
-        "calibration.loss": (cfg.calibration.loss, ("ce", "lr", "focal", "cm")),
-        "calibration.sampler": (cfg.calibration.sampler, ("bilevel", "random", "repeat_factor")),
-    }
-    for name, (value, allowed) in choices.items():
+def apply_overrides(
+    cfg: Config, overrides: list[str], source: str, allowed: tuple[str, ...] | None = None, stored: bool = False
+) -> Config:
+    """A copy of ``cfg`` (read from ``source``) with ``section.key=value`` overrides, validated.
+
+    ``allowed`` restricts the keys (``("calibration.",)`` for ``simcal calibrate``); ``stored``:
+    ``cfg`` is an existing run's config (see :func:`config_from_dict`).
+    """
+    diff = parse_overrides(list(overrides), allowed)
+    origins = Origins(source)
+    origins.set_all(diff, COMMAND_LINE)
+    out = _build(Config, _merge(cfg.to_dict(), diff), origins, "")
+    validate_config(out, origins, stored=stored)
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
+    """Every rule as ``(field, holds, what it must be)``."""
+    m, t, c, i, d = cfg.model, cfg.train, cfg.calibration, cfg.inference, cfg.data
+    positive = "must be > 0"
+    probability = "must lie in [0, 1]"
+
+    def increasing(xs: list[float]) -> bool:
+        return all(a < b for a, b in zip(xs, xs[1:]))
+
+    budget, unit = (t.max_iter, "train.max_iter") if t.max_iter is not None else (t.epochs, "train.epochs")
+    return [
+        ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
+        (
+            "model.trainable_backbone_layers",
+            m.trainable_backbone_layers in (None, 0, 1, 2, 3, 4, 5),
+            "must lie in 0..5 (or null)",
+        ),
+        ("model.min_size", m.min_size > 0, positive),
+        ("model.max_size", m.max_size >= m.min_size, f"must be >= model.min_size ({m.min_size})"),
+        ("model.rpn_pre_nms_top_n_train", m.rpn_pre_nms_top_n_train > 0, positive),
+        ("model.rpn_post_nms_top_n_train", m.rpn_post_nms_top_n_train > 0, positive),
+        ("model.rpn_pre_nms_top_n_test", m.rpn_pre_nms_top_n_test > 0, positive),
+        ("model.rpn_post_nms_top_n_test", m.rpn_post_nms_top_n_test > 0, positive),
+        ("model.rpn_batch_size_per_image", m.rpn_batch_size_per_image > 0, positive),
+        ("model.box_batch_size_per_image", m.box_batch_size_per_image > 0, positive),
+        ("model.box_positive_fraction", 0 < m.box_positive_fraction <= 1, "must lie in (0, 1]"),
+        ("model.score_thresh", 0 <= m.score_thresh <= 1, probability),
+        ("model.nms_thresh", 0 <= m.nms_thresh <= 1, probability),
+        ("model.detections_per_img", m.detections_per_img > 0, positive),
+        ("train.batch_size", t.batch_size > 0, positive),
+        ("train.base_lr", t.base_lr > 0, positive),
+        ("train.reference_batch_size", t.reference_batch_size > 0, positive),
+        ("train.momentum", t.momentum >= 0, "must be >= 0"),
+        ("train.momentum", t.momentum <= 1, "must be <= 1"),
+        ("train.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("train.warmup_iters", t.warmup_iters >= 0, "must be >= 0"),
+        ("train.warmup_factor", 0 < t.warmup_factor <= 1, "must lie in (0, 1]"),
+        ("train.max_iter", t.max_iter is None or t.max_iter > 0, positive),
+        ("train.epochs", t.epochs > 0, positive),
+        ("train.steps", increasing(t.steps), "must be strictly increasing"),
+        (
+            "train.steps",
+            all(0 < s < budget for s in t.steps),
+            f"must lie inside the schedule, 0 < step < {budget:g} ({unit})",  # a NEW_RUN_RULES rule
+        ),
+        ("train.gamma", 0 < t.gamma <= 1, "must lie in (0, 1]"),
+        ("train.repeat_threshold", 0 < t.repeat_threshold <= 1, "must lie in (0, 1]"),
+        ("train.flip_prob", 0 <= t.flip_prob <= 1, probability),
+        ("train.checkpoint_period", t.checkpoint_period > 0, positive),
+        ("train.log_period", t.log_period > 0, positive),
+        ("train.seed", t.seed >= 0, "must be >= 0"),
+        ("train.threads", t.threads >= 0, "must be >= 0 (0: torch's default)"),
+        ("calibration.steps", c.steps > 0, positive),
+        ("calibration.decay", increasing(c.decay), "must be strictly increasing"),
+        (
+            "calibration.decay",
+            all(0 < f < 1 for f in c.decay),
+            "must be fractions of calibration.steps, each in (0, 1)",
+        ),
+        ("calibration.classes_per_batch", c.classes_per_batch > 0, positive),
+        ("calibration.lr", c.lr > 0, positive),
+        ("calibration.momentum", c.momentum >= 0, "must be >= 0"),
+        ("calibration.momentum", c.momentum <= 1, "must be <= 1"),
+        ("calibration.weight_decay", c.weight_decay >= 0, "must be >= 0"),
+        ("calibration.flip_prob", 0 <= c.flip_prob <= 1, probability),
+        ("calibration.cache_mb", c.cache_mb >= 0, "must be >= 0 (0: no cache)"),
+        ("calibration.miss_batch", c.miss_batch > 0, positive),
+        ("calibration.checkpoint_period", c.checkpoint_period > 0, positive),
+        ("calibration.log_period", c.log_period > 0, positive),
+        ("calibration.seed", c.seed >= 0, "must be >= 0"),
+        ("inference.T", i.T >= 0, "must be >= 0 (training instances)"),
+        ("inference.param", i.param >= 0, "must be >= 0"),
+    ]
+
+
+#: rules a run's stored config is not held to (they shape a new run; an older run may predate them)
+NEW_RUN_RULES = ("must lie inside the schedule",)
+
+#: ``field -> (value getter, allowed names)``: every choice of the config, read from :mod:`simcal.choices`
+_CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "model.arch": (lambda cfg: cfg.model.arch, choices.ARCHS),
+    "model.norm": (lambda cfg: cfg.model.norm, choices.NORMS),
+    "train.optimizer": (lambda cfg: cfg.train.optimizer, choices.OPTIMIZERS),
+    "train.loss": (lambda cfg: cfg.train.loss, tuple(choices.LOSSES)),
+    "train.sampler": (lambda cfg: cfg.train.sampler, choices.TRAIN_SAMPLERS),
+    "train.repeat_rounding": (lambda cfg: cfg.train.repeat_rounding, choices.REPEAT_ROUNDING),
+    "calibration.head": (lambda cfg: cfg.calibration.head, choices.CALIBRATED_HEADS),
+    "calibration.layers": (lambda cfg: cfg.calibration.layers, choices.LAYERS),
+    "calibration.loss": (lambda cfg: cfg.calibration.loss, tuple(choices.LOSSES)),
+    "calibration.sampler": (lambda cfg: cfg.calibration.sampler, choices.CALIBRATION_SAMPLERS),
+    "inference.combine": (lambda cfg: cfg.inference.combine, choices.COMBINERS),
+}
+
+
+def validate_config(cfg: Config, source: str | Origins, stored: bool = False) -> None:
+    """Check every value of ``cfg``; the first violation is an :class:`InputError` naming the field.
+
+    ``source``: the file the config came from, or :class:`Origins` naming the file of each field.
+    ``stored``: a run's own config (:func:`config_from_dict`): :data:`NEW_RUN_RULES` are skipped.
+    """
+    origins = source if isinstance(source, Origins) else Origins(source)
+    for name, (get, allowed) in _CHOICES.items():
+        value = get(cfg)
         if value not in allowed:
-            raise InputError(source, name, f"expected one of {', '.join(allowed)}, got {value!r}")
-    positive = {
-        "train.batch_size": cfg.train.batch_size,
-        "train.base_lr": cfg.train.base_lr,
-        "train.checkpoint_period": cfg.train.checkpoint_period,
-        "model.min_size": cfg.model.min_size,
-        "model.detections_per_img": cfg.model.detections_per_img,
-        "calibration.steps": cfg.calibration.steps,
-        "calibration.classes_per_batch": cfg.calibration.classes_per_batch,
-        "calibration.lr": cfg.calibration.lr,
-        "calibration.miss_batch": cfg.calibration.miss_batch,
-    }
-    for name, value in positive.items():
-        if not value > 0:
-            raise InputError(source, name, f"must be positive, got {value!r}")
-    non_negative = {
-        "train.momentum": cfg.train.momentum,
-        "train.weight_decay": cfg.train.weight_decay,
-        "calibration.momentum": cfg.calibration.momentum,
-        "calibration.weight_decay": cfg.calibration.weight_decay,
-    }
-    for name, value in non_negative.items():
-        if not value >= 0:
-            raise InputError(source, name, f"must be >= 0, got {value!r}")
-    if cfg.train.max_iter is not None and cfg.train.max_iter < 1:
-        raise InputError(source, "train.max_iter", "must be positive")
+            raise InputError(origins.of(name), name, f"expected one of {', '.join(allowed)}, got {value!r}")
+    for section in ("train", "calibration"):
+        sec = getattr(cfg, section)
+        problem = choices.check_loss_kwargs(sec.loss, sec.loss_kwargs)
+        if problem is not None:
+            key, message = problem
+            name = f"{section}.loss_kwargs"
+            raise InputError(origins.of(name), f"{name}.{key}", message)
+    for name, holds, message in _checks(cfg):
+        if stored and message.startswith(NEW_RUN_RULES):
+            continue
+        if not holds:
+            section, key = name.split(".")
+            raise InputError(origins.of(name), name, f"{message}, got {getattr(getattr(cfg, section), key)!r}")
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:

@@ -24,10 +24,10 @@ from typing import Any
 
 from simcal.config import load_config
 from simcal.data.stats import BIN_PRESETS, category_stats
-from simcal.engine.checkpoint import FINAL, LAST
 from simcal.errors import InputError
 from simcal.io import read_json, write_json
 from simcal.report.html import HEAD_NAMES, build_report, html_table
+from simcal.run import Run, calibration_name
 
 REPO = Path(__file__).resolve().parents[2]
 PRESET = REPO / "configs" / "synthetic_cpu.yaml"
@@ -57,12 +57,12 @@ BUDGETS: dict[str, dict[str, Any]] = {
 }
 TABLE_KEYS = ("AP1", "AP2", "AP3", "AP4", "APr", "APc", "APf", "AP")
 HEADER = ["head", "AP on", *TABLE_KEYS]
-#: Table 4: (row name, calibration loss, calibration sampler); each calibrated head is used as a dual head.
+#: Table 4: (row name, calibration overrides); each calibrated head is used as a dual head.
 BASELINES = (
-    ("LR (re-weighting)", "lr", "random"),
-    ("FL (focal loss)", "focal", "random"),
-    ("CM (class-aware margin)", "cm", "random"),
-    ("IS (repeat-factor sampling)", "ce", "repeat_factor"),
+    ("LR (re-weighting)", ["calibration.loss=lr", "calibration.sampler=random"]),
+    ("FL (focal loss)", ["calibration.loss=focal", "calibration.sampler=random"]),
+    ("CM (class-aware margin)", ["calibration.loss=cm", "calibration.sampler=random"]),
+    ("IS (repeat-factor sampling)", ["calibration.sampler=repeat_factor"]),
 )
 SNAPSHOTS = 4  # calibration snapshots for the dynamics plot
 
@@ -150,28 +150,27 @@ def _prepare_data(data: Path, params: dict[str, Any], progress: bool) -> None:
 def _train(run: Path, overrides: list[str], tag: str, progress: bool) -> None:
     from simcal.engine.train import train
 
-    if (run / FINAL).exists():
-        print(f"[{tag} train] {run / FINAL} (exists)")
+    r = Run(run)
+    if r.model_final.exists():
+        print(f"[{tag} train] {r.model_final} (exists)")
         return
-    resume = (run / LAST).exists()
+    resume = r.checkpoint_last.exists()
     print(f"[{tag} train] simcal train -> {run}{' (resuming)' if resume else ''}")
     train(None if resume else load_config(PRESET, overrides), run, resume=resume, progress=progress)
 
 
-def _calibrate(run: Path, overrides: dict[str, Any], label: str, tag: str, progress: bool, snapshots: bool) -> str:
+def _calibrate(run: Path, overrides: list[str], label: str, tag: str, progress: bool, snapshots: bool) -> str:
     """Calibrate (or resume, or find done) one head; returns its name under RUN/calibration."""
-    from simcal.engine.calibrate import HEAD, calibrate, calibration_dir, default_name
-    from simcal.engine.train import load_run_config
+    from simcal.engine.calibrate import calibrate, calibration_config
 
-    cfg = load_run_config(run)
-    for k, v in overrides.items():
-        setattr(cfg.calibration, k, v)
-    name = default_name(cfg)
-    d = calibration_dir(run, name)
-    if (d / HEAD).exists():
-        print(f"[{tag} calibrate] {label}: {d / HEAD} (exists)")
+    r = Run(run)
+    cfg = calibration_config(r.load_config(), overrides, str(r.config))
+    name = calibration_name(cfg.calibration)
+    files = r.calibration(name)
+    if files.head.exists():
+        print(f"[{tag} calibrate] {label}: {files.head} (exists)")
         return name
-    resume = (d / "checkpoint.pth").exists()
+    resume = files.checkpoint.exists()
     print(f"[{tag} calibrate] {label}{' (resuming)' if resume else ''}")
     every = max(1, cfg.calibration.steps // SNAPSHOTS) if snapshots else 0
     calibrate(run, overrides, resume=resume, snapshot_every=every, progress=progress)
@@ -180,38 +179,38 @@ def _calibrate(run: Path, overrides: dict[str, Any], label: str, tag: str, progr
 
 def _predict(run: Path, baselines: dict[str, str], tag: str, progress: bool) -> dict[str, dict[str, dict]]:
     """orig / cal / dual (+ the baselines' dual heads) in one pass; metrics per head tag."""
-    from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, run_heads
-    from simcal.engine.train import load_run_config
-    from simcal.modeling.calibration import load_head
+    from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
+    from simcal.run import DEFAULT_CALIBRATION
 
-    pred = run / "predictions" / "val"
-    inference = load_run_config(run).inference
+    r = Run(run)
+    pred = r.predictions("val")
+    cfg = r.load_config()
+    inference = cfg.inference
     specs = [HeadSpec("orig"), HeadSpec("cal"), HeadSpec("dual", inference.combine, inference.T)]
     specs += [HeadSpec("dual", inference.combine, inference.T, cal=n) for n in baselines.values()]
     tags = [s.tag for s in specs]
-    if all((pred / t / f"metrics_{iou}.json").exists() for t in tags for iou in ("bbox", "segm")):
-        print(f"[{tag} predict] {pred} (exists)")
+    if all(pred.head(t).metrics(iou).exists() for t in tags for iou in ("bbox", "segm")):
+        print(f"[{tag} predict] {pred.root} (exists)")
     else:
         print(f"[{tag} predict] simcal predict --head orig,cal,dual{' + baselines' if baselines else ''} (one pass)")
         model, label_map, cfg = load_model(run)  # only when there is something to predict
-        cal_heads = {"": load_calibrated_head(run, "3fc_ft", model)}
-        for n in baselines.values():
-            cal_heads[n] = load_head(run / "calibration" / n / "head.pth", model.roi_heads)[0].eval()
-        run_heads(run, model, label_map, cfg, specs, cal_heads, progress=progress, verbose=False)
-    return {t: {iou: read_json(pred / t / f"metrics_{iou}.json") for iou in ("bbox", "segm")} for t in tags}
+        cal_heads = {"": load_calibrated_head(run, DEFAULT_CALIBRATION, model)}
+        cal_heads.update({n: load_calibrated_head(run, n, model) for n in baselines.values()})
+        predict_split(model, label_map, cfg, specs, cal_heads, "val", pred, progress=progress, verbose=False)
+    return {t: {iou: read_json(pred.head(t).metrics(iou)) for iou in ("bbox", "segm")} for t in tags}
 
 
 def _analyses(run: Path, tag: str, max_images: int | None, progress: bool) -> None:
     from simcal.engine.analyze import analyze_dynamics, analyze_sweep_T
 
-    a = run / "analysis"
-    if (a / "sweep_T.json").exists():
-        print(f"[{tag} analyze] T sweep: {a / 'sweep_T.json'} (exists)")
+    sweep, dynamics = Run(run).analysis("sweep-T").json, Run(run).analysis("dynamics").json
+    if sweep.exists():
+        print(f"[{tag} analyze] T sweep: {sweep} (exists)")
     else:
         print(f"[{tag} analyze] T sweep (box AP, one pass)")
         analyze_sweep_T(run, max_images=max_images, progress=progress)
-    if (a / "dynamics.json").exists():
-        print(f"[{tag} analyze] dynamics: {a / 'dynamics.json'} (exists)")
+    if dynamics.exists():
+        print(f"[{tag} analyze] dynamics: {dynamics} (exists)")
     else:
         print(f"[{tag} analyze] calibration dynamics (box AP at {SNAPSHOTS} snapshots, one pass)")
         analyze_dynamics(run, max_images=max_images, progress=progress)
@@ -270,11 +269,11 @@ def run_demo(
         _train(run, overrides, tag, progress)
         times[f"train seed {s}"] = time.perf_counter() - t
         t = time.perf_counter()
-        _calibrate(run, {}, "SimCal (bi-level sampling, frozen detector)", tag, progress, snapshots=True)
+        _calibrate(run, [], "SimCal (bi-level sampling, frozen detector)", tag, progress, snapshots=True)
         baselines = {}
         if compare:
-            for label, loss, sampler in BASELINES:
-                baselines[label] = _calibrate(run, {"loss": loss, "sampler": sampler}, label, tag, progress, False)
+            for label, calibration in BASELINES:
+                baselines[label] = _calibrate(run, calibration, label, tag, progress, False)
         times[f"calibrate seed {s}"] = time.perf_counter() - t
         t = time.perf_counter()
         metrics = _predict(run, baselines, tag, progress)

@@ -68,9 +68,7 @@ def test_dynamics_last_snapshot_is_the_final_head(calibrated_run):
     assert out["steps"][-1]["cal"] == final_cal
 
 
-def test_dynamics_without_snapshots_is_a_clear_error(trained_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+def test_dynamics_without_snapshots_is_a_clear_error(run, capsys):
     calibrate(run, progress=False)
     assert main(["analyze", "dynamics", "--run", str(run), "--no-progress"]) == 2
     assert "run simcal calibrate --snapshot-every K first" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,20 +12,14 @@ from simcal.cli import main
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset
 from simcal.data.samplers import BiLevelSampler
+from simcal.data.stats import class_instance_counts
 from simcal.engine import calibrate as cal_mod
 from simcal.engine.calibrate import FrozenDetector, calibrate, calibration_batch
-from simcal.engine.checkpoint import FINAL
-from simcal.engine.predict import HeadSpec, MultiHeadPredictor, load_model
+from simcal.engine.predict import HeadSpec, build_scorers, load_model
 from simcal.modeling.calibration import load_head
+from simcal.run import Run
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def run(trained_run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(trained_run, dst)
-    return dst
 
 
 def _sha(path):
@@ -43,16 +36,24 @@ def test_detector_is_byte_identical_after_calibration(run, monkeypatch):
         captured["before"] = {k: v.clone() for k, v in model.state_dict().items()}
         return model, lm, cfg
 
+    during = []
+    real_batch = cal_mod.calibration_batch
+
+    def frozen_during(frozen, *a, **kw):  # the state of the detector while the head trains
+        model = frozen.model
+        during.append((model.training, any(p.requires_grad for p in model.parameters())))
+        return real_batch(frozen, *a, **kw)
+
     monkeypatch.setattr(cal_mod, "load_model", capture)
-    file_hash = _sha(run / FINAL)
+    monkeypatch.setattr(cal_mod, "calibration_batch", frozen_during)
+    file_hash = _sha(Run(run).model_final)
     head_path = calibrate(run, progress=False)
     after = captured["model"].state_dict()
     assert after.keys() == captured["before"].keys()
     for k, v in captured["before"].items():
         assert torch.equal(v, after[k]), k
-    assert _sha(run / FINAL) == file_hash
-    assert not captured["model"].training
-    assert not any(p.requires_grad for p in captured["model"].parameters())
+    assert _sha(Run(run).model_final) == file_hash
+    assert during == [(False, False)] * 6  # eval mode, no gradient, at every step
     head, meta = load_head(head_path, captured["model"].roi_heads)
     assert meta["kind"] == "3fc_ft" and meta["step"] == 6
     # the head did train: it moved away from the original classifier it was copied from
@@ -69,19 +70,24 @@ def test_bilevel_batch_keeps_only_the_sampled_class_and_one_to_one_background(ru
     ds = DetectionDataset(train, cfg.data.train_images, label_map=label_map, with_masks=False)
     frozen = FrozenDetector(model, ds, cache_mb=100, device=torch.device("cpu"))
     draws = BiLevelSampler(train, classes_per_batch=6, seed=0).batch(0)
-    pooled, feats, labels = calibration_batch(
-        frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1, box_feats=True
-    )
-    sampled = {label_map.to_label(c) for _, c in draws}
-    fg = labels[labels > 0]
-    assert fg.numel() > 0 and set(fg.tolist()) <= sampled
-    assert (labels == 0).sum() == fg.numel()  # 1:1 background
-    assert pooled.shape[0] == labels.shape[0] == feats.shape[0]
-    # each image contributes only the sampled class: an image drawn for class c holding another
-    # class d keeps no RoI of d
-    for (index, cat), flip in zip(draws, [False] * 6):
-        present = set(ds[(index, flip)][1]["labels"].tolist())
-        assert label_map.to_label(cat) in present
+    batch = calibration_batch(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1, box_feats=True)
+    labels, slot = batch.labels, batch.slot
+    fg = labels > 0
+    assert fg.sum() > 0
+    assert (labels == 0).sum() == fg.sum()  # 1:1 background
+    assert batch.pooled.shape[0] == labels.shape[0] == batch.box_feats.shape[0] == slot.shape[0]
+    # each image keeps foreground RoIs of its own sampled class only
+    wanted = torch.tensor([label_map.to_label(c) for _, c in draws])
+    assert torch.equal(labels[fg], wanted[slot[fg]])
+    # the sampler did draw foreground RoIs of other classes in those images: exactly those were dropped
+    roi_heads = frozen.model.roi_heads
+    dropped = 0
+    for i, (item, want) in enumerate(zip(frozen.fetch([(index, False) for index, _ in draws]), wanted.tolist())):
+        _, props, gt_boxes, gt_labels, _ = item
+        _, sampled, fg_idx, _ = roi_heads.sample_rois(props, gt_boxes, gt_labels, seed=i)
+        assert int(((slot == i) & fg).sum()) == int((sampled[fg_idx] == want).sum())
+        dropped += int((sampled[fg_idx] != want).sum())
+    assert dropped > 0, "no sampled image yields RoIs of another class: the test checks nothing"
     # the frozen part was computed once per (image, flip) and is served from the cache afterwards
     misses = frozen.misses
     calibration_batch(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1)
@@ -90,7 +96,7 @@ def test_bilevel_batch_keeps_only_the_sampled_class_and_one_to_one_background(ru
 
 def test_resume_and_cache_do_not_change_the_head(run, tmp_path, monkeypatch):
     ref = calibrate(run, name="ref", progress=False)
-    nocache = calibrate(run, {"cache_mb": 0}, name="nocache", progress=False)
+    nocache = calibrate(run, ["calibration.cache_mb=0"], name="nocache", progress=False)
 
     calls = {"n": 0}
     real = cal_mod.calibration_batch
@@ -119,14 +125,14 @@ def test_dual_head_takes_calibrated_columns_for_tail_classes_only(run):
     calibrate(run, progress=False)
     model, label_map, cfg = load_model(run)
     model.roi_heads.detections_per_img = 100_000  # no cap: per-class NMS makes classes independent
-    cal_head = load_head(run / "calibration" / "3fc_ft" / "head.pth", model.roi_heads)[0].eval()
+    cal_head = load_head(Run(run).calibration("3fc_ft").head, model.roi_heads)[0].eval()
     train = load_dataset(cfg.data.train_json)
-    counts = torch.tensor(cal_mod.class_instance_counts(train, label_map), dtype=torch.float32)
+    counts = torch.tensor(class_instance_counts(train, label_map.category_ids), dtype=torch.float32)
     T = float(torch.median(counts))
     specs = [HeadSpec("orig"), HeadSpec("cal"), HeadSpec("dual", "sel", T)]
     val = load_dataset(cfg.data.val_json)
     ds = DetectionDataset(val, cfg.data.val_images, label_map=label_map, with_masks=False)
-    out = MultiHeadPredictor(model, specs, cal_head, counts)([ds[0][0], ds[1][0]])
+    out = model.detect([ds[0][0], ds[1][0]], build_scorers(specs, {"": cal_head}, counts))
     tag = specs[2].tag
     for i in range(2):
         for label in range(1, label_map.num_classes + 1):
@@ -187,21 +193,39 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
     assert (run / "predictions" / "val" / "cal" / "results.json").read_bytes() == before
     for tag in (f"cal@{other}", f"dual@{other}"):
         assert len(json.loads((run / "predictions" / "val" / tag / "results.json").read_text())) > 0
-    assert main(["predict", "--run", str(run), "--head", "dual", "--combine", "bogus", "--no-progress"]) == 2
-    assert "unknown 'bogus'" in capsys.readouterr().err
+    # every file the run holds (weights, checkpoints, heads, results, metrics, logs) has the mode
+    # the umask gives a new file, and no temporary file is left
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model_final.pth", "head.pth", "results.json", "metrics_segm.json"}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}
+    assert not [p for p in files if p.name.endswith(".tmp")]
+    with pytest.raises(SystemExit) as stop:  # the flag's choices come from simcal.choices
+        main(["predict", "--run", str(run), "--head", "dual", "--combine", "bogus", "--no-progress"])
+    assert stop.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert main(["predict", "--run", str(run), "--head", "dual", "inference.combine=bogus", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "simcal: error: (command line): inference.combine: expected one of sel, avg, cal-only, orig, "
+        "sel-thr, sel-scale, sel-norm, det, got 'bogus'\n"
+    )
 
 
 def test_heads_share_the_mask_head_work(run):
     calibrate(run, progress=False)
     model, label_map, cfg = load_model(run)
-    cal_head = load_head(run / "calibration" / "3fc_ft" / "head.pth", model.roi_heads)[0].eval()
-    counts = torch.tensor(cal_mod.class_instance_counts(load_dataset(cfg.data.train_json), label_map))
+    cal_head = load_head(Run(run).calibration("3fc_ft").head, model.roi_heads)[0].eval()
+    counts = torch.tensor(class_instance_counts(load_dataset(cfg.data.train_json), label_map.category_ids))
     val = load_dataset(cfg.data.val_json)
     ds = DetectionDataset(val, cfg.data.val_images, label_map=label_map, with_masks=False)
     rows = []
     model.roi_heads.mask_head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
     specs = [HeadSpec("orig"), HeadSpec("dual", "sel", -1.0)]  # T = -1: dual keeps exactly orig's detections
-    out = MultiHeadPredictor(model, specs, cal_head, counts.float())([ds[0][0]])
+    out = model.detect([ds[0][0]], build_scorers(specs, {"": cal_head}, counts.float()))
     a, b = out["orig"][0], out[specs[1].tag][0]
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["masks"], b["masks"])
     assert rows == [a["labels"].numel()]  # one mask-head pass over the union, not one per head

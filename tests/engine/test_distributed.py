@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from simcal.cli import main
-from simcal.engine.checkpoint import FINAL, load_checkpoint
+from simcal.io import load_checkpoint
+from simcal.run import Run
 
 # Tolerance. The two runs take floating-point sums in a different order (per-process losses, then
 # gloo's all-reduce of the gradients): the losses agree to ~1e-7 and, after 2 SGD steps, every
@@ -60,19 +61,19 @@ def test_two_gloo_processes_match_one(tiny_config, tmp_path):
     for r1, r2 in zip(*logs):
         for key in ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"):
             assert r1[key] == pytest.approx(r2[key], rel=1e-6), key
-    a, b = load_checkpoint(single / FINAL)["model"], load_checkpoint(double / FINAL)["model"]
+    a, b = load_checkpoint(Run(single).model_final)["model"], load_checkpoint(Run(double).model_final)["model"]
     assert a.keys() == b.keys()
-    moved = 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=ATOL, msg=k)
-        moved += 1
-    assert moved > 50
-    # training did move the weights: this is not a comparison of two untouched initialisations
+    # training did move the weights: this is not a comparison of two untouched initialisations.
+    # Every trained weight tensor moved by much more than the tolerance (the same initialisation:
+    # the seed of the run, as train seeds it)
     from simcal.config import load_config
-    from simcal.engine.train import seed_everything
+    from simcal.engine.runtime import seed_everything
     from simcal.modeling.detector import build_detector
 
     seed_everything(0)
     fresh = build_detector(load_config(cfg, overrides).model, num_classes=6).state_dict()
-    key = "roi_heads.box_predictor.cls_score.weight"
-    assert (fresh[key] - a[key]).abs().max() > 100 * ATOL
+    weights = [k for k in a if a[k].is_floating_point() and k.endswith(("weight", "bias"))]
+    moved = [k for k in weights if (fresh[k] - a[k]).abs().max() > 10 * ATOL]
+    assert len(weights) > 50 and len(moved) >= 0.9 * len(weights), sorted(set(weights) - set(moved))

@@ -12,7 +12,9 @@ from pycocotools import mask as mask_utils
 from simcal.cli import main
 from simcal.data.annotations import load_dataset, validate_results
 from simcal.engine import predict as predict_mod
-from simcal.engine.predict import encode_rle, infer_batch, paste_masks, results_file
+from simcal.engine.predict import encode_rle, infer_batch, results_file
+from simcal.modeling.detector import paste_masks
+from simcal.modeling.scoring import build_scorer
 
 torch.set_num_threads(1)
 
@@ -67,13 +69,25 @@ def test_infer_batch_matches_torchvision_forward(trained_run, tiny_data):
     images = [ds[0][0], ds[1][0]]
     with torch.no_grad():
         ours = infer_batch(model, images)
-        ref = model(images)
-    for a, b in zip(ours, ref):
+        ref = model(images)  # torchvision's GeneralizedRCNN.forward, its own mask paste
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        raw = model.roi_heads.detect(features, proposals, batch.image_sizes, {"orig": build_scorer("orig")})["orig"]
+    for a, b, r, im in zip(ours, ref, raw, images):
         assert a["boxes"].shape[0] > 0
         torch.testing.assert_close(a["boxes"], b["boxes"])
         torch.testing.assert_close(a["scores"], b["scores"])
         assert torch.equal(a["labels"], b["labels"])
-        assert a["masks"].shape == (b["masks"].shape[0], *b["masks"].shape[2:])
+        # the same mask-head output: torchvision's paste of our 28 x 28 masks is its forward's masks
+        from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+        h, w = im.shape[-2:]
+        torch.testing.assert_close(paste_masks_in_image(r["masks"], b["boxes"], (h, w)), b["masks"])
+        # and predict's masks are exactly our paste of those same values (the paste itself is
+        # compared with torchvision's in test_paste_masks_agrees_with_torchvision_paste)
+        assert torch.equal(a["masks"], paste_masks(r["masks"][:, 0], a["boxes"], h, w))
+        assert a["masks"].any()
 
 
 def test_paste_masks_agrees_with_torchvision_paste():
@@ -91,7 +105,7 @@ def test_paste_masks_agrees_with_torchvision_paste():
         assert iou > 0.9  # bilinear sampling vs torchvision's resize-and-paste differ at the borders
 
 
-def test_predict_cli_writes_results_and_metrics(trained_run, tiny_data, monkeypatch, capsys):
+def test_predict_cli_writes_results_and_metrics(run, tiny_data, monkeypatch, capsys):
     calls = {"backbone": 0}
     real_load = predict_mod.load_model
 
@@ -106,7 +120,7 @@ def test_predict_cli_writes_results_and_metrics(trained_run, tiny_data, monkeypa
             [
                 "predict",
                 "--run",
-                str(trained_run),
+                str(run),
                 "--split",
                 "val",
                 "--batch-size",
@@ -119,7 +133,7 @@ def test_predict_cli_writes_results_and_metrics(trained_run, tiny_data, monkeypa
         == 0
     )
     assert calls["backbone"] == 3  # 10 images in batches of 4: one pass each, boxes and masks together
-    out = trained_run / "predictions" / "val" / "orig"
+    out = run / "predictions" / "val" / "orig"
     results = json.loads((out / "results.json").read_text())
     gt = load_dataset(tiny_data / "val.json")
     validate_results(results, gt, "bbox")

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 
 import pytest
 import torch
 
 from simcal.cli import main
 from simcal.config import load_config
-from simcal.engine.checkpoint import FINAL, LAST, load_checkpoint
 from simcal.engine.train import learning_rate, schedule, train
 from simcal.errors import InputError
+from simcal.io import load_checkpoint
+
+FINAL, LAST = "model_final.pth", "checkpoint_last.pth"
 
 torch.set_num_threads(1)
 
@@ -36,21 +37,25 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_config, tmp_path):
     full = tmp_path / "full"
     train(load_config(cfg_path), full, progress=False)
 
+    # kill -9, deterministically: the process kills itself right after its checkpoint of iteration 4
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simcal", "train", "--config", str(cfg_path), "--out", str(killed), "--no-progress"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        import simcal.engine.train as t
+        real = t.save_checkpoint
+        def save_then_die(path, state):
+            real(path, state)
+            if state.get("iteration") == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+        t.save_checkpoint = save_then_die
+        from simcal.cli import main
+        sys.exit(main(["train", "--config", {str(cfg_path)!r}, "--out", {str(killed)!r}, "--no-progress"]))
+        """
     )
-    deadline = time.time() + 120
-    while not (killed / LAST).exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_checkpoint(killed / LAST)["iteration"]
-    assert stopped_at < 8, "the run finished before it could be killed"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert load_checkpoint(killed / LAST)["iteration"] == 4
     assert not (killed / FINAL).exists()
 
     assert main(["train", "--out", str(killed), "--resume", "--no-progress"]) == 0
@@ -100,11 +105,44 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
 
 
 @pytest.mark.parametrize(
-    "override", ["train.loss=lr", "train.loss=focal", "train.loss=cm", "train.sampler=repeat_factor"]
+    "override, ran",
+    [
+        ("train.loss=lr", "ReweightedCrossEntropy"),
+        ("train.loss=focal", "FocalLoss"),
+        ("train.loss=cm", "ClassMarginCrossEntropy"),
+        ("train.sampler=repeat_factor", "RepeatFactorSampler"),
+    ],
 )
-def test_remedies_train_from_the_cli(tiny_config, tmp_path, override):
+def test_remedies_train_from_the_cli(tiny_config, tmp_path, monkeypatch, override, ran):
+    """The remedy asked for is the one that ran: its loss computed the classifier loss of every
+    iteration (and no other loss did), or its sampler drew every image."""
+    import simcal.data.samplers as samplers
+    import simcal.modeling.losses as losses
+
+    calls: dict[str, int] = {}
+
+    def spy(cls, method):
+        real = getattr(cls, method)
+
+        def counted(self, *a, **kw):
+            calls[type(self).__name__] = calls.get(type(self).__name__, 0) + 1
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(cls, method, counted)
+
+    for cls in (losses.CrossEntropy, losses.ReweightedCrossEntropy, losses.FocalLoss, losses.ClassMarginCrossEntropy):
+        spy(cls, "forward")
+    for cls in (samplers.TrainingSampler, samplers.RepeatFactorSampler):
+        spy(cls, "epoch_array")
     run = tmp_path / "remedy"
     assert main(["train", "--config", str(tiny_config(max_iter=2)), "--out", str(run), "--no-progress", override]) == 0
+    loss_calls = {k: v for k, v in calls.items() if k in vars(losses)}
+    sampler_calls = {k: v for k, v in calls.items() if k in vars(samplers)}
+    if "loss" in override:
+        assert loss_calls == {ran: 2}  # one classifier loss per iteration, all of them the remedy's
+        assert set(sampler_calls) == {"TrainingSampler"}
+    else:
+        assert loss_calls == {"CrossEntropy": 2} and set(sampler_calls) == {ran}
     logged = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
     assert all(v == v and abs(v) < 1e6 for k, v in logged.items() if k.startswith("loss"))
     key, value = override.split("=")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from simcal.choices import CALIBRATED_HEADS as HEAD_KINDS
 from simcal.errors import InputError
 from simcal.modeling.calibration import (
-    HEAD_KINDS,
     NCM_SCALE,
     UNSEEN_LOGIT,
     CalibratedHead,

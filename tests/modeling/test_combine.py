@@ -195,21 +195,26 @@ def test_merge_detections_empty() -> None:
 LOGITS = [[1.0, 2.0, 0.5, -1.0], [0.3, -0.2, 1.7, 0.9]]
 
 
+def sm(z: torch.Tensor) -> torch.Tensor:
+    """The softmax classifier's log-scores: post-hoc methods read the scores (in log space), not logits."""
+    return torch.log_softmax(z, 1)
+
+
 def test_norcal_gamma0_is_softmax() -> None:
     z = t(LOGITS)
-    close(norcal(z, counts(), gamma=0.0), torch.softmax(z, 1))
+    close(norcal(sm(z), counts(), gamma=0.0), torch.softmax(z, 1))
 
 
 def test_norcal_by_hand() -> None:
     # equal logits: softmax 1/4 each; background stays 1/4; foreground proportional to
     # N^-1/2 = 1/2, 1/4, 1 for N = 4, 16, 1 -> (2, 1, 4) / 7 of the remaining 3/4
-    out = norcal(torch.zeros(1, 4, dtype=torch.float64), [4, 16, 1], gamma=0.5)
+    out = norcal(sm(torch.zeros(1, 4, dtype=torch.float64)), [4, 16, 1], gamma=0.5)
     close(out, t([[0.25, 3 / 14, 3 / 28, 3 / 7]]))
 
 
 def test_norcal_down_weights_frequent_classes() -> None:
     z = t(LOGITS)
-    out, soft = norcal(z, [4, 16, 1], gamma=0.5), torch.softmax(z, 1)
+    out, soft = norcal(sm(z), [4, 16, 1], gamma=0.5), torch.softmax(z, 1)
     # class 1 (N = 4) vs class 2 (N = 16): ratio grows by (16 / 4)^0.5 = 2; class 3 (N = 1) vs 1 by 2
     close(out[:, 1] / out[:, 2], 2 * soft[:, 1] / soft[:, 2])
     close(out[:, 3] / out[:, 1], 2 * soft[:, 3] / soft[:, 1])
@@ -219,21 +224,21 @@ def test_norcal_down_weights_frequent_classes() -> None:
 
 def test_logit_adjustment() -> None:
     z = t(LOGITS)
-    close(logit_adjustment(z, counts(), tau=0.0), torch.softmax(z, 1))
+    close(logit_adjustment(sm(z), counts(), tau=0.0), torch.softmax(z, 1))
     # equal logits, prior proportional to 4, 16, 1 -> foreground (4, 1, 16) / 21 of 3/4
-    out = logit_adjustment(torch.zeros(1, 4, dtype=torch.float64), [4, 16, 1], tau=1.0)
+    out = logit_adjustment(sm(torch.zeros(1, 4, dtype=torch.float64)), [4, 16, 1], tau=1.0)
     close(out, t([[0.25, 1 / 7, 1 / 28, 4 / 7]]))
-    close(logit_adjustment(z, counts(), tau=0.7), norcal(z, counts(), gamma=0.7))
+    close(logit_adjustment(sm(z), counts(), tau=0.7), norcal(sm(z), counts(), gamma=0.7))
 
 
 def test_zero_counts_and_extreme_logits_are_finite() -> None:
     z = t([[50.0, -50.0, 0.0, 30.0], [-80.0, 80.0, 0.0, -80.0]])
     for zero in ([0, 300, 301], [0, 0, 0]):
         for fn in (norcal, logit_adjustment):
-            out = fn(z, zero, 1.0)
+            out = fn(sm(z), zero, 1.0)
             assert torch.isfinite(out).all()
             close(out.sum(1), t([1.0, 1.0]))
-    close(norcal(z, [0, 300, 301], 1.0), norcal(z, [1, 300, 301], 1.0))  # N = 0 counts as 1
+    close(norcal(sm(z), [0, 300, 301], 1.0), norcal(sm(z), [1, 300, 301], 1.0))  # N = 0 counts as 1
 
 
 # ----------------------------------------------------------------------------- purity, dtype
@@ -244,7 +249,7 @@ def test_inputs_not_modified_and_outputs_not_aliased() -> None:
         out = combine(name, po, pc, c, 300.0)
         out.add_(1.0)  # writing to the result must not write through to the inputs
     for fn in POSTHOC.values():
-        fn(z, c, 0.5).add_(1.0)
+        fn(z, c, 0.5).add_(1.0)  # any (R, C+1) tensor: here the logits stand in for scores
     a = dets([[0, 0, 10, 10]], [0.9], [1])
     a_copy = {k: v.clone() for k, v in a.items()}
     merge_detections(a, dets([[1, 0, 11, 10]], [0.8], [1]))
@@ -259,4 +264,24 @@ def test_dtype_preserved(dtype: torch.dtype) -> None:
     for name in COMBINERS:
         assert combine(name, p_orig(dtype), p_cal(dtype), counts(), 300.0).dtype == dtype, name
     for name, fn in POSTHOC.items():
-        assert fn(t(LOGITS, dtype), counts(), 0.5).dtype == dtype, name
+        assert fn(sm(t(LOGITS, dtype)), counts(), 0.5).dtype == dtype, name
+
+
+def test_norcal_on_unnormalised_scores_divides_without_renormalising() -> None:
+    # sigmoid-style scores: N = 1, 4, 16, gamma = 0.5 -> weights 1, 1/2, 1/4 (the rarest class keeps its score)
+    log_scores = torch.log(t([[0.5, 0.8, 0.4, 0.2]]))
+    close(norcal(log_scores, [1, 4, 16], gamma=0.5, normalized=False), t([[0.5, 0.8, 0.2, 0.05]]))
+    close(logit_adjustment(log_scores, [1, 4, 16], tau=0.5, normalized=False), t([[0.5, 0.8, 0.2, 0.05]]))
+
+
+def test_post_hoc_from_log_softmax_equals_the_logit_form() -> None:
+    """norcal of log_softmax(z) is the softmax of z_c - gamma log N_c over the foreground times
+    1 - p_0, and the background p_0, computed from the logits (the form the paper's methods take)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 8, generator=g, dtype=torch.float64) * 15
+    n = torch.tensor([1, 5, 30, 300, 1000, 2, 7], dtype=torch.float64)
+    log_z = torch.logsumexp(z, 1, keepdim=True)
+    fg_mass = torch.exp(torch.logsumexp(z[:, 1:], 1, keepdim=True) - log_z)
+    for gamma in (0.0, 0.5, 1.0):
+        ref = torch.cat([torch.exp(z[:, :1] - log_z), torch.softmax(z[:, 1:] - gamma * n.log(), 1) * fg_mass], 1)
+        torch.testing.assert_close(norcal(sm(z), n, gamma), ref, rtol=1e-12, atol=1e-15)

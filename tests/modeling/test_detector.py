@@ -90,24 +90,43 @@ def test_classification_loss_hook_is_used():
     assert shape[1] == 5 and labels.max() <= 4 and (labels > 0).any()
 
 
-def test_score_hook_changes_detections():
+def test_scorers_change_detections_and_forward_is_the_original_scorer():
+    """detect() runs any scorer on the shared RoI features; the plain forward is detect() with the
+    predictor's own scores, so changing the classifier's activation changes model(images) too."""
+    from simcal.modeling.predictors import Activation
+
     torch.manual_seed(0)
     m = maskrcnn_small(num_classes=4, **SMALL, box_score_thresh=0.0).eval()
     images, _ = _batch(1)
     with torch.no_grad():
         base = m(images)[0]
-    assert set(base["labels"].tolist()) > {3} or len(set(base["labels"].tolist())) > 1
+    assert len(set(base["labels"].tolist())) > 1
 
-    def only_class_3(pooled, feats, logits):
-        p = torch.zeros_like(logits)
+    def only_class_3(batch):
+        p = torch.zeros_like(batch.scores)
         p[:, 0], p[:, 3] = 0.5, 0.5
         return p
 
-    m.roi_heads.score = only_class_3
+    out = m.detect(images, {"orig": lambda batch: batch.scores, "three": only_class_3})
+    assert torch.equal(out["orig"][0]["labels"], base["labels"])
+    assert set(out["three"][0]["labels"].tolist()) == {3}
+    assert torch.allclose(out["three"][0]["scores"], torch.full_like(out["three"][0]["scores"], 0.5))
+
+    class OnlyThree(Activation):
+        name = "only-three"
+
+        def num_logits(self, num_classes):
+            return num_classes + 1
+
+        def forward(self, logits):
+            p = torch.zeros_like(logits)
+            p[:, 0], p[:, 3] = 0.5, 0.5
+            return p
+
+    m.roi_heads.box_predictor.activation = OnlyThree()
     with torch.no_grad():
-        out = m(images)[0]
-    assert set(out["labels"].tolist()) == {3}
-    assert torch.allclose(out["scores"], torch.full_like(out["scores"], 0.5))
+        forward = m(images)[0]
+    assert set(forward["labels"].tolist()) == {3}
 
 
 def test_class_agnostic_heads_train_and_share_box_and_mask():
@@ -181,3 +200,59 @@ def test_top_batched_nms_equals_full_class_wise_nms(k):
         got = top_batched_nms(boxes, scores, labels, 0.5, k)
         assert sorted(got.tolist()) == sorted(ref.tolist())
         assert torch.equal(scores[got], scores[ref])
+
+
+def test_proposal_counts_and_sampling_seeds_are_restored_even_on_error():
+    from simcal.modeling.detector import eval_proposal_counts, proposal_counts, training_proposal_counts
+    from simcal.modeling.sampling import sampling_seeds
+
+    m = maskrcnn_small(num_classes=3, **SMALL)
+    assert training_proposal_counts(m) == (100, 50) and eval_proposal_counts(m) == (50, 50)
+    with pytest.raises(RuntimeError):
+        with proposal_counts(m, 100, 50):
+            assert eval_proposal_counts(m) == (100, 50) and training_proposal_counts(m) == (100, 50)
+            raise RuntimeError
+    assert eval_proposal_counts(m) == (50, 50)
+    with pytest.raises(RuntimeError):
+        with sampling_seeds(m, [7, 8]):
+            # two streams of each image's seed: the RPN's 2s, the RoI heads' 2s + 1
+            assert m.rpn.fg_bg_sampler.seeds == [14, 16] and m.roi_heads.fg_bg_sampler.seeds == [15, 17]
+            raise RuntimeError
+    assert m.rpn.fg_bg_sampler.seeds is None and m.roi_heads.fg_bg_sampler.seeds is None
+
+
+def test_seeded_sampling_makes_the_losses_a_function_of_the_seeds():
+    torch.manual_seed(0)
+    m = maskrcnn_small(num_classes=4, **SMALL).train()
+    images, targets = _batch()
+    from simcal.modeling.sampling import sampling_seeds
+
+    def losses(seeds):
+        torch.manual_seed(int(torch.randint(0, 1000, (1,))))  # the global RNG must not matter
+        with sampling_seeds(m, seeds), torch.no_grad():
+            return {k: v.item() for k, v in m(images, targets).items()}
+
+    a, b, c = losses([1, 2]), losses([1, 2]), losses([3, 4])
+    assert a == b and a != c
+
+
+def test_a_torchvision_model_is_adopted_with_its_weights_and_settings():
+    from simcal.modeling.detector import LongTailMaskRCNN
+    from simcal.modeling.predictors import BoxPredictor
+
+    torch.manual_seed(0)
+    plain = tv_maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=4, min_size=64, max_size=64, box_detections_per_img=7
+    ).eval()
+    images, _ = _batch(1)
+    with torch.no_grad():
+        ref = plain(images)[0]
+    ours = LongTailMaskRCNN.from_torchvision(plain)
+    assert isinstance(ours.roi_heads, LongTailRoIHeads) and isinstance(ours.roi_heads.box_predictor, BoxPredictor)
+    assert ours.roi_heads.box_predictor.cls_score is plain.roi_heads.box_predictor.cls_score  # shared, not copied
+    assert ours.roi_heads.detections_per_img == 7 and ours.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():
+        out = ours.detect(images, {"orig": lambda batch: batch.scores})["orig"][0]
+    torch.testing.assert_close(out["boxes"], ref["boxes"])
+    torch.testing.assert_close(out["scores"], ref["scores"])
+    assert torch.equal(out["labels"], ref["labels"])

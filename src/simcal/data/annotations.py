@@ -232,3 +232,15 @@ def validate_results(
 def load_results(path: str | os.PathLike[str], dataset: dict[str, Any], iou_type: str) -> list[dict[str, Any]]:
     """Read and validate a results json (see :func:`validate_results`)."""
     return validate_results(read_json(path), dataset, iou_type, path)
+
+
+def first_images(gt: dict[str, Any], n: int | None) -> dict[str, Any]:
+    """The ground truth of the first ``n`` images (all when None): what ``predict --max-images`` predicted."""
+    if n is None:
+        return gt
+    kept = {im["id"] for im in gt["images"][:n]}
+    return {
+        **gt,
+        "images": [im for im in gt["images"] if im["id"] in kept],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] in kept],
+    }

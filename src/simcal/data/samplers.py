@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from simcal.seeds import data_order
+
 __all__ = [
     "BatchStream",
     "BiLevelSampler",
@@ -133,7 +135,7 @@ class TrainingSampler:
         epoch = _check_nonneg(epoch, "epoch")
         if not self.shuffle:
             return np.arange(self.num_images, dtype=np.int64)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+        return data_order(self.seed, epoch).permutation(self.num_images)
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """Global image indices of ``epoch``: a permutation of ``0..num_images-1``."""
@@ -189,7 +191,7 @@ class RepeatFactorSampler:
 
     def _rng_and_counts(self, epoch: int) -> tuple[np.random.Generator, np.ndarray]:
         epoch = _check_nonneg(epoch, "epoch")
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = data_order(self.seed, epoch)
         if self.rounding == "ceil":
             return rng, self._ceil
         return rng, self._floor + (rng.random(self.factors.size) < self._frac)
@@ -362,7 +364,7 @@ class BiLevelSampler:
     def batch(self, step: int) -> list[tuple[int, int]]:
         """The global batch of ``step``: ``classes_per_batch`` ``(image_index, category_id)`` pairs."""
         step = _check_nonneg(step, "step")
-        rng = np.random.default_rng([self.seed, step])
+        rng = data_order(self.seed, step)
         cls = rng.integers(0, self.num_classes, size=self.classes_per_batch)
         pick = rng.integers(0, self._sizes[cls])
         return [

@@ -93,6 +93,16 @@ def count_instances(dataset: dict[str, Any]) -> dict[int, tuple[int, int]]:
     return {cid: (instances[cid], len(images[cid])) for cid in instances}
 
 
+def class_instance_counts(dataset: dict[str, Any], category_ids: Sequence[int]) -> list[int]:
+    """Training instance count per category of ``category_ids``, in that order.
+
+    With a label map's ``category_ids`` this is ``N_j`` for the labels ``1..C`` (length C), the
+    counts the remedies, the dual head and the post-hoc calibrations read.
+    """
+    counts = count_instances(dataset)
+    return [counts[cid][0] for cid in category_ids]
+
+
 def category_stats(train: dict[str, Any], edges: Sequence[float] = BIN_PRESETS["lvis"]) -> list[CategoryStat]:
     """Statistics of every category of a training split, ordered by category id.
 

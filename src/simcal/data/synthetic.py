@@ -70,6 +70,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from simcal import choices
 from simcal.data.annotations import validate_dataset
 from simcal.data.stats import count_instances, frequency_of
 from simcal.io import write_json
@@ -91,9 +92,10 @@ __all__ = [
     "plan_val_counts",
 ]
 
-DEFAULT_CLASSES = 80
-DEFAULT_TRAIN_IMAGES = 3000
-DEFAULT_VAL_IMAGES = 600
+DEFAULT_CLASSES = choices.SYNTH_CLASSES  # 80
+DEFAULT_TRAIN_IMAGES = choices.SYNTH_TRAIN_IMAGES  # 3000
+DEFAULT_VAL_IMAGES = choices.SYNTH_VAL_IMAGES  # 600
+DEFAULT_SIZE = choices.SYNTH_SIZE  # 128 px
 
 #: Objects per image: 1 to MAX_OBJECTS, MEAN_OBJECTS on average.
 MAX_OBJECTS = 6
@@ -101,7 +103,7 @@ MEAN_OBJECTS = 3.5
 #: Least instances of every class in ``val`` and ``val_balanced``.
 VAL_FLOOR = 20
 SPLITS = ("train", "val", "val_balanced")
-MASK_FORMATS = ("polygon", "rle")
+MASK_FORMATS = choices.MASK_FORMATS
 
 #: Relative position of the power law's knee (``s = classes * _KNEE``), see the module docstring.
 _KNEE = 0.5
@@ -506,7 +508,7 @@ def generate_synthetic(
     classes: int = DEFAULT_CLASSES,
     train_images: int = DEFAULT_TRAIN_IMAGES,
     val_images: int = DEFAULT_VAL_IMAGES,
-    size: int = 128,
+    size: int = DEFAULT_SIZE,
     seed: int = 0,
     mask_format: str = "polygon",
     progress: bool = True,

@@ -20,27 +20,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.models.detection.transform import resize_boxes
 from tqdm import tqdm
 
-from simcal.data.annotations import load_dataset
+from simcal.data.annotations import first_images, load_dataset, load_results
 from simcal.data.dataset import DetectionDataset, collate
-from simcal.engine.predict import (
-    HeadSpec,
-    first_images,
-    load_calibrated_head,
-    load_model,
-    resolve_split,
-    run_heads,
-    split_annotations,
-)
-from simcal.engine.train import setup_torch
+from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
+from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
-from simcal.evaluation.analysis import proposal_recall
-from simcal.evaluation.lvis_eval import EvalResult
+from simcal.evaluation.analysis import other_object_groups, proposal_recall
+from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
 from simcal.io import write_json
 from simcal.modeling.calibration import load_head
+from simcal.modeling.detector import eval_proposal_counts, proposal_counts
 from simcal.report.plots import grouped_bars, line_plot
+from simcal.run import DEFAULT_CALIBRATION, Run, resolve_split, split_annotations
 
 DEFAULT_TS = (10, 20, 50, 100, 200, 300, 500, 1000)
 BIN_KEYS = ("AP1", "AP2", "AP3", "AP4")
@@ -55,22 +48,20 @@ def _summary(r: EvalResult) -> dict[str, float | None]:
     return {k: _pct(r.metrics[k]) for k in keys}
 
 
-def analysis_dir(run: Path) -> Path:
-    d = run / "analysis"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def _analysis(run: Path, tool: str):
+    """The files of ``tool`` in ``run`` (the analysis folder created)."""
+    files = Run(run).analysis(tool)
+    files.root.mkdir(parents=True, exist_ok=True)
+    return files
 
 
 @torch.no_grad()
 def analyze_recall(
     run: Path, *, split: str = "val", max_images: int | None = None, batch_size: int = 8, progress: bool = True
 ) -> dict[str, Any]:
-    """Proposal AR@100 / AR@1000 (the RPN set to 1000 test proposals, LVIS's setting)."""
+    """Proposal AR@100 / AR@1000 (the RPN set to at least 1000 test proposals, LVIS's setting)."""
     model, label_map, cfg = load_model(run)
     setup_torch(cfg.train.threads)
-    rpn = model.rpn
-    rpn._pre_nms_top_n = {**rpn._pre_nms_top_n, "testing": max(1000, rpn._pre_nms_top_n["testing"])}
-    rpn._post_nms_top_n = {**rpn._post_nms_top_n, "testing": max(1000, rpn._post_nms_top_n["testing"])}
     gt_json, images = resolve_split(cfg, split, None, None)
     gt = load_dataset(gt_json)
     ds = DetectionDataset(gt, images, label_map=label_map, with_masks=False, source=gt_json)
@@ -79,19 +70,18 @@ def analyze_recall(
         torch.utils.data.Subset(ds, indices), batch_size=batch_size, collate_fn=collate
     )
     proposals: dict[int, np.ndarray] = {}
-    for imgs, targets in tqdm(loader, desc="proposals", disable=not progress, dynamic_ncols=True):
-        batch, _ = model.transform(imgs)
-        props, _ = model.rpn(batch, model.backbone(batch.tensors))
-        for p, resized, im, t in zip(props, batch.image_sizes, imgs, targets):
-            boxes = resize_boxes(p, resized, im.shape[-2:])
-            score = -torch.arange(boxes.shape[0], dtype=torch.float32)  # RPN output is sorted by objectness
-            proposals[int(t["image_id"])] = torch.cat([boxes, score[:, None]], 1).numpy()
+    pre, post = eval_proposal_counts(model)
+    with proposal_counts(model, max(1000, pre), max(1000, post)):
+        for imgs, targets in tqdm(loader, desc="proposals", disable=not progress, dynamic_ncols=True):
+            for boxes, t in zip(model.proposals(imgs), targets):
+                score = -torch.arange(boxes.shape[0], dtype=torch.float32)  # RPN output is sorted by objectness
+                proposals[int(t["image_id"])] = torch.cat([boxes, score[:, None]], 1).numpy()
     out = proposal_recall(gt, proposals, (100, 1000))
     out["num_images"] = len(indices)
-    d = analysis_dir(run)
-    write_json(d / "recall.json", out, indent=1)
+    files = _analysis(run, "recall")
+    write_json(files.json, out, indent=1)
     line_plot(
-        d / "recall.png",
+        files.png,
         out["iou_thresholds"],
         {f"{k} proposals": [100 * v for v in vals] for k, vals in out["recall_by_iou"].items()},
         title=f"RPN recall on {split} (AR@100 {100 * out['AR@100']:.1f}, AR@1000 {100 * out['AR@1000']:.1f})",
@@ -108,27 +98,17 @@ def _evaluate_heads(
     cfg: Any,
     specs: list[HeadSpec],
     cal_heads: dict[str, Any],
-    out_dir: Path,
+    tool: str,
     split: str,
     max_images: int | None,
     iou: str,
     progress: bool,
 ) -> dict[str, dict[str, EvalResult]]:
-    """One inference pass for every head spec, evaluated with one iou type (no masks for bbox)."""
-    return run_heads(
-        run,
-        model,
-        label_map,
-        cfg,
-        specs,
-        cal_heads,
-        split=split,
-        max_images=max_images,
-        progress=progress,
-        ious=(iou,),
-        out_dir=out_dir,
-        verbose=False,
-    )
+    """One inference pass for every head spec, evaluated with one iou type (no masks for bbox);
+    the predictions go to ``analysis/<tool>/<head>/``."""
+    out = _analysis(run, tool).predictions
+    kwargs = dict(max_images=max_images, progress=progress, ious=(iou,), verbose=False)
+    return predict_split(model, label_map, cfg, specs, cal_heads, split, out, **kwargs)
 
 
 def _bars(path: Path, results: dict[str, dict[str, float | None]], title: str) -> None:
@@ -143,16 +123,14 @@ def analyze_oracle(
     model, label_map, cfg = load_model(run)
     specs = [HeadSpec("orig"), HeadSpec("oracle")]
     cal_heads = {}
-    if (run / "calibration").is_dir() and any((run / "calibration").glob("*/head.pth")):
+    if Run(run).calibrations():
         cal_heads[""] = load_calibrated_head(run, None, model)
         specs.append(HeadSpec("dual", cfg.inference.combine, cfg.inference.T))
-    d = analysis_dir(run)
-    metrics = _evaluate_heads(
-        run, model, label_map, cfg, specs, cal_heads, d / "oracle", split, max_images, iou, progress
-    )
+    metrics = _evaluate_heads(run, model, label_map, cfg, specs, cal_heads, "oracle", split, max_images, iou, progress)
     out = {"iou": iou, "heads": {tag: _summary(m[iou]) for tag, m in metrics.items()}}
-    write_json(d / "oracle.json", out, indent=1)
-    _bars(d / "oracle.png", out["heads"], f"{iou} AP: original vs props-gt oracle ({split})")
+    files = _analysis(run, "oracle")
+    write_json(files.json, out, indent=1)
+    _bars(files.png, out["heads"], f"{iou} AP: original vs props-gt oracle ({split})")
     return out
 
 
@@ -170,16 +148,14 @@ def analyze_sweep_T(
     model, label_map, cfg = load_model(run)
     cal_heads = {"": load_calibrated_head(run, calibration, model)}
     specs = [HeadSpec("orig"), HeadSpec("cal")] + [HeadSpec("dual", "sel", float(t)) for t in Ts]
-    d = analysis_dir(run)
-    metrics = _evaluate_heads(
-        run, model, label_map, cfg, specs, cal_heads, d / "sweep_T", split, max_images, iou, progress
-    )
+    metrics = _evaluate_heads(run, model, label_map, cfg, specs, cal_heads, "sweep-T", split, max_images, iou, progress)
     rows = [{"T": float(t), **_summary(metrics[s.tag][iou])} for t, s in zip(Ts, specs[2:])]
     out = {"iou": iou, "orig": _summary(metrics["orig"][iou]), "cal": _summary(metrics["cal"][iou]), "sweep": rows}
-    write_json(d / "sweep_T.json", out, indent=1)
+    files = _analysis(run, "sweep-T")
+    write_json(files.json, out, indent=1)
     keys = ["AP", *[k for k in BIN_KEYS if k in rows[0]]]
     line_plot(
-        d / "sweep_T.png",
+        files.png,
         [r["T"] for r in rows],
         {k: [r[k] for r in rows] for k in keys},
         title=f"dual head (sel) {iou} AP against T ({split})",
@@ -194,7 +170,7 @@ def analyze_sweep_T(
 def analyze_dynamics(
     run: Path,
     *,
-    calibration: str = "3fc_ft",
+    calibration: str | None = None,
     split: str = "val",
     max_images: int | None = None,
     iou: str = "bbox",
@@ -202,10 +178,11 @@ def analyze_dynamics(
 ) -> dict[str, Any]:
     """AP per bin of the calibrated and dual heads at each saved calibration snapshot."""
     model, label_map, cfg = load_model(run)
-    snap_dir = run / "calibration" / calibration / "snapshots"
-    snaps = sorted(snap_dir.glob("head_*.pth"))
+    calibration = calibration or DEFAULT_CALIBRATION
+    cal_files = Run(run).calibration(calibration)
+    snaps = cal_files.snapshots()
     if not snaps:
-        raise InputError(snap_dir, "(snapshots)", "none: run simcal calibrate --snapshot-every K first")
+        raise InputError(cal_files.snapshot_dir, "(snapshots)", "none: run simcal calibrate --snapshot-every K first")
     cal_heads = {}
     steps = []
     for p in snaps:
@@ -216,9 +193,8 @@ def analyze_dynamics(
     specs = [HeadSpec("orig")]
     for name in cal_heads:
         specs += [HeadSpec("cal", cal=name), HeadSpec("dual", cfg.inference.combine, cfg.inference.T, cal=name)]
-    d = analysis_dir(run)
     metrics = _evaluate_heads(
-        run, model, label_map, cfg, specs, cal_heads, d / "dynamics", split, max_images, iou, progress
+        run, model, label_map, cfg, specs, cal_heads, "dynamics", split, max_images, iou, progress
     )
     rows = []
     for step, name in zip(steps, cal_heads):
@@ -226,10 +202,11 @@ def analyze_dynamics(
         dual = next(s for s in specs if s.kind == "dual" and s.cal == name)
         rows.append({"step": step, "cal": _summary(metrics[cal.tag][iou]), "dual": _summary(metrics[dual.tag][iou])})
     out = {"iou": iou, "calibration": calibration, "orig": _summary(metrics["orig"][iou]), "steps": rows}
-    write_json(d / "dynamics.json", out, indent=1)
+    files = _analysis(run, "dynamics")
+    write_json(files.json, out, indent=1)
     keys = ["AP", *[k for k in BIN_KEYS if k in rows[0]["cal"]]]
     line_plot(
-        d / "dynamics.png",
+        files.png,
         steps,
         {f"cal {k}": [r["cal"][k] for r in rows] for k in keys},
         title=f"calibrated head {iou} AP during calibration ({split})",
@@ -269,26 +246,22 @@ def analyze_confusion(
     class-balanced val) or exhaustive negatives make it large; LVIS's long-tailed val and sparse
     ``neg_category_ids`` make it small. The middle evaluation shows the head classes without it.
     """
-    from simcal.data.annotations import load_results
-    from simcal.engine.train import load_run_config
-    from simcal.evaluation.analysis import other_object_groups
-    from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
-
-    cfg = load_run_config(run)
+    r = Run(run)
+    cfg = r.load_config()
     gt_json = split_annotations(cfg, split, gt_json)
     gt = load_dataset(gt_json)
     stats = resolve_category_stats(gt, gt_json, load_dataset(cfg.data.train_json), cfg.data.train_json)
     group_of = {s.id: s.frequency for s in stats}
-    pred_dir = run / "predictions" / split
-    heads = heads or sorted(p.parent.name for p in pred_dir.glob("*/results.json"))
+    pred = r.predictions(split)
+    heads = heads or pred.heads()
     if not heads:
-        raise InputError(pred_dir, "(predictions)", "no results.json: run simcal predict first")
+        raise InputError(pred.root, "(predictions)", "no results.json: run simcal predict first")
     out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "score": score, "heads": {}}
     for head in heads:
-        path = pred_dir / head / "results.json"
+        path = pred.head(head).results
         if not path.is_file():
             raise InputError(path, "(file)", f"no predictions of head {head!r}: run simcal predict --head first")
-        seen = pred_dir / head / f"metrics_{iou}.json"  # predict --max-images evaluated its first N images
+        seen = pred.head(head).metrics(iou)  # predict --max-images evaluated its first N images
         sub = first_images(gt, json.loads(seen.read_text()).get("num_images") if seen.is_file() else None)
         results = load_results(path, sub, iou)
         on = other_object_groups(sub, results, group_of)
@@ -303,12 +276,12 @@ def analyze_confusion(
                 for name, drop in CONFUSION_VARIANTS.items()
             },
         }
-    d = analysis_dir(run)
-    write_json(d / "confusion.json", out, indent=1)
+    files = _analysis(run, "confusion")
+    write_json(files.json, out, indent=1)
     short = dict(zip(CONFUSION_VARIANTS, CONFUSION_LABELS))
     cells = [(key, name) for key in ("APf", "AP4") for name in CONFUSION_VARIANTS]
     grouped_bars(
-        d / "confusion.png",
+        files.png,
         [f"{key}\n{short[name]}" for key, name in cells],
         {head: [r[name].get(key) for key, name in cells] for head, r in out["heads"].items()},
         title=f"head classes' {iou} AP without the detections on other-class objects ({split})",

@@ -28,42 +28,32 @@ import bisect
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from simcal.config import Config
+from simcal import seeds as streams
+from simcal.config import CalibrationConfig, Config, apply_overrides
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap
 from simcal.data.samplers import BatchStream, BiLevelSampler, RepeatFactorSampler, TrainingSampler, repeat_factors
-from simcal.engine.checkpoint import load_checkpoint, save_checkpoint
+from simcal.data.stats import class_instance_counts
 from simcal.engine.predict import load_model
-from simcal.engine.train import class_instance_counts, image_seed, setup_torch
+from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
-from simcal.io import atomic_open, write_json
-from simcal.modeling.calibration import build_calibrated_head, save_head
+from simcal.io import load_checkpoint, rewrite_lines, save_checkpoint, write_json
+from simcal.modeling.calibration import CalibratedHead, build_calibrated_head, save_head
+from simcal.modeling.detector import LongTailMaskRCNN, eval_mode, proposal_counts, training_proposal_counts
 from simcal.modeling.losses import build_classification_loss
+from simcal.run import CalibrationFiles, Run, calibration_name
 
-CHECKPOINT = "checkpoint.pth"
-HEAD = "head.pth"
-LOG = "calibration_log.jsonl"
-
-
-def calibration_dir(run: Path, name: str) -> Path:
-    return run / "calibration" / name
-
-
-def default_name(cfg: Config) -> str:
-    """``3fc_ft`` for SimCal's defaults; variants append what differs (``3fc_ft_focal_random``)."""
-    c = cfg.calibration
-    parts = [c.head] + ([c.layers] if c.layers != "all3" else [])
-    parts += [c.loss] if c.loss != "ce" else []
-    parts += [c.sampler] if c.sampler != "bilevel" else []
-    return "_".join(parts)
+#: what ``simcal calibrate`` accepts as ``section.key=value`` overrides
+OVERRIDABLE = ("calibration.",)
 
 
 Key = tuple[int, bool]  # (image index, horizontal flip)
@@ -115,9 +105,7 @@ class FrozenDetector:
         self._expire: dict[int, list[Key]] = {}  # step -> keys last used at that step
         for key, uses in self._uses.items():
             self._expire.setdefault(uses[-1], []).append(key)
-        rpn = model.rpn
-        rpn._pre_nms_top_n = {**rpn._pre_nms_top_n, "testing": rpn._pre_nms_top_n["training"]}
-        rpn._post_nms_top_n = {**rpn._post_nms_top_n, "testing": rpn._post_nms_top_n["training"]}
+        self._proposal_counts = training_proposal_counts(model)  # the RPN runs in eval mode with these
 
     def _size(self, item: tuple[Any, ...]) -> int:
         return sum(t.numel() * t.element_size() for t in item[0].values()) + item[1].numel() * 4
@@ -144,7 +132,8 @@ class FrozenDetector:
             images, targets = images * 2, targets * 2
         batch, targets = self.model.transform(images, targets)
         feats = self.model.backbone(batch.tensors)
-        proposals, _ = self.model.rpn(batch, feats)
+        with proposal_counts(self.model, *self._proposal_counts):
+            proposals, _ = self.model.rpn(batch, feats)
         return [
             (
                 {k: v[i : i + 1].contiguous() for k, v in feats.items()},
@@ -215,6 +204,25 @@ class FrozenDetector:
             self.cache_bytes += size
 
 
+@dataclass
+class CalibrationBatch:
+    """The kept RoIs of one calibration step.
+
+    Attributes:
+        pooled: RoI features ``(K, C_fpn, 7, 7)``.
+        box_feats: the frozen box head's features ``(K, D)`` (only when asked: the NCM head).
+        labels: ``(K,)``, 0 background.
+        slot: ``(K,)``, the position in the step's draws of the image each RoI comes from.
+        boxes: ``(K, 4)`` xyxy in that image's resized frame.
+    """
+
+    pooled: Tensor
+    box_feats: Tensor | None
+    labels: Tensor
+    slot: Tensor
+    boxes: Tensor
+
+
 def calibration_batch(
     frozen: FrozenDetector,
     draws: list[tuple[int, int | None]],
@@ -224,36 +232,26 @@ def calibration_batch(
     bg_seed: int,
     step: int | None = None,
     box_feats: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor] | None:
+) -> CalibrationBatch | None:
     """RoIs of one calibration step (``None`` when no RoI is kept).
 
     Args:
         draws: ``(image index, category id)`` per slot (bi-level), or ``(image index, None)``
             (image-centric: every sampled RoI kept, no 1:1 background balancing).
         seeds: the RoI sub-sampling seed of each slot.
+        bg_seed: the seed that picks which background RoIs of the batch are kept (bi-level).
         step: the step in ``frozen``'s schedule (for its planned cache), if it has one.
         box_feats: also run the frozen box head (only the NCM head needs its features).
-
-    Returns:
-        ``(pooled (K, C_fpn, 7, 7), box_feats (K, D) or None, labels (K,))`` of the kept RoIs,
-        label 0 background.
     """
     roi = frozen.model.roi_heads
     items = frozen.fetch(list(zip((d[0] for d in draws), flips)), step=step)
     slots = []  # (features, size, fg boxes, fg labels, bg boxes)
     for (_, cat_id), seed, item in zip(draws, seeds, items):
         feats, props, gt_boxes, gt_labels, size = item
-        props = torch.cat([props, gt_boxes])
-        _, labels = roi.assign_targets_to_proposals([props], [gt_boxes], [gt_labels])
-        labels = labels[0]
-        roi.fg_bg_sampler.seeds = [seed]
-        pos_mask, neg_mask = roi.fg_bg_sampler([labels])
-        fg = torch.where(pos_mask[0].bool())[0]
-        bg = torch.where(neg_mask[0].bool())[0]
+        boxes, labels, fg, bg = roi.sample_rois(props, gt_boxes, gt_labels, seed)
         if cat_id is not None:  # object level: only the sampled class; other foregrounds are dropped
             fg = fg[labels[fg] == label_map.to_label(cat_id)]
-        slots.append((feats, size, props[fg], labels[fg], props[bg]))
-    roi.fg_bg_sampler.seeds = None
+        slots.append((feats, size, boxes[fg], labels[fg], boxes[bg]))
     n_fg = sum(s[2].shape[0] for s in slots)
     if draws and draws[0][1] is not None:  # bi-level: keep as many of the batch's backgrounds as foregrounds
         n_bg = [s[4].shape[0] for s in slots]
@@ -265,26 +263,33 @@ def calibration_batch(
             (f, size, fb, fl, bb[(kept[owner[kept] == i] - offsets[i]).to(bb.device)])
             for i, (f, size, fb, fl, bb) in enumerate(slots)
         ]
-    pooled, labels = [], []
+    pooled, labels, slot, boxes = [], [], [], []
     with torch.inference_mode():
-        for feats, size, fg_boxes, fg_labels, bg_boxes in slots:
+        for i, (feats, size, fg_boxes, fg_labels, bg_boxes) in enumerate(slots):
             rois = torch.cat([fg_boxes, bg_boxes])
             if rois.shape[0]:
-                pooled.append(roi.box_roi_pool(feats, [rois], [size]))
+                pooled.append(roi.pool(feats, [rois], [size]))
                 labels.append(
                     torch.cat([fg_labels, torch.zeros(bg_boxes.shape[0], dtype=torch.int64, device=fg_labels.device)])
                 )
+                slot.append(torch.full((rois.shape[0],), i, dtype=torch.int64))
+                boxes.append(rois)
         if not pooled:
             return None
         pooled_t = torch.cat(pooled)
         feats_t = roi.box_head(pooled_t).clone() if box_feats else None
     # inference tensors cannot enter autograd: clone into normal tensors for the head's training
-    return pooled_t.clone(), feats_t, torch.cat(labels).clone()
+    return CalibrationBatch(pooled_t.clone(), feats_t, torch.cat(labels).clone(), torch.cat(slot), torch.cat(boxes))
+
+
+def calibration_config(cfg: Config, overrides: list[str] | None, source: str) -> Config:
+    """``cfg`` with ``calibration.*`` overrides applied and validated (the run's config otherwise)."""
+    return apply_overrides(cfg, overrides, source, OVERRIDABLE, stored=True) if overrides else cfg
 
 
 def calibrate(
     run: str | Path,
-    cfg_overrides: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
     *,
     name: str | None = None,
     resume: bool = False,
@@ -293,77 +298,133 @@ def calibrate(
 ) -> Path:
     """Calibrate a trained run's classification head; returns ``RUN/calibration/<name>/head.pth``.
 
-    ``cfg_overrides`` replace fields of the run's ``calibration`` config (``steps``, ``head``, ...).
-    With ``snapshot_every`` K, the head is also saved every K steps (for the dynamics analysis).
+    ``overrides``: ``calibration.key=value`` (``calibration.steps=300``, ``calibration.head=ncm``,
+    ``calibration.loss_kwargs={gamma: 2}``) on top of the run config's ``calibration`` section.
+    ``name``: the folder under ``RUN/calibration`` (default from the settings,
+    :func:`simcal.run.calibration_name`). With ``snapshot_every`` K, the head is also saved every K
+    steps (for the dynamics analysis).
     """
-    run = Path(run)
-    model, label_map, cfg = load_model(run)
-    for key, value in (cfg_overrides or {}).items():
-        if value is not None:
-            if not hasattr(cfg.calibration, key):
-                raise InputError("simcal calibrate", key, "unknown calibration setting")
-            setattr(cfg.calibration, key, value)
-    from simcal.config import validate_config
-
-    validate_config(cfg, "simcal calibrate")
-    c = cfg.calibration
-    setup_torch(cfg.train.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = name or default_name(cfg)
-    out = calibration_dir(run, name)
-    if (out / HEAD).exists() and not resume:
-        raise InputError(out, "(calibration)", "already done: pass --resume to continue it, or another --name")
-
-    # the detector is frozen: no parameter trains, BatchNorm and the RPN stay in eval mode
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-
+    r = Run(run)
+    cfg = calibration_config(r.load_config(), overrides, str(r.config))
+    files = r.calibration(name or calibration_name(cfg.calibration))
+    if files.head.exists() and not resume:
+        raise InputError(files.root, "(calibration)", "already done: pass --resume to continue it, or another --name")
+    model, label_map, cfg = load_model(run, cfg=cfg)
     train_json = load_dataset(cfg.data.train_json)
     dataset = DetectionDataset(
         train_json, cfg.data.train_images, label_map=label_map, with_masks=False, source=cfg.data.train_json
     )
-    counts = class_instance_counts(train_json, label_map)
-    torch.manual_seed(c.seed)
-    head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed).to(device)
-    params = list(head.trainable_parameters()) if c.head != "ncm" else []
-    optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay) if params else None
-    loss_fn = build_classification_loss(c.loss, counts).to(device)
-    decay_steps = [int(round(f * c.steps)) for f in c.decay]
+    calibrate_head(
+        model,
+        dataset,
+        train_json,
+        cfg.calibration,
+        files=files,
+        resume=resume,
+        snapshot_every=snapshot_every,
+        progress=progress,
+        threads=cfg.train.threads,
+    )
+    return files.head
 
+
+def calibrate_head(
+    model: LongTailMaskRCNN,
+    dataset: DetectionDataset,
+    train_json: dict[str, Any],
+    c: CalibrationConfig,
+    *,
+    files: CalibrationFiles | None = None,
+    resume: bool = False,
+    snapshot_every: int = 0,
+    progress: bool = True,
+    threads: int = 0,
+    device: torch.device | None = None,
+) -> CalibratedHead:
+    """SimCal on a trained detector: a calibrated classification head trained on its frozen RoI features.
+
+    Args:
+        model: the trained detector; frozen (eval mode, no gradients) during the calibration and
+            given back as it was; its weights never change.
+        dataset: the training images (``dataset.label_map`` is the detector's label map).
+        train_json: the training annotations of ``dataset`` (the samplers and the counts read them).
+        c: the calibration settings.
+        files: where the head, the resumable checkpoint, the log, the summary and the snapshots
+            go (``None``: nothing is written, the head is only returned).
+        resume: continue from ``files.checkpoint`` when it exists.
+        device: where to run (default: CUDA when available, else the CPU); the model is moved there.
+
+    Returns:
+        The calibrated head, in eval mode.
+    """
+    setup_torch(threads)
+    device = device or default_device()
+    label_map = dataset.label_map
+    model.to(device)
+    with eval_mode(model, frozen=True):  # every parameter frozen, BatchNorm and the RPN in eval mode
+        head = _calibrate(model, dataset, train_json, label_map, c, device, files, resume, snapshot_every, progress)
+    return head.eval()
+
+
+def _schedule(
+    c: CalibrationConfig, train_json: dict[str, Any], num_images: int
+) -> tuple[list[list[tuple[int, int | None]]], list[list[bool]]]:
+    """Every step's draws ``(image index, category id or None)`` and flips: pure functions of (seed, step)."""
     if c.sampler == "bilevel":
         bilevel = BiLevelSampler(train_json, classes_per_batch=c.classes_per_batch, seed=c.seed)
-
-        def draws_of(step: int) -> list[tuple[int, int | None]]:
-            return [(i, cat) for i, cat in bilevel.batch(step)]
+        draws_of: Callable[[int], list[tuple[int, int | None]]] = lambda step: list(bilevel.batch(step))  # noqa: E731
     else:
         base = (
             RepeatFactorSampler(repeat_factors(train_json), seed=c.seed)
             if c.sampler == "repeat_factor"
-            else TrainingSampler(len(dataset), seed=c.seed)
+            else TrainingSampler(num_images, seed=c.seed)
         )
         stream = BatchStream(base, c.classes_per_batch)
+        draws_of = lambda step: [(int(i), None) for i in stream.global_batch(step)]  # noqa: E731
+    draws = [draws_of(s) for s in range(c.steps)]
+    flips = [streams.flips(c.seed, s, streams.CALIBRATION_FLIP, len(d), c.flip_prob) for s, d in enumerate(draws)]
+    return draws, flips
 
-        def draws_of(step: int) -> list[tuple[int, int | None]]:
-            return [(i, None) for i in stream.global_batch(step)]
+
+def _calibrate(
+    model: LongTailMaskRCNN,
+    dataset: DetectionDataset,
+    train_json: dict[str, Any],
+    label_map: LabelMap,
+    c: CalibrationConfig,
+    device: torch.device,
+    files: CalibrationFiles | None,
+    resume: bool,
+    snapshot_every: int,
+    progress: bool,
+) -> CalibratedHead:
+    counts = class_instance_counts(train_json, label_map.category_ids)
+    torch.manual_seed(c.seed)
+    head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed).to(device)
+    params = list(head.trainable_parameters()) if c.head != "ncm" else []
+    optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay) if params else None
+    try:
+        loss_fn = build_classification_loss(c.loss, counts, activation=head.activation, **c.loss_kwargs).to(device)
+    except ValueError as e:
+        raise InputError("calibration.loss", "loss", str(e)) from None
+    decay_steps = [int(round(f * c.steps)) for f in c.decay]
 
     start = 0
-    if resume and (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out / CHECKPOINT)
+    if files is not None and resume and files.checkpoint.exists():
+        ckpt = load_checkpoint(files.checkpoint)
         head.load_state_dict(ckpt["head"])
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
-        _truncate(out / LOG, start)
-    out.mkdir(parents=True, exist_ok=True)
+        rewrite_lines(files.log, lambda line: json.loads(line)["step"] <= start)
+    if files is not None:
+        files.root.mkdir(parents=True, exist_ok=True)
 
     # every draw is a pure function of (seed, step): the whole schedule is known, and the cache plans by it
-    draws_all = [draws_of(s) for s in range(c.steps)]
-    flips_of = [
-        list(np.random.default_rng([c.seed, s, 3]).random(len(d)) < c.flip_prob) for s, d in enumerate(draws_all)
-    ]
+    draws_all, flips_of = _schedule(c, train_json, len(dataset))
     schedule = [list(zip((d[0] for d in draws), flips)) for draws, flips in zip(draws_all, flips_of)]
     frozen = FrozenDetector(model, dataset, c.cache_mb, device, schedule=schedule, miss_batch=c.miss_batch)
+    name = files.name if files is not None else "(in memory)"
     meta = {
         "kind": c.head,
         "layers": c.layers,
@@ -378,33 +439,30 @@ def calibrate(
     for step in range(start, c.steps):
         lr = c.lr * 0.1 ** sum(step >= s for s in decay_steps)
         draws, flips = draws_all[step], flips_of[step]
-        seeds = [image_seed(c.seed, step, p) for p in range(len(draws))]
+        seeds = [streams.slot_seed(c.seed, step, p) for p in range(len(draws))]
         batch = calibration_batch(
             frozen,
             draws,
             flips,
             seeds,
             label_map,
-            image_seed(c.seed, step, 10**6),
+            streams.slot_seed(c.seed, step, streams.CALIBRATION_BACKGROUND),
             step=step,
             box_feats=c.head == "ncm",
         )
         record: dict[str, Any] = {"step": step + 1, "lr": lr, "fg": 0, "bg": 0}
         if batch is not None:
-            pooled, box_feats, labels = batch
-            record.update(fg=int((labels > 0).sum()), bg=int((labels == 0).sum()))
-        if batch is None:
-            pass
-        elif c.head == "ncm":
-            head.ncm_accumulate(box_feats, labels)
-        else:
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss = loss_fn(head(pooled), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            record["loss"] = float(loss.detach())
+            record.update(fg=int((batch.labels > 0).sum()), bg=int((batch.labels == 0).sum()))
+            if c.head == "ncm":
+                head.ncm_accumulate(batch.box_feats, batch.labels)
+            else:
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                loss = loss_fn(head(batch.pooled), batch.labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                record["loss"] = float(loss.detach())
         done = step + 1
         bar.update(1)
         if done % c.log_period == 0 or done == c.steps:
@@ -413,33 +471,27 @@ def calibrate(
                 cache_misses=frozen.misses,
                 sec_per_step=(time.perf_counter() - t0) / (done - start),
             )
-            with open(out / LOG, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if files is not None:
+                with open(files.log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             if "loss" in record:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
-        if snapshot_every and done % snapshot_every == 0 and c.head != "ncm":
-            save_head(head, out / "snapshots" / f"head_{done:06d}.pth", {**meta, "step": done})
-        if done % c.checkpoint_period == 0 and done != c.steps:
+        if files is not None and snapshot_every and done % snapshot_every == 0 and c.head != "ncm":
+            save_head(head, files.snapshot(done), {**meta, "step": done})
+        if files is not None and done % c.checkpoint_period == 0 and done != c.steps:
             save_checkpoint(
-                out / CHECKPOINT,
+                files.checkpoint,
                 {"head": head.state_dict(), "step": done, "optimizer": optimizer.state_dict() if optimizer else None},
             )
     bar.close()
     if c.head == "ncm":
         head.ncm_finalize()
     elapsed = time.perf_counter() - t0
-    save_head(head, out / HEAD, {**meta, "step": c.steps})
-    write_json(
-        out / "summary.json",
-        {**meta, "seconds": elapsed, "cache_hits": frozen.hits, "cache_misses": frozen.misses},
-        indent=1,
-    )
-    return out / HEAD
-
-
-def _truncate(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    with atomic_open(path, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
+    if files is not None:
+        save_head(head, files.head, {**meta, "step": c.steps})
+        write_json(
+            files.summary,
+            {**meta, "seconds": elapsed, "cache_hits": frozen.hits, "cache_misses": frozen.misses},
+            indent=1,
+        )
+    return head

@@ -21,41 +21,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from simcal.config import Config, config_from_dict, save_config
+from simcal import seeds as streams
+from simcal.config import Config, save_config
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, collate
 from simcal.data.samplers import BatchStream, RepeatFactorSampler, TrainingSampler, repeat_factors
-from simcal.data.stats import count_instances
+from simcal.data.stats import class_instance_counts
 from simcal.engine import distributed as dist_utils
-from simcal.engine.checkpoint import FINAL, LAST, load_checkpoint, save_checkpoint
+from simcal.engine.runtime import seed_everything, setup_torch
 from simcal.errors import InputError, TrainingError
-from simcal.io import atomic_open
+from simcal.io import load_checkpoint, rewrite_lines, save_checkpoint
 from simcal.modeling.detector import build_detector
 from simcal.modeling.losses import build_classification_loss
-from simcal.modeling.sampling import set_sampling_seeds
-
-CONFIG_FILE = "config.yaml"
-LABEL_MAP_FILE = "label_map.json"
-LOG_FILE = "train_log.jsonl"
-
-
-def setup_torch(threads: int = 0) -> None:
-    """CPU hygiene for every entry point: flush denormals (a 10x slowdown otherwise), threads."""
-    torch.set_flush_denormal(True)
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def class_instance_counts(dataset: dict[str, Any], label_map: LabelMap) -> list[int]:
-    """Training instance count per foreground label 1..C, in label order (length C)."""
-    counts = count_instances(dataset)
-    return [counts[cid][0] for cid in label_map.category_ids]
+from simcal.modeling.sampling import sampling_seeds
+from simcal.run import Run
 
 
 def schedule(cfg: Config, images_per_epoch: float) -> tuple[int, list[int]]:
@@ -76,11 +55,6 @@ def learning_rate(cfg: Config, iteration: int, steps: list[int]) -> float:
         alpha = iteration / t.warmup_iters
         lr *= t.warmup_factor * (1 - alpha) + alpha
     return lr * t.gamma ** sum(iteration >= s for s in steps)
-
-
-def image_seed(seed: int, iteration: int, position: int) -> int:
-    """The anchor/RoI sampling seed of the image at ``position`` of the GLOBAL batch of ``iteration``."""
-    return int(np.random.SeedSequence([seed, iteration, position]).generate_state(1)[0])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -111,18 +85,9 @@ class _Batches:
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
         for it in range(self.start, self.stop):
             batch = self.stream.global_batch(it)
-            flips = np.random.default_rng([self.seed, it, 1]).random(len(batch)) < self.flip_prob
-            pairs = [(int(i), bool(f)) for i, f in zip(batch, flips)]
+            flips = streams.flips(self.seed, it, streams.TRAIN_FLIP, len(batch), self.flip_prob)
+            pairs = [(int(i), f) for i, f in zip(batch, flips)]
             yield pairs[self.rank :: self.world]
-
-
-def _truncate_log(path: Path, iteration: int) -> None:
-    """Drop log records written after the checkpoint a resumed run restarts from."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-    with atomic_open(path, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
 
 
 def _tensorboard(path: Path) -> Any:
@@ -142,15 +107,6 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
 
 
-def load_run_config(run: Path) -> Config:
-    import yaml
-
-    path = run / CONFIG_FILE
-    if not path.is_file():
-        raise InputError(path, "(file)", "not a simcal run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()), str(path))
-
-
 def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Train the detector a config describes into run directory ``out``; returns the final weights.
 
@@ -158,12 +114,13 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     ``checkpoint_last.pth``.
     """
     out = Path(out)
+    run = Run(out)
     rank, world, device = dist_utils.init_distributed()
     if resume:
-        cfg = load_run_config(out)
+        cfg = run.load_config()
     elif cfg is None:
         raise InputError("simcal train", "--config", "a config is needed for a new run")
-    elif (out / LAST).exists() or (out / FINAL).exists():
+    elif run.has_training():
         raise InputError(out, "(run directory)", "already holds a run: pass --resume to continue it, or another --out")
     setup_torch(cfg.train.threads)
     t = cfg.train
@@ -188,9 +145,13 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     max_iter, steps = schedule(cfg, per_epoch)
 
     seed_everything(t.seed)
-    counts = class_instance_counts(train_json, label_map)
-    loss_fn = build_classification_loss(t.loss, counts, **t.loss_kwargs)
-    model = build_detector(cfg.model, label_map.num_classes, cls_loss=loss_fn)
+    counts = class_instance_counts(train_json, label_map.category_ids)
+    model = build_detector(cfg.model, label_map.num_classes)
+    predictor = model.roi_heads.box_predictor
+    try:
+        predictor.set_loss(build_classification_loss(t.loss, counts, activation=predictor.activation, **t.loss_kwargs))
+    except ValueError as e:
+        raise InputError("train.loss", "loss", str(e)) from None
     if world > 1 and device.type == "cuda" and cfg.model.norm == "bn":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # per-process BN statistics otherwise
     model = model.to(device)
@@ -198,19 +159,19 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
 
     start = 0
     if resume:
-        if not (out / LAST).exists():
-            raise InputError(out / LAST, "(file)", "no checkpoint to resume from")
-        ckpt = load_checkpoint(out / LAST)
+        if not run.checkpoint_last.exists():
+            raise InputError(run.checkpoint_last, "(file)", "no checkpoint to resume from")
+        ckpt = load_checkpoint(run.checkpoint_last)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["iteration"])
         _set_rng_state(ckpt["rng"])
         if dist_utils.is_main():
-            _truncate_log(out / LOG_FILE, start)
+            rewrite_lines(run.train_log, lambda line: json.loads(line)["iteration"] <= start)
     elif dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / CONFIG_FILE)
-        label_map.save(out / LABEL_MAP_FILE)
+        save_config(cfg, run.config)
+        label_map.save(run.label_map)
     dist_utils.barrier()
 
     net: nn.Module = model
@@ -226,8 +187,8 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
         persistent_workers=False,
     )
     use_amp = t.amp and device.type == "cuda"
-    log_path = out / LOG_FILE
-    tb = _tensorboard(out / "tb") if dist_utils.is_main() else None
+    log_path = run.train_log
+    tb = _tensorboard(run.tensorboard) if dist_utils.is_main() else None
     bar = tqdm(
         total=max_iter, initial=start, desc="train", disable=not (progress and dist_utils.is_main()), dynamic_ncols=True
     )
@@ -237,16 +198,20 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
         lr = learning_rate(cfg, it, steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        set_sampling_seeds(model, [image_seed(t.seed, it, p) for p in range(rank, t.batch_size, world)])
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in tg.items()} for tg in targets]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        image_seeds = [streams.slot_seed(t.seed, it, p) for p in range(rank, t.batch_size, world)]
+        with sampling_seeds(model, image_seeds), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             losses = net(images, targets)
         loss = sum(losses.values())
         values = dist_utils.all_reduce_mean({k: float(v.detach()) for k, v in losses.items()})
         if not all(math.isfinite(v) for v in values.values()):
             bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
-            kept = f"last good checkpoint {out / LAST}" if (out / LAST).exists() else "no checkpoint was written yet"
+            kept = (
+                f"last good checkpoint {run.checkpoint_last}"
+                if run.checkpoint_last.exists()
+                else "no checkpoint was written yet"
+            )
             bar.close()
             raise TrainingError(f"non-finite loss at iteration {it} ({bad}); stopped, {kept}")
         optimizer.zero_grad(set_to_none=True)
@@ -274,7 +239,7 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
         if dist_utils.is_main() and (done % t.checkpoint_period == 0 or done == max_iter):
             save_checkpoint(
-                out / LAST,
+                run.checkpoint_last,
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -287,7 +252,7 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     bar.close()
     if dist_utils.is_main():
         save_checkpoint(
-            out / FINAL,
+            run.model_final,
             {
                 "model": model.state_dict(),
                 "iteration": max_iter,
@@ -296,4 +261,4 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
             },
         )
     dist_utils.barrier()
-    return out / FINAL
+    return run.model_final

@@ -2,8 +2,10 @@
 
 After normal training every detector parameter is frozen; SimCal trains only a new classification
 head on the pooled RoI features ``(R, C_fpn, 7, 7)`` (paper Sec. 4.2, Fig. 4b, Table 10). The head
-maps them to logits ``(R, C+1)``, column 0 background, like the original
-``box_head`` + ``box_predictor.cls_score``. Kinds (:data:`HEAD_KINDS`):
+maps them to logits ``(R, K)`` like the original ``box_head`` + ``box_predictor.cls_score``, and
+to class scores ``(R, C+1)`` (column 0 background) with the original classifier's activation
+(:meth:`CalibratedHead.scores`; softmax for the paper's heads, so ``K = C + 1``). Kinds
+(:data:`simcal.choices.CALIBRATED_HEADS`):
 
 - ``3fc_ft`` (default): copies of the trained ``box_head.fc6`` (``C_fpn*49 -> D``), ``box_head.fc7``
   (``D -> D``) and ``box_predictor.cls_score`` (``D -> C+1``), ReLU after fc6 and fc7. Before any
@@ -12,11 +14,12 @@ maps them to logits ``(R, C+1)``, column 0 background, like the original
   init, which is what torchvision's ``TwoMLPHead`` and ``FastRCNNPredictor`` use).
 - ``2fc_rand``: ``fc6`` (``C_fpn*49 -> D``) + ReLU + ``cls_score`` (``D -> C+1``), random init.
 - ``ncm``: nearest class mean on the ``D``-d representation of frozen copies of the trained fc6/fc7:
-  ``logit_c = NCM_SCALE * cos(feature, mean_c)`` for the labels ``0..C`` (background included). The
-  means are buffers filled by :meth:`CalibratedHead.ncm_accumulate` + :meth:`CalibratedHead.ncm_finalize`;
+  ``logit_c = NCM_SCALE * cos(feature, mean_c)`` for the labels ``0..C`` (background included),
+  scored with a softmax whatever the detector's classifier. The means are buffers filled by
+  :meth:`CalibratedHead.ncm_accumulate` + :meth:`CalibratedHead.ncm_finalize`;
   classes never seen get :data:`UNSEEN_LOGIT`. Nothing trains.
 
-Which layers train (``layers``, :data:`LAYER_CHOICES`, Table 10): ``all3`` every layer, ``last2``
+Which layers train (``layers``, :data:`simcal.choices.LAYERS`, Table 10): ``all3`` every layer, ``last2``
 fc7 + cls_score, ``last1`` cls_score only; the rest get ``requires_grad=False``. For ``2fc_rand``,
 ``last1`` trains ``cls_score`` only and ``last2``/``all3`` both layers. ``ncm`` ignores it.
 
@@ -36,11 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from simcal.engine.checkpoint import load_checkpoint, save_checkpoint
+from simcal import choices
 from simcal.errors import InputError
-
-HEAD_KINDS = ("3fc_ft", "2fc_rand", "3fc_rand", "ncm")
-LAYER_CHOICES = ("all3", "last2", "last1")
+from simcal.io import load_checkpoint, save_checkpoint
+from simcal.modeling.predictors import Activation, Softmax
 
 #: Temperature of the NCM cosine logits: ``logit = NCM_SCALE * cos`` lies in ``[-16, 16]``, enough for
 #: a softmax over the C+1 columns to be peaked, as in cosine classifiers with a fixed scale.
@@ -62,10 +64,12 @@ _TRAINABLE: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 def _check_choice(kind: str, layers: str) -> None:
-    if kind not in HEAD_KINDS:
-        raise InputError("calibration.head", "head", f"expected one of {', '.join(HEAD_KINDS)}, got {kind!r}")
-    if layers not in LAYER_CHOICES:
-        raise InputError("calibration.layers", "layers", f"expected one of {', '.join(LAYER_CHOICES)}, got {layers!r}")
+    if kind not in choices.CALIBRATED_HEADS:
+        raise InputError(
+            "calibration.head", "head", f"expected one of {', '.join(choices.CALIBRATED_HEADS)}, got {kind!r}"
+        )
+    if layers not in choices.LAYERS:
+        raise InputError("calibration.layers", "layers", f"expected one of {', '.join(choices.LAYERS)}, got {layers!r}")
 
 
 def _source_layers(roi_heads: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -87,16 +91,18 @@ def _source_layers(roi_heads: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linea
 
 
 class CalibratedHead(nn.Module):
-    """A classification head on pooled RoI features: ``(R, C_fpn, 7, 7)`` or ``(R, C_fpn*49)`` -> ``(R, C+1)``.
+    """A classification head on pooled RoI features: ``(R, C_fpn, 7, 7)`` or ``(R, C_fpn*49)`` -> logits ``(R, K)``.
 
     Build it with :func:`build_calibrated_head`. The head is :meth:`representation` (every layer but
     the last, ``(R, D)``) followed by :meth:`classify` (the last fc, or the NCM cosine).
 
     Attributes:
-        kind: one of :data:`HEAD_KINDS`.
-        layers: one of :data:`LAYER_CHOICES` (which layers train).
+        kind: one of :data:`simcal.choices.CALIBRATED_HEADS`.
+        layers: one of :data:`simcal.choices.LAYERS` (which layers train).
         seed: the seed of the random init (kept for the record; unused by ``3fc_ft``/``ncm``).
-        in_features: ``C_fpn * 7 * 7``; ``representation_size``: ``D``; ``num_outputs``: ``C + 1``.
+        in_features: ``C_fpn * 7 * 7``; ``representation_size``: ``D``; ``num_outputs``: ``K``
+            (``C + 1`` for ``ncm``).
+        activation: logits -> scores ``(R, C+1)``: the detector classifier's (softmax for ``ncm``).
         fc6, fc7 (absent for ``2fc_rand``), cls_score (absent for ``ncm``): the ``nn.Linear`` layers.
         ncm_sums ``(C+1, D)`` float64, ncm_counts ``(C+1,)`` int64, ncm_means ``(C+1, D)``,
         ncm_valid ``(C+1,)`` bool: NCM buffers (``ncm`` only), all in the state dict.
@@ -112,6 +118,7 @@ class CalibratedHead(nn.Module):
         layers: str = "all3",
         seed: int = 0,
         source: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None,
+        activation: Activation | None = None,
     ) -> None:
         """Create the layers of ``kind``: copies of ``source`` (``(fc6, fc7, cls_score)``, needed by
         ``3fc_ft`` and ``ncm``) or seeded random ones, then apply the ``layers`` freezing."""
@@ -124,6 +131,7 @@ class CalibratedHead(nn.Module):
         self.representation_size = representation_size
         self.num_outputs = num_outputs
         self.scale = NCM_SCALE
+        self.activation = Softmax() if activation is None or kind == "ncm" else activation
 
         if kind in ("3fc_ft", "ncm"):
             if source is None:
@@ -196,8 +204,12 @@ class CalibratedHead(nn.Module):
         return torch.where(valid, self.scale * cos, torch.full_like(cos, UNSEEN_LOGIT))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Pooled RoI features ``(R, C_fpn, 7, 7)`` or ``(R, C_fpn*49)`` -> logits ``(R, C+1)``, column 0 background."""
+        """Pooled RoI features ``(R, C_fpn, 7, 7)`` or ``(R, C_fpn*49)`` -> logits ``(R, K)``."""
         return self.classify(self.representation(x))
+
+    def scores(self, x: Tensor) -> Tensor:
+        """Pooled RoI features -> class scores ``(R, C+1)``, column 0 background (the activation of the logits)."""
+        return self.activation(self(x))
 
     # ------------------------------------------------------------------ NCM
     def _require_ncm(self, what: str) -> None:
@@ -246,19 +258,22 @@ def build_calibrated_head(kind: str, roi_heads: nn.Module, *, layers: str = "all
     """The calibrated head of ``kind`` for the detector whose RoI heads are ``roi_heads``.
 
     Shapes come from the trained ``box_head.fc6`` (``C_fpn*49 -> D``) and ``box_predictor.cls_score``
-    (``D -> C+1``); ``3fc_ft`` and ``ncm`` copy their weights (never share them), random kinds are
-    seeded by ``seed``. The head lives on the device and dtype of the trained layers.
+    (``D -> K``); ``3fc_ft`` and ``ncm`` copy their weights (never share them), random kinds are
+    seeded by ``seed``. The head scores with the box predictor's activation, and lives on the
+    device and dtype of the trained layers.
     """
     _check_choice(kind, layers)
     fc6, fc7, cls = _source_layers(roi_heads)
+    predictor = roi_heads.box_predictor
     return CalibratedHead(
         kind,
         in_features=fc6.in_features,
         representation_size=fc6.out_features,
-        num_outputs=cls.out_features,
+        num_outputs=predictor.num_classes + 1 if kind == "ncm" else cls.out_features,
         layers=layers,
         seed=seed,
         source=(fc6, fc7, cls),
+        activation=predictor.activation,
     )
 
 
@@ -308,10 +323,10 @@ def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[Calib
     if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise InputError(path, "state_dict", "missing or not a dict of tensors")
     kind, layers = meta.get("kind"), meta.get("layers")
-    if kind not in HEAD_KINDS:
-        raise InputError(path, "meta.kind", f"expected one of {', '.join(HEAD_KINDS)}, got {kind!r}")
-    if layers not in LAYER_CHOICES:
-        raise InputError(path, "meta.layers", f"expected one of {', '.join(LAYER_CHOICES)}, got {layers!r}")
+    if kind not in choices.CALIBRATED_HEADS:
+        raise InputError(path, "meta.kind", f"expected one of {', '.join(choices.CALIBRATED_HEADS)}, got {kind!r}")
+    if layers not in choices.LAYERS:
+        raise InputError(path, "meta.layers", f"expected one of {', '.join(choices.LAYERS)}, got {layers!r}")
     seed = meta.get("seed", 0)
     head = build_calibrated_head(kind, roi_heads, layers=layers, seed=seed if isinstance(seed, int) else 0)
     for key in ("in_features", "representation_size", "num_outputs"):

@@ -1,16 +1,16 @@
 """Score combiners for dual-head inference, and zero-training post-hoc calibrations.
 
-Every function here is a pure function over tensors that plugs into the scoring slot of
-:meth:`simcal.modeling.roi_heads.LongTailRoIHeads.score`: it returns class probabilities
+Every function here is a pure function over class scores that a scorer of
+:mod:`simcal.modeling.scoring` applies to the shared RoI features: it returns class scores
 ``(R, C+1)`` with column 0 = background, and class-wise NMS and the score threshold come after.
 The background column is never a detection, but it is kept meaningful (a probability of the
 head it comes from).
 
 Conventions (paper Sec. 4.2, Eq. 2; supplement J, Table 8):
 
-- ``p_orig``, ``p_cal``: softmax probabilities ``(R, C+1)`` of the original and the calibrated
-  classification heads on the same RoIs;
-- ``logits_orig``: the original head's logits ``(R, C+1)``;
+- ``p_orig``, ``p_cal``: class scores ``(R, C+1)`` of the original and the calibrated
+  classification heads on the same RoIs (each from its classifier's activation; softmax
+  probabilities for the paper's heads);
 - ``counts``: training instance count per foreground class, ``(C,)``; label ``j`` is index ``j-1``;
 - ``T``: head/tail boundary in training instances (paper: 300; ``T=100, strict=True`` reproduces the
   authors' released code).
@@ -20,7 +20,7 @@ Dual-head combiners (:data:`COMBINERS`, uniform signature ``(p_orig, p_cal, coun
 The ``det`` scheme is not a score combiner: it runs NMS on both heads' detections separately and
 merges the two sets, see :func:`merge_detections`.
 
-Post-hoc calibrations (:data:`POSTHOC`, signature ``(logits_orig, counts, param) -> probs``):
+Post-hoc calibrations (:data:`POSTHOC`, signature ``(log p_orig, counts, param) -> scores``):
 ``norcal`` (gamma) and ``logit-adj`` (tau).
 
 No function modifies its inputs; outputs keep the inputs' device and dtype.
@@ -243,64 +243,75 @@ def merge_detections(
 
 
 # ----------------------------------------------------------------------------- post-hoc calibration
-def _foreground_rescaled(logits_orig: Tensor, fg_logits: Tensor) -> Tensor:
-    """Background from ``softmax(logits_orig)``; foreground ``softmax(fg_logits) * (1 - p_0)``."""
-    log_z = torch.logsumexp(logits_orig, dim=1, keepdim=True)
-    p_bg = torch.exp(logits_orig[:, :1] - log_z)
-    # 1 - p_0, computed without cancellation when p_0 is close to 1
-    fg_mass = torch.exp(torch.logsumexp(logits_orig[:, 1:], dim=1, keepdim=True) - log_z)
-    return torch.cat([p_bg, torch.softmax(fg_logits, dim=1) * fg_mass], dim=1)
+def _reweighted_foreground(log_scores: Tensor, log_weights: Tensor, normalized: bool) -> Tensor:
+    """Scores ``(R, C+1)`` whose foreground columns are multiplied by ``exp(log_weights)``; background kept.
+
+    Computed from the log-scores, so tiny probabilities and large weights stay finite.
+    ``normalized`` (the scores of a row sum to 1: softmax): the reweighted foreground is rescaled
+    to keep its row sum (a softmax of ``log p_c + log w_c`` over the foreground columns, times
+    their original mass). Otherwise (independent per-class scores, e.g. sigmoid): the weights are
+    divided by their largest, so no score grows and every score stays in [0, 1].
+    """
+    log_fg = log_scores[:, 1:]
+    background = torch.exp(log_scores[:, :1])
+    if not normalized:
+        return torch.cat([background, torch.exp(log_fg + (log_weights - log_weights.max()))], dim=1)
+    mass = torch.exp(torch.logsumexp(log_fg, dim=1, keepdim=True))
+    return torch.cat([background, torch.softmax(log_fg + log_weights, dim=1) * mass], dim=1)
 
 
-def norcal(logits_orig: Tensor, counts: CountsLike, gamma: float = 1.0) -> Tensor:
-    """NorCal-style post-hoc calibration of the original head (no training).
+def norcal(log_scores: Tensor, counts: CountsLike, gamma: float = 1.0, normalized: bool = True) -> Tensor:
+    """NorCal post-hoc calibration of the original head's scores (no training; Pan et al. 2021).
 
-    Foreground probabilities are proportional to ``exp(z_c) / N_c^gamma`` with
-    ``N_c = max(counts_c, 1)``, so frequent classes are down-weighted relative to rare ones. The
-    background column is left to the original head, ``p'_0 = softmax(logits)[:, 0]``, and the
-    foreground columns are rescaled to sum to ``1 - p'_0``: rows sum to 1, background-vs-object
-    confidence is unchanged, only the split among classes moves. ``gamma = 0`` gives
-    ``softmax(logits)``.
+    Foreground scores are divided by ``N_c^gamma`` with ``N_c = max(counts_c, 1)``, so frequent
+    classes are down-weighted relative to rare ones while the background column (the
+    object-vs-background confidence) is unchanged. With ``normalized`` scores (softmax) the
+    foreground is rescaled to keep its sum, so only the split among classes moves: for the softmax
+    classifier the softmax of ``z_c - gamma * log N_c`` over the foreground, times ``1 - p_0``.
+    Otherwise (sigmoid scores) nothing is renormalised and the rarest class keeps its score.
+    ``gamma = 0`` returns the scores.
 
     Args:
-        logits_orig: ``(R, C+1)``, column 0 background.
+        log_scores: ``(R, C+1)`` log of the original head's class scores, column 0 background
+            (``log_softmax`` of the logits for the softmax classifier).
         counts: ``(C,)`` training instance counts.
+        normalized: whether each row of scores sums to 1 (the classifier's activation says).
 
     Returns:
-        ``(R, C+1)`` probabilities.
+        ``(R, C+1)`` scores.
     """
-    c = _counts_like(counts, logits_orig)
-    _check_counts(c, logits_orig.shape[1])
-    fg = logits_orig[:, 1:] - gamma * torch.log(c.clamp(min=1))
-    return _foreground_rescaled(logits_orig, fg)
+    c = _counts_like(counts, log_scores)
+    _check_counts(c, log_scores.shape[1])
+    return _reweighted_foreground(log_scores, -gamma * torch.log(c.clamp(min=1)), normalized)
 
 
-def logit_adjustment(logits_orig: Tensor, counts: CountsLike, tau: float = 1.0) -> Tensor:
-    """Post-hoc logit adjustment (Menon et al.) of the original head (no training).
+def logit_adjustment(log_scores: Tensor, counts: CountsLike, tau: float = 1.0, normalized: bool = True) -> Tensor:
+    """Post-hoc logit adjustment (Menon et al.) of the original head's scores (no training).
 
     Foreground logits become ``z_c - tau * log(prior_c)`` with ``prior_c = N_c / sum_k N_k`` and
-    ``N_c = max(counts_c, 1)``; the background rule is :func:`norcal`'s (``p'_0`` from the original
-    softmax, foreground softmax rescaled to ``1 - p'_0``). Because the foreground columns are
-    renormalised among themselves, the ``log sum N`` term cancels and the result equals
-    ``norcal(logits, counts, gamma=tau)``; both are kept for naming parity with the literature.
-    ``tau = 0`` gives ``softmax(logits)``.
+    ``N_c = max(counts_c, 1)``, i.e. scores divided by ``prior_c^tau``; background and foreground
+    mass are kept as in :func:`norcal`. Because the foreground is renormalised (or, for
+    unnormalised scores, the weights are divided by their largest), the ``log sum N`` term cancels
+    and the result equals ``norcal(log_scores, counts, gamma=tau)``; both are kept for naming
+    parity with the literature. ``tau = 0`` returns the scores.
 
     Args:
-        logits_orig: ``(R, C+1)``, column 0 background.
+        log_scores: ``(R, C+1)`` log of the original head's class scores, column 0 background.
         counts: ``(C,)`` training instance counts.
+        normalized: whether each row of scores sums to 1 (the classifier's activation says).
 
     Returns:
-        ``(R, C+1)`` probabilities.
+        ``(R, C+1)`` scores.
     """
-    c = _counts_like(counts, logits_orig)
-    _check_counts(c, logits_orig.shape[1])
+    c = _counts_like(counts, log_scores)
+    _check_counts(c, log_scores.shape[1])
     c = c.clamp(min=1)
     log_prior = torch.log(c) - torch.log(c.sum())
-    return _foreground_rescaled(logits_orig, logits_orig[:, 1:] - tau * log_prior)
+    return _reweighted_foreground(log_scores, -tau * log_prior, normalized)
 
 
 POSTHOC: dict[str, Callable[[Tensor, CountsLike, float], Tensor]] = {
     "norcal": norcal,
     "logit-adj": logit_adjustment,
 }
-"""Name -> post-hoc calibration, each callable as ``f(logits_orig, counts, param) -> probs (R, C+1)``."""
+"""Name -> post-hoc calibration, ``f(log_scores_orig (R, C+1), counts, param, normalized=True) -> scores (R, C+1)``."""

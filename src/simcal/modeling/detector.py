@@ -4,45 +4,196 @@
 passed through for users who have them). ``maskrcnn_small`` is a ResNet-18-FPN with narrow
 heads for CPU work (CPU-FACTS.md: about 1 s per training step of 8 images at 128 px).
 
-Both return a plain :class:`torchvision.models.detection.MaskRCNN` whose ``roi_heads`` is
-:class:`simcal.modeling.roi_heads.LongTailRoIHeads`; ``num_classes`` counts foreground classes
-(the model has ``num_classes + 1`` outputs, column 0 background).
+Both return a :class:`LongTailMaskRCNN`: torchvision's Mask R-CNN parts (the same state-dict
+keys, so checkpoints load both ways) with :class:`simcal.modeling.roi_heads.LongTailRoIHeads`,
+whose box predictor owns scoring (:mod:`simcal.modeling.predictors`), and one inference API,
+:meth:`LongTailMaskRCNN.detect` (several scorers from one pass). ``num_classes`` counts
+foreground classes (scores have ``num_classes + 1`` columns, column 0 background).
+:meth:`LongTailMaskRCNN.from_torchvision` adopts a torchvision ``MaskRCNN`` a user already holds.
+
+The RPN's proposal counts are changed only through :func:`proposal_counts` (a context manager);
+nothing outside this module touches torchvision's private attributes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, resnet18
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection import maskrcnn_resnet50_fpn as tv_maskrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from simcal.config import ModelConfig
 from simcal.errors import InputError
-from simcal.modeling.roi_heads import LongTailRoIHeads
-from simcal.modeling.sampling import install_seeded_samplers
+from simcal.modeling import predictors
+from simcal.modeling.predictors import BoxPredictor
+from simcal.modeling.roi_heads import LongTailRoIHeads, Scorer
+from simcal.modeling.sampling import SeededBalancedSampler, install_seeded_samplers
+
+PASTE_PIXELS = 20_000_000  # pixels of pasted masks held at once
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5) -> Tensor:
+    """Paste ``M x M`` mask probabilities into the image and binarise.
+
+    Bilinear sampling of every mask at once (``grid_sample``), in chunks of ``PASTE_PIXELS``; no
+    per-mask Python loop. It differs from torchvision's resize-and-paste only along the borders.
+
+    Args:
+        masks: ``(N, M, M)`` probabilities in box coordinates.
+        boxes: ``(N, 4)`` xyxy in image pixels.
+
+    Returns:
+        ``(N, height, width)`` bool.
+    """
+    n = masks.shape[0]
+    out = torch.zeros((n, height, width), dtype=torch.bool, device=masks.device)
+    if n == 0:
+        return out
+    chunk = max(1, PASTE_PIXELS // max(1, height * width))
+    ys = torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5
+    for s in range(0, n, chunk):
+        b = boxes[s : s + chunk].float()
+        x0, y0, x1, y1 = b.unbind(1)
+        gy = (ys[None] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1  # (n, H)
+        gx = (xs[None] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1  # (n, W)
+        k = b.shape[0]
+        grid = torch.stack([gx[:, None, :].expand(k, height, width), gy[:, :, None].expand(k, height, width)], dim=3)
+        pasted = F.grid_sample(masks[s : s + chunk, None].float(), grid, align_corners=False)[:, 0]
+        out[s : s + chunk] = pasted >= threshold
+    return out
+
+
+class LongTailMaskRCNN(GeneralizedRCNN):
+    """torchvision's Mask R-CNN (``transform``, ``backbone``, ``rpn``, ``roi_heads``) with
+    :class:`LongTailRoIHeads` and a multi-scorer inference API.
+
+    ``model(images)`` / ``model(images, targets)`` behave as torchvision's ``MaskRCNN``.
+    """
+
+    roi_heads: LongTailRoIHeads
+
+    @classmethod
+    def from_torchvision(cls, model: GeneralizedRCNN, class_agnostic: bool | None = None) -> LongTailMaskRCNN:
+        """Adopt a torchvision (Mask) R-CNN's parts, shared, not copied: its weights, transform and
+        test settings, and its train/eval mode. Its RoI heads are rebuilt as :class:`LongTailRoIHeads`
+        (a new object over the same layers, with a seeded RoI sampler); ``model`` itself is not
+        changed. Seeded training also needs a seeded RPN sampler: :func:`long_tail_model`."""
+        if isinstance(model, LongTailMaskRCNN):
+            return model
+        if class_agnostic is None:
+            class_agnostic = model.roi_heads.box_predictor.bbox_pred.out_features == 4
+        roi_heads = model.roi_heads
+        if not isinstance(roi_heads, LongTailRoIHeads):
+            roi_heads = rebuild_roi_heads(roi_heads, class_agnostic=class_agnostic)
+            roi_heads.training = model.roi_heads.training
+            old = roi_heads.fg_bg_sampler
+            roi_heads.fg_bg_sampler = SeededBalancedSampler(old.batch_size_per_image, old.positive_fraction)
+        out = cls(model.backbone, model.rpn, roi_heads, model.transform)
+        out.training = model.training  # the flag only: the shared parts keep their own
+        return out
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: list[Tensor],
+        scorers: Mapping[str, Scorer],
+        targets: list[dict[str, Tensor]] | None = None,
+        with_masks: bool = True,
+    ) -> dict[str, list[dict[str, Tensor]]]:
+        """Detections of every scorer from ONE pass of the backbone, RPN and RoI box features.
+
+        Args:
+            images: ``(3, H_i, W_i)`` float in [0, 1], any sizes.
+            scorers: name -> scorer (:mod:`simcal.modeling.scoring`).
+            targets: per image ``{"boxes" (N, 4) xyxy, "labels" (N,)}`` in image pixels, for the
+                scorers that read the ground truth (the oracle).
+            with_masks: compute masks (once per distinct RoI and class over all scorers).
+
+        Returns:
+            ``{name: [per image {"boxes" (N, 4) xyxy in original pixels, "scores" (N,),
+            "labels" (N,), "masks" (N, H, W) bool}]}``.
+        """
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        if targets is not None:
+            device = images[0].device
+            targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        out = self.roi_heads.detect(features, proposals, batch.image_sizes, scorers, targets, with_masks=with_masks)
+        for result in out.values():
+            for r, resized, (h, w) in zip(result, batch.image_sizes, sizes):
+                r.pop("roi", None)
+                r["boxes"] = resize_boxes(r["boxes"], resized, (h, w))
+                if "masks" in r:
+                    r["masks"] = paste_masks(r["masks"][:, 0], r["boxes"], int(h), int(w))
+        return out
+
+    @torch.no_grad()
+    def proposals(self, images: list[Tensor]) -> list[Tensor]:
+        """The RPN's proposals per image ``(P_i, 4)`` xyxy in original pixels, best objectness first."""
+        batch, _ = self.transform(images)
+        props, _ = self.rpn(batch, self.backbone(batch.tensors))
+        return [resize_boxes(p, resized, im.shape[-2:]) for p, resized, im in zip(props, batch.image_sizes, images)]
+
+
+def training_proposal_counts(model: GeneralizedRCNN) -> tuple[int, int]:
+    """The RPN's ``(pre-NMS, post-NMS)`` proposal counts per image in training mode."""
+    rpn = model.rpn
+    return rpn._pre_nms_top_n["training"], rpn._post_nms_top_n["training"]
+
+
+def eval_proposal_counts(model: GeneralizedRCNN) -> tuple[int, int]:
+    """The RPN's ``(pre-NMS, post-NMS)`` proposal counts per image in eval mode."""
+    rpn = model.rpn
+    return rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"]
+
+
+@contextmanager
+def proposal_counts(model: GeneralizedRCNN, pre_nms: int, post_nms: int) -> Iterator[None]:
+    """Within the block, the RPN keeps ``pre_nms`` / ``post_nms`` proposals per image in eval mode
+    (calibration uses the training counts; the recall analysis at least 1000). The previous counts
+    come back when the block ends, also on an error."""
+    rpn = model.rpn
+    before = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
+    try:
+        rpn._pre_nms_top_n = {**before[0], "testing": pre_nms}
+        rpn._post_nms_top_n = {**before[1], "testing": post_nms}
+        yield
+    finally:
+        rpn._pre_nms_top_n, rpn._post_nms_top_n = before
+
+
+#: ``model.norm`` -> the normalisation layer of a ``C``-channel feature map (:data:`simcal.choices.NORMS`)
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "bn": nn.BatchNorm2d,
+    "gn": lambda c: nn.GroupNorm(min(32, c), c),  # 32 groups, batch-size independent, exact under DDP
+    "frozen_bn": FrozenBatchNorm2d,
+}
 
 
 def norm_layer(name: str) -> Callable[[int], nn.Module]:
     """``bn`` | ``gn`` (32 groups, batch-size independent, exact under DDP) | ``frozen_bn``."""
-    if name == "bn":
-        return nn.BatchNorm2d
-    if name == "gn":
-        return lambda c: nn.GroupNorm(min(32, c), c)
-    if name == "frozen_bn":
-        return FrozenBatchNorm2d
-    raise InputError("model.norm", "norm", f"expected bn, gn or frozen_bn, got {name!r}")
+    if name not in NORM_LAYERS:
+        raise InputError("model.norm", "norm", f"expected one of {', '.join(NORM_LAYERS)}, got {name!r}")
+    return NORM_LAYERS[name]
 
 
 def _resolve_weights(name: str | None, enum: Any, field: str) -> Any:
@@ -66,7 +217,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     return sorted(set(state) - set(keep))
 
 
-def _class_agnostic_predictors(model: MaskRCNN, num_classes: int) -> None:
+def _class_agnostic_predictors(model: GeneralizedRCNN, num_classes: int) -> None:
     bp = model.roi_heads.box_predictor
     bp.bbox_pred = nn.Linear(bp.bbox_pred.in_features, 4)
     mp = model.roi_heads.mask_predictor
@@ -76,7 +227,12 @@ def _class_agnostic_predictors(model: MaskRCNN, num_classes: int) -> None:
 
 
 def rebuild_roi_heads(old: RoIHeads, cls: type[RoIHeads] = LongTailRoIHeads, **kwargs: Any) -> RoIHeads:
-    """A ``cls`` RoIHeads with the same parts (pools, heads, predictors) and settings as ``old``."""
+    """A ``cls`` RoIHeads with the same parts (pools, heads, predictors) and settings as ``old``.
+
+    The box predictor is shared as it is: a :class:`BoxPredictor` returns ``(logits, deltas)`` like
+    torchvision's ``FastRCNNPredictor``, so torchvision's own ``RoIHeads`` runs with it too (the
+    training-step benchmark compares the two).
+    """
     return cls(
         old.box_roi_pool,
         old.box_head,
@@ -96,11 +252,40 @@ def rebuild_roi_heads(old: RoIHeads, cls: type[RoIHeads] = LongTailRoIHeads, **k
     )
 
 
-def _install_roi_heads(model: MaskRCNN, class_agnostic: bool, cls_loss: nn.Module | None) -> MaskRCNN:
-    """Replace torchvision's RoIHeads by :class:`LongTailRoIHeads` with the same parts and settings."""
-    model.roi_heads = rebuild_roi_heads(model.roi_heads, class_agnostic=class_agnostic, cls_loss=cls_loss)
-    install_seeded_samplers(model)
-    return model
+def long_tail_model(
+    model: GeneralizedRCNN, class_agnostic: bool, cls_loss: nn.Module | None = None
+) -> LongTailMaskRCNN:
+    """simcal's detector from a torchvision Mask R-CNN the builder just made: the box predictor
+    scores with the classifier's activation (:func:`simcal.modeling.predictors.build_activation`)
+    and trains with ``cls_loss`` (default: its cross-entropy), and the RPN's and RoI heads'
+    samplers are seeded (:func:`simcal.modeling.sampling.sampling_seeds`)."""
+    predictor = BoxPredictor.from_torchvision(model.roi_heads.box_predictor, predictors.build_activation())
+    if cls_loss is not None:
+        predictor.set_loss(cls_loss)
+    model.roi_heads.box_predictor = predictor
+    out = LongTailMaskRCNN.from_torchvision(model, class_agnostic=class_agnostic)
+    install_seeded_samplers(out)
+    return out
+
+
+@contextmanager
+def eval_mode(model: nn.Module, frozen: bool = False) -> Iterator[None]:
+    """Within the block ``model`` is in eval mode (BatchNorm, the RPN's test counts) and, with
+    ``frozen``, no parameter takes a gradient. Every submodule's mode and every parameter's
+    ``requires_grad`` come back afterwards, error or not (a model a user passed in is left as it was)."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    if frozen:
+        for p, _ in grads:
+            p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, grad in grads:
+            p.requires_grad_(grad)
 
 
 def maskrcnn_resnet50_fpn(
@@ -112,7 +297,7 @@ def maskrcnn_resnet50_fpn(
     class_agnostic: bool = False,
     cls_loss: nn.Module | None = None,
     **kwargs: Any,
-) -> MaskRCNN:
+) -> LongTailMaskRCNN:
     """The paper's Mask R-CNN R50-FPN (torchvision's), for ``num_classes`` foreground classes.
 
     Args:
@@ -142,7 +327,7 @@ def maskrcnn_resnet50_fpn(
             else w.get_state_dict(progress=True)
         )
         load_matching(model, state)
-    return _install_roi_heads(model, class_agnostic, cls_loss)
+    return long_tail_model(model, class_agnostic, cls_loss)
 
 
 def maskrcnn_small(
@@ -155,7 +340,7 @@ def maskrcnn_small(
     fpn_channels: int = 128,
     representation_size: int = 256,
     **kwargs: Any,
-) -> MaskRCNN:
+) -> LongTailMaskRCNN:
     """A small Mask R-CNN for CPU work: ResNet-18 body, FPN of ``fpn_channels``, narrow heads.
 
     Anchors 16-256 (one size per level P2-P6, ratios 0.5/1/2); box head
@@ -186,10 +371,22 @@ def maskrcnn_small(
     )
     if class_agnostic:
         _class_agnostic_predictors(model, num_classes)
-    return _install_roi_heads(model, class_agnostic, cls_loss)
+    return long_tail_model(model, class_agnostic, cls_loss)
 
 
-def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | None = None) -> MaskRCNN:
+#: ``model.arch`` -> builder ``(model config, common torchvision kwargs) -> model`` (:data:`simcal.choices.ARCHS`)
+ARCH_BUILDERS: dict[str, Callable[[ModelConfig, dict[str, Any]], LongTailMaskRCNN]] = {
+    "resnet50_fpn": lambda cfg, common: maskrcnn_resnet50_fpn(
+        weights=cfg.weights,
+        weights_backbone=cfg.weights_backbone,
+        trainable_backbone_layers=cfg.trainable_backbone_layers,
+        **common,
+    ),
+    "small": lambda cfg, common: maskrcnn_small(norm=cfg.norm, weights_backbone=cfg.weights_backbone, **common),
+}
+
+
+def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | None = None) -> LongTailMaskRCNN:
     """The detector a config describes, with the test preset applied (score, NMS, detections)."""
     common = dict(
         num_classes=num_classes,
@@ -208,17 +405,9 @@ def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | Non
         box_nms_thresh=cfg.nms_thresh,
         box_detections_per_img=cfg.detections_per_img,
     )
-    if cfg.arch == "resnet50_fpn":
-        model = maskrcnn_resnet50_fpn(
-            weights=cfg.weights,
-            weights_backbone=cfg.weights_backbone,
-            trainable_backbone_layers=cfg.trainable_backbone_layers,
-            **common,
-        )
-    elif cfg.arch == "small":
-        model = maskrcnn_small(norm=cfg.norm, weights_backbone=cfg.weights_backbone, **common)
-    else:
-        raise InputError("model.arch", "arch", f"expected resnet50_fpn or small, got {cfg.arch!r}")
+    if cfg.arch not in ARCH_BUILDERS:
+        raise InputError("model.arch", "arch", f"expected one of {', '.join(ARCH_BUILDERS)}, got {cfg.arch!r}")
+    model = ARCH_BUILDERS[cfg.arch](cfg, common)
     if cfg.channels_last:
         # weights in NHWC make every convolution (and its output) NHWC; load_state_dict keeps the format
         model = model.to(memory_format=torch.channels_last)

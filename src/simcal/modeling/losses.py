@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from simcal import choices
+
 __all__ = [
     "LOSS_NAMES",
     "ClassMarginCrossEntropy",
@@ -217,9 +219,15 @@ def cm_margins(instance_counts: Sequence[int], c: float = 6.0) -> Tensor:
 
 
 class ClassificationLoss(nn.Module):
-    """Base class: ``loss(logits (R, C+1), labels (R,)) -> scalar tensor``."""
+    """Base class: ``loss(logits (R, K), labels (R,)) -> scalar tensor``.
+
+    ``activation`` names the classifier whose logits the loss expects
+    (:class:`simcal.modeling.predictors.Activation`); every loss here is a softmax loss over
+    ``K = C + 1`` columns.
+    """
 
     name: str = ""
+    activation: str = "softmax"
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -287,30 +295,46 @@ class ClassMarginCrossEntropy(ClassificationLoss):
         return f"num_classes={self.margins.numel() - 1}"
 
 
-#: Accepted names of :func:`build_classification_loss` and the keyword arguments of each.
-LOSS_NAMES: dict[str, tuple[str, ...]] = {
-    "ce": (),
-    "lr": ("n", "lo", "hi"),
-    "focal": ("gamma", "alpha"),
-    "cm": ("c",),
+#: Accepted names of :func:`build_classification_loss` and the keyword arguments of each
+#: (from :data:`simcal.choices.LOSSES`, where their accepted values are listed too).
+LOSS_NAMES: dict[str, tuple[str, ...]] = {name: tuple(kwargs) for name, kwargs in choices.LOSSES.items()}
+
+
+def loss_fits(loss: Any, activation: Any) -> bool:
+    """Whether a loss (module or class) suits a classifier's logits: a loss declaring its
+    ``activation`` must match the classifier's; a loss that declares none is trusted."""
+    wanted = getattr(loss, "activation", None)
+    return wanted is None or wanted == activation.name
+
+
+_LOSS_CLASSES: dict[str, type[ClassificationLoss]] = {
+    "ce": CrossEntropy,
+    "lr": ReweightedCrossEntropy,
+    "focal": FocalLoss,
+    "cm": ClassMarginCrossEntropy,
 }
 
 
-def build_classification_loss(name: str, instance_counts: Sequence[int], **kwargs: Any) -> ClassificationLoss:
+def build_classification_loss(
+    name: str, instance_counts: Sequence[int], activation: Any = None, **kwargs: Any
+) -> nn.Module:
     """The box-head classification loss called ``name``.
 
     Args:
         name: ``ce``, ``lr`` (kwargs ``n``, ``lo``, ``hi``), ``focal`` (``gamma``, ``alpha``) or
             ``cm`` (``c``).
         instance_counts: ``(C,)`` training instance count of labels ``1..C``, in label order.
+        activation: the classifier's :class:`~simcal.modeling.predictors.Activation` (default:
+            softmax). ``ce`` is its own cross-entropy; the other losses need softmax logits.
         **kwargs: override the defaults of the chosen loss (see :data:`LOSS_NAMES`).
 
     Returns:
-        A :class:`ClassificationLoss` module, ``(logits (R, C+1), labels (R,)) -> scalar``;
-        picklable, and its weight / margin buffers move with ``.to(device)``.
+        A module ``(logits (R, K), labels (R,)) -> scalar``; picklable, and its weight / margin
+        buffers move with ``.to(device)``.
 
     Raises:
-        ValueError: unknown ``name``, or a keyword argument the loss does not take.
+        ValueError: unknown ``name``, a keyword argument the loss does not take, or a loss that
+            does not fit the classifier's logits.
     """
     if name not in LOSS_NAMES:
         valid = ", ".join(LOSS_NAMES)
@@ -319,6 +343,10 @@ def build_classification_loss(name: str, instance_counts: Sequence[int], **kwarg
     if unknown:
         allowed = ", ".join(LOSS_NAMES[name]) or "none"
         raise ValueError(f"loss {name!r} does not take {', '.join(unknown)} (accepted: {allowed})")
+    if name == "ce" and activation is not None:
+        return activation.cross_entropy_loss()
+    if activation is not None and not loss_fits(_LOSS_CLASSES[name], activation):
+        raise ValueError(f"the {name!r} loss expects softmax logits, this classifier is {activation.name}")
     if name == "ce":
         return CrossEntropy()
     if name == "lr":

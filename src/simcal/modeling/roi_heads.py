@@ -1,20 +1,25 @@
-"""The one RoIHeads subclass: a classification-loss hook, a scoring hook, class-agnostic heads.
+"""The one RoIHeads subclass: shared RoI features once, then any number of scorers; class-agnostic heads.
 
 torchvision's :class:`~torchvision.models.detection.roi_heads.RoIHeads` hard-codes softmax
-cross-entropy and softmax scoring. Long-tail methods change exactly those two steps, so this
-subclass splits the box branch into parts that other code can reuse:
+cross-entropy and softmax scoring. Here scoring belongs to the box predictor
+(:class:`simcal.modeling.predictors.BoxPredictor`: logits -> scores ``(R, C+1)``, and its loss),
+and inference is one API, :meth:`LongTailRoIHeads.detect`:
 
-- :meth:`box_features`: pooled RoI features ``(R, C_fpn, 7, 7)``, box-head features ``(R, D)``,
-  class logits ``(R, C+1)`` (column 0 is background) and box deltas ``(R, 4 * (C+1))`` or
-  ``(R, 4)`` when class-agnostic;
-- :attr:`cls_loss`: ``(logits (R, C+1), labels (R,)) -> scalar``; cross-entropy when ``None``;
-- :meth:`score`: ``(pooled, box_feats, logits) -> probabilities (R, C+1)``; softmax by default.
-  Calibrated heads and score combiners replace it (they must not renormalise unless asked);
-- :meth:`postprocess_detections`: class-wise NMS on probabilities (selection happens before it);
-- :meth:`mask_inference`: the mask head on the final detections only.
+1. :meth:`roi_batch` computes what every head shares, once: pooled RoI features
+   ``(R, C_fpn, 7, 7)``, box-head features ``(R, D)``, the original logits ``(R, K)`` and box
+   deltas, in a :class:`RoIBatch`;
+2. each *scorer* (:mod:`simcal.modeling.scoring`: original, calibrated, dual, post-hoc, oracle)
+   maps the batch to scores ``(R, C+1)``, or to a tuple of them whose detections are merged by
+   NMS (the ``det`` scheme);
+3. per scorer: class-wise NMS on the scores (:meth:`postprocess_detections`);
+4. the mask head runs once per distinct (RoI, class) over all scorers.
 
-Class-agnostic heads (the paper's r50-ag) regress one box for all classes and predict one mask
-channel; the losses and inference index channel 0 instead of the label.
+The plain ``forward`` in eval mode is :meth:`detect` with the original predictor's scores, so
+``model(images)`` and the multi-head pass of ``simcal predict`` are one code path.
+
+Calibration reads the same parts: :meth:`sample_rois` (the training RoI labelling and seeded
+sub-sampling of one image), :meth:`pool`. Class-agnostic heads (the paper's r50-ag) regress one
+box for all classes and predict one mask channel; the losses and inference index channel 0.
 
 The state dict has exactly torchvision's keys, so a class-wise checkpoint loads into a plain
 torchvision ``MaskRCNN`` with the same heads.
@@ -22,9 +27,13 @@ torchvision ``MaskRCNN`` with the same heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
     maskrcnn_inference,
@@ -32,34 +41,138 @@ from torchvision.models.detection.roi_heads import (
 )
 from torchvision.ops import boxes as box_ops
 
+from simcal.modeling.predictors import BoxPredictor
+
+
+@dataclass
+class RoIBatch:
+    """What the scorers of one inference batch share, computed once.
+
+    Attributes:
+        proposals: per image ``(R_i, 4)`` xyxy in the resized frame; ``R = sum R_i``.
+        image_shapes: per image ``(h, w)`` of the resized frame.
+        pooled: RoI-aligned features ``(R, C_fpn, 7, 7)``.
+        box_feats: box-head features ``(R, D)``.
+        logits: the original classifier's logits ``(R, K)``.
+        deltas: box deltas ``(R, 4 * (C+1))`` or ``(R, 4)``.
+        predictor: the original :class:`BoxPredictor` (its activation turns logits into scores).
+        targets: per image ``{"boxes", "labels"}`` in the resized frame, when given (the oracle).
+    """
+
+    proposals: list[Tensor]
+    image_shapes: list[tuple[int, int]]
+    pooled: Tensor
+    box_feats: Tensor
+    logits: Tensor
+    deltas: Tensor
+    predictor: BoxPredictor
+    targets: list[dict[str, Tensor]] | None = None
+    _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Any, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` once per batch and key (scores several scorers read, e.g. a calibrated head's)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    @property
+    def scores(self) -> Tensor:
+        """The original classifier's scores ``(R, C+1)``, column 0 background."""
+        return self.memo("orig", lambda: self.predictor.scores(self.logits))
+
+    @property
+    def log_scores(self) -> Tensor:
+        """``log`` of :attr:`scores` ``(R, C+1)``, from the logits where the activation can (no underflow)."""
+        return self.memo("orig_log", lambda: self.predictor.activation.log_scores(self.logits))
+
+    def matched_labels(self, iou: float = 0.5) -> Tensor:
+        """Per RoI, the label of the ground truth it overlaps most if that is ``>= iou``, else 0: ``(R,)``."""
+        if self.targets is None:
+            raise ValueError("matched_labels needs the ground truth: pass targets to detect()")
+
+        def compute() -> Tensor:
+            out = []
+            for props, tgt in zip(self.proposals, self.targets):  # type: ignore[arg-type]
+                lab = torch.zeros(props.shape[0], dtype=torch.long, device=props.device)
+                if tgt["boxes"].numel() and props.numel():
+                    best, idx = box_ops.box_iou(props, tgt["boxes"]).max(1)
+                    lab[best >= iou] = tgt["labels"][idx[best >= iou]]
+                out.append(lab)
+            return torch.cat(out)
+
+        return self.memo(("matched", iou), compute)
+
+
+#: ``(RoIBatch) -> scores (R, C+1)``, or a tuple of score tensors whose detections are merged
+Scorer = Callable[[RoIBatch], "Tensor | tuple[Tensor, ...]"]
+
+
+def original_scores(batch: RoIBatch) -> Tensor:
+    """The trained detector's own scores: the default scorer."""
+    return batch.scores
+
 
 class LongTailRoIHeads(RoIHeads):
-    """torchvision RoIHeads with loss / scoring hooks and optional class-agnostic box and mask."""
+    """torchvision RoIHeads whose box predictor owns scoring and loss; a multi-scorer inference API."""
 
-    def __init__(self, *args, class_agnostic: bool = False, cls_loss: nn.Module | None = None, **kwargs) -> None:
+    box_predictor: BoxPredictor
+
+    def __init__(self, *args: Any, class_agnostic: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if not isinstance(self.box_predictor, BoxPredictor):
+            self.box_predictor = BoxPredictor.from_torchvision(self.box_predictor)
         self.class_agnostic = class_agnostic
-        self.cls_loss = cls_loss
+
+    @property
+    def num_classes(self) -> int:
+        """C, the foreground classes (scores have C + 1 columns)."""
+        return self.box_predictor.num_classes
 
     # ------------------------------------------------------------------ parts
+    def pool(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """RoIAlign of ``boxes`` (per image ``(N_i, 4)``) on the FPN features: ``(sum N_i, C_fpn, 7, 7)``."""
+        return self.box_roi_pool(features, boxes, image_shapes)
+
     def box_features(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(pooled (R, C_fpn, 7, 7), box_feats (R, D), logits (R, C+1), box_deltas (R, 4K))``."""
-        pooled = self.box_roi_pool(features, proposals, image_shapes)
+        """``(pooled (R, C_fpn, 7, 7), box_feats (R, D), logits (R, K), box_deltas (R, 4K'))``."""
+        pooled = self.pool(features, proposals, image_shapes)
         box_feats = self.box_head(pooled)
         logits, deltas = self.box_predictor(box_feats)
         return pooled, box_feats, logits, deltas
 
-    def score(self, pooled: Tensor, box_feats: Tensor, logits: Tensor) -> Tensor:
-        """Class probabilities ``(R, C+1)`` from the RoI features; softmax of the logits here."""
-        return F.softmax(logits, -1)
+    def roi_batch(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> RoIBatch:
+        """The shared part of inference for every scorer (see :class:`RoIBatch`)."""
+        pooled, box_feats, logits, deltas = self.box_features(features, proposals, image_shapes)
+        return RoIBatch(proposals, image_shapes, pooled, box_feats, logits, deltas, self.box_predictor, targets)
+
+    def sample_rois(
+        self, proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, seed: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Label and sub-sample one image's RoIs exactly as training does, with a fixed seed.
+
+        The ground-truth boxes are appended to ``proposals`` ``(P, 4)``, each box is matched at the
+        heads' IoU thresholds (foreground >= 0.5, background < 0.5) and ``box_batch_size_per_image``
+        RoIs are drawn with the positive fraction, from ``seed``.
+
+        Returns:
+            ``(boxes (P+N, 4), labels (P+N,) with 0 background, foreground indices, background indices)``.
+        """
+        boxes = torch.cat([proposals, gt_boxes])
+        _, labels = self.assign_targets_to_proposals([boxes], [gt_boxes], [gt_labels])
+        pos, neg = self.fg_bg_sampler.sample([labels[0]], [seed])
+        return boxes, labels[0], torch.where(pos[0].bool())[0], torch.where(neg[0].bool())[0]
 
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """``logits (R, C+1)``, ``labels (R,)`` with 0 = background -> scalar."""
-        if self.cls_loss is None:
-            return F.cross_entropy(logits, labels)
-        return self.cls_loss(logits, labels)
+        """``logits (R, K)``, ``labels (R,)`` with 0 = background -> scalar (the predictor's loss)."""
+        return self.box_predictor.classification_loss(logits, labels)
 
     def box_regression_loss(self, deltas: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
         """Smooth-L1 on foreground RoIs, normalised by all sampled RoIs (torchvision's rule)."""
@@ -118,7 +231,7 @@ class LongTailRoIHeads(RoIHeads):
         """Per image: threshold, remove tiny boxes, class-wise NMS, keep the top detections.
 
         Args:
-            scores: probabilities ``(R, C+1)``, column 0 background (never a detection).
+            scores: ``(R, C+1)``, column 0 background (never a detection).
             box_regression: ``(R, 4 * (C+1))`` or ``(R, 4)`` (class-agnostic).
             return_roi_index: also return, per detection, the index of its RoI in the image.
 
@@ -147,6 +260,13 @@ class LongTailRoIHeads(RoIHeads):
             return out_boxes, out_scores, out_labels, out_index
         return out_boxes, out_scores, out_labels
 
+    def _detections(self, scores: Tensor, batch: RoIBatch) -> list[dict[str, Tensor]]:
+        """Per image ``{"boxes", "scores", "labels", "roi"}`` after class-wise NMS of ``scores (R, C+1)``."""
+        boxes, sc, labels, index = self.postprocess_detections(
+            scores, batch.deltas, batch.proposals, batch.image_shapes, return_roi_index=True
+        )
+        return [{"boxes": b, "scores": s, "labels": lab, "roi": i} for b, s, lab, i in zip(boxes, sc, labels, index)]
+
     def mask_inference(
         self, features: dict[str, Tensor], result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]]
     ) -> None:
@@ -164,6 +284,76 @@ class LongTailRoIHeads(RoIHeads):
         for r, m in zip(result, maskrcnn_inference(logits, labels)):
             r["masks"] = m
 
+    def _shared_masks(
+        self, features: dict[str, Tensor], out: dict[str, list[dict[str, Tensor]]], image_shapes: list
+    ) -> None:
+        """Run the mask head once per distinct (RoI, class) over all scorers, then hand out the masks.
+
+        A detection's box and mask depend only on its RoI and class, never on the scorer that kept
+        it, so scorers that keep the same detections share their mask computation.
+        """
+        width = self.num_classes + 1
+        union = []
+        for i in range(len(image_shapes)):
+            dets = [result[i] for result in out.values()]
+            keys = torch.cat([d["roi"] * width + d["labels"] for d in dets])
+            uniq, inverse = torch.unique(keys, return_inverse=True)
+            first = torch.full((uniq.numel(),), -1, dtype=torch.long, device=keys.device)
+            first.scatter_(0, inverse.flip(0), torch.arange(keys.numel() - 1, -1, -1, device=keys.device))
+            all_boxes = torch.cat([d["boxes"] for d in dets])
+            all_labels = torch.cat([d["labels"] for d in dets])
+            union.append(
+                ({"boxes": all_boxes[first], "labels": all_labels[first]}, inverse, [len(d["labels"]) for d in dets])
+            )
+        shared = [u[0] for u in union]
+        self.mask_inference(features, shared, image_shapes)
+        for i, (u, inverse, lengths) in enumerate(union):
+            for r, part in zip((res[i] for res in out.values()), inverse.split(lengths)):
+                r["masks"] = u["masks"][part]
+
+    # ------------------------------------------------------------------ inference
+    def detect(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        scorers: Mapping[str, Scorer],
+        targets: list[dict[str, Tensor]] | None = None,
+        with_masks: bool = True,
+    ) -> dict[str, list[dict[str, Tensor]]]:
+        """Detections of every scorer from one pass of the shared RoI features.
+
+        Args:
+            scorers: name -> scorer (``RoIBatch -> scores (R, C+1)`` or a tuple of them, whose
+                detections are merged by class-wise NMS).
+            targets: per image ground truth in the resized frame (only scorers that read it).
+            with_masks: run the mask head (once per distinct RoI and class over all scorers).
+
+        Returns:
+            ``{name: [per image {"boxes" (N, 4) xyxy resized frame, "scores" (N,), "labels" (N,),
+            "roi" (N,) RoI index in its image, "masks" (N, 1, 28, 28) probabilities}]}``.
+        """
+        from simcal.modeling.combine import merge_detections
+
+        batch = self.roi_batch(features, proposals, image_shapes, targets)
+        out: dict[str, list[dict[str, Tensor]]] = {}
+        for name, scorer in scorers.items():
+            scores = scorer(batch)
+            if isinstance(scores, tuple):  # several score sets: NMS each, then merge their detections
+                sets = [self._detections(s, batch) for s in scores]
+                merged = sets[0]
+                for other in sets[1:]:
+                    merged = [
+                        merge_detections(a, b, iou=self.nms_thresh, max_dets=self.detections_per_img)
+                        for a, b in zip(merged, other)
+                    ]
+                out[name] = merged
+            else:
+                out[name] = self._detections(scores, batch)
+        if with_masks and self.has_mask():
+            self._shared_masks(features, out, image_shapes)
+        return out
+
     # ------------------------------------------------------------------ forward
     def forward(  # type: ignore[override]
         self,
@@ -172,38 +362,34 @@ class LongTailRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are needed in training mode")
-            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-            _, _, logits, deltas = self.box_features(features, proposals, image_shapes)
-            labels_cat = torch.cat(labels)
-            losses = {
-                "loss_classifier": self.classification_loss(logits, labels_cat),
-                "loss_box_reg": self.box_regression_loss(deltas, labels_cat, torch.cat(regression_targets)),
-            }
-            if self.has_mask():
-                mask_props, pos_idxs = [], []
-                for props, lab, idx in zip(proposals, labels, matched_idxs):
-                    pos = torch.where(lab > 0)[0]
-                    mask_props.append(props[pos])
-                    pos_idxs.append(idx[pos])
-                x = self.mask_roi_pool(features, mask_props, image_shapes)
-                mask_logits = self.mask_predictor(self.mask_head(x))
-                gt_labels = [t["labels"] for t in targets]
-                if self.class_agnostic:
-                    gt_labels = [torch.zeros_like(g) for g in gt_labels]
-                gt_masks = [t["masks"] for t in targets]
-                losses["loss_mask"] = self.mask_loss(mask_logits, mask_props, gt_masks, gt_labels, pos_idxs)
-            return [], losses
-
-        pooled, box_feats, logits, deltas = self.box_features(features, proposals, image_shapes)
-        probs = self.score(pooled, box_feats, logits)
-        boxes, scores, labels = self.postprocess_detections(probs, deltas, proposals, image_shapes)
-        result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+        if not self.training:
+            result = self.detect(features, proposals, image_shapes, {"": original_scores})[""]
+            for r in result:
+                r.pop("roi")
+            return result, {}
+        if targets is None:
+            raise ValueError("targets are needed in training mode")
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        _, _, logits, deltas = self.box_features(features, proposals, image_shapes)
+        labels_cat = torch.cat(labels)
+        losses = {
+            "loss_classifier": self.classification_loss(logits, labels_cat),
+            "loss_box_reg": self.box_regression_loss(deltas, labels_cat, torch.cat(regression_targets)),
+        }
         if self.has_mask():
-            self.mask_inference(features, result, image_shapes)
-        return result, {}
+            mask_props, pos_idxs = [], []
+            for props, lab, idx in zip(proposals, labels, matched_idxs):
+                pos = torch.where(lab > 0)[0]
+                mask_props.append(props[pos])
+                pos_idxs.append(idx[pos])
+            x = self.mask_roi_pool(features, mask_props, image_shapes)
+            mask_logits = self.mask_predictor(self.mask_head(x))
+            gt_labels = [t["labels"] for t in targets]
+            if self.class_agnostic:
+                gt_labels = [torch.zeros_like(g) for g in gt_labels]
+            gt_masks = [t["masks"] for t in targets]
+            losses["loss_mask"] = self.mask_loss(mask_logits, mask_props, gt_masks, gt_labels, pos_idxs)
+        return [], losses
 
 
 def top_batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, k: int) -> Tensor:

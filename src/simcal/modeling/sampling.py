@@ -3,15 +3,24 @@
 torchvision's :class:`BalancedPositiveNegativeSampler` draws from the global RNG, so which RoIs
 an image trains on depends on the other images in the process's batch. With per-image seeds
 (derived by the trainer from the run seed, the iteration and the image's place in the GLOBAL
-batch) the draw is the same whether the batch runs in one process or is split over N DDP
-processes, which is what makes multi-process training match single-process training.
+batch, :mod:`simcal.seeds`) the draw is the same whether the batch runs in one process or is
+split over N DDP processes, which is what makes multi-process training match single-process
+training.
+
+The seeds of a forward pass are set with :func:`sampling_seeds`, a context manager that puts
+the samplers back as they were when the block ends, error or not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+from simcal import seeds as streams
 
 
 class SeededBalancedSampler(BalancedPositiveNegativeSampler):
@@ -27,10 +36,18 @@ class SeededBalancedSampler(BalancedPositiveNegativeSampler):
     def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         if self.seeds is None:
             return super().__call__(matched_idxs)
-        if len(self.seeds) != len(matched_idxs):
-            raise RuntimeError(f"{len(self.seeds)} sampling seeds for {len(matched_idxs)} images")
+        return self.sample(matched_idxs, self.seeds)
+
+    def sample(self, matched_idxs: list[Tensor], seeds: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Positive and negative masks per image (uint8, like torchvision's), image i drawn from ``seeds[i]``.
+
+        Args:
+            matched_idxs: per image ``(N_i,)``: ``>= 1`` positive, ``0`` negative, ``-1`` ignored.
+        """
+        if len(seeds) != len(matched_idxs):
+            raise RuntimeError(f"{len(seeds)} sampling seeds for {len(matched_idxs)} images")
         pos_idx, neg_idx = [], []
-        for seed, matched in zip(self.seeds, matched_idxs):
+        for seed, matched in zip(seeds, matched_idxs):
             g = torch.Generator().manual_seed(seed)
             positive = torch.where(matched >= 1)[0]
             negative = torch.where(matched == 0)[0]
@@ -54,10 +71,23 @@ def install_seeded_samplers(model: nn.Module) -> None:
         owner.fg_bg_sampler = SeededBalancedSampler(old.batch_size_per_image, old.positive_fraction)
 
 
-def set_sampling_seeds(model: nn.Module, seeds: list[int] | None) -> None:
-    """Per-image seeds for the next training forward (``None``: back to the global RNG)."""
-    for owner in (model.rpn, model.roi_heads):
-        sampler = owner.fg_bg_sampler
-        if isinstance(sampler, SeededBalancedSampler):
-            # the RPN and the RoI heads draw from different streams of the same image seed
-            sampler.seeds = None if seeds is None else [s * 2 + (owner is model.roi_heads) for s in seeds]
+@contextmanager
+def sampling_seeds(model: nn.Module, image_seeds: Sequence[int]) -> Iterator[None]:
+    """Within the block, training forwards sample each image's anchors and RoIs from its seed.
+
+    ``image_seeds``: one per image of the forward (:func:`simcal.seeds.slot_seed`); the RPN and the
+    RoI heads draw from two streams of it (:func:`simcal.seeds.sampler_seed`). The samplers'
+    previous seeds come back when the block ends, also on an error.
+    """
+    owners = ((model.rpn, streams.RPN_SAMPLING), (model.roi_heads, streams.ROI_SAMPLING))
+    samplers = [(owner.fg_bg_sampler, stage) for owner, stage in owners]
+    if not all(isinstance(s, SeededBalancedSampler) for s, _ in samplers):
+        raise TypeError("the model's samplers are not seeded: build it with simcal.modeling.detector")
+    before = [s.seeds for s, _ in samplers]
+    try:
+        for sampler, stage in samplers:
+            sampler.seeds = [streams.sampler_seed(s, stage) for s in image_seeds]
+        yield
+    finally:
+        for (sampler, _), old in zip(samplers, before):
+            sampler.seeds = old

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pycocotools import mask as mask_utils
 
 from simcal.data.annotations import image_path
+from simcal.io import atomic_open
 
 GOOD, BAD, TRUTH = (40, 200, 60), (230, 40, 40), (250, 250, 250)
 
@@ -190,5 +191,6 @@ def gallery(
     for r, panels in enumerate(rows):
         for c, p in enumerate(panels):
             sheet.paste(p, (c * (pw + gap), r * (ph + gap)))
-    sheet.save(path)
+    with atomic_open(path, "wb") as f:
+        sheet.save(f, format="PNG")
     return info

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,12 +20,11 @@ from typing import Any
 
 from simcal.data.annotations import load_dataset
 from simcal.data.stats import BIN_PRESETS, category_stats
-from simcal.engine.predict import resolve_split
-from simcal.engine.train import load_run_config
 from simcal.errors import InputError
 from simcal.io import atomic_open, read_json, write_json
 from simcal.report import plots
 from simcal.report.gallery import gallery, pick_images, rare_hits, spread
+from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, ReportFiles, Run, resolve_split
 
 HEAD_ORDER = ("orig", "cal", "dual")
 HEAD_NAMES = {"orig": "original", "cal": "calibrated only", "dual": "dual head (SimCal)"}
@@ -91,18 +89,21 @@ def _kv_table(rows: list[list[str]]) -> str:
     return f"<table class='kv'>{body}</table>"
 
 
-def _copy(src: Path, out: Path, figures: dict[str, str], key: str) -> None:
-    """Put a PNG another command drew beside the page (the page embeds it)."""
-    shutil.copyfile(src, out / src.name)
-    figures[key] = src.name
+def _copy(src: Path, out: ReportFiles, figures: dict[str, str], key: str) -> Path:
+    """Put a PNG another command drew beside the page (the page embeds it); returns the copy."""
+    dst = out.figure(key)
+    with atomic_open(dst, "wb") as f:
+        f.write(src.read_bytes())
+    figures[key] = dst.name
+    return dst
 
 
 def _missing(what: str, command: str) -> str:
     return f'<p class="note">No {html.escape(what)} yet: run <code>{html.escape(command)}</code>.</p>'
 
 
-def _heads(pred: Path) -> list[str]:
-    found = sorted(p.parent.name for p in pred.glob("*/metrics_bbox.json"))
+def _heads(pred: PredictionFiles) -> list[str]:
+    found = pred.heads(evaluated="bbox")
     return [h for h in HEAD_ORDER if h in found] + [h for h in found if h not in HEAD_ORDER]
 
 
@@ -120,19 +121,16 @@ def build_report(
     ``extra_html`` is placed after the summary (the demo adds its multi-seed and baseline tables).
     """
     run = Path(run)
-    cfg = load_run_config(run)
-    pred = run / "predictions" / split
+    r = Run(run)
+    cfg = r.load_config()
+    pred = r.predictions(split)
     heads = _heads(pred)
     if "orig" not in heads:
-        raise InputError(pred, "(predictions)", f"none: run simcal predict --run {run} --head orig,cal,dual first")
-    out = Path(out) if out else run / "report"
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(pred.root, "(predictions)", f"none: run simcal predict --run {run} --head orig,cal,dual first")
+    files = ReportFiles(Path(out)) if out else r.report
+    files.root.mkdir(parents=True, exist_ok=True)
     metrics = {
-        h: {
-            iou: read_json(pred / h / f"metrics_{iou}.json")
-            for iou in IOU_NAMES
-            if (pred / h / f"metrics_{iou}.json").exists()
-        }
+        h: {iou: read_json(pred.head(h).metrics(iou)) for iou in IOU_NAMES if pred.head(h).metrics(iou).exists()}
         for h in heads
     }
     ious = [iou for iou in IOU_NAMES if iou in metrics["orig"]]
@@ -149,7 +147,7 @@ def build_report(
     train_json = load_dataset(cfg.data.train_json)
     stats = category_stats(train_json, edges)
     groups = {g: sum(s.frequency == g for s in stats) for g in "rcf"}
-    log = run / "train_log.jsonl"
+    log = r.train_log
     train_info = ""
     if log.exists():
         last = json.loads(log.read_text().splitlines()[-1])
@@ -157,7 +155,8 @@ def build_report(
             f"{last['iteration']} iterations, batch {cfg.train.batch_size}, "
             f"{last['iteration'] * last.get('sec_per_iter', 0) / 60:.1f} min"
         )
-    cal_summaries = {p.parent.name: read_json(p) for p in sorted((run / "calibration").glob("*/summary.json"))}
+    summaries = [r.calibration(n).summary for n in r.calibrations()]
+    cal_summaries = {p.parent.name: read_json(p) for p in summaries if p.exists()}
     cal_info = "; ".join(f"{n}: {s['steps']} steps, {s['seconds']:.0f} s" for n, s in cal_summaries.items()) or "none"
     sections.append(
         "<h2>Run</h2>"
@@ -193,7 +192,7 @@ def build_report(
         sections.append(extra_html)
 
     # --- class frequency
-    p = out / "class_frequency.png"
+    p = files.figure("class_frequency")
     plots.class_histogram(
         p,
         [s.instance_count for s in stats],
@@ -207,7 +206,7 @@ def build_report(
     # --- per-bin bars
     imgs = []
     for iou in ious:
-        p = out / f"bins_{iou}.png"
+        p = files.figure(f"bins_{iou}")
         groups_k = [*bins, "APr", "APc", "APf", "AP"]
         series = {
             names[h]: [None if metrics[h][iou].get(k) is None else 100 * metrics[h][iou][k] for k in groups_k]
@@ -220,13 +219,12 @@ def build_report(
     sections.append("<h2>AP per bin, each head</h2><div class='row'>" + "".join(imgs) + "</div>")
 
     # --- T sweep
-    analysis = run / "analysis"
-    if (analysis / "sweep_T.png").exists():
-        _copy(analysis / "sweep_T.png", out, figures, "sweep_T")
+    sweep = r.analysis("sweep-T").png
+    if sweep.exists():
+        copied = _copy(sweep, files, figures, "sweep_T")
         sections.append(
             "<h2>Threshold T of the dual head</h2><p>Classes with at most T training instances take the "
-            "calibrated head's scores, the others the original head's (Fig. 4c).</p>"
-            + _img(out / "sweep_T.png", "T sweep")
+            "calibrated head's scores, the others the original head's (Fig. 4c).</p>" + _img(copied, "T sweep")
         )
     else:
         sections.append(
@@ -234,9 +232,10 @@ def build_report(
         )
 
     # --- where the classification errors land
-    if (analysis / "confusion.png").exists():
-        conf = json.loads((analysis / "confusion.json").read_text())
-        _copy(analysis / "confusion.png", out, figures, "confusion")
+    confusion = r.analysis("confusion")
+    if confusion.png.exists():
+        conf = json.loads(confusion.json.read_text())
+        copied = _copy(confusion.png, files, figures, "confusion")
         counts = "; ".join(
             f"{h}: {sum(r['dets_on_other_objects']['f'][g] for g in 'rc')}" for h, r in conf["heads"].items()
         )
@@ -247,22 +246,21 @@ def build_report(
             f"({html.escape(conf['split'])}, {conf['iou']}). Frequent-class detections scoring at least "
             f"{conf['score']:g} on rare or common objects: {html.escape(counts)}. A val with few tail "
             "objects (LVIS's) hardly counts those; there the middle bars are what the head classes see.</p>"
-            + _img(out / "confusion.png", "false-positive sources")
+            + _img(copied, "false-positive sources")
         )
 
     # --- dynamics
-    dyn = analysis / "dynamics.png"
-    cal_name = "3fc_ft" if "3fc_ft" in cal_summaries else next(iter(cal_summaries), None)
+    dyn = r.analysis("dynamics").png
+    cal_name = DEFAULT_CALIBRATION if DEFAULT_CALIBRATION in cal_summaries else next(iter(cal_summaries), None)
     imgs = []
     if dyn.exists():
-        _copy(dyn, out, figures, "dynamics")
-        imgs.append(_img(out / "dynamics.png", "calibration dynamics"))
-    calib_log = run / "calibration" / (cal_name or "") / "calibration_log.jsonl"
-    if cal_name and calib_log.exists():
+        imgs.append(_img(_copy(dyn, files, figures, "dynamics"), "calibration dynamics"))
+    calib_log = r.calibration(cal_name).log if cal_name else None
+    if calib_log is not None and calib_log.exists():
         recs = [json.loads(x) for x in calib_log.read_text().splitlines() if x.strip()]
         recs = [r for r in recs if "loss" in r]
         if recs:
-            p = out / "calibration_loss.png"
+            p = files.figure("calibration_loss")
             plots.line_plot(
                 p,
                 [r["step"] for r in recs],
@@ -286,7 +284,7 @@ def build_report(
     for iou in ious:
         per = {h: {c["id"]: c for c in metrics[h][iou]["per_class"]} for h in show}
         ids = [s.id for s in stats]
-        p = out / f"per_class_{iou}.png"
+        p = files.figure(f"per_class_{iou}")
         plots.per_class_scatter(
             p,
             [s.instance_count for s in stats],
@@ -318,12 +316,12 @@ def build_report(
             rare_set = set(rare)
             ids = sorted({a["image_id"] for a in gt["annotations"] if a["category_id"] in rare_set})
             res = {
-                "original head": read_results(pred / "orig" / "results.json", ids),
-                "dual head (SimCal)": read_results(pred / "dual" / "results.json", ids),
+                "original head": read_results(pred.head("orig").results, ids),
+                "dual head (SimCal)": read_results(pred.head("dual").results, ids),
             }
             hits = rare_hits(gt, res, rare, score_thresh)
             rare_hit_counts = {t: {"found": f, "pairs": n} for t, (f, n) in hits.items()}
-            p = out / "gallery.png"
+            p = files.figure("gallery")
             gallery_info = gallery(p, gt, gt_images, res, picks, score_thresh=score_thresh)
             if gallery_info:
                 figures["gallery"] = p.name
@@ -356,11 +354,11 @@ def build_report(
         f"<p class='sub'>Long-tail instance segmentation with SimCal calibration and dual-head inference. "
         f"Written {time.strftime('%Y-%m-%d %H:%M')}.</p>" + "".join(sections) + "</body></html>\n"
     )
-    with atomic_open(out / "index.html", "w") as f:
+    with atomic_open(files.index, "w") as f:
         f.write(page)
     write_json(
-        out / "report.json",
+        files.meta,
         {"heads": heads, "figures": figures, "gallery": gallery_info, "rare_hits": rare_hit_counts},
         indent=1,
     )
-    return out / "index.html"
+    return files.index

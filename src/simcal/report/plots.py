@@ -10,13 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from simcal.io import atomic_open  # noqa: E402
+
 
 def _save(fig: plt.Figure, ax: plt.Axes | None, path: str | os.PathLike[str]) -> None:
     """Legend (when ``ax`` is given), tight layout, PNG, and the figure closed."""
     if ax is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 

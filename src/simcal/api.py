@@ -1,0 +1,306 @@
+"""The Python API: what the command line does, callable from a notebook on paths or on objects.
+
+``simcal.evaluate``, ``simcal.train``, ``simcal.calibrate`` and ``simcal.predict`` are these
+functions (the CLI's handlers call them too). ``calibrate`` and ``predict`` take either a run
+directory (``run=``, as the CLI does) or a detector object (``model=``): a Mask R-CNN built by
+simcal or a plain ``torchvision.models.detection.MaskRCNN`` you already hold, whose labels
+``1..C`` follow increasing category id (0 is the background). See ``docs/api.md``.
+
+Settings are the config's: ``calibrate(..., steps=300, loss="focal")`` sets
+``calibration.steps`` and ``calibration.loss``; ``predict(..., combine="avg", T=100)`` sets
+``inference.combine`` and ``inference.T``; ``overrides=["section.key=value", ...]`` works too.
+Every value is validated as in a config file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from simcal.errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from simcal.config import Config
+    from simcal.evaluation.lvis_eval import EvalResult
+    from simcal.modeling.calibration import CalibratedHead
+
+PathLike = str | os.PathLike[str]
+
+
+def _overrides(section: str, settings: dict[str, Any]) -> list[str]:
+    """Keyword settings as ``section.key=value`` overrides (values JSON-encoded, which YAML reads)."""
+    return [f"{section}.{key}={json.dumps(value)}" for key, value in settings.items()]
+
+
+def _dataset(value: PathLike | dict[str, Any] | None, what: str) -> tuple[dict[str, Any], str]:
+    """An annotations dict and its name for messages: a path is loaded and validated."""
+    from simcal.data.annotations import load_dataset, validate_dataset
+
+    if value is None:
+        raise InputError(what, what, "needed when calibrating or predicting with model=")
+    if isinstance(value, dict):
+        return validate_dataset(value, f"<{what}>"), f"<{what}>"
+    return load_dataset(value), str(value)
+
+
+def evaluate(
+    gt: PathLike | dict[str, Any],
+    results: PathLike | list[dict[str, Any]],
+    *,
+    iou: str = "segm",
+    train: PathLike | dict[str, Any] | None = None,
+    bins: str | Sequence[float] = "lvis",
+    chunk_categories: int | None = None,
+) -> EvalResult:
+    """LVIS (or COCO) AP, APr/APc/APf and instance-bin AP of detections against ground truth.
+
+    ``gt`` / ``train``: annotation files or dicts; ``results``: a results file or list. The
+    training counts come from ``train``, else from the gt categories' fields (LVIS val).
+    """
+    from simcal.data.annotations import load_results, validate_results
+    from simcal.data.stats import parse_bins
+    from simcal.evaluation.lvis_eval import evaluate as run_evaluation
+    from simcal.evaluation.lvis_eval import resolve_category_stats
+
+    edges = parse_bins(bins)
+    gt_data, gt_name = _dataset(gt, "gt")
+    train_data, train_name = _dataset(train, "train") if train is not None else (None, "<train>")
+    stats = resolve_category_stats(gt_data, gt_name, train_data, train_name, edges)
+    if isinstance(results, list):
+        dets = validate_results(results, gt_data, iou, "<results>")
+    else:
+        dets = load_results(results, gt_data, iou)
+    return run_evaluation(gt_data, dets, iou, stats, edges, chunk_categories=chunk_categories)
+
+
+def train(
+    config: PathLike | Config | None,
+    out: PathLike,
+    *,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train the detector a config (file or :class:`~simcal.config.Config`) describes into run ``out``.
+
+    ``resume`` continues ``out`` with its own ``config.yaml``; a ``config`` or ``overrides`` given
+    too must agree with it (a resumed run keeps its settings: anything else is an error, never
+    silently ignored). Returns the final weights' path.
+    """
+    from simcal.config import COMMAND_LINE, Config, apply_overrides, load_config
+    from simcal.engine.train import train as run_training
+    from simcal.run import Run
+
+    def build(base: Config | None, source: str) -> Config:
+        if isinstance(config, Config):
+            return apply_overrides(config, list(overrides), "<config>") if overrides else config
+        if config is not None:
+            return load_config(config, list(overrides))
+        return apply_overrides(base, list(overrides), source, stored=True)  # type: ignore[arg-type]
+
+    if resume:
+        if config is not None or overrides:
+            run = Run(out)
+            stored = run.load_config()
+            given = build(stored, str(run.config))
+            differs = _first_difference(given.to_dict(), stored.to_dict())
+            if differs is not None:
+                field, new, old = differs
+                source = str(config) if config is not None and not isinstance(config, Config) else COMMAND_LINE
+                raise InputError(
+                    source,
+                    field,
+                    f"{new!r} differs from the resumed run's {old!r} ({run.config}); a run keeps its settings",
+                )
+        return run_training(None, out, resume=True, progress=progress)
+    if config is None:
+        raise InputError("simcal train", "--config", "required for a new run")
+    return run_training(build(None, "<config>"), out, progress=progress)
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted field where two config dicts differ, with both values."""
+    for key in a:
+        x, y = a[key], b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict) and not key.endswith("loss_kwargs"):
+            hit = _first_difference(x, y, f"{prefix}{key}.")
+            if hit is not None:
+                return hit
+        elif x != y:
+            return f"{prefix}{key}", x, y
+    return None
+
+
+def _adopt(model: nn.Module, categories: dict[str, Any], source: str) -> tuple[Any, Any]:
+    """``(LongTailMaskRCNN, LabelMap)`` for a detector object and the categories it was trained on."""
+    from simcal.data.label_map import LabelMap
+    from simcal.modeling.detector import LongTailMaskRCNN
+
+    label_map = LabelMap.from_dataset(categories)
+    adopted = LongTailMaskRCNN.from_torchvision(model)
+    if adopted.roi_heads.num_classes != label_map.num_classes:
+        raise InputError(
+            source,
+            "categories",
+            f"{label_map.num_classes} categories, but the model has {adopted.roi_heads.num_classes} classes",
+        )
+    return adopted, label_map
+
+
+def calibrate(
+    run: PathLike | None = None,
+    *,
+    model: nn.Module | None = None,
+    train: PathLike | dict[str, Any] | None = None,
+    images: PathLike | None = None,
+    overrides: Sequence[str] = (),
+    name: str | None = None,
+    out: PathLike | None = None,
+    resume: bool = False,
+    snapshot_every: int = 0,
+    progress: bool = True,
+    **settings: Any,
+) -> Path | CalibratedHead:
+    """SimCal: train a calibrated classification head on the frozen detector.
+
+    With ``run``: calibrates the run's detector into ``RUN/calibration/<name>/`` and returns the
+    head's path (as ``simcal calibrate``). With ``model``: calibrates that detector object on the
+    training annotations ``train`` (file or dict) and ``images``, and returns the head
+    (:class:`~simcal.modeling.calibration.CalibratedHead`); ``out`` also writes its files there
+    (resumable). The detector is never changed: it runs frozen, in eval mode, on its own device,
+    and is given back with its modes and ``requires_grad`` flags as they were. ``settings``:
+    ``calibration`` keys (``steps``, ``head``, ``loss``, ``loss_kwargs``, ``sampler``, ...).
+    """
+    from simcal.engine import calibrate as engine
+
+    overrides = [*_overrides("calibration", settings), *overrides]
+    if run is not None:
+        if model is not None:
+            raise InputError("simcal.calibrate", "model", "pass run= or model=, not both")
+        return engine.calibrate(
+            run, overrides, name=name, resume=resume, snapshot_every=snapshot_every, progress=progress
+        )
+    if model is None:
+        raise InputError("simcal.calibrate", "run", "pass run= (a trained run directory) or model=")
+    from simcal.config import Config, apply_overrides
+    from simcal.data.dataset import DetectionDataset
+    from simcal.run import CalibrationFiles
+
+    cfg = apply_overrides(Config(), overrides, "(defaults)", engine.OVERRIDABLE)
+    train_json, train_name = _dataset(train, "train")
+    if images is None:
+        raise InputError("simcal.calibrate", "images", "the training images' folder is needed with model=")
+    adopted, label_map = _adopt(model, train_json, train_name)
+    dataset = DetectionDataset(train_json, images, label_map=label_map, with_masks=False, source=train_name)
+    files = CalibrationFiles(Path(out)) if out is not None else None
+    return engine.calibrate_head(
+        adopted,
+        dataset,
+        train_json,
+        cfg.calibration,
+        files=files,
+        resume=resume,
+        snapshot_every=snapshot_every,
+        progress=progress,
+        device=_device(adopted),
+    )
+
+
+def _device(model: nn.Module) -> Any:
+    """Where a model given as an object runs: where its weights are (it is not moved)."""
+    return next(model.parameters()).device
+
+
+def predict(
+    run: PathLike | None = None,
+    *,
+    model: nn.Module | None = None,
+    gt: PathLike | None = None,
+    images: PathLike | None = None,
+    heads: Sequence[str] = ("orig",),
+    calibrated: CalibratedHead | PathLike | None = None,
+    calibration: str | None = None,
+    train: PathLike | None = None,
+    split: str = "val",
+    overrides: Sequence[str] = (),
+    out: PathLike | None = None,
+    checkpoint: str | None = None,
+    batch_size: int = 8,
+    max_images: int | None = None,
+    evaluate: bool = True,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, dict[str, EvalResult]]:
+    """Detect with several heads in one pass per batch, write LVIS results and evaluate them.
+
+    With ``run``: as ``simcal predict`` (``split`` or ``gt``/``images``; ``calibration`` names the
+    calibrated head). With ``model``: a detector object on ``gt`` (an annotations file) and
+    ``images``; ``calibrated`` is the head for ``cal``/``dual`` (an object or a ``head.pth``),
+    ``train`` the training annotations (their counts drive ``dual`` and the post-hoc heads, and
+    the evaluation's frequency groups and bins); results go to ``out`` (default: a temporary
+    folder). ``heads``: :data:`simcal.choices.SCORERS`. ``settings``: ``inference`` keys
+    (``combine``, ``T``, ``param``).
+
+    Returns:
+        ``{head: {"bbox": EvalResult, "segm": EvalResult}}`` (empty with ``evaluate=False``).
+    """
+    from simcal.engine import predict as engine
+
+    overrides = [*_overrides("inference", settings), *overrides]
+    if run is not None:
+        if model is not None:
+            raise InputError("simcal.predict", "model", "pass run= or model=, not both")
+        return engine.predict(
+            run,
+            heads=list(heads),
+            overrides=overrides,
+            calibration=calibration,
+            split=split,
+            gt_json=None if gt is None else str(gt),
+            images=None if images is None else str(images),
+            checkpoint=checkpoint,
+            batch_size=batch_size,
+            max_images=max_images,
+            progress=progress,
+            evaluate_results=evaluate,
+        )
+    if model is None:
+        raise InputError("simcal.predict", "run", "pass run= (a trained run directory) or model=")
+    if gt is None or images is None:
+        raise InputError("simcal.predict", "gt", "the annotations (gt=) and images (images=) are needed with model=")
+    from simcal.config import Config, apply_overrides
+    from simcal.data.annotations import load_dataset
+    from simcal.modeling.calibration import load_head
+    from simcal.run import PredictionFiles
+
+    cfg = apply_overrides(Config(), overrides, "(defaults)", ("inference.",))
+    adopted, label_map = _adopt(model, load_dataset(train if train is not None else gt), str(train or gt))
+    cal_heads = {}
+    if calibrated is not None:
+        cal_heads[""] = (
+            load_head(calibrated, adopted.roi_heads)[0] if isinstance(calibrated, (str, os.PathLike)) else calibrated
+        )
+    specs = engine.parse_heads(list(heads), cfg.inference.combine, cfg.inference.T, cfg.inference.param)
+    with tempfile.TemporaryDirectory(prefix="simcal-predict-") as tmp:
+        return engine.run_heads(
+            adopted,
+            label_map,
+            specs,
+            cal_heads,
+            gt_json=str(gt),
+            images=str(images),
+            train_json=None if train is None else str(train),
+            out=PredictionFiles(Path(out) if out is not None else Path(tmp)),
+            batch_size=batch_size,
+            max_images=max_images,
+            progress=progress,
+            evaluate_results=evaluate,
+            verbose=False,
+            device=_device(adopted),
+        )

@@ -1,0 +1,109 @@
+"""The names of every choice simcal offers, in one torch-free place.
+
+Config validation (:mod:`simcal.config`), the command line's ``choices=`` (:mod:`simcal.cli`)
+and the builders that turn a name into an object (:mod:`simcal.modeling.losses`,
+:mod:`simcal.modeling.calibration`, :mod:`simcal.modeling.combine`, :mod:`simcal.modeling.scoring`,
+:mod:`simcal.modeling.detector`) all read this module; a test
+checks that every name listed here has an implementation and every implementation a name.
+Adding a loss, a calibrated-head kind, a combiner or a post-hoc method means one entry here
+plus its code (``docs/extending.md``).
+
+Importing this module imports nothing but the standard library, so ``simcal --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range for a keyword argument: ``lo <= x <= hi`` (``<`` where ``open_lo``/``open_hi``)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def contains(self, x: float) -> bool:
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+            return False
+        above = x > self.lo if self.open_lo else x >= self.lo
+        below = x < self.hi if self.open_hi else x <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        lo = None if self.lo == -math.inf else f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        hi = None if self.hi == math.inf else f"{'<' if self.open_hi else '<='} {self.hi:g}"
+        return " and ".join(p for p in (lo, hi) if p) or "a finite number"
+
+
+POSITIVE = Range(0.0, open_lo=True)
+NON_NEGATIVE = Range(0.0)
+
+# --------------------------------------------------------------------------- model
+#: ``model.arch``: the backbone body of the Mask R-CNN (:func:`simcal.modeling.detector.build_detector`).
+ARCHS = ("resnet50_fpn", "small")
+#: ``model.norm``: the backbone's normalisation layer.
+NORMS = ("frozen_bn", "bn", "gn")
+
+# --------------------------------------------------------------------------- training
+OPTIMIZERS = ("sgd", "adamw")
+#: ``train.sampler``: image-level samplers of normal training.
+TRAIN_SAMPLERS = ("random", "repeat_factor")
+REPEAT_ROUNDING = ("stochastic", "ceil")
+
+#: Classification losses of the box head and their keyword arguments (``train.loss_kwargs``,
+#: ``calibration.loss_kwargs``) with the values each accepts (METHOD.md, Baselines).
+#: ``ce`` is the classifier's own cross-entropy (softmax cross-entropy for the softmax classifier).
+LOSSES: dict[str, dict[str, Range]] = {
+    "ce": {},
+    "lr": {"n": POSITIVE, "lo": POSITIVE, "hi": POSITIVE},
+    "focal": {"gamma": NON_NEGATIVE, "alpha": POSITIVE},
+    "cm": {"c": NON_NEGATIVE},
+}
+
+# --------------------------------------------------------------------------- calibration
+#: ``calibration.head``: calibrated-head kinds (Table 10; :mod:`simcal.modeling.calibration`).
+CALIBRATED_HEADS = ("3fc_ft", "2fc_rand", "3fc_rand", "ncm")
+#: ``calibration.layers``: which layers of the calibrated head train (Table 10).
+LAYERS = ("all3", "last2", "last1")
+#: ``calibration.sampler``: SimCal's bi-level sampler, or image-centric ones (decoupled baselines).
+CALIBRATION_SAMPLERS = ("bilevel", "random", "repeat_factor")
+
+# --------------------------------------------------------------------------- inference
+#: ``inference.combine``: how the dual head merges the original and calibrated scores
+#: (supplement J). ``det`` merges the two heads' detections after NMS instead of their scores.
+COMBINERS = ("sel", "avg", "cal-only", "orig", "sel-thr", "sel-scale", "sel-norm", "det")
+#: Zero-training post-hoc calibrations of the original head (parameter ``inference.param``).
+POSTHOC = ("norcal", "logit-adj")
+#: ``simcal predict --head``: the ways of scoring the shared RoI features
+#: (:mod:`simcal.modeling.scoring`). ``oracle`` is the analysis "props-gt" and needs ground truth.
+SCORERS = ("orig", "cal", "dual", "oracle", *POSTHOC)
+
+# --------------------------------------------------------------------------- evaluation, tools
+IOU_TYPES = ("bbox", "segm")
+ANALYSES = ("recall", "oracle", "sweep-T", "dynamics", "confusion")
+MASK_FORMATS = ("polygon", "rle")
+DEMO_BUDGETS = ("quick", "full")
+
+#: ``simcal synth`` defaults (here so that ``simcal --help`` needs no image library).
+SYNTH_CLASSES = 80
+SYNTH_TRAIN_IMAGES = 3000
+SYNTH_VAL_IMAGES = 600
+SYNTH_SIZE = 128
+
+
+def check_loss_kwargs(loss: str, kwargs: dict[str, object]) -> tuple[str, str] | None:
+    """``None`` when ``kwargs`` suit ``loss``, else ``(key, what is wrong)`` for the error message."""
+    allowed = LOSSES[loss]
+    for key, value in kwargs.items():
+        if key not in allowed:
+            known = ", ".join(allowed) or "none"
+            return str(key), f"loss {loss!r} takes no {key!r} (accepted: {known})"
+        if not allowed[key].contains(value):  # type: ignore[arg-type]
+            return str(key), f"must be {allowed[key].describe()}, got {value!r}"
+    if loss == "lr" and kwargs.get("lo", 0.1) > kwargs.get("hi", 10.0):  # the clamp range of the weights
+        return "lo", f"must be <= hi ({kwargs.get('hi', 10.0)!r}), got {kwargs.get('lo', 0.1)!r}"
+    return None

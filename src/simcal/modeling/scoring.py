@@ -1,0 +1,138 @@
+"""Scorers: the ways of scoring the shared RoI features, one small class each.
+
+A scorer maps a :class:`~simcal.modeling.roi_heads.RoIBatch` (pooled RoI features, box-head
+features, the original logits, computed once per batch) to class scores ``(R, C+1)``, column 0
+the background, or to a tuple of score tensors whose detections are merged after NMS (the
+``det`` scheme). :meth:`LongTailRoIHeads.detect` runs any number of them on one pass; box
+regression and masks always come from the original heads. The names (``simcal predict --head``)
+are :data:`simcal.choices.SCORERS`:
+
+- ``orig``: the trained classifier (:func:`original_scores`);
+- ``cal``: a calibrated head alone (:class:`Calibrated`);
+- ``dual``: both, merged by a combiner of :mod:`simcal.modeling.combine` (:class:`Dual`);
+- ``norcal`` / ``logit-adj``: zero-training post-hoc calibration of the original scores (:class:`PostHoc`);
+- ``oracle``: the analysis "props-gt": each RoI matching a ground truth at IoU >= 0.5 gets that
+  class with the original foreground score (:class:`Oracle`).
+
+Every scorer reads the original scores through the box predictor (``batch.scores``), and a
+calibrated head through its own :meth:`~simcal.modeling.calibration.CalibratedHead.scores`, so a
+classifier with another activation (sigmoid, C+2) needs nothing here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from simcal import choices
+from simcal.modeling.combine import COMBINERS, POSTHOC, combine
+from simcal.modeling.roi_heads import RoIBatch, Scorer, original_scores
+
+
+def calibrated_scores(head: nn.Module, batch: RoIBatch) -> Tensor:
+    """A calibrated head's scores ``(R, C+1)`` on the batch's pooled features, once per batch."""
+    return batch.memo(("cal", id(head)), lambda: head.scores(batch.pooled))
+
+
+@dataclass(frozen=True, eq=False)
+class Calibrated:
+    """The calibrated head alone, background column included."""
+
+    head: nn.Module
+
+    def __call__(self, batch: RoIBatch) -> Tensor:
+        return calibrated_scores(self.head, batch)
+
+
+@dataclass(frozen=True, eq=False)
+class Dual:
+    """Dual-head inference (Eq. 2 for ``sel``): the original and calibrated scores merged by ``combine``.
+
+    ``counts``: ``(C,)`` training instance counts; ``T``: the head/tail threshold. ``det`` returns
+    both score sets, whose detections :meth:`LongTailRoIHeads.detect` merges after NMS.
+    """
+
+    head: nn.Module
+    counts: Tensor
+    combine: str = "sel"
+    T: float = 300.0
+
+    def __call__(self, batch: RoIBatch) -> Tensor | tuple[Tensor, ...]:
+        p_cal = calibrated_scores(self.head, batch)
+        if self.combine == "det":
+            return batch.scores, p_cal
+        return combine(self.combine, batch.scores, p_cal, self.counts, self.T)
+
+
+@dataclass(frozen=True, eq=False)
+class PostHoc:
+    """A post-hoc calibration (``norcal`` with gamma, ``logit-adj`` with tau = ``param``) of the original scores."""
+
+    method: str
+    counts: Tensor
+    param: float = 1.0
+
+    def __call__(self, batch: RoIBatch) -> Tensor:
+        normalized = batch.predictor.activation.normalized
+        return POSTHOC[self.method](batch.log_scores, self.counts, self.param, normalized=normalized)
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """props-gt: every RoI matching a ground truth at IoU >= ``iou`` takes its class, with the
+    original foreground score ``1 - p_0``; other RoIs keep the original scores."""
+
+    iou: float = 0.5
+
+    def __call__(self, batch: RoIBatch) -> Tensor:
+        matched = batch.matched_labels(self.iou)
+        hit = matched > 0
+        probs = batch.scores.clone()
+        fg = 1 - batch.scores[hit, 0]
+        probs[hit, 1:] = 0
+        probs[hit, matched[hit]] = fg
+        return probs
+
+
+def build_scorer(
+    kind: str,
+    *,
+    head: nn.Module | None = None,
+    counts: Tensor | None = None,
+    combine: str = "sel",
+    T: float = 300.0,
+    param: float = 1.0,
+) -> Scorer:
+    """The scorer called ``kind`` (:data:`simcal.choices.SCORERS`).
+
+    ``cal`` and ``dual`` need the calibrated ``head``; ``dual`` and the post-hoc methods the
+    training ``counts`` ``(C,)``.
+
+    Raises:
+        ValueError: unknown kind or combiner, or a missing head or counts.
+    """
+    if kind not in SCORER_KINDS:
+        raise ValueError(f"unknown head {kind!r}: expected one of {', '.join(SCORER_KINDS)}")
+    if kind in ("cal", "dual") and head is None:
+        raise ValueError(f"{kind} needs a calibrated head: run simcal calibrate first")
+    if kind in ("dual", *POSTHOC) and counts is None:
+        raise ValueError(f"{kind} needs the training instance counts: the training annotations are missing")
+    if kind == "dual" and combine not in (*COMBINERS, "det"):
+        raise ValueError(f"unknown combiner {combine!r}: one of {', '.join(choices.COMBINERS)}")
+    return SCORER_KINDS[kind](head=head, counts=counts, combine=combine, T=T, param=param)
+
+
+#: name -> factory (keyword arguments as :func:`build_scorer`); the names are :data:`simcal.choices.SCORERS`
+SCORER_KINDS: dict[str, Any] = {
+    "orig": lambda **kw: original_scores,
+    "cal": lambda head, **kw: Calibrated(head),
+    "dual": lambda head, counts, combine, T, **kw: Dual(head, counts, combine, T),
+    "oracle": lambda **kw: Oracle(),
+    **{
+        method: functools.partial(lambda method, counts, param, **kw: PostHoc(method, counts, param), method)
+        for method in POSTHOC
+    },
+}

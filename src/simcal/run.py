@@ -1,0 +1,272 @@
+"""The run directory: every file of a run named in one place (torch-free).
+
+A run directory is what ``simcal train`` writes and every later command reads and extends::
+
+    RUN/
+      config.yaml                 the resolved config (all sections)
+      label_map.json              category id <-> contiguous label (background 0)
+      checkpoint_last.pth         written every train.checkpoint_period iterations (resume)
+      model_final.pth             the trained detector
+      train_log.jsonl  tb/        training log (and TensorBoard scalars when installed)
+      calibration/<name>/         one SimCal calibration: head.pth, checkpoint.pth (resume),
+                                  calibration_log.jsonl, summary.json, snapshots/head_<step>.pth
+      predictions/<split>/<head>/ results.json (LVIS results), metrics_bbox.json, metrics_segm.json
+      analysis/<tool>.json|.png   recall, oracle, sweep_T, dynamics, confusion
+      analysis/<tool>/<head>/     the predictions an analysis evaluated (oracle, sweep_T, dynamics)
+      report/                     index.html, report.json and its PNGs
+
+No other module spells a path inside a run; they ask :class:`Run`. Loading the run's config and
+resolving a split (its annotations and images) or a calibration by name live here too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from simcal.errors import InputError
+
+if TYPE_CHECKING:
+    from simcal.config import CalibrationConfig, Config
+
+#: the calibration SimCal's defaults write, and the one predict/analyze/report use by default
+DEFAULT_CALIBRATION = "3fc_ft"
+
+
+@dataclass(frozen=True)
+class HeadFiles:
+    """The files of one head's predictions on one split."""
+
+    root: Path
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    def metrics(self, iou: str) -> Path:
+        """``metrics_bbox.json`` or ``metrics_segm.json``."""
+        return self.root / f"metrics_{iou}.json"
+
+
+@dataclass(frozen=True)
+class PredictionFiles:
+    """A folder of per-head predictions: ``<root>/<head tag>/results.json`` and metrics."""
+
+    root: Path
+
+    def head(self, tag: str) -> HeadFiles:
+        return HeadFiles(self.root / tag)
+
+    def heads(self, evaluated: str | None = None) -> list[str]:
+        """Tags of the heads with results (``evaluated``: with metrics of that IoU type), sorted."""
+        if not self.root.is_dir():
+            return []
+        probe = HeadFiles(Path("."))
+        name = (probe.metrics(evaluated) if evaluated else probe.results).name
+        return sorted(p.parent.name for p in self.root.glob(f"*/{name}"))
+
+
+@dataclass(frozen=True)
+class CalibrationFiles:
+    """The files of one calibration, ``RUN/calibration/<name>/``."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def head(self) -> Path:
+        """The calibrated head (written when the calibration finished)."""
+        return self.root / "head.pth"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The state to resume an interrupted calibration from."""
+        return self.root / "checkpoint.pth"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "calibration_log.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    def snapshot(self, step: int) -> Path:
+        """The head saved at ``step`` by ``--snapshot-every``."""
+        return self.snapshot_dir / f"head_{step:06d}.pth"
+
+    def snapshots(self) -> list[Path]:
+        """Every saved snapshot, by step."""
+        return sorted(self.snapshot_dir.glob("head_*.pth"))
+
+
+@dataclass(frozen=True)
+class AnalysisFiles:
+    """What one analysis tool writes: ``analysis/<tool>.json``, ``.png`` and evaluated predictions."""
+
+    root: Path
+    tool: str
+
+    @property
+    def json(self) -> Path:
+        return self.root / f"{self.tool}.json"
+
+    @property
+    def png(self) -> Path:
+        return self.root / f"{self.tool}.png"
+
+    @property
+    def predictions(self) -> PredictionFiles:
+        return PredictionFiles(self.root / self.tool)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """The report's folder (``RUN/report`` unless ``simcal report --out``): the page, its record, PNGs."""
+
+    root: Path
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.html"
+
+    @property
+    def meta(self) -> Path:
+        """``report.json``: the heads, figures and gallery the page shows."""
+        return self.root / "report.json"
+
+    def figure(self, name: str) -> Path:
+        return self.root / f"{name}.png"
+
+
+class Run:
+    """A run directory. Paths only: nothing is read or created until asked."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ training
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def label_map(self) -> Path:
+        return self.root / "label_map.json"
+
+    @property
+    def checkpoint_last(self) -> Path:
+        return self.root / "checkpoint_last.pth"
+
+    @property
+    def model_final(self) -> Path:
+        return self.root / "model_final.pth"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    def has_training(self) -> bool:
+        """Whether training started here (a checkpoint or final weights exist)."""
+        return self.checkpoint_last.exists() or self.model_final.exists()
+
+    # ------------------------------------------------------------------ calibration
+    def calibration(self, name: str) -> CalibrationFiles:
+        return CalibrationFiles(self.root / "calibration" / name)
+
+    def calibrations(self) -> list[str]:
+        """Names of the finished calibrations (those with a head), sorted."""
+        root = self.root / "calibration"
+        return sorted(p.parent.name for p in root.glob("*/head.pth")) if root.is_dir() else []
+
+    def resolve_calibration(self, name: str | None) -> str:
+        """``name``, or when None the default calibration: ``3fc_ft``, else the only one there is."""
+        if name is not None:
+            return name
+        found = self.calibrations()
+        root = self.root / "calibration"
+        if not found:
+            raise InputError(root, "(calibration)", "no calibrated head: run simcal calibrate first")
+        if DEFAULT_CALIBRATION in found:
+            return DEFAULT_CALIBRATION
+        if len(found) == 1:
+            return found[0]
+        raise InputError(root, "(calibration)", f"several calibrated heads ({', '.join(found)}): pass --calibration")
+
+    # ------------------------------------------------------------------ predictions, analyses, report
+    def predictions(self, split: str) -> PredictionFiles:
+        return PredictionFiles(self.root / "predictions" / split)
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
+    def analysis(self, tool: str) -> AnalysisFiles:
+        """The files of an analysis tool (``sweep-T`` is stored as ``sweep_T``)."""
+        return AnalysisFiles(self.analysis_dir, tool.replace("-", "_"))
+
+    @property
+    def report(self) -> ReportFiles:
+        return ReportFiles(self.root / "report")
+
+    # ------------------------------------------------------------------ reading
+    def load_config(self) -> Config:
+        """The run's resolved ``config.yaml``; a clear error when this is not a run directory."""
+        import yaml
+
+        from simcal.config import config_from_dict
+
+        if not self.config.is_file():
+            raise InputError(self.config, "(file)", "not a simcal run directory (no config.yaml)")
+        try:
+            raw = yaml.safe_load(self.config.read_text())
+        except yaml.YAMLError as e:
+            raise InputError(self.config, "(yaml)", " ".join(str(e).split())) from None
+        if not isinstance(raw, dict):
+            raise InputError(self.config, "(top level)", "expected a mapping")
+        return config_from_dict(raw, str(self.config))
+
+
+def calibration_name(c: CalibrationConfig) -> str:
+    """The folder of a calibration: ``3fc_ft`` for SimCal's defaults; variants append what differs
+    (``3fc_ft_focal_random``, ``3fc_ft_focal_gamma2_random``)."""
+    parts = [c.head] + ([c.layers] if c.layers != "all3" else [])
+    parts += [c.loss] if c.loss != "ce" else []
+    parts += [f"{k}{v:g}" for k, v in sorted(c.loss_kwargs.items())]
+    parts += [c.sampler] if c.sampler != "bilevel" else []
+    return "_".join(parts)
+
+
+def split_annotations(cfg: Config, split: str, gt_json: str | None, needs: str = "--gt") -> str:
+    """The annotations json of a split: ``gt_json`` when given, else the config's ``val`` / ``train``."""
+    if gt_json is None:
+        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
+        if not gt_json:
+            raise InputError("--split", "split", f"no annotations for split {split!r}: pass {needs}")
+    return str(gt_json)
+
+
+def resolve_split(cfg: Config, split: str, gt_json: str | None, images: str | None) -> tuple[str, str]:
+    """The annotations and image folder of a split: the config's ``val`` / ``train``, or given."""
+    if gt_json is None:
+        images = images or {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(split)
+    gt_json = split_annotations(cfg, split, gt_json, needs="--gt and --images")
+    if not images:
+        raise InputError("--images", "images", "an image folder is needed with --gt")
+    return gt_json, str(images)
