@@ -36,8 +36,9 @@ from simcal.config import Config
 from simcal.data.annotations import load_dataset
 from simcal.engine.calibrate import calibrate
 from simcal.engine.predict import load_model, predict
-from simcal.engine.train import load_run_config, schedule, train
+from simcal.engine.train import schedule, train
 from simcal.modeling.calibration import load_head
+from simcal.run import Run
 
 #: Calibration images drawn per training image in the paper: 12,000 steps x 16 classes (one image
 #: each) after 12 epochs of LVIS v0.5 train (57,263 images).
@@ -58,7 +59,7 @@ def time_training(cfg: Config, iters: int, warmup: int = 3) -> float:
     cfg.train.checkpoint_period = 10**9
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp) / "run", progress=False)
-        rec = [json.loads(x) for x in (Path(tmp) / "run" / "train_log.jsonl").read_text().splitlines()]
+        rec = [json.loads(x) for x in Run(Path(tmp) / "run").train_log.read_text().splitlines()]
     return sum(r["sec_per_iter"] for r in rec[warmup:]) / iters
 
 
@@ -70,9 +71,9 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=100)
     args = ap.parse_args()
 
-    cfg = load_run_config(args.run)
+    cfg = Run(args.run).load_config()
     images = len(load_dataset(cfg.data.train_json)["images"])
-    sec_iter = time_training(load_run_config(args.run), args.train_iters)
+    sec_iter = time_training(Run(args.run).load_config(), args.train_iters)
     schedules = {
         "run": (schedule(cfg, images)[0], cfg.calibration.steps),
         "paper": (
@@ -92,24 +93,26 @@ def main() -> None:
             for cache in ("cached", "uncached"):
                 name = f"{sched}_{cache}"
                 t0 = time.perf_counter()
+                cache_mb = cfg.calibration.cache_mb if cache == "cached" else 0
                 calibrate(
                     work,
-                    {"steps": steps, "cache_mb": cfg.calibration.cache_mb if cache == "cached" else 0},
+                    [f"calibration.steps={steps}", f"calibration.cache_mb={cache_mb}"],
                     name=name,
                     progress=False,
                 )
                 times[cache] = time.perf_counter() - t0
-                summary = json.loads((work / "calibration" / name / "summary.json").read_text())
+                files = Run(work).calibration(name)
+                summary = json.loads(files.summary.read_text())
                 counts[cache] = (summary["cache_misses"], summary["cache_hits"])
-                heads[cache] = load_head(work / "calibration" / name / "head.pth", model.roi_heads)[0].state_dict()
+                heads[cache] = load_head(files.head, model.roi_heads)[0].state_dict()
                 m = predict(work, heads=["cal"], calibration=name, max_images=args.val_images, progress=False)
-                shutil.rmtree(work / "predictions")
+                shutil.rmtree(Run(work).predictions("val").root)
                 aps[cache] = (m["cal"]["bbox"].metrics["AP"], m["cal"]["segm"].metrics["AP"])
             identical = all(torch.equal(heads["cached"][k], heads["uncached"][k]) for k in heads["cached"])
             rows.append((sched, iters, steps, times, aps, counts, identical))
 
     print(f"\nbase training: {sec_iter:.3f} s/iter ({images} training images, batch {cfg.train.batch_size})")
-    logged = [json.loads(x) for x in (args.run / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    logged = [json.loads(x) for x in Run(args.run).train_log.read_text().splitlines() if x.strip()]
     if logged:  # for comparison: the run's own training (a fresh model's first iterations are cheaper)
         print(f"(the run's own training logged {sum(r['sec_per_iter'] for r in logged) / len(logged):.3f} s/iter)")
     print(

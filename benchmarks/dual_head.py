@@ -18,8 +18,9 @@ import torch
 
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset
-from simcal.engine.predict import MultiHeadPredictor, load_calibrated_head, load_model, parse_heads
-from simcal.engine.train import class_instance_counts, setup_torch
+from simcal.data.stats import class_instance_counts
+from simcal.engine.predict import build_scorers, load_calibrated_head, load_model, parse_heads
+from simcal.engine.runtime import setup_torch
 
 
 def main() -> None:
@@ -32,23 +33,24 @@ def main() -> None:
 
     model, label_map, cfg = load_model(args.run)
     setup_torch(cfg.train.threads)
-    counts = torch.tensor(class_instance_counts(load_dataset(cfg.data.train_json), label_map), dtype=torch.float32)
+    train = load_dataset(cfg.data.train_json)
+    counts = torch.tensor(class_instance_counts(train, label_map.category_ids), dtype=torch.float32)
     cal = load_calibrated_head(args.run, None, model).eval()
     ds = DetectionDataset(load_dataset(cfg.data.val_json), cfg.data.val_images, label_map=label_map, with_masks=False)
     images = [ds[i][0] for i in range(min(args.images, len(ds)))]
     batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
-    predictors = {
-        name: MultiHeadPredictor(model, parse_heads([name], cfg.inference.combine, cfg.inference.T, 1.0), cal, counts)
+    scorers = {
+        name: build_scorers(parse_heads([name], cfg.inference.combine, cfg.inference.T, 1.0), {"": cal}, counts)
         for name in ("orig", "dual")
     }
-    for p in predictors.values():  # warm-up
-        p(batches[0])
+    for s in scorers.values():  # warm-up
+        model.detect(batches[0], s)
     times: dict[str, list[float]] = {"orig": [], "dual": []}
     for r in range(args.repeats):
         for name in ("orig", "dual") if r % 2 == 0 else ("dual", "orig"):
             t0 = time.perf_counter()
             for b in batches:
-                predictors[name](b)
+                model.detect(b, scorers[name])
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     n = len(images)

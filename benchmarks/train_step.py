@@ -1,4 +1,4 @@
-"""Training-step cost: simcal's Mask R-CNN (LongTailRoIHeads + loss hook) vs plain torchvision.
+"""Training-step cost: simcal's Mask R-CNN (LongTailRoIHeads, the predictor's loss) vs plain torchvision.
 
 Both models have identical weights and parts (the synthetic_cpu preset's small Mask R-CNN, or
 R50-FPN with --arch resnet50_fpn); only the RoIHeads class differs. Steps alternate between the
