@@ -154,6 +154,27 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
         == 0
     )
     assert (run / "calibration" / "3fc_ft_focal_random" / "head.pth").exists()
+    # any calibration key is an override, loss keyword arguments included, and they are used
+    import simcal.modeling.losses as losses
+
+    gammas = []
+    real_forward = losses.FocalLoss.forward
+    monkeypatch.setattr(
+        losses.FocalLoss, "forward", lambda self, *a: gammas.append(self.gamma) or real_forward(self, *a)
+    )
+    argv = [
+        "calibrate",
+        "--run",
+        str(run),
+        "--steps",
+        "2",
+        "calibration.loss=focal",
+        "calibration.loss_kwargs={gamma: 2}",
+    ]
+    assert main([*argv, "--no-progress"]) == 0
+    assert gammas == [2.0, 2.0]
+    summary = json.loads((run / "calibration" / "3fc_ft_focal_gamma2" / "summary.json").read_text())
+    assert summary["calibration"]["loss_kwargs"] == {"gamma": 2} and summary["steps"] == 2
     assert main(["calibrate", "--run", str(run), "--head", "ncm", "--steps", "3", "--no-progress"]) == 0
 
     import simcal.engine.predict as pred
