@@ -147,14 +147,7 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
     assert main(["calibrate", "--run", str(run), "--no-progress"]) == 0
     assert main(["calibrate", "--run", str(run), "--no-progress"]) == 2  # no silent overwrite
     assert "already done" in capsys.readouterr().err
-    assert (
-        main(
-            ["calibrate", "--run", str(run), "--loss", "focal", "--sampler", "random", "--steps", "2", "--no-progress"]
-        )
-        == 0
-    )
-    assert (run / "calibration" / "3fc_ft_focal_random" / "head.pth").exists()
-    # any calibration key is an override, loss keyword arguments included, and they are used
+    # flags and section.key=value overrides together, loss keyword arguments included: they are used
     import simcal.modeling.losses as losses
 
     gammas = []
@@ -162,18 +155,10 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
     monkeypatch.setattr(
         losses.FocalLoss, "forward", lambda self, *a: gammas.append(self.gamma) or real_forward(self, *a)
     )
-    argv = [
-        "calibrate",
-        "--run",
-        str(run),
-        "--steps",
-        "2",
-        "calibration.loss=focal",
-        "calibration.loss_kwargs={gamma: 2}",
-    ]
-    assert main([*argv, "--no-progress"]) == 0
+    argv = ["calibrate", "--run", str(run), "--loss", "focal", "--sampler", "random", "--steps", "2"]
+    assert main([*argv, "calibration.loss_kwargs={gamma: 2}", "--no-progress"]) == 0
     assert gammas == [2.0, 2.0]
-    summary = json.loads((run / "calibration" / "3fc_ft_focal_gamma2" / "summary.json").read_text())
+    summary = json.loads((run / "calibration" / "3fc_ft_focal_gamma2_random" / "summary.json").read_text())
     assert summary["calibration"]["loss_kwargs"] == {"gamma": 2} and summary["steps"] == 2
     assert main(["calibrate", "--run", str(run), "--head", "ncm", "--steps", "3", "--no-progress"]) == 0
 
@@ -209,7 +194,7 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
         assert 0.0 <= m["AP"] <= 1.0 and len(m["per_class"]) == 6
     # another calibrated head goes beside the default's results, not over them
     before = (run / "predictions" / "val" / "cal" / "results.json").read_bytes()
-    other = "3fc_ft_focal_random"
+    other = "3fc_ft_focal_gamma2_random"
     assert main([*argv[:4], "cal,dual", *argv[5:9], "--calibration", other, "--no-progress"]) == 0
     assert (run / "predictions" / "val" / "cal" / "results.json").read_bytes() == before
     for tag in (f"cal@{other}", f"dual@{other}"):
