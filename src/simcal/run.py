@@ -35,6 +35,13 @@ if TYPE_CHECKING:
 DEFAULT_CALIBRATION = "3fc_ft"
 
 
+RESULTS = "results.json"
+
+
+def _metrics_name(iou: str) -> str:
+    return f"metrics_{iou}.json"
+
+
 @dataclass(frozen=True)
 class HeadFiles:
     """The files of one head's predictions on one split."""
@@ -43,11 +50,11 @@ class HeadFiles:
 
     @property
     def results(self) -> Path:
-        return self.root / "results.json"
+        return self.root / RESULTS
 
     def metrics(self, iou: str) -> Path:
         """``metrics_bbox.json`` or ``metrics_segm.json``."""
-        return self.root / f"metrics_{iou}.json"
+        return self.root / _metrics_name(iou)
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,7 @@ class PredictionFiles:
         """Tags of the heads with results (``evaluated``: with metrics of that IoU type), sorted."""
         if not self.root.is_dir():
             return []
-        probe = HeadFiles(Path("."))
-        name = (probe.metrics(evaluated) if evaluated else probe.results).name
+        name = _metrics_name(evaluated) if evaluated else RESULTS
         return sorted(p.parent.name for p in self.root.glob(f"*/{name}"))
 
 
