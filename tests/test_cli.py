@@ -83,7 +83,8 @@ def test_train_resume_refuses_settings_that_differ_from_the_run(trained_run, tmp
     """A resumed run keeps its settings: a different override or config is an error, not ignored."""
     assert main(["train", "--out", str(trained_run), "--resume", "train.base_lr=0.5"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("simcal: error: (command line): train.base_lr: 0.5 differs from the resumed run's 0.001")
+    assert err.startswith("simcal: error: (command line): train.base_lr: differs from the resumed run")
+    assert "train.base_lr 0.5 (run: 0.001)" in err
     other = tmp_path / "other.yaml"
     other.write_text("train:\n  max_iter: 7\n  steps: []\n")
     assert main(["train", "--config", str(other), "--out", str(trained_run), "--resume"]) == 2

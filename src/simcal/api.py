@@ -89,11 +89,13 @@ def train(
 ) -> Path:
     """Train the detector a config (file or :class:`~simcal.config.Config`) describes into run ``out``.
 
-    ``resume`` continues ``out`` with its own ``config.yaml``; a ``config`` or ``overrides`` given
-    too must agree with it (a resumed run keeps its settings: anything else is an error, never
-    silently ignored). Returns the final weights' path.
+    ``resume`` continues ``out`` with its own ``config.yaml``. A ``config`` or ``overrides`` given
+    too may only extend the budget (``train.max_iter``, ``train.epochs``) or change what does not
+    shape the iterations already done (:data:`simcal.config.RESUME_SAFE`); those are written into
+    the run's config, anything else is refused with the list of differing keys (never silently
+    ignored). Returns the final weights' path.
     """
-    from simcal.config import COMMAND_LINE, Config, apply_overrides, load_config
+    from simcal.config import Config, apply_overrides, load_config
     from simcal.engine.train import train as run_training
     from simcal.run import Run
 
@@ -106,35 +108,34 @@ def train(
 
     if resume:
         if config is not None or overrides:
-            run = Run(out)
-            stored = run.load_config()
-            given = build(stored, str(run.config))
-            differs = _first_difference(given.to_dict(), stored.to_dict())
-            if differs is not None:
-                field, new, old = differs
-                source = str(config) if config is not None and not isinstance(config, Config) else COMMAND_LINE
-                raise InputError(
-                    source,
-                    field,
-                    f"{new!r} differs from the resumed run's {old!r} ({run.config}); a run keeps its settings",
-                )
+            _resume_settings(Run(out), build, config)
         return run_training(None, out, resume=True, progress=progress)
     if config is None:
         raise InputError("simcal train", "--config", "required for a new run")
     return run_training(build(None, "<config>"), out, progress=progress)
 
 
-def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
-    """The first dotted field where two config dicts differ, with both values."""
-    for key in a:
-        x, y = a[key], b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict) and not key.endswith("loss_kwargs"):
-            hit = _first_difference(x, y, f"{prefix}{key}.")
-            if hit is not None:
-                return hit
-        elif x != y:
-            return f"{prefix}{key}", x, y
-    return None
+def _resume_settings(run: Any, build: Any, config: Any) -> None:
+    """Check a resumed run's new settings: refuse any that would change what was trained, write
+    the others (a longer budget, bookkeeping, later stages' settings) into ``RUN/config.yaml``."""
+    from simcal.config import COMMAND_LINE, Config, resume_conflicts, save_config
+
+    stored = run.load_config()
+    given = build(stored, str(run.config))
+    allowed, refused = resume_conflicts(given, stored)
+    if refused:
+        source = str(config) if config is not None and not isinstance(config, Config) else COMMAND_LINE
+        listed = "; ".join(f"{name} {new!r} (run: {old!r})" for name, new, old in refused)
+        raise InputError(
+            source,
+            refused[0][0],
+            f"differs from the resumed run ({run.config}) in {len(refused)} setting(s): {listed}. "
+            "A run keeps what shaped its training: start another run with another --out",
+        )
+    if allowed:
+        save_config(given, run.config)
+        changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, new, old in allowed)
+        print(f"resume: {changes} (written to {run.config})")
 
 
 def _adopt(model: nn.Module, categories: dict[str, Any], source: str) -> tuple[Any, Any]:

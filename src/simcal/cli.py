@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from simcal import __version__, choices
-from simcal.errors import InputError, SimcalError
+from simcal.errors import (
+    DEBUG_ENV,
+    InputError,
+    SimcalError,
+    Terminated,
+    debug_requested,
+    describe_os_error,
+    handle_sigterm,
+)
 
 
 # --------------------------------------------------------------------------- argument types
@@ -270,11 +281,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         heads = _names(args.heads) if args.heads else None
         out = an.analyze_confusion(args.run, split=args.split, gt_json=args.gt, heads=heads, iou=args.iou)
         print("rows: AP as is, without the detections on rare/common objects, without any on other-class objects")
+        if "not_comparable" in out:
+            print(f"warning: not comparable: {out['not_comparable']}")
         for head, r in out["heads"].items():
             n = r["dets_on_other_objects"]
-            print(f"{head}: detections (score >= {out['score']:g}) on other-class objects, class -> object group:")
+            print(
+                f"{head} ({r['num_images']} images): detections (score >= {out['score']:g}) on other-class objects, "
+                "class -> object group:"
+            )
             print("   " + "  ".join(f"{a}->{b} {n[a][b]}" for a in "rcf" for b in "rcf"))
             _print_rows(dict(zip(an.CONFUSION_LABELS, (r[k] for k in an.CONFUSION_VARIANTS))))
+    if "num_images" in out:
+        print(f"on {out['num_images']} images of {args.split}")
     print(f"written to {Run(args.run).analysis_dir}")
     return 0
 
@@ -474,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-tail instance segmentation: Mask R-CNN, SimCal calibration, LVIS evaluation.",
     )
     p.add_argument("--version", action="version", version=f"simcal {__version__}")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback behind a one-line error (or set {DEBUG_ENV}=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         s = sub.add_parser(command.name, help=command.help, description=command.help)
@@ -486,16 +509,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every error users cause ends here as one line (:mod:`simcal.errors`).
+
+    Exit codes: 0 done, 2 one-line error, 130 SIGINT, 143 SIGTERM. ``--debug`` (or
+    ``SIMCAL_DEBUG=1``) re-raises the one-line errors with their traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or debug_requested()
+    previous = handle_sigterm() if threading.current_thread() is threading.main_thread() else None
     try:
         return int(args.func(args) or 0)
     except SimcalError as e:
-        print(f"simcal: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("simcal: interrupted", file=sys.stderr)
-        return 130
+        if debug:
+            raise
+        return _fail(str(e))
+    except BrokenPipeError:  # the output went to a pipe that closed (| head): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        if debug:
+            raise
+        return _fail(f"{describe_os_error(e)} (--debug shows where)")
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        name = "SIGTERM" if terminated else "SIGINT"
+        print(
+            f"simcal: {name}: stopped; no file was left half-written (train and calibrate continue with --resume)",
+            file=sys.stderr,
+        )
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str) -> int:
+    print(f"simcal: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -484,6 +484,62 @@ def validate_config(cfg: Config, source: str | Origins, stored: bool = False) ->
             raise InputError(origins.of(name), name, f"{message}, got {getattr(getattr(cfg, section), key)!r}")
 
 
+def config_differences(new: Config, old: Config) -> list[tuple[str, Any, Any]]:
+    """Every dotted field where ``new`` differs from ``old``: ``[(field, new value, old value), ...]``."""
+
+    def walk(a: dict[str, Any], b: dict[str, Any], prefix: str) -> list[tuple[str, Any, Any]]:
+        out = []
+        for key in a:
+            x, y = a[key], b.get(key)
+            name = f"{prefix}{key}"
+            if isinstance(x, dict) and isinstance(y, dict) and not name.endswith("loss_kwargs"):
+                out += walk(x, y, name + ".")
+            elif x != y:
+                out.append((name, x, y))
+        return out
+
+    return walk(new.to_dict(), old.to_dict(), "")
+
+
+#: what a resumed training run may change: bookkeeping, the settings of later stages, and the
+#: test-time settings; everything else shapes the iterations already done
+RESUME_SAFE = (
+    "train.checkpoint_period",
+    "train.log_period",
+    "train.threads",
+    "data.num_workers",
+    "model.score_thresh",
+    "model.nms_thresh",
+    "model.detections_per_img",
+    "model.rpn_pre_nms_top_n_test",
+    "model.rpn_post_nms_top_n_test",
+    "calibration.",
+    "inference.",
+)
+#: budgets a resumed run may extend (never shorten): the steps of the schedule stay where they were
+RESUME_LONGER = ("train.max_iter", "train.epochs")
+
+
+def resume_conflicts(new: Config, old: Config) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """``(allowed, refused)``: the differences of a resumed run's config ``new`` from its stored ``old``.
+
+    Allowed: :data:`RESUME_SAFE` fields, and a longer budget (:data:`RESUME_LONGER`: a larger
+    ``max_iter``, or more ``epochs`` when the budget is in epochs). Refused: everything else.
+    """
+    allowed, refused = [], []
+    for name, x, y in config_differences(new, old):
+        longer = (
+            name in RESUME_LONGER
+            and _is_number(x)
+            and _is_number(y)
+            and x > y
+            and (name == "train.max_iter" or (new.train.max_iter is None and old.train.max_iter is None))
+        )
+        safe = any(name == k or (k.endswith(".") and name.startswith(k)) for k in RESUME_SAFE)
+        (allowed if safe or longer else refused).append((name, x, y))
+    return allowed, refused
+
+
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the resolved config as YAML (atomic)."""
     from simcal.io import atomic_open

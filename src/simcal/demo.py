@@ -25,7 +25,7 @@ from typing import Any
 from simcal.config import load_config
 from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.errors import InputError
-from simcal.io import read_json, write_json
+from simcal.io import atomic_open, read_json, write_json
 from simcal.report.html import HEAD_NAMES, build_report, html_table
 from simcal.run import Run, calibration_name
 
@@ -328,7 +328,8 @@ def run_demo(
     }
     write_json(out / "demo_results.json", summary, indent=1)
     md = "\n\n".join(f"### {title}\n\n{markdown_table(r)}" for title, r in texts)
-    (out / "demo_results.md").write_text(md + "\n")
+    with atomic_open(out / "demo_results.md", "w") as f:
+        f.write(md + "\n")
     print()
     print(
         f"simcal demo ({budget}), val split of the synthetic set, AP in %, bins on training instances "

@@ -1,8 +1,27 @@
-"""The errors users see: reported by the CLI on one line, without a traceback."""
+"""The errors users see, and the one place where any failure becomes the one-line form.
+
+Every command ends a bad input, a refused request or a failing disk with one line
+``simcal: error: FILE: FIELD: what is wrong`` and exit code 2, never a traceback:
+
+* :class:`InputError` (and every :class:`SimcalError`) is raised with its file and field;
+* an :class:`OSError` from the operating system (permission denied, read-only file system, no
+  space left, a file where a directory is needed) is described by :func:`describe_os_error`;
+* SIGINT and SIGTERM end with one line too (:class:`Terminated`), after every ``with`` block has
+  removed its temporary file.
+
+Errors that are bugs (anything else) keep their traceback. ``simcal --debug COMMAND`` or the
+environment variable ``SIMCAL_DEBUG=1`` shows the traceback of the one-line errors too.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+from typing import Any
+
+#: set to 1 for tracebacks behind every one-line error (as ``simcal --debug``)
+DEBUG_ENV = "SIMCAL_DEBUG"
 
 
 class SimcalError(Exception):
@@ -22,6 +41,55 @@ class InputError(SimcalError):
         self.message = message
         super().__init__(f"{self.source}: {field}: {message}")
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str, str]]:
+        # rebuilt from its three parts when it crosses a process boundary (a DataLoader worker)
+        return type(self), (self.source, self.field, self.message)
+
 
 class TrainingError(SimcalError):
     """A run cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so that the same clean-up runs."""
+
+
+#: what to do about each operating-system error, by errno
+_OS_ADVICE = {
+    errno.EACCES: "permission denied: choose a path you can write to (or fix its permissions)",
+    errno.EPERM: "operation not permitted: choose a path you can write to (or fix its permissions)",
+    errno.EROFS: "read-only file system: choose an output path on a writable disk",
+    errno.ENOSPC: "no space left on the device: free some space, then run again "
+    "(train and calibrate: add --resume, their last checkpoint is kept)",
+    errno.EDQUOT: "disk quota exceeded: free some space, then run again "
+    "(train and calibrate: add --resume, their last checkpoint is kept)",
+    errno.EEXIST: "exists and is not a directory: choose another path",
+    errno.ENOTDIR: "part of this path is a file, not a directory: choose another path",
+    errno.EISDIR: "is a directory, a file was expected",
+    errno.ENOENT: "no such file or directory",
+    errno.ENAMETOOLONG: "file name too long: choose a shorter path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer loader workers",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """``PATH: (file system): what happened: what to do``, one line, for an error from the OS."""
+    advice = _OS_ADVICE.get(e.errno or -1) or (e.strerror or str(e) or type(e).__name__)
+    if e.filename is None:
+        return f"(file system): {advice}"
+    where = str(e.filename) if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    return f"{where}: (file system): {advice}"
+
+
+def debug_requested() -> bool:
+    """Whether ``SIMCAL_DEBUG`` asks for tracebacks behind one-line errors."""
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous handler."""
+    return signal.signal(signal.SIGTERM, _raise_terminated)

@@ -9,8 +9,10 @@ import torch (checkpoints import it when they are read or written).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,31 +37,63 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.<host>-`` : the start of every temporary file of ``path`` written on this host."""
+    return f".{path.name}.{socket.gethostname()}-"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files of ``path`` that a killed process (kill -9, power loss) left.
+
+    A temporary file is named after its writer's host and pid; one whose writer on this host is
+    no longer alive is removed. Writers on other hosts (a shared file system) are left alone.
+    """
+    prefix = _temp_prefix(path)
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix) : -len(".tmp")].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+        except PermissionError:  # alive, another user's
+            pass
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` and rename it over ``path`` only on success.
 
     ``mode`` is ``"w"`` (text) or ``"wb"`` (binary). A crash or an exception inside the block
     leaves any previous ``path`` untouched and removes the temporary file, so readers never see a
-    half-written result or checkpoint. The file is fsynced before the rename.
+    half-written result or checkpoint. The file is fsynced before the rename. Temporary files of
+    ``path`` left by a killed writer are removed first. An :class:`OSError` from writing (no space
+    left) names ``path``.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the file the mode open() would
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a write() failing says no path: name the file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
@@ -83,12 +117,36 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise InputError(path, "(json)", "not UTF-8 text") from None
 
 
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Append one line to a text log (a jsonl); an :class:`OSError` (no space left) names ``path``.
+
+    A line cut short by a crash is dropped by the reader (:func:`rewrite_lines` on resume).
+    """
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
 def rewrite_lines(path: str | os.PathLike[str], keep: Any) -> None:
-    """Keep only the lines of a text file (a jsonl log) for which ``keep(line)`` is true, atomically."""
+    """Keep only the lines of a text file (a jsonl log) for which ``keep(line)`` is true, atomically.
+
+    A line ``keep`` cannot read (``ValueError``: a line cut short when the disk filled) is dropped.
+    """
     path = Path(path)
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and keep(line)]
+
+    def kept(line: str) -> bool:
+        try:
+            return bool(keep(line))
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    lines = [line for line in path.read_text().splitlines() if line and kept(line)]
     with atomic_open(path, "w") as f:
         f.write("".join(line + "\n" for line in lines))
 
@@ -98,7 +156,12 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     import torch
 
     with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch's zip writer hides a failed write (no space left) behind its own error
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ A run directory is what ``simcal train`` writes and every later command reads an
       calibration/<name>/         one SimCal calibration: head.pth, checkpoint.pth (resume),
                                   calibration_log.jsonl, summary.json, snapshots/head_<step>.pth
       predictions/<split>/<head>/ results.json (LVIS results), metrics_bbox.json, metrics_segm.json
+      predictions/<split>-first<N>/  the same for the first N images only (predict --max-images)
       analysis/<tool>.json|.png   recall, oracle, sweep_T, dynamics, confusion
       analysis/<tool>/<head>/     the predictions an analysis evaluated (oracle, sweep_T, dynamics)
       report/                     index.html, report.json and its PNGs
@@ -36,6 +37,8 @@ DEFAULT_CALIBRATION = "3fc_ft"
 
 
 RESULTS = "results.json"
+#: the suffix of a split name whose predictions cover only its first N images: ``val-first50``
+PARTIAL = "-first"
 
 
 def _metrics_name(iou: str) -> str:
@@ -65,6 +68,11 @@ class PredictionFiles:
 
     def head(self, tag: str) -> HeadFiles:
         return HeadFiles(self.root / tag)
+
+    def partial(self, first: int) -> PredictionFiles:
+        """Where predictions on only the first ``first`` images go (``predict --max-images``):
+        ``<root>-first<N>``, beside the whole split's, which they never replace."""
+        return PredictionFiles(self.root.with_name(f"{self.root.name}{PARTIAL}{first}"))
 
     def heads(self, evaluated: str | None = None) -> list[str]:
         """Tags of the heads with results (``evaluated``: with metrics of that IoU type), sorted."""
@@ -259,10 +267,19 @@ def calibration_name(c: CalibrationConfig) -> str:
     return "_".join(parts)
 
 
+def parse_split(split: str) -> tuple[str, int | None]:
+    """``("val", 50)`` for ``val-first50`` (the first 50 images of val), ``("val", None)`` for ``val``."""
+    base, sep, first = split.rpartition(PARTIAL)
+    if sep and base and first.isdigit() and int(first) > 0:
+        return base, int(first)
+    return split, None
+
+
 def split_annotations(cfg: Config, split: str, gt_json: str | None, needs: str = "--gt") -> str:
-    """The annotations json of a split: ``gt_json`` when given, else the config's ``val`` / ``train``."""
+    """The annotations json of a split: ``gt_json`` when given, else the config's ``val`` / ``train``
+    (also for ``val-first50``: the predictions of :meth:`PredictionFiles.partial`)."""
     if gt_json is None:
-        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
+        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(parse_split(split)[0])
         if not gt_json:
             raise InputError("--split", "split", f"no annotations for split {split!r}: pass {needs}")
     return str(gt_json)
@@ -271,7 +288,7 @@ def split_annotations(cfg: Config, split: str, gt_json: str | None, needs: str =
 def resolve_split(cfg: Config, split: str, gt_json: str | None, images: str | None) -> tuple[str, str]:
     """The annotations and image folder of a split: the config's ``val`` / ``train``, or given."""
     if gt_json is None:
-        images = images or {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(split)
+        images = images or {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(parse_split(split)[0])
     gt_json = split_annotations(cfg, split, gt_json, needs="--gt and --images")
     if not images:
         raise InputError("--images", "images", "an image folder is needed with --gt")

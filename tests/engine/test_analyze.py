@@ -81,12 +81,15 @@ def test_confusion_reads_the_predictions_and_only_removes_false_positives(calibr
     assert "run simcal predict first" in capsys.readouterr().err
     argv = ["predict", "--run", str(run), "--head", "orig,cal", "--max-images", "10", "--no-progress"]
     assert main(argv) == 0
-    assert main(["analyze", "confusion", "--run", str(run)]) == 0
+    # the 10-image predictions went beside val's, under val-first10, and are named so
+    assert main(["analyze", "confusion", "--run", str(run)]) == 2
+    assert main(["analyze", "confusion", "--run", str(run), "--split", "val-first10"]) == 0
     out = json.loads((run / "analysis" / "confusion.json").read_text())
     assert set(out["heads"]) == {"cal", "orig"} and (run / "analysis" / "confusion.png").exists()
     for head, r in out["heads"].items():
         # as is, it is predict's own evaluation (same 10 images, though the json holds all of val)
-        predicted = json.loads((run / "predictions" / "val" / head / "metrics_bbox.json").read_text())
+        predicted = json.loads((run / "predictions" / "val-first10" / head / "metrics_bbox.json").read_text())
+        assert r["num_images"] == predicted["num_images"] == 10
         assert r["as is"]["AP"] == pytest.approx(100 * predicted["AP"], abs=1e-9)
         # the dropped detections are false positives at every IoU >= 0.5: AP can only rise
         for key, v in r["as is"].items():
@@ -95,5 +98,5 @@ def test_confusion_reads_the_predictions_and_only_removes_false_positives(calibr
                 assert v <= mid <= least
         assert set(r["dets_on_other_objects"]) == {"r", "c", "f"}
     assert "-on other" in capsys.readouterr().out
-    assert main(["analyze", "confusion", "--run", str(run), "--heads", "dual"]) == 2
+    assert main(["analyze", "confusion", "--run", str(run), "--split", "val-first10", "--heads", "dual"]) == 2
     assert "no predictions of head 'dual'" in capsys.readouterr().err

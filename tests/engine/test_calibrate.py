@@ -190,15 +190,15 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
     assert main(argv) == 0
     assert passes["n"] == 2  # 6 images in batches of 3, all four heads from the same pass
     for tag in ("orig", "cal", "dual", "norcal_1"):
-        m = json.loads((run / "predictions" / "val" / tag / "metrics_segm.json").read_text())
+        m = json.loads((run / "predictions" / "val-first6" / tag / "metrics_segm.json").read_text())
         assert 0.0 <= m["AP"] <= 1.0 and len(m["per_class"]) == 6
     # another calibrated head goes beside the default's results, not over them
-    before = (run / "predictions" / "val" / "cal" / "results.json").read_bytes()
+    before = (run / "predictions" / "val-first6" / "cal" / "results.json").read_bytes()
     other = "3fc_ft_focal_gamma2_random"
     assert main([*argv[:4], "cal,dual", *argv[5:9], "--calibration", other, "--no-progress"]) == 0
-    assert (run / "predictions" / "val" / "cal" / "results.json").read_bytes() == before
+    assert (run / "predictions" / "val-first6" / "cal" / "results.json").read_bytes() == before
     for tag in (f"cal@{other}", f"dual@{other}"):
-        assert len(json.loads((run / "predictions" / "val" / tag / "results.json").read_text())) > 0
+        assert len(json.loads((run / "predictions" / "val-first6" / tag / "results.json").read_text())) > 0
     # every file the run holds (weights, checkpoints, heads, results, metrics, logs) has the mode
     # the umask gives a new file, and no temporary file is left
     import os

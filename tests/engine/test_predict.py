@@ -133,7 +133,8 @@ def test_predict_cli_writes_results_and_metrics(run, tiny_data, monkeypatch, cap
         == 0
     )
     assert calls["backbone"] == 3  # 10 images in batches of 4: one pass each, boxes and masks together
-    out = run / "predictions" / "val" / "orig"
+    out = run / "predictions" / "val-first10" / "orig"  # the first 10 images: beside val's, never over them
+    assert not (run / "predictions" / "val").exists()
     results = json.loads((out / "results.json").read_text())
     gt = load_dataset(tiny_data / "val.json")
     validate_results(results, gt, "bbox")

@@ -133,8 +133,8 @@ def test_another_classifier_runs_through_train_calibrate_and_predict(
     assert main(argv) == 0
     assert CALLS.get("scores", 0) >= 4  # original and calibrated scores, two batches
     for tag in ("orig", "cal", "dual", "norcal_1", "oracle"):
-        results = json.loads(Run(run).predictions("val").head(tag).results.read_text())
+        results = json.loads(Run(run).predictions("val-first4").head(tag).results.read_text())
         assert results and {r["category_id"] for r in results} <= set(label_map.category_ids)
         assert all(0 <= r["score"] <= 1 for r in results)
-        metrics = json.loads(Run(run).predictions("val").head(tag).metrics("segm").read_text())
+        metrics = json.loads(Run(run).predictions("val-first4").head(tag).metrics("segm").read_text())
         assert metrics["num_images"] == 4

@@ -41,11 +41,11 @@ def test_report_tables_match_the_metrics(reported_run):
     pred = reported_run / "predictions" / "val"
     header = re.search(r"<tr><th>head</th><th>AP on</th>(.*?)</tr>", page).group(1)
     keys = re.findall(r"<th>(.*?)</th>", header)
-    assert keys[:4] == ["AP1", "AP2", "AP3", "AP4"] and "AP" in keys
+    assert keys[:5] == ["images", "AP1", "AP2", "AP3", "AP4"] and "AP" in keys
     for tag, name in (("orig", "original"), ("cal", "calibrated only"), ("dual", "dual head (SimCal)")):
         for iou, label in (("bbox", "box"), ("segm", "mask")):
             m = json.loads((pred / tag / f"metrics_{iou}.json").read_text())
-            want = ["-" if m[k] is None else f"{100 * m[k]:.1f}" for k in keys]
+            want = [str(m["num_images"])] + ["-" if m[k] is None else f"{100 * m[k]:.1f}" for k in keys[1:]]
             assert _cells(page, name, label) == want
 
 

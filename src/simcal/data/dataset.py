@@ -21,7 +21,7 @@ data-loader workers.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,9 @@ from torch import Tensor
 
 from simcal.data.annotations import image_path
 from simcal.data.label_map import LabelMap
-from simcal.errors import InputError
+from simcal.errors import InputError, SimcalError
 
-__all__ = ["DetectionDataset", "LabelMap", "collate"]
+__all__ = ["DetectionDataset", "LabelMap", "collate", "data_loader"]
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -246,3 +246,64 @@ def collate(
         images.append(image)
         targets.append(target)
     return images, targets
+
+
+class _Failed:
+    """A :class:`~simcal.errors.SimcalError` raised while loading an item, carried as a value.
+
+    torch re-raises an exception from a worker process as a new exception holding the worker's
+    traceback as text; carried as a value instead, the original error (file, field, message)
+    reaches the main process as itself.
+    """
+
+    def __init__(self, error: SimcalError) -> None:
+        self.error = error
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """``dataset`` whose items are :class:`_Failed` where loading raised a :class:`SimcalError`."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return self.dataset[key]
+        except SimcalError as e:
+            return _Failed(e)
+
+
+class _GuardedCollate:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, batch: list[Any]) -> Any:
+        failed = next((item for item in batch if isinstance(item, _Failed)), None)
+        return failed if failed is not None else self.collate_fn(batch)
+
+
+class _Loader:
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if isinstance(batch, _Failed):
+                raise batch.error
+            yield batch
+
+
+def data_loader(dataset: Any, *, collate_fn: Callable[[list[Any]], Any] = collate, **kwargs: Any) -> Iterable[Any]:
+    """A torch ``DataLoader`` over ``dataset`` (``kwargs`` as DataLoader's) whose errors stay ours.
+
+    A bad image or annotation raises its :class:`~simcal.errors.InputError` (file, field, what is
+    wrong) from the loop in the main process, with any number of workers, where torch's own loader
+    would raise a worker traceback. Batches are ``collate_fn``'s (default :func:`collate`).
+    """
+    return _Loader(torch.utils.data.DataLoader(_Guarded(dataset), collate_fn=_GuardedCollate(collate_fn), **kwargs))

@@ -93,13 +93,25 @@ def count_instances(dataset: dict[str, Any]) -> dict[int, tuple[int, int]]:
     return {cid: (instances[cid], len(images[cid])) for cid in instances}
 
 
-def class_instance_counts(dataset: dict[str, Any], category_ids: Sequence[int]) -> list[int]:
+def class_instance_counts(
+    dataset: dict[str, Any], category_ids: Sequence[int], source: str = "<annotations>"
+) -> list[int]:
     """Training instance count per category of ``category_ids``, in that order.
 
     With a label map's ``category_ids`` this is ``N_j`` for the labels ``1..C`` (length C), the
-    counts the remedies, the dual head and the post-hoc calibrations read.
+    counts the remedies, the dual head and the post-hoc calibrations read. An id the dataset
+    (read from ``source``) has no category for is an :class:`InputError`: the label map and the
+    annotations are from different datasets.
     """
     counts = count_instances(dataset)
+    missing = [cid for cid in category_ids if cid not in counts]
+    if missing:
+        raise InputError(
+            source,
+            "categories",
+            f"no category with id {missing[0]} ({len(missing)} of the label map's {len(category_ids)} ids are "
+            "missing): the run's label_map.json and these annotations are from different datasets",
+        )
     return [counts[cid][0] for cid in category_ids]
 
 

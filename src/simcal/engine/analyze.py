@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from simcal.data.annotations import first_images, load_dataset, load_results
-from simcal.data.dataset import DetectionDataset, collate
+from simcal.data.dataset import DetectionDataset, data_loader
 from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
 from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
@@ -66,9 +66,7 @@ def analyze_recall(
     gt = load_dataset(gt_json)
     ds = DetectionDataset(gt, images, label_map=label_map, with_masks=False, source=gt_json)
     indices = list(range(len(ds)))[: max_images or None]
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ds, indices), batch_size=batch_size, collate_fn=collate
-    )
+    loader = data_loader(torch.utils.data.Subset(ds, indices), batch_size=batch_size)
     proposals: dict[int, np.ndarray] = {}
     pre, post = eval_proposal_counts(model)
     with proposal_counts(model, max(1000, pre), max(1000, post)):
@@ -111,6 +109,15 @@ def _evaluate_heads(
     return predict_split(model, label_map, cfg, specs, cal_heads, split, out, **kwargs)
 
 
+def _coverage(split: str, metrics: dict[str, dict[str, EvalResult]], iou: str) -> dict[str, Any]:
+    """What an analysis' numbers cover: its split and the number of images (one pass: all heads alike)."""
+    return {"split": split, "num_images": next(iter(metrics.values()))[iou].num_images}
+
+
+def _images(out: dict[str, Any]) -> str:
+    return f"{out['split']}, {out['num_images']} images"
+
+
 def _bars(path: Path, results: dict[str, dict[str, float | None]], title: str) -> None:
     groups = [k for k in ("AP", "APr", "APc", "APf", *BIN_KEYS) if any(k in r for r in results.values())]
     grouped_bars(path, groups, {name: [r.get(k) for k in groups] for name, r in results.items()}, title=title)
@@ -127,10 +134,10 @@ def analyze_oracle(
         cal_heads[""] = load_calibrated_head(run, None, model)
         specs.append(HeadSpec("dual", cfg.inference.combine, cfg.inference.T))
     metrics = _evaluate_heads(run, model, label_map, cfg, specs, cal_heads, "oracle", split, max_images, iou, progress)
-    out = {"iou": iou, "heads": {tag: _summary(m[iou]) for tag, m in metrics.items()}}
+    out = {"iou": iou, **_coverage(split, metrics, iou), "heads": {tag: _summary(m[iou]) for tag, m in metrics.items()}}
     files = _analysis(run, "oracle")
     write_json(files.json, out, indent=1)
-    _bars(files.png, out["heads"], f"{iou} AP: original vs props-gt oracle ({split})")
+    _bars(files.png, out["heads"], f"{iou} AP: original vs props-gt oracle ({_images(out)})")
     return out
 
 
@@ -150,7 +157,13 @@ def analyze_sweep_T(
     specs = [HeadSpec("orig"), HeadSpec("cal")] + [HeadSpec("dual", "sel", float(t)) for t in Ts]
     metrics = _evaluate_heads(run, model, label_map, cfg, specs, cal_heads, "sweep-T", split, max_images, iou, progress)
     rows = [{"T": float(t), **_summary(metrics[s.tag][iou])} for t, s in zip(Ts, specs[2:])]
-    out = {"iou": iou, "orig": _summary(metrics["orig"][iou]), "cal": _summary(metrics["cal"][iou]), "sweep": rows}
+    out = {
+        "iou": iou,
+        **_coverage(split, metrics, iou),
+        "orig": _summary(metrics["orig"][iou]),
+        "cal": _summary(metrics["cal"][iou]),
+        "sweep": rows,
+    }
     files = _analysis(run, "sweep-T")
     write_json(files.json, out, indent=1)
     keys = ["AP", *[k for k in BIN_KEYS if k in rows[0]]]
@@ -158,7 +171,7 @@ def analyze_sweep_T(
         files.png,
         [r["T"] for r in rows],
         {k: [r[k] for r in rows] for k in keys},
-        title=f"dual head (sel) {iou} AP against T ({split})",
+        title=f"dual head (sel) {iou} AP against T ({_images(out)})",
         xlabel="T (training instances)",
         logx=True,
         vline=cfg.inference.T,
@@ -201,7 +214,13 @@ def analyze_dynamics(
         cal = next(s for s in specs if s.kind == "cal" and s.cal == name)
         dual = next(s for s in specs if s.kind == "dual" and s.cal == name)
         rows.append({"step": step, "cal": _summary(metrics[cal.tag][iou]), "dual": _summary(metrics[dual.tag][iou])})
-    out = {"iou": iou, "calibration": calibration, "orig": _summary(metrics["orig"][iou]), "steps": rows}
+    out = {
+        "iou": iou,
+        **_coverage(split, metrics, iou),
+        "calibration": calibration,
+        "orig": _summary(metrics["orig"][iou]),
+        "steps": rows,
+    }
     files = _analysis(run, "dynamics")
     write_json(files.json, out, indent=1)
     keys = ["AP", *[k for k in BIN_KEYS if k in rows[0]["cal"]]]
@@ -209,7 +228,7 @@ def analyze_dynamics(
         files.png,
         steps,
         {f"cal {k}": [r["cal"][k] for r in rows] for k in keys},
-        title=f"calibrated head {iou} AP during calibration ({split})",
+        title=f"calibrated head {iou} AP during calibration ({_images(out)})",
         xlabel="calibration step",
     )
     return out
@@ -270,12 +289,18 @@ def analyze_confusion(
             if g is not None and r["score"] >= score:
                 counts[group_of[r["category_id"]]][g] += 1
         out["heads"][head] = {
+            "num_images": len(sub["images"]),
             "dets_on_other_objects": counts,  # [class group of the detection][group of the object]
             **{
                 name: _summary(evaluate(sub, [r for r, g in zip(results, on) if g not in drop], iou, stats))
                 for name, drop in CONFUSION_VARIANTS.items()
             },
         }
+    covered = {head: r["num_images"] for head, r in out["heads"].items()}
+    if len(set(covered.values())) > 1:
+        out["not_comparable"] = "the heads' predictions cover different images: " + ", ".join(
+            f"{head} {n}" for head, n in covered.items()
+        )
     files = _analysis(run, "confusion")
     write_json(files.json, out, indent=1)
     short = dict(zip(CONFUSION_VARIANTS, CONFUSION_LABELS))
@@ -284,7 +309,8 @@ def analyze_confusion(
         files.png,
         [f"{key}\n{short[name]}" for key, name in cells],
         {head: [r[name].get(key) for key, name in cells] for head, r in out["heads"].items()},
-        title=f"head classes' {iou} AP without the detections on other-class objects ({split})",
+        title=f"head classes' {iou} AP without the detections on other-class objects ({split})"
+        + (" - NOT COMPARABLE: different images" if "not_comparable" in out else ""),
         values=True,
     )
     return out

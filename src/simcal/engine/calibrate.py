@@ -46,7 +46,7 @@ from simcal.data.stats import class_instance_counts
 from simcal.engine.predict import load_model
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
-from simcal.io import load_checkpoint, rewrite_lines, save_checkpoint, write_json
+from simcal.io import append_line, load_checkpoint, rewrite_lines, save_checkpoint, write_json
 from simcal.modeling.calibration import CalibratedHead, build_calibrated_head, save_head
 from simcal.modeling.detector import LongTailMaskRCNN, eval_mode, proposal_counts, training_proposal_counts
 from simcal.modeling.losses import build_classification_loss
@@ -307,8 +307,14 @@ def calibrate(
     r = Run(run)
     cfg = calibration_config(r.load_config(), overrides, str(r.config))
     files = r.calibration(name or calibration_name(cfg.calibration))
-    if files.head.exists() and not resume:
-        raise InputError(files.root, "(calibration)", "already done: pass --resume to continue it, or another --name")
+    if files.head.exists():
+        if not resume:
+            raise InputError(
+                files.root, "(calibration)", "already done: pass --resume to continue it, or another --name"
+            )
+        _check_resume(files.head, cfg.calibration, files)
+        print(f"calibration {files.name} is already finished with these settings: nothing to do")
+        return files.head
     model, label_map, cfg = load_model(run, cfg=cfg)
     train_json = load_dataset(cfg.data.train_json)
     dataset = DetectionDataset(
@@ -326,6 +332,31 @@ def calibrate(
         threads=cfg.train.threads,
     )
     return files.head
+
+
+#: calibration settings that do not change the head a calibration trains (bookkeeping and caching)
+RESUME_SAFE = ("checkpoint_period", "log_period", "cache_mb", "miss_batch")
+
+
+def _check_resume(path: Path, c: CalibrationConfig, files: CalibrationFiles, stored: Any = None) -> None:
+    """Refuse to resume the calibration in ``files`` (its head or checkpoint ``path``, whose
+    settings are ``stored``, read from ``path`` when ``None``) with settings other than its own."""
+    if stored is None:
+        state = load_checkpoint(path)
+        stored = (state.get("meta") or {}).get("calibration") if isinstance(state, dict) else None
+    if not isinstance(stored, dict):
+        return  # written before calibrations recorded their settings
+    differs = [
+        (k, v, stored.get(k)) for k, v in vars(c).items() if k not in RESUME_SAFE and k in stored and stored[k] != v
+    ]
+    if differs:
+        listed = "; ".join(f"calibration.{k} {new!r} (it has {old!r})" for k, new, old in differs)
+        raise InputError(
+            path,
+            f"calibration.{differs[0][0]}",
+            f"calibration {files.name} was made with other settings: {listed}. It is kept as it is: "
+            "calibrate with these settings under another --name",
+        )
 
 
 def calibrate_head(
@@ -398,7 +429,7 @@ def _calibrate(
     snapshot_every: int,
     progress: bool,
 ) -> CalibratedHead:
-    counts = class_instance_counts(train_json, label_map.category_ids)
+    counts = class_instance_counts(train_json, label_map.category_ids, dataset.source)
     torch.manual_seed(c.seed)
     head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed).to(device)
     params = list(head.trainable_parameters()) if c.head != "ncm" else []
@@ -412,6 +443,9 @@ def _calibrate(
     start = 0
     if files is not None and resume and files.checkpoint.exists():
         ckpt = load_checkpoint(files.checkpoint)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("head"), dict) or "step" not in ckpt:
+            raise InputError(files.checkpoint, "head", "not a calibration checkpoint: remove it to start over")
+        _check_resume(files.checkpoint, c, files, ckpt.get("calibration"))
         head.load_state_dict(ckpt["head"])
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -472,8 +506,7 @@ def _calibrate(
                 sec_per_step=(time.perf_counter() - t0) / (done - start),
             )
             if files is not None:
-                with open(files.log, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_line(files.log, json.dumps(record))
             if "loss" in record:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
         if files is not None and snapshot_every and done % snapshot_every == 0 and c.head != "ncm":
@@ -481,7 +514,12 @@ def _calibrate(
         if files is not None and done % c.checkpoint_period == 0 and done != c.steps:
             save_checkpoint(
                 files.checkpoint,
-                {"head": head.state_dict(), "step": done, "optimizer": optimizer.state_dict() if optimizer else None},
+                {
+                    "head": head.state_dict(),
+                    "step": done,
+                    "optimizer": optimizer.state_dict() if optimizer else None,
+                    "calibration": vars(c).copy(),
+                },
             )
     bar.close()
     if c.head == "ncm":

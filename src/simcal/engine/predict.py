@@ -26,17 +26,17 @@ from tqdm import tqdm
 from simcal import choices
 from simcal.config import Config, InferenceConfig, apply_overrides
 from simcal.data.annotations import first_images, load_dataset
-from simcal.data.dataset import DetectionDataset, LabelMap, collate
+from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import class_instance_counts
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
 from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
-from simcal.io import atomic_open, load_checkpoint, write_json
+from simcal.io import atomic_open, write_json
 from simcal.modeling.calibration import load_head
-from simcal.modeling.detector import LongTailMaskRCNN, build_detector, eval_mode
+from simcal.modeling.detector import LongTailMaskRCNN, build_detector, eval_mode, load_detector_weights
 from simcal.modeling.roi_heads import Scorer
 from simcal.modeling.scoring import build_scorer
-from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, Run, resolve_split
+from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, Run, parse_split, resolve_split
 
 #: what ``simcal predict`` accepts as ``section.key=value`` overrides: the inference section and
 #: the model's test-time settings
@@ -175,8 +175,7 @@ def load_model(run: str | os.PathLike[str], checkpoint: str | None = None, cfg: 
     cfg = cfg or r.load_config()
     label_map = LabelMap.load(r.label_map)
     model = build_detector(cfg.model, label_map.num_classes)
-    state = load_checkpoint(Path(checkpoint) if checkpoint else r.model_final)
-    model.load_state_dict(state["model"])
+    load_detector_weights(model, Path(checkpoint) if checkpoint else r.model_final, r.label_map)
     return model.eval(), label_map, cfg
 
 
@@ -194,7 +193,9 @@ def training_counts(
     if not train_json or not os.path.exists(train_json):
         return None, None
     train = load_dataset(train_json)
-    counts = torch.tensor(class_instance_counts(train, label_map.category_ids), dtype=torch.float32, device=device)
+    counts = torch.tensor(
+        class_instance_counts(train, label_map.category_ids, str(train_json)), dtype=torch.float32, device=device
+    )
     return train, counts
 
 
@@ -232,6 +233,7 @@ def predict(
     """
     r = Run(run)
     cfg = r.load_config()
+    _check_split(cfg, split, gt_json)
     if overrides:
         cfg = apply_overrides(cfg, overrides, str(r.config), OVERRIDABLE, stored=True)
     model, label_map, cfg = load_model(run, checkpoint, cfg)
@@ -259,6 +261,25 @@ def predict(
         progress=progress,
         evaluate_results=evaluate_results,
     )
+
+
+def _check_split(cfg: Config, split: str, gt_json: str | None) -> None:
+    """Refuse a split name whose predictions would be mistaken for others': ``val-first50`` (the
+    name :meth:`PredictionFiles.partial` gives) or the config's ``val`` / ``train`` for another --gt."""
+    base, first = parse_split(split)
+    if first is not None:
+        raise InputError(
+            "--split",
+            "split",
+            f"{split} names predictions on the first {first} images: pass --split {base} --max-images {first}",
+        )
+    own = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
+    if gt_json is not None and own and Path(gt_json).resolve() != Path(own).resolve():
+        raise InputError(
+            "--split",
+            "split",
+            f"--gt {gt_json} is not the run's {split} annotations ({own}): name its predictions with --split NAME",
+        )
 
 
 def predict_split(
@@ -332,9 +353,11 @@ def run_heads(
 
     dataset = DetectionDataset(gt, images, label_map=label_map, with_masks=False, source=gt_json)
     indices = list(range(len(dataset)))[: max_images or None]
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate
-    )
+    if len(indices) < len(dataset):  # never in place of the whole split's predictions
+        out = out.partial(len(indices))
+        if verbose:
+            print(f"the first {len(indices)} of {len(dataset)} images: predictions go to {out.root}")
+    loader = data_loader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
     with ExitStack() as stack:
         stack.enter_context(eval_mode(model))
         writers = {tag: stack.enter_context(results_file(out.head(tag).results)) for tag in scorers}
@@ -364,7 +387,7 @@ def run_heads(
         metrics[tag] = {}
         for iou in ious:
             result = evaluate(gt, results, iou, stats)
-            write_json(files.metrics(iou), result.to_json(), indent=1)
+            write_json(files.metrics(iou), {**result.to_json(), "gt": str(gt_json)}, indent=1)
             if verbose:
                 print(f"[{tag}] {result.table()}")
             metrics[tag][iou] = result

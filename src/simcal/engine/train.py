@@ -24,14 +24,14 @@ from tqdm import tqdm
 from simcal import seeds as streams
 from simcal.config import Config, save_config
 from simcal.data.annotations import load_dataset
-from simcal.data.dataset import DetectionDataset, LabelMap, collate
+from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.samplers import BatchStream, RepeatFactorSampler, TrainingSampler, repeat_factors
 from simcal.data.stats import class_instance_counts
 from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import seed_everything, setup_torch
 from simcal.errors import InputError, TrainingError
-from simcal.io import load_checkpoint, rewrite_lines, save_checkpoint
-from simcal.modeling.detector import build_detector
+from simcal.io import append_line, rewrite_lines, save_checkpoint
+from simcal.modeling.detector import build_detector, load_detector_weights
 from simcal.modeling.losses import build_classification_loss
 from simcal.modeling.sampling import sampling_seeds
 from simcal.run import Run
@@ -111,7 +111,7 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     """Train the detector a config describes into run directory ``out``; returns the final weights.
 
     With ``resume``, the run's own ``config.yaml`` is used and training continues from
-    ``checkpoint_last.pth``.
+    ``checkpoint_last.pth`` (from the start when the run stopped before its first checkpoint).
     """
     out = Path(out)
     run = Run(out)
@@ -158,11 +158,8 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     optimizer = build_optimizer(cfg, model)
 
     start = 0
-    if resume:
-        if not run.checkpoint_last.exists():
-            raise InputError(run.checkpoint_last, "(file)", "no checkpoint to resume from")
-        ckpt = load_checkpoint(run.checkpoint_last)
-        model.load_state_dict(ckpt["model"])
+    if resume and run.checkpoint_last.exists():  # without one (stopped before the first), start over
+        ckpt = load_detector_weights(model, run.checkpoint_last, run.label_map)
         optimizer.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["iteration"])
         _set_rng_state(ckpt["rng"])
@@ -172,17 +169,17 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
         label_map.save(run.label_map)
+        rewrite_lines(run.train_log, lambda line: False)  # a log of a run stopped before its first checkpoint
     dist_utils.barrier()
 
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    loader = torch.utils.data.DataLoader(
+    loader = data_loader(
         dataset,
         batch_sampler=_Batches(stream, start, max_iter, rank, world, t.seed, t.flip_prob),
         num_workers=cfg.data.num_workers,
-        collate_fn=collate,
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
         persistent_workers=False,
     )
@@ -230,8 +227,7 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
                 / (t.log_period if done % t.log_period == 0 else max(1, done % t.log_period)),
             }
             t_last = now
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(log_path, json.dumps(record))
             if tb is not None:
                 for key, value in record.items():
                     if key != "iteration":

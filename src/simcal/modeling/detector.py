@@ -40,6 +40,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from simcal.config import ModelConfig
 from simcal.errors import InputError
+from simcal.io import load_checkpoint
 from simcal.modeling import predictors
 from simcal.modeling.predictors import BoxPredictor
 from simcal.modeling.roi_heads import LongTailRoIHeads, Scorer
@@ -215,6 +216,63 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(keep, strict=False)
     return sorted(set(state) - set(keep))
+
+
+#: the format field of a calibrated head file (:mod:`simcal.modeling.calibration`), recognised here
+#: so that a head passed where detector weights belong is named as such
+_HEAD_FORMAT = "simcal.calibrated_head"
+_CLASSIFIER = "roi_heads.box_predictor.cls_score.weight"
+
+
+def load_detector_weights(
+    model: nn.Module, path: str | os.PathLike[str], label_map: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Load a simcal detector checkpoint (``{"model": state dict, ...}``) into ``model``; return it.
+
+    ``model`` was built from a run's config and label map (``label_map``: that file, named in the
+    errors). A file that is not detector weights (a calibrated head, a bare state dict) or whose
+    tensors do not fit ``model`` is an :class:`InputError` that names the file and what differs:
+    the classifier's outputs against the label map's classes, or the first key or shape.
+    """
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and state.get("format") == _HEAD_FORMAT:
+        raise InputError(
+            path, "format", "a calibrated head, not detector weights: name its calibration with --calibration"
+        )
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise InputError(
+            path, "model", "not simcal detector weights (no 'model' state dict): use a run's model_final.pth"
+        )
+    own = model.state_dict()
+    if _CLASSIFIER in own and _CLASSIFIER in weights and own[_CLASSIFIER].shape != weights[_CLASSIFIER].shape:
+        built = f" (from {label_map})" if label_map is not None else ""
+        raise InputError(
+            path,
+            _CLASSIFIER,
+            f"the weights classify {weights[_CLASSIFIER].shape[0]} outputs, the detector built for the run's "
+            f"label map{built} {own[_CLASSIFIER].shape[0]}: weights and label map are from different runs",
+        )
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise InputError(
+            path,
+            "model",
+            f"{len(missing)} tensors missing and {len(unexpected)} unexpected ({first}): "
+            "the weights are of another architecture than the run's config (model.arch, model.class_agnostic)",
+        )
+    for key, tensor in own.items():
+        if tensor.shape != weights[key].shape:
+            raise InputError(
+                path,
+                f"model.{key}",
+                f"shape {list(weights[key].shape)} in the file, {list(tensor.shape)} in the detector the run's "
+                "config builds",
+            )
+    model.load_state_dict(weights)
+    return state
 
 
 def _class_agnostic_predictors(model: GeneralizedRCNN, num_classes: int) -> None:

@@ -107,6 +107,19 @@ def _heads(pred: PredictionFiles) -> list[str]:
     return [h for h in HEAD_ORDER if h in found] + [h for h in found if h not in HEAD_ORDER]
 
 
+def not_comparable(metrics: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """``""`` when every head's metrics cover the same images, else a sentence saying which differ.
+
+    ``metrics``: ``{head: {iou: metrics json}}``; a head's images are its ``num_images`` and the
+    ``gt`` file it was evaluated on (when recorded).
+    """
+    seen = {h: (m.get("num_images"), m.get("gt")) for h, by_iou in metrics.items() for m in list(by_iou.values())[:1]}
+    if len(set(seen.values())) <= 1:
+        return ""
+    parts = ", ".join(f"{h} {n} images" + (f" of {gt}" if gt else "") for h, (n, gt) in seen.items())
+    return f"the heads were evaluated on different images ({parts}): compare a row only with rows of the same images"
+
+
 def build_report(
     run: str | Path,
     *,
@@ -181,11 +194,17 @@ def build_report(
         for h in heads:
             m = metrics[h].get(iou)
             if m is not None:
-                rows.append([names[h], IOU_NAMES[iou], *(_pct(m.get(k)) for k in keys)])
+                rows.append([names[h], IOU_NAMES[iou], str(m.get("num_images", "?")), *(_pct(m.get(k)) for k in keys)])
     legend = ", ".join(f"AP{i + 1} {b}" for i, b in enumerate(m0.get("bins", [])))
+    mixed = not_comparable(metrics)
+    warning = ""
+    if mixed:
+        print(f"report: warning: {mixed}")
+        warning = f"<p class='note'><b>Not comparable:</b> {html.escape(mixed)}</p>"
     sections.append(
         "<h2>Results (AP in %, the paper's Table 3)</h2>"
-        + html_table(["head", "AP on", *keys], rows)
+        + warning
+        + html_table(["head", "AP on", "images", *keys], rows)
         + f"<p class='sub'>Bins on training instances: {html.escape(legend)}. APr/APc/APf: rare/common/frequent.</p>"
     )
     if extra_html:
