@@ -30,6 +30,7 @@ from simcal.errors import (
     debug_requested,
     describe_os_error,
     handle_sigterm,
+    sigterm_received,
 )
 
 
@@ -519,7 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or debug_requested()
     previous = handle_sigterm() if threading.current_thread() is threading.main_thread() else None
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if sigterm_received():  # its exception landed where Python drops exceptions: stop now
+            raise Terminated()
+        return code
     except SimcalError as e:
         if debug:
             raise

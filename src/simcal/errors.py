@@ -86,10 +86,24 @@ def debug_requested() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
+_TERMINATED = {"received": False}
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _TERMINATED["received"] = True
     raise Terminated()
 
 
 def handle_sigterm() -> Any:
-    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous handler."""
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous handler.
+
+    Python drops an exception raised where it cannot propagate (a fork hook, a finaliser): the
+    signal is remembered too, so :func:`sigterm_received` still tells the command to end with 143.
+    """
+    _TERMINATED["received"] = False
     return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def sigterm_received() -> bool:
+    """Whether SIGTERM arrived since :func:`handle_sigterm`."""
+    return _TERMINATED["received"]

@@ -79,7 +79,10 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the folder the user chose, not the temporary file's name
+        raise OSError(e.errno, e.strerror or str(e), str(path.parent)) from e
     try:
         os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, mode) as f:

@@ -100,7 +100,8 @@ class DetectionDataset(torch.utils.data.Dataset):
                 raise InputError(
                     self.source,
                     f"annotations[{i}].category_id",
-                    f"category id {ann['category_id']} is not in the label map",
+                    f"category id {ann['category_id']} is not in the run's label map: label_map.json and these "
+                    "annotations are from different datasets",
                 )
             if ann["image_id"] in by_image:
                 by_image[ann["image_id"]].append(ann)

@@ -1,0 +1,218 @@
+"""Bad inputs end in one line: images under worker loaders, runs whose files do not fit, numeric flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from simcal import cli
+from simcal.cli import main
+from tests.conftest import copy_run
+from tests.reliability.conftest import one_line, temporaries, write_config
+
+torch.set_num_threads(1)
+
+
+def _break(image: Path, kind: str) -> None:
+    if kind == "missing":
+        image.unlink()
+    elif kind == "corrupt":
+        image.write_bytes(b"this is not a png")
+    elif kind == "truncated":
+        image.write_bytes(image.read_bytes()[:200])
+    else:  # "wrong size": a readable image whose size is not the json's
+        Image.new("RGB", (40, 30)).save(image)
+
+
+EXPECTED = {
+    "missing": "cannot read image: no such file",
+    "corrupt": "cannot read image: cannot identify image file",
+    "truncated": "cannot read image",
+    "wrong size": "image is 40x30 (width x height) but the json says 64x64",
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_a_bad_training_image_read_by_a_loader_worker_is_its_own_one_line_error(kind, data_copy, tmp_path, capsys):
+    """The loader runs one worker process (data.num_workers: 1): the error raised there reaches the
+    user as the dataset's InputError (file, field, what is wrong), not as the worker's traceback."""
+    train = json.loads((data_copy / "train.json").read_text())
+    for info in train["images"]:
+        _break(data_copy / "images" / info["file_name"], kind)
+    cfg = write_config(tmp_path / "cfg.yaml", data_copy)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2
+    line = one_line(capsys.readouterr().err, EXPECTED[kind], "images[id=")
+    path = line.split(": ")[2]  # simcal: error: FILE: FIELD: message
+    assert path.startswith(str(data_copy / "images" / "train")) and path.endswith(".png")
+    assert not (run / "model_final.pth").exists() and not (run / "checkpoint_last.pth").exists()
+    assert not temporaries(run)
+
+
+def test_a_bad_val_image_in_predict_workers_and_through_the_console_script(trained_run, data_copy, tmp_path):
+    """predict reads with a worker too; through the installed ``python -m simcal`` there is no traceback."""
+    val = json.loads((data_copy / "val.json").read_text())
+    for info in val["images"]:
+        _break(data_copy / "images" / info["file_name"], "corrupt")
+    run = copy_run(trained_run, tmp_path / "run")
+    argv = ["predict", "--run", str(run), "--gt", str(data_copy / "val.json"), "--images", str(data_copy / "images")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "simcal", *argv, "--split", "broken", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SIMCAL_DEBUG": ""},
+    )
+    assert proc.returncode == 2
+    one_line(proc.stderr, "cannot identify image file", str(data_copy / "images"), "images[id=")
+    assert not list((run / "predictions").rglob("results.json")) and not temporaries(run)
+
+
+def _edit_label_map(run: Path, edit) -> None:
+    path = run / "label_map.json"
+    lm = json.loads(path.read_text())
+    edit(lm["categories"])
+    path.write_text(json.dumps(lm))
+
+
+def test_a_label_map_that_does_not_fit_the_weights_or_the_annotations(trained_run, tmp_path, capsys):
+    run = copy_run(trained_run, tmp_path / "run")
+    _edit_label_map(run, lambda cats: cats.pop())  # one class fewer than the weights classify
+    for argv in (["predict", "--run", str(run)], ["calibrate", "--run", str(run)]):
+        assert main([*argv, "--no-progress"]) == 2
+        one_line(
+            capsys.readouterr().err,
+            f"{run / 'model_final.pth'}: roi_heads.box_predictor.cls_score.weight: the weights classify 7 outputs",
+            f"label map (from {run / 'label_map.json'}) 6",
+        )
+    run2 = copy_run(trained_run, tmp_path / "run2")
+    _edit_label_map(run2, lambda cats: cats[-1].update(id=99))  # an id the training annotations lack
+    assert main(["predict", "--run", str(run2), "--no-progress"]) == 2
+    one_line(capsys.readouterr().err, "train.json: categories: no category with id 99", "label_map.json")
+    assert main(["calibrate", "--run", str(run2), "--no-progress"]) == 2  # the images are read first there
+    one_line(capsys.readouterr().err, "train.json: annotations[0].category_id: category id 6 is not", "label_map.json")
+    assert not (run / "predictions").exists() and not (run2 / "calibration").exists()
+
+
+def test_weights_that_are_not_the_runs(trained_run, tmp_path, capsys):
+    """--checkpoint on a calibrated head, a bare state dict, a yaml file; a resume checkpoint of
+    another architecture: each names the file and what it is."""
+    run = copy_run(trained_run, tmp_path / "run")
+    head = tmp_path / "head.pth"
+    torch.save({"format": "simcal.calibrated_head", "version": 1, "meta": {}, "state_dict": {}}, head)
+    bare = tmp_path / "bare.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, bare)
+    cases = {
+        head: "format: a calibrated head, not detector weights: name its calibration with --calibration",
+        bare: "model: not simcal detector weights",
+        run / "config.yaml": "(checkpoint): cannot read",
+        tmp_path / "none.pth": "(file): no such checkpoint",
+    }
+    for path, message in cases.items():
+        assert main(["predict", "--run", str(run), "--checkpoint", str(path), "--no-progress"]) == 2
+        one_line(capsys.readouterr().err, f"{path}: {message}")
+    state = torch.load(run / "checkpoint_last.pth", weights_only=False)
+    state["model"] = {k: v for k, v in state["model"].items() if "mask_predictor" not in k}
+    torch.save(state, run / "checkpoint_last.pth")
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    one_line(err, "checkpoint_last.pth: model: 4 tensors missing and 0 unexpected", "another architecture")
+
+
+# ---------------------------------------------------------------------------- every numeric flag
+NUMERIC = {cli._positive_int, cli._non_negative_int, cli._number, cli._probability, cli._numbers}
+
+
+def _numeric_flags() -> list[tuple[str, str, str | None]]:
+    return [
+        (c.name, o.flags[0], o.alias)
+        for c in cli.COMMANDS
+        for o in c.options
+        if o.kwargs.get("type") in NUMERIC and o.flags[0].startswith("--")
+    ]
+
+
+def test_every_numeric_flag_has_a_checked_type():
+    """A flag typed plain ``int`` or ``float`` would take -1 or nan unchecked: none is."""
+    flags = {(c, f) for c, f, _ in _numeric_flags()}
+    assert {("calibrate", "--lr"), ("predict", "--T"), ("report", "--gallery"), ("analyze", "--T")} <= flags
+    assert len(flags) >= 24
+    plain = [(c.name, o.flags[0]) for c in cli.COMMANDS for o in c.options if o.kwargs.get("type") in (int, float)]
+    assert not plain
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "nan"])
+def test_negative_and_non_numeric_values_of_every_numeric_flag_are_refused(trained_run, value, capsys):
+    """No numeric flag of any command accepts -1, a word or nan: argparse refuses what its type
+    refuses (its usage block, then one error line naming the flag); a value argparse lets through
+    (a negative --lr) is an override of the config and fails its range check in one line."""
+    run = str(trained_run)
+    needs = {
+        "synth": ["--out", "/nonexistent/out"],
+        "evaluate": ["--gt", "g.json", "--results", "r.json"],
+        "coco-lt": ["--coco", "c.json", "--out", "o.json"],
+        "train": ["--out", run],
+        "calibrate": ["--run", run],
+        "predict": ["--run", run],
+        "analyze": ["sweep-T", "--run", run],
+        "report": ["--run", run],
+        "demo": [],
+    }
+    checked = 0
+    for command, flag, alias in _numeric_flags():
+        argv = [command, *needs[command], flag, value]
+        try:
+            cli.build_parser().parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2
+            err = capsys.readouterr().err
+            assert f"error: argument {flag}" in err.strip().splitlines()[-1] and "Traceback" not in err
+            checked += 1
+            continue
+        # only config aliases may pass argparse (a finite number): the config's check refuses it
+        assert alias is not None and value == "-1", (command, flag, value)
+        assert main(argv) == 2
+        one_line(capsys.readouterr().err, f"(command line): {alias}: must be")
+        checked += 1
+    assert checked == len(_numeric_flags())
+
+
+def test_debug_shows_the_traceback_behind_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from simcal.errors import InputError
+
+    missing = ["predict", "--run", str(tmp_path / "none")]
+    assert main(missing) == 2
+    one_line(capsys.readouterr().err, "not a simcal run directory")
+    with pytest.raises(InputError, match="not a simcal run directory"):
+        main(["--debug", *missing])
+    monkeypatch.setenv("SIMCAL_DEBUG", "1")
+    with pytest.raises(InputError):
+        main(missing)
+    monkeypatch.setenv("SIMCAL_DEBUG", "0")
+    assert main(missing) == 2
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only user-caused errors become one line: a bug (here a ZeroDivisionError) is raised as is."""
+
+    def buggy(args: argparse.Namespace) -> int:
+        return 1 // 0
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_handler(parser(), "stats", buggy))
+    with pytest.raises(ZeroDivisionError):
+        main(["stats", "x.json"])
+
+
+def _with_handler(parser: argparse.ArgumentParser, name: str, handler) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices[name].set_defaults(func=handler)
+    return parser
