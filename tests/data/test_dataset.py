@@ -350,7 +350,7 @@ def test_rle_size_differs_from_image(data, tmp_path):
 
 
 def test_label_map_missing_a_category(data, tmp_path):
-    with pytest.raises(InputError, match="not in the label map") as err:
+    with pytest.raises(InputError, match="not in the run.s label map") as err:
         DetectionDataset(data, tmp_path, label_map=LabelMap([3, 10]), source="val.json")
     assert err.value.source == "val.json"
     assert err.value.field == "annotations[2].category_id"

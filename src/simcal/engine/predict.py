@@ -223,7 +223,10 @@ def predict(
     the model's test-time settings for this prediction only.
 
     One pass per batch serves every head. Writes ``predictions/<split>/<head>/results.json`` and,
-    with ``evaluate_results``, ``metrics_bbox.json`` / ``metrics_segm.json`` beside it.
+    with ``evaluate_results``, ``metrics_bbox.json`` / ``metrics_segm.json`` beside it; with
+    ``max_images`` below the split's size, under ``predictions/<split>-first<N>/`` instead (never
+    over the whole split's). ``split``: the config's ``val`` / ``train``, or a name for ``gt_json``
+    (the config's names are refused for other annotations).
     ``calibration`` names the calibrated head (default: ``3fc_ft``, else the only one there is).
     Results of a head other than ``3fc_ft`` go to ``cal@<name>`` / ``dual@<name>``, so comparing
     calibrations never overwrites ``cal`` / ``dual``.
@@ -340,6 +343,7 @@ def run_heads(
     ``counts`` ``(C,)``: the training instance counts (default: from ``train_json``). Without
     ``segm`` in ``ious`` no mask is computed. ``device``: where to run (default: CUDA when
     available, else the CPU); the model runs in eval mode and is given back in its own mode.
+    With ``max_images`` below the number of images, the files go to ``out.partial(N)``.
     """
     setup_torch(threads)
     device = device or default_device()
