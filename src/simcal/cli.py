@@ -30,6 +30,7 @@ from simcal.errors import (
     debug_requested,
     describe_os_error,
     handle_sigterm,
+    loader_worker_died,
     sigterm_received,
 )
 
@@ -535,6 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         return _fail(f"{describe_os_error(e)} (--debug shows where)")
+    except RuntimeError as e:
+        message = loader_worker_died(e)
+        if message is None or debug:
+            raise
+        return _fail(message)
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         name = "SIGTERM" if terminated else "SIGINT"

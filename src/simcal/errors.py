@@ -81,6 +81,26 @@ def describe_os_error(e: OSError) -> str:
     return f"{where}: (file system): {advice}"
 
 
+def loader_worker_died(e: BaseException) -> str | None:
+    """The one-line message when ``e`` (or an error it interrupted) is torch's report of a data
+    loader worker process that died (killed by the out-of-memory killer, say), else ``None``.
+
+    torch raises it from a SIGCHLD handler, so it can surface anywhere (inside a checkpoint
+    write, even); the checkpoint being written is not kept (:func:`simcal.io.atomic_open`).
+    """
+    seen: BaseException | None = e
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, RuntimeError) and text.startswith("DataLoader worker"):
+            reason = text.split(". ")[0].strip().rstrip(".")
+            return (
+                f"data.num_workers: num_workers: {reason}: the machine may be out of memory; lower "
+                "data.num_workers or the batch size (train and calibrate: then add --resume)"
+            )
+        seen = seen.__context__
+    return None
+
+
 def debug_requested() -> bool:
     """Whether ``SIMCAL_DEBUG`` asks for tracebacks behind one-line errors."""
     return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")

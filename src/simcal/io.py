@@ -9,6 +9,7 @@ import torch (checkpoints import it when they are read or written).
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -78,6 +79,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     _remove_stale_temps(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=".tmp", dir=path.parent)
@@ -177,4 +180,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InputError(path, "(checkpoint)", f"cannot read: {type(e).__name__}: {e}") from None
+        first = str(e).split(". ")[0].strip()  # torch's zip reader adds paragraphs of advice
+        raise InputError(
+            path, "(checkpoint)", f"cannot read (truncated, or not a torch checkpoint): {type(e).__name__}: {first}"
+        ) from None

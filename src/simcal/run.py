@@ -211,10 +211,13 @@ class Run:
 
     def resolve_calibration(self, name: str | None) -> str:
         """``name``, or when None the default calibration: ``3fc_ft``, else the only one there is."""
-        if name is not None:
-            return name
         found = self.calibrations()
         root = self.root / "calibration"
+        if name is not None:
+            if name not in found:
+                there = f"there are: {', '.join(found)}" if found else "there is none: run simcal calibrate first"
+                raise InputError(root / name, "(calibration)", f"no finished calibration {name!r}; {there}")
+            return name
         if not found:
             raise InputError(root, "(calibration)", "no calibrated head: run simcal calibrate first")
         if DEFAULT_CALIBRATION in found:

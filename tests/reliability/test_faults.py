@@ -170,3 +170,27 @@ def test_atomic_open_removes_only_dead_writers_temporaries(tmp_path):
     with atomic_open(target, "w") as f:
         f.write("[]")
     assert not stale.exists() and live.exists() and other.exists() and target.read_text() == "[]"
+
+
+def test_a_loader_worker_that_dies_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    """A worker killed from outside (the out-of-memory killer): torch reports it from a SIGCHLD
+    handler, wherever the main process is; the command ends in one line naming the setting."""
+    from simcal.data.dataset import DetectionDataset
+
+    real = DetectionDataset.__getitem__
+
+    def die_in_worker(self, key):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, key)
+
+    monkeypatch.setattr(DetectionDataset, "__getitem__", die_in_worker)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2
+    one_line(
+        capsys.readouterr().err,
+        "simcal: error: data.num_workers: num_workers: DataLoader worker (pid",  # "is killed by signal" or
+        ": the machine may be out of memory",  # "exited unexpectedly", as torch notices it first
+    )
+    assert not (run / "model_final.pth").exists() and not temporaries(run)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from simcal import cli
 from simcal.cli import main
-from tests.conftest import copy_run
+from tests.conftest import copy_run, tiny_lvis
 from tests.reliability.conftest import one_line, temporaries, write_config
 
 torch.set_num_threads(1)
@@ -216,3 +216,31 @@ def _with_handler(parser: argparse.ArgumentParser, name: str, handler) -> argpar
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub.choices[name].set_defaults(func=handler)
     return parser
+
+
+def test_more_bad_inputs_found_by_trying(trained_run, tmp_path, capsys):
+    """Cases found while trying the commands as a new user: each one line, naming the file."""
+    run = copy_run(trained_run, tmp_path / "run")
+    assert main(["predict", "--run", str(run), "--head", "cal", "--calibration", "nope"]) == 2
+    one_line(capsys.readouterr().err, "(calibration): no finished calibration 'nope'; there is none")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((run / "model_final.pth").read_bytes()[:100_000])
+    assert main(["predict", "--run", str(run), "--checkpoint", str(cut)]) == 2
+    one_line(capsys.readouterr().err, f"{cut}: (checkpoint): cannot read (truncated, or not a torch checkpoint)")
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(tiny_lvis()))
+    (tmp_path / "results.json").write_text("[]")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for flag in ("--out", "--per-class"):
+        argv = ["evaluate", "--gt", str(gt), "--results", str(tmp_path / "results.json"), "--iou", "bbox"]
+        assert main([*argv, flag, str(folder)]) == 2
+        one_line(capsys.readouterr().err, f"{folder}: (file system): is a directory, a file was expected")
+    assert main(["predict", "--run", str(run), "--gt", str(gt), "--images", str(tmp_path)]) == 2  # under "val"
+    one_line(capsys.readouterr().err, "is not the run's val annotations", "--split NAME")
+    # a log line cut short (the disk filled mid-line) is dropped on resume, not a traceback
+    with open(run / "train_log.jsonl", "a") as f:
+        f.write('{"iteration": 3, "lo')
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    for line in (run / "train_log.jsonl").read_text().splitlines():
+        json.loads(line)
