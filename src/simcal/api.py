@@ -246,7 +246,8 @@ def predict(
     ``train`` the training annotations (their counts drive ``dual`` and the post-hoc heads, and
     the evaluation's frequency groups and bins); results go to ``out`` (default: a temporary
     folder). ``heads``: :data:`simcal.choices.SCORERS`. ``settings``: ``inference`` keys
-    (``combine``, ``T``, ``param``).
+    (``combine``, ``T``, ``param``). With ``max_images`` below the number of images, the files go
+    to ``<split>-first<N>`` (``<out>-first<N>``), never over the whole split's.
 
     Returns:
         ``{head: {"bbox": EvalResult, "segm": EvalResult}}`` (empty with ``evaluate=False``).

@@ -98,3 +98,9 @@ def test_partial_predictions_go_beside_the_full_ones_and_the_report_says_so(cali
     assert "report: warning: the heads were evaluated on different images (orig 2 images" in capsys.readouterr().out
     page = (run / "report" / "index.html").read_text()
     assert "Not comparable:" in page and "cal 20 images" in page
+    assert main(["analyze", "confusion", "--run", str(run), "--heads", "orig,cal"]) == 0
+    assert "warning: not comparable: the heads' predictions cover different images: orig 2, cal 20" in (
+        capsys.readouterr().out
+    )
+    confusion = json.loads((run / "analysis" / "confusion.json").read_text())
+    assert confusion["heads"]["orig"]["num_images"] == 2 and "not_comparable" in confusion
