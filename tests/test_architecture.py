@@ -13,7 +13,7 @@ import pytest
 from simcal import choices
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "simcal"
-HEAVY = ("torch", "torchvision", "numpy", "PIL", "pycocotools", "matplotlib", "faster_coco_eval", "yaml")
+HEAVY = ("torch", "torchvision", "numpy", "PIL", "pycocotools", "matplotlib", "hotcoco", "yaml")
 
 
 def _modules(*parts: str) -> list[Path]:

@@ -56,7 +56,6 @@ def evaluate(
     iou: str = "segm",
     train: PathLike | dict[str, Any] | None = None,
     bins: str | Sequence[float] = "lvis",
-    chunk_categories: int | None = None,
 ) -> EvalResult:
     """LVIS (or COCO) AP, APr/APc/APf and instance-bin AP of detections against ground truth.
 
@@ -76,7 +75,7 @@ def evaluate(
         dets = validate_results(results, gt_data, iou, "<results>")
     else:
         dets = load_results(results, gt_data, iou)
-    return run_evaluation(gt_data, dets, iou, stats, edges, chunk_categories=chunk_categories)
+    return run_evaluation(gt_data, dets, iou, stats, edges)
 
 
 def train(

@@ -180,9 +180,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from simcal.evaluation.lvis_eval import write_per_class_csv
     from simcal.io import write_json
 
-    result = api.evaluate(
-        args.gt, args.results, iou=args.iou, train=args.train, bins=args.bins, chunk_categories=args.chunk_categories
-    )
+    result = api.evaluate(args.gt, args.results, iou=args.iou, train=args.train, bins=args.bins)
     print(result.table())
     if args.out:
         write_json(args.out, result.to_json(), indent=1)
@@ -360,12 +358,6 @@ COMMANDS: tuple[Command, ...] = (
             opt("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)"),
             opt("--out", type=Path, help="write metrics json here"),
             opt("--per-class", type=Path, help="write per-class AP csv here"),
-            opt(
-                "--chunk-categories",
-                type=_positive_int,
-                default=None,
-                help="categories per evaluation pass (default: automatic, by size)",
-            ),
         ),
     ),
     Command(

@@ -11,12 +11,7 @@ import pytest
 from simcal.data.annotations import validate_dataset
 from simcal.data.stats import BIN_PRESETS, bin_index, category_stats
 from simcal.errors import InputError
-from simcal.evaluation.lvis_eval import (
-    LVIS_MAX_DETS,
-    apply_guards,
-    evaluate,
-    resolve_category_stats,
-)
+from simcal.evaluation.lvis_eval import LVIS_MAX_DETS, evaluate, resolve_category_stats
 from simcal.evaluation.perturb import perturb_ground_truth, random_lvis_gt
 from tests.conftest import tiny_lvis
 
@@ -89,12 +84,11 @@ def test_parity_with_official_lvis_api(lt_gt, lt_results, iou_type, monkeypatch)
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_category_chunks_give_identical_numbers(lt_gt, lt_results, iou_type):
-    stats = resolve_category_stats(lt_gt, "gt", edges=EDGES)
-    whole = evaluate(lt_gt, lt_results, iou_type, stats, EDGES, chunk_categories=1000)
-    chunked = evaluate(lt_gt, lt_results, iou_type, stats, EDGES, chunk_categories=3)
-    assert whole.metrics == chunked.metrics
-    assert whole.per_class == chunked.per_class
+def test_evaluation_leaves_its_inputs_as_they_were(lt_gt, lt_results, iou_type):
+    """The engine reads copies: the ground truth's polygons and the results stay as given."""
+    gt, results = copy.deepcopy(lt_gt), copy.deepcopy(lt_results)
+    evaluate(gt, results, iou_type, resolve_category_stats(gt, "gt", edges=EDGES), EDGES)
+    assert gt == lt_gt and results == lt_results
 
 
 def _det(image_id, cat, box, score, h=80, w=100):
@@ -106,7 +100,7 @@ def _det(image_id, cat, box, score, h=80, w=100):
     return {"image_id": image_id, "category_id": cat, "bbox": list(box), "score": score, "segmentation": rle}
 
 
-def test_guard_top_300_per_image_before_matching():
+def test_rule_top_300_per_image_before_matching():
     gt = validate_dataset(tiny_lvis())
     stats = resolve_category_stats(gt, "gt")
     # 300 negatives (category 3 is negative in image 1) outscore the one true positive of class 1
@@ -121,7 +115,7 @@ def test_guard_top_300_per_image_before_matching():
     assert next(row["AP"] for row in r.per_class if row["id"] == 1) == pytest.approx(1.0)
 
 
-def test_guard_federated_filter_drops_unverified_classes():
+def test_rule_federated_filter_drops_unverified_classes():
     gt = validate_dataset(tiny_lvis())
     stats = resolve_category_stats(gt, "gt")
     tp = _det(1, 1, (10, 10, 20, 20), 0.5)
@@ -147,15 +141,14 @@ def test_not_exhaustive_unmatched_detections_are_ignored():
     assert next(row["AP"] for row in r.per_class if row["id"] == 2) == pytest.approx(1.0)
 
 
-def test_guard_segm_drops_bbox_so_sizes_use_mask_area():
+def test_rule_segm_drops_bbox_so_sizes_use_mask_area():
     gt = validate_dataset(tiny_lvis())
     stats = resolve_category_stats(gt, "gt")
     tp = _det(1, 1, (10, 10, 20, 20), 0.5)  # small object (400 px)
     fp = _det(1, 1, (60, 5, 10, 10), 0.9)  # small mask, but claims a large box
     fp["bbox"] = [0, 0, 100, 80]
-    guarded = apply_guards([fp], gt, "segm", lvis_rules=True)
-    assert "bbox" not in guarded[0] and "bbox" in fp  # input untouched
     r = evaluate(gt, [tp, fp], "segm", stats)
+    assert fp["bbox"] == [0, 0, 100, 80]  # input untouched
     # small objects: class 1 (FP ranked above TP: AP 0.5) and class 2 (not detected: AP 0).
     # With the box area the FP would be 'large', ignored in APs, and APs would be (1 + 0) / 2.
     assert r.metrics["APs"] == pytest.approx((0.5 + 0.0) / 2, abs=0.01)
@@ -205,3 +198,27 @@ def test_bins_from_train_split(lt_gt, lt_results):
     r = evaluate(lt_gt, lt_results, "bbox", stats)
     assert [row["bin"] for row in r.per_class] == [s.bin + 1 for s in stats]
     assert set(r.metrics) >= {"AP1", "AP2", "AP3", "AP4"}
+
+
+def test_coco_rules_ignore_detections_on_crowd_regions():
+    """COCO rules: a detection on a crowd region is neither a true nor a false positive."""
+    from pycocotools import mask as mask_utils
+
+    coco = tiny_lvis()
+    for img in coco["images"]:
+        del img["neg_category_ids"], img["not_exhaustive_category_ids"]
+    crowd = {"id": 9, "image_id": 2, "category_id": 1, "bbox": [60, 40, 30, 30], "area": 900, "iscrowd": 1}
+    crowd["segmentation"] = mask_utils.frPyObjects([[60, 40, 90, 40, 90, 70, 60, 70]], 80, 100)[0]
+    crowd["segmentation"]["counts"] = crowd["segmentation"]["counts"].decode()
+    coco["annotations"].append(crowd)
+    gt = validate_dataset(coco)
+    stats = resolve_category_stats(gt, "val.json", copy.deepcopy(gt), "train.json")
+    tp = _det(1, 1, (10, 10, 20, 20), 0.5)
+    on_crowd = _det(2, 1, (60, 40, 30, 30), 0.9)
+    for iou in ("bbox", "segm"):
+        r = evaluate(gt, [tp, on_crowd], iou, stats)
+        assert r.mode == "coco"
+        assert next(row["AP"] for row in r.per_class if row["id"] == 1) == pytest.approx(1.0), iou
+        away = _det(2, 1, (0, 0, 8, 8), 0.9)  # the same detection off the crowd region: a false positive
+        r = evaluate(gt, [tp, away], iou, stats)
+        assert next(row["AP"] for row in r.per_class if row["id"] == 1) == pytest.approx(0.5, abs=0.01), iou

@@ -3,13 +3,11 @@ sources of classification errors."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Sequence
 from typing import Any
 
+import hotcoco
 import numpy as np
-from faster_coco_eval import COCO, COCOeval_faster
 from pycocotools import mask as mask_utils
 
 
@@ -33,20 +31,15 @@ def proposal_recall(
             dets.append(
                 {"image_id": int(image_id), "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
             )
-    coco_gt = COCO(
-        {"images": gt["images"], "annotations": gt["annotations"], "categories": gt["categories"]},
-        print_function=lambda *a: None,
-    )
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *a: None)
-        ev.params.useCats = 0
-        ev.params.maxDets = sorted(max_dets)
-        ev.params.imgIds = sorted(proposals)
-        ev.evaluate()
-        ev.accumulate()
+    coco_gt = hotcoco.COCO({"images": gt["images"], "annotations": gt["annotations"], "categories": gt["categories"]})
+    ev = hotcoco.COCOeval(coco_gt, coco_gt.load_res(dets), "bbox")
+    ev.params.use_cats = False
+    ev.params.max_dets = sorted(max_dets)
+    ev.params.img_ids = sorted(proposals)
+    ev.evaluate()
+    ev.accumulate()
     recall = np.asarray(ev.eval["recall"])  # [T, K=1, A, M]
-    out: dict[str, Any] = {"iou_thresholds": [round(float(t), 2) for t in ev.params.iouThrs], "recall_by_iou": {}}
+    out: dict[str, Any] = {"iou_thresholds": [round(float(t), 2) for t in ev.params.iou_thrs], "recall_by_iou": {}}
     for m, md in enumerate(sorted(max_dets)):
         r = recall[:, 0, 0, m]
         out[f"AR@{md}"] = float(r[r > -1].mean()) if (r > -1).any() else None
