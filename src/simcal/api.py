@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simcal import choices
 from simcal.errors import InputError
 
 if TYPE_CHECKING:
@@ -56,11 +57,15 @@ def evaluate(
     iou: str = "segm",
     train: PathLike | dict[str, Any] | None = None,
     bins: str | Sequence[float] = "lvis",
+    protocol: str = "lvis",
+    dets_per_class: int = choices.FIXED_DETS_PER_CLASS,
 ) -> EvalResult:
     """LVIS (or COCO) AP, APr/APc/APf and instance-bin AP of detections against ground truth.
 
     ``gt`` / ``train``: annotation files or dicts; ``results``: a results file or list. The
     training counts come from ``train``, else from the gt categories' fields (LVIS val).
+    ``protocol``: ``lvis`` (300 per image), ``fixed`` (AP-fixed: no per-image cap, the
+    ``dets_per_class`` best per class over the dataset) or ``pool`` (AP-pool).
     """
     from simcal.data.annotations import load_results, validate_results
     from simcal.data.stats import parse_bins
@@ -75,7 +80,7 @@ def evaluate(
         dets = validate_results(results, gt_data, iou, "<results>")
     else:
         dets = load_results(results, gt_data, iou)
-    return run_evaluation(gt_data, dets, iou, stats, edges)
+    return run_evaluation(gt_data, dets, iou, stats, edges, protocol=protocol, dets_per_class=dets_per_class)
 
 
 def train(

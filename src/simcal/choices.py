@@ -84,6 +84,10 @@ SCORERS = ("orig", "cal", "dual", "oracle", *POSTHOC)
 
 # --------------------------------------------------------------------------- evaluation, tools
 IOU_TYPES = ("bbox", "segm")
+#: evaluation protocols: LVIS's 300 per image; AP-fixed (no per-image cap, top K per class over the
+#: dataset); AP-pool (AP-fixed's detections, precision and recall pooled over each group's classes)
+PROTOCOLS = ("lvis", "fixed", "pool")
+FIXED_DETS_PER_CLASS = 10000
 ANALYSES = ("recall", "oracle", "sweep-T", "dynamics", "confusion")
 MASK_FORMATS = ("polygon", "rle")
 DEMO_BUDGETS = ("quick", "full")

@@ -180,7 +180,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from simcal.evaluation.lvis_eval import write_per_class_csv
     from simcal.io import write_json
 
-    result = api.evaluate(args.gt, args.results, iou=args.iou, train=args.train, bins=args.bins)
+    result = api.evaluate(
+        args.gt,
+        args.results,
+        iou=args.iou,
+        train=args.train,
+        bins=args.bins,
+        protocol=args.protocol,
+        dets_per_class=args.dets_per_class,
+    )
     print(result.table())
     if args.out:
         write_json(args.out, result.to_json(), indent=1)
@@ -358,6 +366,19 @@ COMMANDS: tuple[Command, ...] = (
             opt("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)"),
             opt("--out", type=Path, help="write metrics json here"),
             opt("--per-class", type=Path, help="write per-class AP csv here"),
+            opt(
+                "--protocol",
+                choices=choices.PROTOCOLS,
+                default="lvis",
+                help="lvis: 300 dets/image; fixed: AP-fixed (no per-image cap, --dets-per-class per class "
+                "over the dataset); pool: AP-pool (AP-fixed's detections, each group's classes pooled)",
+            ),
+            opt(
+                "--dets-per-class",
+                type=_positive_int,
+                default=choices.FIXED_DETS_PER_CLASS,
+                help="fixed / pool: detections kept per class over the dataset (default %(default)s)",
+            ),
         ),
     ),
     Command(

@@ -32,8 +32,9 @@ def lt_results(lt_gt):
     return perturb_ground_truth(lt_gt, seed=4, false_positives=350, confuse_rate=0.2)
 
 
-def official_lvis(gt, results, iou_type, monkeypatch):
-    """Run the official LVIS API (lvis 0.5.3), numpy 2 patched here only; -1 means empty."""
+def official_lvis(gt, results, iou_type, monkeypatch, max_dets=300):
+    """Run the official LVIS API (lvis 0.5.3), numpy 2 patched here only; -1 means empty.
+    ``max_dets``: its per-image cap (-1: none)."""
     monkeypatch.setattr(np, "float", float, raising=False)
     from lvis import LVIS, LVISEval, LVISResults
 
@@ -45,7 +46,7 @@ def official_lvis(gt, results, iou_type, monkeypatch):
     drop = "bbox" if iou_type == "segm" else "segmentation"
     for d in res:
         d.pop(drop, None)
-    ev = LVISEval(lvis_gt, LVISResults(lvis_gt, res, max_dets=300), iou_type)
+    ev = LVISEval(lvis_gt, LVISResults(lvis_gt, res, max_dets=max_dets), iou_type)
     ev.run()
     return ev
 

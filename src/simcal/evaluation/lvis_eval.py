@@ -33,6 +33,7 @@ from typing import Any
 import hotcoco
 import numpy as np
 
+from simcal.choices import FIXED_DETS_PER_CLASS, PROTOCOLS
 from simcal.data.annotations import is_lvis
 from simcal.data.stats import BIN_PRESETS, CategoryStat, bin_labels, category_stats, stats_from_fields
 from simcal.errors import InputError
@@ -61,6 +62,8 @@ class EvalResult:
     num_detections: int  # as given
     num_detections_evaluated: int  # after the guards
     extra: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "lvis"  # simcal.choices.PROTOCOLS
+    dets_per_class: int | None = None  # AP-fixed / AP-pool: the per-class cap over the dataset
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,8 @@ class EvalResult:
             "num_images": self.num_images,
             "num_detections": self.num_detections,
             "num_detections_evaluated": self.num_detections_evaluated,
+            "protocol": self.protocol,
+            "dets_per_class": self.dets_per_class,
             "per_class": self.per_class,
         }
 
@@ -82,8 +87,14 @@ class EvalResult:
         head = " ".join(f"{k:>6}" for k in keys)
         row = " ".join(_pct(self.metrics[k]) for k in keys)
         legend = ", ".join(f"AP{i + 1} {lab}" for i, lab in enumerate(bin_labels(self.bin_edges)))
+        caps = (
+            f"{self.max_dets} dets/img"
+            if self.protocol == "lvis"
+            else f"no per-image cap, {self.dets_per_class} dets/class"
+        )
+        name = {"lvis": "AP", "fixed": "AP-fixed", "pool": "AP-pool (pooled over each group's classes)"}
         title = (
-            f"{self.iou_type} AP ({self.mode.upper()} rules, {self.max_dets} dets/img, "
+            f"{self.iou_type} {name[self.protocol]} ({self.mode.upper()} rules, {caps}, "
             f"{self.num_images} images, {self.num_detections_evaluated}/{self.num_detections} detections)"
         )
         return f"{title}\n{head}\n{row}\nbins on training instances: {legend}"
@@ -183,6 +194,19 @@ def evaluated_count(results: list[dict[str, Any]], gt: dict[str, Any], max_dets:
     return int(np.isin(codes, np.fromiter(allowed, dtype=np.int64, count=len(allowed))).sum())
 
 
+def cap_per_class(results: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The ``k`` best detections of each category over the whole results (ties in results order),
+    in results order: AP-fixed's cap, which replaces the per-image one."""
+    if not results:
+        return []
+    cat = np.fromiter((d["category_id"] for d in results), dtype=np.int64, count=len(results))
+    score = np.fromiter((d["score"] for d in results), dtype=np.float64, count=len(results))
+    order = np.lexsort((np.arange(len(results)), -score, cat))
+    sorted_cat = cat[order]
+    rank = np.arange(len(order)) - np.searchsorted(sorted_cat, sorted_cat, side="left")
+    return [results[i] for i in np.sort(order[rank < k])]
+
+
 def evaluate(
     gt: dict[str, Any],
     results: list[dict[str, Any]],
@@ -191,6 +215,8 @@ def evaluate(
     edges: Sequence[float] = BIN_PRESETS["lvis"],
     *,
     lvis_rules: bool | None = None,
+    protocol: str = "lvis",
+    dets_per_class: int = FIXED_DETS_PER_CLASS,
 ) -> EvalResult:
     """Evaluate validated detections against validated ground truth.
 
@@ -200,36 +226,112 @@ def evaluate(
         iou_type: ``"bbox"`` or ``"segm"``.
         stats: training statistics of every gt category (see :func:`resolve_category_stats`).
         edges: inner bin edges used for ``stats`` (AP1..AP<len(edges)+1>).
-        lvis_rules: federated LVIS rules with 300 detections per image; default: when the gt is LVIS.
+        lvis_rules: federated LVIS rules; default: when the gt is LVIS.
+        protocol: ``"lvis"``: 300 detections per image (COCO rules: 100 per image and class);
+            ``"fixed"`` (AP-fixed, Dave et al. 2021): no per-image cap, the ``dets_per_class``
+            best of each class over the dataset; ``"pool"`` (AP-pool): AP-fixed's detections,
+            and every AP of a group (all, r/c/f, sizes, bins) pools the true and false positives
+            of the group's classes as if they were one class. Per-class AP is AP-fixed's.
 
     Returns:
         An :class:`EvalResult`.
     """
     if iou_type not in ("bbox", "segm"):
         raise InputError("--iou", "iou", f"expected bbox or segm, got {iou_type!r}")
+    if protocol not in PROTOCOLS:
+        raise InputError("--protocol", "protocol", f"expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if dets_per_class < 1:
+        raise InputError("--dets-per-class", "dets_per_class", f"must be >= 1, got {dets_per_class}")
     if lvis_rules is None:
         lvis_rules = is_lvis(gt)
     if iou_type == "segm":
         for i, ann in enumerate(gt["annotations"]):
             if not ann.get("segmentation"):
                 raise InputError("<ground truth>", f"annotations[{i}].segmentation", "missing: cannot evaluate segm")
-    max_dets = LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
+    fixed = protocol != "lvis"
+    max_dets = -1 if fixed else LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
     with _collector_paused():
         coco_gt = hotcoco.COCO(_gt_for_engine(gt, stats))
-        dets = _for_engine(results, iou_type)
+        given = cap_per_class(results, dets_per_class) if fixed else results
+        dets = _for_engine(given, iou_type)
         if lvis_rules:
             coco_dt = hotcoco.LVISResults(coco_gt, dets, max_dets=max_dets)
-            kept = evaluated_count(results, gt, max_dets)
+            kept = evaluated_count(given, gt, max_dets if max_dets > 0 else len(given))
         else:
             coco_dt = coco_gt.load_res(dets)
             kept = len(dets)
         ev = hotcoco.COCOeval(coco_gt, coco_dt, iou_type, lvis_style=lvis_rules)
-        ev.params.max_dets = [max_dets] if lvis_rules else [1, 10, max_dets]
+        per_pair = dets_per_class if fixed else max_dets  # the engine's cap per (image, class)
+        ev.params.max_dets = [per_pair] if lvis_rules or fixed else [1, 10, per_pair]
         ev.evaluate()
         ev.accumulate()
         precision = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K, A] at the largest max-dets
+        pooled = _pooled(ev, stats, len(edges) + 1) if protocol == "pool" else None
     cat_ids = sorted(c["id"] for c in gt["categories"])
-    return summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), kept)
+    result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), kept)
+    result.protocol = protocol
+    result.dets_per_class = dets_per_class if fixed else None
+    if pooled is not None:
+        result.metrics.update({k: v for k, v in pooled.items() if k in result.metrics})
+    return result
+
+
+def _pooled_precision(entries: list[dict[str, Any]], num_t: int, rec_thrs: np.ndarray) -> np.ndarray | None:
+    """Precision ``[T, R]`` of detections pooled over several classes' (image) entries, as
+    pycocotools accumulates one class; ``None`` when the pool has no ground truth."""
+    gt_ignore = np.concatenate([np.asarray(e["gtIgnore"], dtype=bool).ravel() for e in entries] or [np.zeros(0)])
+    npig = int((~gt_ignore.astype(bool)).sum())
+    if npig == 0:
+        return None
+    scores = np.concatenate([np.asarray(e["dtScores"], dtype=np.float64).ravel() for e in entries])
+    order = np.argsort(-scores, kind="mergesort")
+    matches = np.concatenate([np.asarray(e["dtMatches"]).reshape(num_t, -1) for e in entries], axis=1)[:, order]
+    ignore = np.concatenate([np.asarray(e["dtIgnore"]).reshape(num_t, -1) for e in entries], axis=1)[:, order]
+    matched, ignored = matches != 0, ignore != 0
+    tps = np.cumsum(matched & ~ignored, axis=1, dtype=np.float64)
+    fps = np.cumsum(~matched & ~ignored, axis=1, dtype=np.float64)
+    out = np.zeros((num_t, len(rec_thrs)))
+    for t in range(num_t):
+        tp, fp = tps[t], fps[t]
+        recall = tp / npig
+        precision = tp / np.maximum(tp + fp, np.spacing(1))
+        precision = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
+        idx = np.searchsorted(recall, rec_thrs, side="left")
+        valid = idx < precision.size
+        out[t, valid] = precision[idx[valid]]
+    return out
+
+
+def _pooled(ev: Any, stats: list[CategoryStat], num_bins: int) -> dict[str, float | None]:
+    """AP-pool of every group key (``AP AP50 AP75 APs APm APl APr APc APf AP1..``) from the
+    engine's per-(class, area, image) matches."""
+    p = ev.params
+    cat_ids = list(p.cat_ids)
+    areas = [tuple(a) for a in p.area_rng]  # all, small, medium, large
+    num_t, rec_thrs = len(p.iou_thrs), np.asarray(p.rec_thrs)
+    by_pair: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)  # (class, area) -> entries
+    for e in ev.eval_imgs:
+        if e is not None:
+            by_pair[e["category_id"], areas.index(tuple(e["aRng"]))].append(e)
+    by_id = {s.id: s for s in stats}
+
+    def pool(cats: list[int], area: int) -> np.ndarray | None:
+        got = [e for cid in cats for e in by_pair.get((cid, area), ())]
+        return _pooled_precision(got, num_t, rec_thrs) if got else None
+
+    def mean(prec: np.ndarray | None, t: int | None = None) -> float | None:
+        return None if prec is None else float((prec if t is None else prec[t]).mean())
+
+    out: dict[str, float | None] = {}
+    every = pool(cat_ids, 0)
+    out.update(AP=mean(every), AP50=mean(every, 0), AP75=mean(every, 5))
+    for a, key in enumerate(("APs", "APm", "APl"), start=1):
+        out[key] = mean(pool(cat_ids, a))
+    for g in "rcf":
+        out[f"AP{g}"] = mean(pool([c for c in cat_ids if by_id[c].frequency == g], 0))
+    for b in range(num_bins):
+        out[f"AP{b + 1}"] = mean(pool([c for c in cat_ids if by_id[c].bin == b], 0))
+    return out
 
 
 def summarize(
