@@ -88,7 +88,7 @@ IOU_TYPES = ("bbox", "segm")
 #: dataset); AP-pool (AP-fixed's detections, precision and recall pooled over each group's classes)
 PROTOCOLS = ("lvis", "fixed", "pool")
 FIXED_DETS_PER_CLASS = 10000
-ANALYSES = ("recall", "oracle", "sweep-T", "dynamics", "confusion")
+ANALYSES = ("recall", "oracle", "sweep-T", "dynamics", "confusion", "errors")
 MASK_FORMATS = ("polygon", "rle")
 DEMO_BUDGETS = ("quick", "full")
 

@@ -285,6 +285,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     elif args.tool == "dynamics":
         out = an.analyze_dynamics(args.run, calibration=args.calibration, iou=args.iou, **common)
         _print_rows({f"cal @{r['step']}": r["cal"] for r in out["steps"]})
+    elif args.tool == "errors":
+        from simcal.evaluation.diagnostics import ERROR_TYPES
+
+        heads = _names(args.heads) if args.heads else None
+        out = an.analyze_errors(args.run, split=args.split, gt_json=args.gt, heads=heads, iou=args.iou)
+        print(f"AP50 points each error type costs (TIDE, {args.iou}, IoU 0.5), and score calibration:")
+        _print_rows(
+            {
+                head: {
+                    **{k: 100 * r["tide"]["delta_ap"][k] for k in ERROR_TYPES},
+                    "ECE": 100 * r["calibration"]["ece"],
+                }
+                for head, r in out["heads"].items()
+            }
+        )
     else:
         heads = _names(args.heads) if args.heads else None
         out = an.analyze_confusion(args.run, split=args.split, gt_json=args.gt, heads=heads, iou=args.iou)
@@ -302,6 +317,36 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if "num_images" in out:
         print(f"on {out['num_images']} images of {args.split}")
     print(f"written to {Run(args.run).analysis_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from simcal.engine.analyze import compare_heads
+    from simcal.evaluation.diagnostics import comparison_rows
+    from simcal.run import Run
+
+    heads = _names(args.heads)
+    if len(heads) != 2:
+        raise InputError("--heads", "heads", f"expected two heads A,B (B - A is reported), got {args.heads!r}")
+    out = compare_heads(
+        args.run,
+        (heads[0], heads[1]),
+        split=args.split,
+        gt_json=args.gt,
+        iou=args.iou,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        confidence=args.confidence,
+    )
+    print(
+        f"{heads[1]} - {heads[0]}, {args.iou} AP in %, {out['num_images']} images of {args.split}, "
+        f"{100 * out['confidence']:g}% bootstrap intervals over images ({out['n_bootstrap']} samples, "
+        f"seed {args.seed}):"
+    )
+    print(f"{'':>6} {heads[0]:>8} {heads[1]:>8} {'delta':>7} {'interval':>16} {'P(>0)':>6}")
+    for key, a, b, delta, interval, prob in comparison_rows(out):
+        print(f"{key:>6} {a:>8} {b:>8} {delta:>7} {interval:>16} {prob:>6}")
+    print(f"written to {Run(args.run).analysis('compare').json}")
     return 0
 
 
@@ -463,8 +508,23 @@ COMMANDS: tuple[Command, ...] = (
             opt("--T", type=_numbers, help="sweep-T values, comma-separated (default 10,20,50,100,200,300,500,1000)"),
             opt("--calibration", help="calibrated head name (default 3fc_ft)"),
             opt("--gt", help="confusion: annotations of --split when it is not the config's val / train"),
-            opt("--heads", help="confusion: predictions/<split>/<head> to read, comma-separated (default all)"),
+            opt("--heads", help="confusion, errors: predictions/<split>/<head> to read, comma-separated (default all)"),
             NO_PROGRESS,
+        ),
+    ),
+    Command(
+        "compare",
+        "two heads' AP, APr/c/f and AP1..AP4 deltas with bootstrap confidence intervals over images",
+        cmd_compare,
+        (
+            opt("--run", required=True, type=Path),
+            opt("--heads", default="orig,dual", help="A,B: B - A is reported (default %(default)s)"),
+            opt("--split", default="val", help="the predictions/<split> to read (default %(default)s)"),
+            opt("--gt", help="annotations of --split when it is not the config's val / train"),
+            opt("--iou", choices=choices.IOU_TYPES, default="bbox"),
+            opt("--bootstrap", type=_positive_int, default=1000, help="bootstrap samples (default %(default)s)"),
+            opt("--confidence", type=_probability, default=0.95, help="interval level (default %(default)s)"),
+            opt("--seed", type=_non_negative_int, default=0),
         ),
     ),
     Command(

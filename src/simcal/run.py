@@ -12,7 +12,7 @@ A run directory is what ``simcal train`` writes and every later command reads an
                                   calibration_log.jsonl, summary.json, snapshots/head_<step>.pth
       predictions/<split>/<head>/ results.json (LVIS results), metrics_bbox.json, metrics_segm.json
       predictions/<split>-first<N>/  the same for the first N images only (predict --max-images)
-      analysis/<tool>.json|.png   recall, oracle, sweep_T, dynamics, confusion
+      analysis/<tool>.json|.png   recall, oracle, sweep_T, dynamics, confusion, errors (+ _calibration.png), compare
       analysis/<tool>/<head>/     the predictions an analysis evaluated (oracle, sweep_T, dynamics)
       report/                     index.html, report.json and its PNGs
 
@@ -141,6 +141,10 @@ class AnalysisFiles:
     @property
     def predictions(self) -> PredictionFiles:
         return PredictionFiles(self.root / self.tool)
+
+    def figure(self, name: str) -> Path:
+        """A second figure of the tool: ``<tool>_<name>.png``."""
+        return self.root / f"{self.tool}_{name}.png"
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,31 @@ def test_confusion_reads_the_predictions_and_only_removes_false_positives(calibr
     assert "-on other" in capsys.readouterr().out
     assert main(["analyze", "confusion", "--run", str(run), "--split", "val-first10", "--heads", "dual"]) == 2
     assert "no predictions of head 'dual'" in capsys.readouterr().err
+
+
+def test_errors_and_compare_from_the_cli(calibrated_run, tmp_path, capsys):
+    """analyze errors and compare read predict's results: a table each, json and figures."""
+    from tests.conftest import copy_run
+
+    run = copy_run(calibrated_run, tmp_path / "run")
+    argv = ["predict", "--run", str(run), "--head", "orig,dual", "--max-images", "8", "--no-progress"]
+    assert main(argv) == 0
+    split = ["--run", str(run), "--split", "val-first8"]
+    assert main(["analyze", "errors", *split]) == 0
+    out = capsys.readouterr().out
+    assert "Cls" in out and "ECE" in out
+    errors = json.loads((run / "analysis" / "errors.json").read_text())
+    assert set(errors["heads"]) == {"orig", "dual"}
+    for r in errors["heads"].values():
+        assert r["num_images"] == 8 and set(r["tide"]["counts"]) == {"Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"}
+        assert 0 <= r["calibration"]["ece"] <= 1
+    assert (run / "analysis" / "errors.png").exists() and (run / "analysis" / "errors_calibration.png").exists()
+    assert main(["compare", *split, "--heads", "orig,dual", "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "dual - orig, bbox AP in %, 8 images of val-first8" in out
+    compared = json.loads((run / "analysis" / "compare.json").read_text())
+    assert compared["heads"] == ["orig", "dual"] and set(compared["metrics"]) >= {"AP", "APr", "AP1", "AP4"}
+    metrics = json.loads((run / "predictions" / "val-first8" / "dual" / "metrics_bbox.json").read_text())
+    assert compared["metrics"]["AP"]["b"] == pytest.approx(metrics["AP"], abs=1e-9)
+    assert main(["compare", *split, "--heads", "orig"]) == 2
+    assert "expected two heads A,B" in capsys.readouterr().err

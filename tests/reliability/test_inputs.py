@@ -163,6 +163,7 @@ def test_negative_and_non_numeric_values_of_every_numeric_flag_are_refused(train
         "calibrate": ["--run", run],
         "predict": ["--run", run],
         "analyze": ["sweep-T", "--run", run],
+        "compare": ["--run", run],
         "report": ["--run", run],
         "demo": [],
     }

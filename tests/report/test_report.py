@@ -26,6 +26,8 @@ def reported_run(calibrated_run):
     assert main(["predict", *common, "--head", "orig,cal,dual"]) == 0
     assert main(["analyze", "sweep-T", *common, "--max-images", "8"]) == 0
     assert main(["analyze", "dynamics", *common, "--max-images", "8"]) == 0
+    assert main(["analyze", "errors", *common]) == 0
+    assert main(["compare", "--run", str(run), "--bootstrap", "50"]) == 0
     assert main(["report", "--run", str(run)]) == 0
     return run
 
@@ -55,7 +57,7 @@ def test_report_is_self_contained_with_every_figure(reported_run):
     meta = json.loads((rep / "report.json").read_text())
     figures = meta["figures"]
     expected = {"class_frequency", "bins_bbox", "bins_segm", "sweep_T", "dynamics", "calibration_loss"}
-    expected |= {"per_class_bbox", "per_class_segm"}
+    expected |= {"per_class_bbox", "per_class_segm", "errors", "errors_calibration"}
     assert expected <= set(figures)
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(embedded) == len(figures)
@@ -68,6 +70,8 @@ def test_report_is_self_contained_with_every_figure(reported_run):
     # nothing fetched from elsewhere: no external scripts, styles or images
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert "No T sweep yet" not in page and "No calibration dynamics yet" not in page
+    assert "<h2>Errors and score calibration</h2>" in page and "<th>ECE</th>" in page
+    assert "<h2>dual against orig: is the gain more than noise?</h2>" in page and "<th>P(delta &gt; 0)</th>" in page
 
 
 def test_gallery_shows_rare_classes_from_the_ground_truth(reported_run, tiny_data):

@@ -7,7 +7,9 @@
 - ``dynamics``: AP per bin of the calibrated and dual heads every K calibration steps, from the
   snapshots ``simcal calibrate --snapshot-every K`` saved (Fig. 4a);
 - ``confusion``: from saved predictions, how many of each head's detections sit on objects of
-  another class, by frequency group, and AP without them (is a head-class gain a tail fix?).
+  another class, by frequency group, and AP without them (is a head-class gain a tail fix?);
+- ``errors``: from saved predictions, each head's TIDE error breakdown and score calibration (ECE);
+- :func:`compare_heads` (``simcal compare``): two heads' AP deltas with bootstrap intervals.
 
 Each writes ``RUN/analysis/<tool>.json`` and ``RUN/analysis/<tool>.png``.
 """
@@ -24,15 +26,17 @@ from tqdm import tqdm
 
 from simcal.data.annotations import first_images, load_dataset, load_results
 from simcal.data.dataset import DetectionDataset, data_loader
+from simcal.data.stats import BIN_PRESETS
 from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
 from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
+from simcal.evaluation import diagnostics
 from simcal.evaluation.analysis import other_object_groups, proposal_recall
 from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
 from simcal.io import write_json
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import eval_proposal_counts, proposal_counts
-from simcal.report.plots import grouped_bars, line_plot
+from simcal.report.plots import grouped_bars, line_plot, reliability_plot
 from simcal.run import DEFAULT_CALIBRATION, Run, resolve_split, split_annotations
 
 DEFAULT_TS = (10, 20, 50, 100, 200, 300, 500, 1000)
@@ -234,6 +238,90 @@ def analyze_dynamics(
     return out
 
 
+def _predicted(
+    run: Path, split: str, gt_json: str | None, heads: list[str] | None, iou: str
+) -> tuple[str, list[Any], dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]]:
+    """``(gt_json, stats, {head: (ground truth of its images, its results)})`` of the saved
+    predictions ``RUN/predictions/<split>/<head>/`` (default: every head there)."""
+    r = Run(run)
+    cfg = r.load_config()
+    gt_json = split_annotations(cfg, split, gt_json)
+    gt = load_dataset(gt_json)
+    stats = resolve_category_stats(gt, gt_json, load_dataset(cfg.data.train_json), cfg.data.train_json)
+    pred = r.predictions(split)
+    heads = heads or pred.heads()
+    if not heads:
+        raise InputError(pred.root, "(predictions)", "no results.json: run simcal predict first")
+    out = {}
+    for head in heads:
+        path = pred.head(head).results
+        if not path.is_file():
+            raise InputError(path, "(file)", f"no predictions of head {head!r}: run simcal predict --head first")
+        seen = pred.head(head).metrics(iou)  # predict --max-images evaluated its first N images
+        sub = first_images(gt, json.loads(seen.read_text()).get("num_images") if seen.is_file() else None)
+        out[head] = (sub, load_results(path, sub, iou))
+    return gt_json, stats, out
+
+
+def analyze_errors(
+    run: Path, *, split: str = "val", gt_json: str | None = None, heads: list[str] | None = None, iou: str = "bbox"
+) -> dict[str, Any]:
+    """Per predicted head: the TIDE error breakdown (the AP each error type costs) and how well
+    its scores are calibrated (ECE, reliability diagram), from ``RUN/predictions/<split>/``."""
+    gt_json, stats, predicted = _predicted(run, split, gt_json, heads, iou)
+    out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "heads": {}}
+    for head, (sub, results) in predicted.items():
+        out["heads"][head] = {"num_images": len(sub["images"]), **diagnostics.errors(sub, results, iou, stats)}
+    files = _analysis(run, "errors")
+    write_json(files.json, out, indent=1)
+    grouped_bars(
+        files.png,
+        list(diagnostics.ERROR_TYPES),
+        {h: [100 * r["tide"]["delta_ap"][k] for k in diagnostics.ERROR_TYPES] for h, r in out["heads"].items()},
+        title=f"what each error type costs (TIDE, {iou}, IoU 0.5), {split}",
+        ylabel="AP50 gained if fixed (points)",
+        values=True,
+    )
+    reliability_plot(
+        files.figure("calibration"),
+        {h: r["calibration"] for h, r in out["heads"].items()},
+        title=f"score calibration ({iou}, IoU 0.5), {split}",
+    )
+    return out
+
+
+def compare_heads(
+    run: Path,
+    heads: tuple[str, str] = ("orig", "dual"),
+    *,
+    split: str = "val",
+    gt_json: str | None = None,
+    iou: str = "bbox",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """``heads[1]`` minus ``heads[0]`` on their saved predictions: AP, APr/c/f and AP1..AP4 deltas
+    with bootstrap confidence intervals over images (the engine's bootstrap)."""
+    gt_json, stats, predicted = _predicted(run, split, gt_json, list(heads), iou)
+    (sub_a, res_a), (sub_b, res_b) = predicted[heads[0]], predicted[heads[1]]
+    if len(sub_a["images"]) != len(sub_b["images"]):
+        raise InputError(
+            Run(run).predictions(split).root,
+            "(predictions)",
+            f"{heads[0]} covers {len(sub_a['images'])} images, {heads[1]} {len(sub_b['images'])}: predict both "
+            "on the same images",
+        )
+    num_bins = len(BIN_PRESETS["lvis"]) + 1  # the bins _predicted's statistics use
+    out = diagnostics.compare(
+        sub_a, res_a, res_b, iou, stats, num_bins, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence
+    )
+    out = {"heads": list(heads), "iou": iou, "split": split, "gt": str(gt_json), "seed": seed, **out}
+    files = _analysis(run, "compare")
+    write_json(files.json, out, indent=1)
+    return out
+
+
 # what each evaluation of analyze_confusion leaves out: detections sitting on objects of these groups
 CONFUSION_VARIANTS = {
     "as is": frozenset(),
@@ -265,24 +353,10 @@ def analyze_confusion(
     class-balanced val) or exhaustive negatives make it large; LVIS's long-tailed val and sparse
     ``neg_category_ids`` make it small. The middle evaluation shows the head classes without it.
     """
-    r = Run(run)
-    cfg = r.load_config()
-    gt_json = split_annotations(cfg, split, gt_json)
-    gt = load_dataset(gt_json)
-    stats = resolve_category_stats(gt, gt_json, load_dataset(cfg.data.train_json), cfg.data.train_json)
+    gt_json, stats, predicted = _predicted(run, split, gt_json, heads, iou)
     group_of = {s.id: s.frequency for s in stats}
-    pred = r.predictions(split)
-    heads = heads or pred.heads()
-    if not heads:
-        raise InputError(pred.root, "(predictions)", "no results.json: run simcal predict first")
     out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "score": score, "heads": {}}
-    for head in heads:
-        path = pred.head(head).results
-        if not path.is_file():
-            raise InputError(path, "(file)", f"no predictions of head {head!r}: run simcal predict --head first")
-        seen = pred.head(head).metrics(iou)  # predict --max-images evaluated its first N images
-        sub = first_images(gt, json.loads(seen.read_text()).get("num_images") if seen.is_file() else None)
-        results = load_results(path, sub, iou)
+    for head, (sub, results) in predicted.items():
         on = other_object_groups(sub, results, group_of)
         counts = {g: {h: 0 for h in "rcf"} for g in "rcf"}
         for r, g in zip(results, on):

@@ -251,6 +251,40 @@ def evaluate(
     fixed = protocol != "lvis"
     max_dets = -1 if fixed else LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
     with _collector_paused():
+        ev, kept = engine_eval(
+            gt, results, iou_type, stats, lvis_rules=lvis_rules, protocol=protocol, dets_per_class=dets_per_class
+        )
+        ev.accumulate()
+        precision = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K, A] at the largest max-dets
+        pooled = _pooled(ev, stats, len(edges) + 1) if protocol == "pool" else None
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), kept)
+    result.protocol = protocol
+    result.dets_per_class = dets_per_class if fixed else None
+    if pooled is not None:
+        result.metrics.update({k: v for k, v in pooled.items() if k in result.metrics})
+    return result
+
+
+def engine_eval(
+    gt: dict[str, Any],
+    results: list[dict[str, Any]],
+    iou_type: str,
+    stats: list[CategoryStat],
+    *,
+    lvis_rules: bool | None = None,
+    protocol: str = "lvis",
+    dets_per_class: int = FIXED_DETS_PER_CLASS,
+) -> tuple[Any, int]:
+    """The engine's evaluator after its per-image matching (``evaluate()``), and the number of
+    detections the rules leave; :func:`evaluate` accumulates it, the diagnostics ask it for TIDE
+    errors, calibration and bootstrap comparisons. Arguments as :func:`evaluate`'s; the categories'
+    ``frequency`` (the engine's r/c/f) is taken from ``stats``."""
+    if lvis_rules is None:
+        lvis_rules = is_lvis(gt)
+    fixed = protocol != "lvis"
+    max_dets = -1 if fixed else LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
+    with _collector_paused():
         coco_gt = hotcoco.COCO(_gt_for_engine(gt, stats))
         given = cap_per_class(results, dets_per_class) if fixed else results
         dets = _for_engine(given, iou_type)
@@ -264,16 +298,7 @@ def evaluate(
         per_pair = dets_per_class if fixed else max_dets  # the engine's cap per (image, class)
         ev.params.max_dets = [per_pair] if lvis_rules or fixed else [1, 10, per_pair]
         ev.evaluate()
-        ev.accumulate()
-        precision = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K, A] at the largest max-dets
-        pooled = _pooled(ev, stats, len(edges) + 1) if protocol == "pool" else None
-    cat_ids = sorted(c["id"] for c in gt["categories"])
-    result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), kept)
-    result.protocol = protocol
-    result.dets_per_class = dets_per_class if fixed else None
-    if pooled is not None:
-        result.metrics.update({k: v for k, v in pooled.items() if k in result.metrics})
-    return result
+    return ev, kept
 
 
 def _pooled_precision(entries: list[dict[str, Any]], num_t: int, rec_thrs: np.ndarray) -> np.ndarray | None:

@@ -21,6 +21,7 @@ from typing import Any
 from simcal.data.annotations import load_dataset
 from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.errors import InputError
+from simcal.evaluation.diagnostics import ERROR_TYPES, comparison_rows
 from simcal.io import atomic_open, read_json, write_json
 from simcal.report import plots
 from simcal.report.gallery import gallery, pick_images, rare_hits, spread
@@ -267,6 +268,48 @@ def build_report(
             "objects (LVIS's) hardly counts those; there the middle bars are what the head classes see.</p>"
             + _img(copied, "false-positive sources")
         )
+
+    # --- error breakdown and score calibration (simcal analyze errors)
+    errs = r.analysis("errors")
+    if errs.json.exists():
+        data = read_json(errs.json)
+        rows = [
+            [h, str(e["num_images"])]
+            + [f"{100 * e['tide']['delta_ap'][k]:.1f}" for k in ERROR_TYPES]
+            + [f"{100 * e['calibration']['ece']:.1f}"]
+            for h, e in data["heads"].items()
+        ]
+        imgs = [_img(_copy(errs.png, files, figures, "errors"), "TIDE errors")] if errs.png.exists() else []
+        if errs.figure("calibration").exists():
+            imgs.append(_img(_copy(errs.figure("calibration"), files, figures, "errors_calibration"), "reliability"))
+        sections.append(
+            "<h2>Errors and score calibration</h2><p>AP50 points each kind of error costs (TIDE: fixing "
+            f"it would gain them; {html.escape(data['split'])}, {data['iou']}), and the expected calibration "
+            "error of the scores (ECE, %: how far a detection's score is from the chance it is right).</p>"
+            + html_table(["head", "images", *ERROR_TYPES, "ECE"], rows)
+            + "<div class='row'>"
+            + "".join(imgs)
+            + "</div>"
+        )
+    else:
+        sections.append(
+            "<h2>Errors and score calibration</h2>" + _missing("error breakdown", f"simcal analyze errors --run {run}")
+        )
+
+    # --- the dual head against the original, with intervals (simcal compare)
+    cmp_files = r.analysis("compare")
+    if cmp_files.json.exists():
+        data = read_json(cmp_files.json)
+        a, b = data["heads"]
+        sections.append(
+            f"<h2>{html.escape(b)} against {html.escape(a)}: is the gain more than noise?</h2>"
+            f"<p>{html.escape(b)} - {html.escape(a)} in AP points on {data['num_images']} images of "
+            f"{html.escape(data['split'])} ({data['iou']}), with {100 * data['confidence']:g}% bootstrap intervals "
+            f"over images ({data['n_bootstrap']} samples).</p>"
+            + html_table(["metric", a, b, "delta", "interval", "P(delta > 0)"], comparison_rows(data))
+        )
+    else:
+        sections.append("<h2>Dual head against original</h2>" + _missing("comparison", f"simcal compare --run {run}"))
 
     # --- dynamics
     dyn = r.analysis("dynamics").png

@@ -73,6 +73,20 @@ def grouped_bars(
     _save(fig, ax, path)
 
 
+def reliability_plot(path: str | os.PathLike[str], curves: dict[str, dict], *, title: str) -> None:
+    """Reliability diagram: per series, the accuracy of each confidence bin against its mean
+    confidence (``curves[name]["bins"]``: ``avg_confidence``, ``avg_accuracy``, ``count``), the
+    diagonal for perfect calibration, and each series' ECE in the legend."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=110)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="perfectly calibrated")
+    for name, c in curves.items():
+        pts = [(b["avg_confidence"], b["avg_accuracy"]) for b in c["bins"] if b.get("count")]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"{name} (ECE {c['ece']:.3f})")
+    ax.set(title=title, xlabel="score (mean of the bin)", ylabel="fraction correct", xlim=(0, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    _save(fig, ax, path)
+
+
 GROUP_COLOURS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 
 
