@@ -40,7 +40,7 @@ def test_demo_tiny_budget_table_report_and_resume(tiny_budget, tmp_path, capsys)
     assert main(["demo", "--budget", "quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     md = (out / "demo_results.md").read_text()
-    main_md, without_md = md.split("### ")[1:]
+    main_md, without_md, compare_md, errors_md = md.split("### ")[1:]
     table = [line for line in main_md.splitlines() if line.startswith("|")]
     assert table[0] == "| head | AP on | AP1 | AP2 | AP3 | AP4 | APr | APc | APf | AP |"
     heads = ["original", "calibrated only", "dual head (SimCal)"]
@@ -61,6 +61,13 @@ def test_demo_tiny_budget_table_report_and_resume(tiny_budget, tmp_path, capsys)
     page = (out / "run" / "report" / "index.html").read_text()
     assert "dual head (SimCal)" in page and "data:image/png;base64," in page
     assert "Where the classification errors land" in page
+    # the dual head against the original with bootstrap intervals, and the error breakdown
+    assert compare_md.startswith("dual - orig, box AP, seed 0: 95% bootstrap intervals over")
+    assert "| metric | orig | dual | delta | interval | P(delta > 0) |" in compare_md
+    assert set(summary["dual_minus_orig"]) >= {"AP", "APr", "AP1", "AP4"}
+    assert summary["dual_minus_orig"]["AP"]["b"] == pytest.approx(summary["metrics"]["dual"]["bbox"]["AP"], abs=1e-9)
+    assert errors_md.startswith("AP50 points each error type costs") and "| dual head (SimCal) |" in errors_md
+    assert "Errors and score calibration" in page and "is the gain more than noise?" in page
     assert (out / "run" / "analysis" / "sweep_T.json").exists()
     assert (out / "run" / "analysis" / "dynamics.json").exists()
 

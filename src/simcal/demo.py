@@ -100,8 +100,11 @@ def mean_std_rows(agg: dict[str, Any], names: dict[str, str]) -> list[list[str]]
     return _rows(names, cell)
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
+def markdown_table(rows: list[list[str]], header: list[str] | None = None) -> str:
+    """Rows under ``header`` (default Table 3's: head, AP on, then the AP columns right-aligned)."""
+    header = header or HEADER
+    text_columns = 2 if header is HEADER else 1
+    lines = ["| " + " | ".join(header) + " |", "|---" * text_columns + "|" + "---:|" * (len(header) - text_columns)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
@@ -231,6 +234,16 @@ def _confusion(run: Path, tag: str) -> dict[str, dict[str, dict[str, float | Non
     return {h: {"bbox": {k: None if r[k] is None else r[k] / 100 for k in TABLE_KEYS}} for h, r in without.items()}
 
 
+def _diagnostics(run: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The error breakdown of orig / cal / dual and the dual-minus-orig intervals (box AP)."""
+    from simcal.engine.analyze import analyze_errors, compare_heads
+
+    print(f"[{tag} analyze] TIDE errors and score calibration; dual - orig with bootstrap intervals")
+    errors = analyze_errors(run, heads=["orig", "cal", "dual"])
+    compared = compare_heads(run, ("orig", "dual"))
+    return errors, compared
+
+
 def run_demo(
     out: Path,
     *,
@@ -284,6 +297,7 @@ def run_demo(
         if k == 0:
             t = time.perf_counter()
             _analyses(run, tag, spec.get("analysis_images"), progress)
+            errors, compared = _diagnostics(run, tag)
             times["analyze"] = time.perf_counter() - t
 
     agg = aggregate(per_seed) if seeds > 1 else None
@@ -310,6 +324,26 @@ def run_demo(
         )
     # the report's own table is this run's (seed ``seed``); add the aggregates and the baselines
     extra = "".join(f"<h2>{html.escape(title)}</h2>{html_table(HEADER, r)}" for title, r in texts[(0 if agg else 1) :])
+    from simcal.evaluation.diagnostics import ERROR_TYPES, comparison_rows
+
+    diag = [
+        (
+            f"dual - orig, box AP, seed {seed}: {100 * compared['confidence']:g}% bootstrap intervals over "
+            f"{compared['num_images']} val images",
+            ["metric", "orig", "dual", "delta", "interval", "P(delta > 0)"],
+            comparison_rows(compared),
+        ),
+        (
+            f"AP50 points each error type costs (TIDE, box) and ECE (%), seed {seed}",
+            ["head", *ERROR_TYPES, "ECE"],
+            [
+                [HEAD_NAMES.get(h, h)]
+                + [f"{100 * e['tide']['delta_ap'][k]:.1f}" for k in ERROR_TYPES]
+                + [f"{100 * e['calibration']['ece']:.1f}"]
+                for h, e in errors["heads"].items()
+            ],
+        ),
+    ]
     t = time.perf_counter()
     report = build_report(out / "run", extra_html=extra)
     times["report"] = time.perf_counter() - t
@@ -323,11 +357,16 @@ def run_demo(
         "metrics": main_metrics,
         "per_seed": per_seed,
         "without_dets_on_tail_objects": confusion,
+        "dual_minus_orig": compared["metrics"],
+        "errors": {h: {"tide": e["tide"], "ece": e["calibration"]["ece"]} for h, e in errors["heads"].items()},
         **({"mean": agg["mean"], "std": agg["std"]} if agg else {}),
         "report": str(report),
     }
     write_json(out / "demo_results.json", summary, indent=1)
-    md = "\n\n".join(f"### {title}\n\n{markdown_table(r)}" for title, r in texts)
+    md = "\n\n".join(
+        [f"### {title}\n\n{markdown_table(r)}" for title, r in texts]
+        + [f"### {title}\n\n{markdown_table(r, header)}" for title, header, r in diag]
+    )
     with atomic_open(out / "demo_results.md", "w") as f:
         f.write(md + "\n")
     print()
@@ -337,6 +376,8 @@ def run_demo(
     )
     for title, r in texts:
         print(f"\n{title}\n{markdown_table(r)}")
+    for title, header, r in diag:
+        print(f"\n{title}\n{markdown_table(r, header)}")
     stage = ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items() if k != "total")
     print(f"\nwall time {times['total'] / 60:.1f} min ({stage}); report: {report}")
     return json.loads(json.dumps(summary))
