@@ -70,6 +70,14 @@ def _probability(text: str) -> float:
     return v
 
 
+def _open_unit(text: str) -> float:
+    """A number strictly between 0 and 1 (a confidence level)."""
+    v = _number(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return v
+
+
 def _numbers(text: str) -> tuple[float, ...]:
     """A comma-separated list of non-negative numbers (``10,100,1000``)."""
     try:
@@ -523,7 +531,7 @@ COMMANDS: tuple[Command, ...] = (
             opt("--gt", help="annotations of --split when it is not the config's val / train"),
             opt("--iou", choices=choices.IOU_TYPES, default="bbox"),
             opt("--bootstrap", type=_positive_int, default=1000, help="bootstrap samples (default %(default)s)"),
-            opt("--confidence", type=_probability, default=0.95, help="interval level (default %(default)s)"),
+            opt("--confidence", type=_open_unit, default=0.95, help="interval level (default %(default)s)"),
             opt("--seed", type=_non_negative_int, default=0),
         ),
     ),

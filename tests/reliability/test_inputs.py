@@ -128,7 +128,7 @@ def test_weights_that_are_not_the_runs(trained_run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- every numeric flag
-NUMERIC = {cli._positive_int, cli._non_negative_int, cli._number, cli._probability, cli._numbers}
+NUMERIC = {cli._positive_int, cli._non_negative_int, cli._number, cli._probability, cli._open_unit, cli._numbers}
 
 
 def _numeric_flags() -> list[tuple[str, str, str | None]]:
@@ -147,6 +147,9 @@ def test_every_numeric_flag_has_a_checked_type():
     assert len(flags) >= 20
     plain = [(c.name, o.flags[0]) for c in cli.COMMANDS for o in c.options if o.kwargs.get("type") in (int, float)]
     assert not plain
+    for bound in ("0", "1"):  # a confidence level is open at both ends (the engine refuses 0 and 1)
+        with pytest.raises(argparse.ArgumentTypeError, match=r"in \(0, 1\)"):
+            cli._open_unit(bound)
 
 
 @pytest.mark.parametrize("value", ["-1", "abc", "nan"])
