@@ -68,3 +68,26 @@ def test_evaluate_takes_objects_as_well_as_files(tiny_data):
     dets = [{"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"], "score": 0.9}]
     result = simcal.evaluate(gt, dets, iou="bbox", train=os.fspath(tiny_data / "train.json"))
     assert 0 < result.metrics["AP"] <= 1 and result.num_images == len(gt["images"])
+
+
+def test_a_finished_head_written_by_the_api_is_never_trained_over(tiny_data, tmp_path, capsys):
+    """calibrate(model=..., out=...) keeps the run's rule: a finished head is refused without
+    resume and with other settings, and returned as it is with the same ones."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=7, min_size=64, max_size=64, rpn_post_nms_top_n_test=50
+    )
+    common = dict(model=model, train=tiny_data / "train.json", images=tiny_data / "images", progress=False)
+    out = tmp_path / "cal"
+    head = simcal.calibrate(**common, out=out, steps=2, classes_per_batch=2)
+    saved = (out / "head.pth").read_bytes()
+    with pytest.raises(InputError, match="already done: pass --resume"):
+        simcal.calibrate(**common, out=out, steps=2, classes_per_batch=2)
+    with pytest.raises(InputError, match=r"calibration.lr 0.5 \(it has 0.01\).*another --name"):
+        simcal.calibrate(**common, out=out, steps=2, classes_per_batch=2, lr=0.5, resume=True)
+    again = simcal.calibrate(**common, out=out, steps=2, classes_per_batch=2, resume=True)
+    assert "already finished with these settings: nothing to do" in capsys.readouterr().out
+    assert (out / "head.pth").read_bytes() == saved
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))

@@ -47,7 +47,7 @@ from simcal.engine.predict import load_model
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
 from simcal.io import append_line, load_checkpoint, rewrite_lines, save_checkpoint, write_json
-from simcal.modeling.calibration import CalibratedHead, build_calibrated_head, save_head
+from simcal.modeling.calibration import CalibratedHead, build_calibrated_head, load_head, save_head
 from simcal.modeling.detector import LongTailMaskRCNN, eval_mode, proposal_counts, training_proposal_counts
 from simcal.modeling.losses import build_classification_loss
 from simcal.run import CalibrationFiles, Run, calibration_name
@@ -307,13 +307,7 @@ def calibrate(
     r = Run(run)
     cfg = calibration_config(r.load_config(), overrides, str(r.config))
     files = r.calibration(name or calibration_name(cfg.calibration))
-    if files.head.exists():
-        if not resume:
-            raise InputError(
-                files.root, "(calibration)", "already done: pass --resume to continue it, or another --name"
-            )
-        _check_resume(files.head, cfg.calibration, files)
-        print(f"calibration {files.name} is already finished with these settings: nothing to do")
+    if _finished(files, cfg.calibration, resume):
         return files.head
     model, label_map, cfg = load_model(run, cfg=cfg)
     train_json = load_dataset(cfg.data.train_json)
@@ -336,6 +330,21 @@ def calibrate(
 
 #: calibration settings that do not change the head a calibration trains (bookkeeping and caching)
 RESUME_SAFE = ("checkpoint_period", "log_period", "cache_mb", "miss_batch")
+
+
+def _finished(files: CalibrationFiles | None, c: CalibrationConfig, resume: bool) -> bool:
+    """Whether ``files`` holds a finished calibration with settings ``c`` (then nothing is to be done).
+
+    A finished head is never trained over: without ``resume`` it is refused, and with other
+    settings too (:func:`_check_resume`), pointing at ``--name``.
+    """
+    if files is None or not files.head.exists():
+        return False
+    if not resume:
+        raise InputError(files.root, "(calibration)", "already done: pass --resume to continue it, or another --name")
+    _check_resume(files.head, c, files)
+    print(f"calibration {files.name} is already finished with these settings: nothing to do")
+    return True
 
 
 def _check_resume(path: Path, c: CalibrationConfig, files: CalibrationFiles, stored: Any = None) -> None:
@@ -382,7 +391,9 @@ def calibrate_head(
         c: the calibration settings.
         files: where the head, the resumable checkpoint, the log, the summary and the snapshots
             go (``None``: nothing is written, the head is only returned).
-        resume: continue from ``files.checkpoint`` when it exists.
+        resume: continue from ``files.checkpoint`` when it exists. A finished head in ``files``
+            is returned as it is when its settings are ``c``, refused otherwise (and without
+            ``resume``): a finished calibration is never trained over.
         device: where to run (default: CUDA when available, else the CPU); the model is moved there.
 
     Returns:
@@ -390,6 +401,8 @@ def calibrate_head(
     """
     setup_torch(threads)
     device = device or default_device()
+    if _finished(files, c, resume):
+        return load_head(files.head, model.roi_heads)[0].to(device).eval()
     label_map = dataset.label_map
     model.to(device)
     with eval_mode(model, frozen=True):  # every parameter frozen, BatchNorm and the RPN in eval mode
