@@ -171,9 +171,16 @@ def _mean_valid(s: np.ndarray) -> float | None:
     return float(v.mean()) if v.size else None
 
 
+def per_image_cap(protocol: str, lvis_rules: bool) -> int:
+    """Detections kept per image before matching: LVIS's 300, COCO's 100 (per image and class),
+    -1 (none) for AP-fixed and AP-pool."""
+    return -1 if protocol != "lvis" else LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
+
+
 def evaluated_count(results: list[dict[str, Any]], gt: dict[str, Any], max_dets: int) -> int:
     """How many detections the LVIS rules leave to match: the top ``max_dets`` of each image by
-    score (ties in results order), of a class in the image's ground truth or negatives.
+    score (ties in results order; ``max_dets`` < 0: all), of a class in the image's ground truth
+    or negatives.
 
     The engine applies the rules; this only counts, for the ``num_detections_evaluated`` field.
     """
@@ -185,7 +192,7 @@ def evaluated_count(results: list[dict[str, Any]], gt: dict[str, Any], max_dets:
     order = np.lexsort((np.arange(len(results)), -score, img))  # by image, then score, then position
     sorted_img = img[order]
     first = np.searchsorted(sorted_img, sorted_img, side="left")
-    kept = order[np.arange(len(order)) - first < max_dets]
+    kept = order[np.arange(len(order)) - first < max_dets] if max_dets >= 0 else order
     span = int(cat.max(initial=0)) + 1
     allowed = {a["image_id"] * span + a["category_id"] for a in gt["annotations"] if a["category_id"] < span}
     for im in gt["images"]:
@@ -249,7 +256,7 @@ def evaluate(
             if not ann.get("segmentation"):
                 raise InputError("<ground truth>", f"annotations[{i}].segmentation", "missing: cannot evaluate segm")
     fixed = protocol != "lvis"
-    max_dets = -1 if fixed else LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
+    max_dets = per_image_cap(protocol, lvis_rules)
     with _collector_paused():
         ev, kept = engine_eval(
             gt, results, iou_type, stats, lvis_rules=lvis_rules, protocol=protocol, dets_per_class=dets_per_class
@@ -283,14 +290,14 @@ def engine_eval(
     if lvis_rules is None:
         lvis_rules = is_lvis(gt)
     fixed = protocol != "lvis"
-    max_dets = -1 if fixed else LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
+    max_dets = per_image_cap(protocol, lvis_rules)
     with _collector_paused():
         coco_gt = hotcoco.COCO(_gt_for_engine(gt, stats))
         given = cap_per_class(results, dets_per_class) if fixed else results
         dets = _for_engine(given, iou_type)
         if lvis_rules:
             coco_dt = hotcoco.LVISResults(coco_gt, dets, max_dets=max_dets)
-            kept = evaluated_count(given, gt, max_dets if max_dets > 0 else len(given))
+            kept = evaluated_count(given, gt, max_dets)
         else:
             coco_dt = coco_gt.load_res(dets)
             kept = len(dets)
