@@ -65,9 +65,11 @@ def evaluate(
     ``gt`` / ``train``: annotation files or dicts; ``results``: a results file or list. The
     training counts come from ``train``, else from the gt categories' fields (LVIS val).
     ``protocol``: ``lvis`` (300 per image), ``fixed`` (AP-fixed: no per-image cap, the
-    ``dets_per_class`` best per class over the dataset) or ``pool`` (AP-pool).
+    ``dets_per_class`` best per class over the dataset) or ``pool`` (AP-pool). A results file
+    evaluated as ``bbox`` is streamed into columns (:func:`simcal.data.annotations.load_box_results`),
+    so LVIS v1 val's 5.9 M detections fit in a few hundred MB.
     """
-    from simcal.data.annotations import load_results, validate_results
+    from simcal.data.annotations import load_box_results, load_results, validate_results
     from simcal.data.stats import parse_bins
     from simcal.evaluation.lvis_eval import evaluate as run_evaluation
     from simcal.evaluation.lvis_eval import resolve_category_stats
@@ -78,6 +80,8 @@ def evaluate(
     stats = resolve_category_stats(gt_data, gt_name, train_data, train_name, edges)
     if isinstance(results, list):
         dets = validate_results(results, gt_data, iou, "<results>")
+    elif iou == "bbox":
+        dets = load_box_results(results, gt_data)
     else:
         dets = load_results(results, gt_data, iou)
     return run_evaluation(gt_data, dets, iou, stats, edges, protocol=protocol, dets_per_class=dets_per_class)

@@ -13,6 +13,7 @@ import errno
 import glob
 import json
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -121,6 +122,92 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise InputError(path, "(json)", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError:
         raise InputError(path, "(json)", "not UTF-8 text") from None
+
+
+_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+class _NotAList(Exception):
+    """The streamed file is not a well-formed JSON list (:func:`iter_json_list` defers to read_json)."""
+
+
+def _stream_list(f: IO[str], chunk: int) -> Iterator[Any]:
+    decoder = json.JSONDecoder()
+    buf, pos, eof = f.read(chunk), 0, False
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        data = "" if eof else f.read(chunk)
+        eof = not data
+        buf, pos = buf[pos:] + data, 0
+        return not eof
+
+    def skip() -> None:
+        nonlocal pos
+        while True:
+            pos = _SPACE.match(buf, pos).end()  # type: ignore[union-attr]
+            if pos < len(buf) or not fill():
+                return
+
+    skip()
+    if buf[pos : pos + 1] != "[":
+        raise _NotAList
+    pos += 1
+    skip()
+    if buf[pos : pos + 1] == "]":
+        pos += 1
+    else:
+        while True:
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    if fill():
+                        continue
+                    raise _NotAList from None
+                if isinstance(item, (dict, list, str)) or eof or (end < len(buf) and buf[end] in " \t\r\n,]"):
+                    break
+                fill()  # a number cut at the end of the buffer ("0." of "0.25") goes on in the next chunk
+            yield item
+            pos = end
+            skip()
+            sep = buf[pos : pos + 1]
+            pos += 1
+            if sep == "]":
+                break
+            if sep != ",":
+                raise _NotAList
+            skip()
+    skip()
+    if pos < len(buf):
+        raise _NotAList
+
+
+def iter_json_list(
+    path: str | os.PathLike[str], not_a_list: str = "expected a JSON list", chunk: int = 1 << 22
+) -> Iterator[Any]:
+    """The items of a JSON file holding one list, parsed a chunk at a time: memory holds one
+    chunk and one item, never the whole list (a results file of millions of detections).
+
+    A malformed file gets :func:`read_json`'s error (the same line and column); valid JSON that is
+    not a list is ``FILE: (top level): <not_a_list>, got <type>``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "(file)", "no such file")
+    yielded = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for item in _stream_list(f, chunk):
+                yield item
+                yielded += 1
+        return
+    except (_NotAList, UnicodeDecodeError):
+        pass
+    whole = read_json(path)  # raises the exact error of a malformed file
+    if not isinstance(whole, list):
+        raise InputError(path, "(top level)", f"{not_a_list}, got {type(whole).__name__}")
+    yield from whole[yielded:]
 
 
 def append_line(path: str | os.PathLike[str], line: str) -> None:

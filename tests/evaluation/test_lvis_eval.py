@@ -223,3 +223,50 @@ def test_coco_rules_ignore_detections_on_crowd_regions():
         away = _det(2, 1, (0, 0, 8, 8), 0.9)  # the same detection off the crowd region: a false positive
         r = evaluate(gt, [tp, away], iou, stats)
         assert next(row["AP"] for row in r.per_class if row["id"] == 1) == pytest.approx(0.5, abs=0.01), iou
+
+
+@pytest.mark.parametrize("protocol", ["lvis", "fixed", "pool"])
+def test_a_bbox_results_file_streamed_into_columns_evaluates_as_its_dicts(lt_gt, lt_results, protocol, tmp_path):
+    """`simcal evaluate --iou bbox` streams the results file into columns (BoxResults): every
+    metric, per-class AP and count equals the evaluation of the same detections as dicts, under
+    every protocol; the file's layout does not matter."""
+    import json
+
+    from simcal import api
+    from simcal.data.annotations import BoxResults, load_box_results
+
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(lt_gt))
+    dets = [{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in lt_results]
+    lines, one_line = tmp_path / "lines.json", tmp_path / "one.json"
+    lines.write_text("[\n" + ",\n".join(json.dumps(d) for d in dets) + "\n]\n")
+    one_line.write_text(json.dumps(dets))
+    columns = load_box_results(lines, lt_gt, block=1000)
+    assert isinstance(columns, BoxResults) and len(columns) == len(dets)
+    assert np.array_equal(columns.array, load_box_results(one_line, lt_gt).array)
+    kw = dict(iou="bbox", bins=list(EDGES), protocol=protocol, dets_per_class=150)
+    as_dicts = api.evaluate(gt_path, dets, **kw).to_json()
+    assert as_dicts["num_detections_evaluated"] < as_dicts["num_detections"]  # caps at work
+    assert api.evaluate(gt_path, lines, **kw).to_json() == as_dicts
+
+
+def test_a_bad_detection_in_a_streamed_bbox_file_is_named_as_before(lt_gt, tmp_path):
+    import json
+
+    from simcal.data.annotations import load_box_results, load_results
+
+    good = {"image_id": lt_gt["images"][0]["id"], "category_id": lt_gt["categories"][0]["id"], "score": 0.5}
+    for bad in (
+        {**good, "bbox": [1, 2, -3, 4]},
+        {**good, "image_id": -7, "bbox": [1, 2, 3, 4]},
+        {**good, "score": "high", "bbox": [1, 2, 3, 4]},
+        {**good},
+        [1, 2],
+    ):
+        path = tmp_path / "res.json"
+        path.write_text(json.dumps([{**good, "bbox": [0, 0, 1, 1]}] * 3 + [bad]))
+        with pytest.raises(InputError) as streamed:
+            load_box_results(path, lt_gt)
+        with pytest.raises(InputError) as whole:
+            load_results(path, lt_gt, "bbox")
+        assert str(streamed.value) == str(whole.value) and "[3]" in str(whole.value)

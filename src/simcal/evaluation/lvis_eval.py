@@ -28,15 +28,19 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import hotcoco
 import numpy as np
 
 from simcal.choices import FIXED_DETS_PER_CLASS, PROTOCOLS
-from simcal.data.annotations import is_lvis
+from simcal.data.annotations import BoxResults, is_lvis
 from simcal.data.stats import BIN_PRESETS, CategoryStat, bin_labels, category_stats, stats_from_fields
 from simcal.errors import InputError
+
+#: detections: validated dicts, or box detections as columns (``simcal evaluate --iou bbox``)
+Results = list[dict[str, Any]] | BoxResults
+R = TypeVar("R", list[dict[str, Any]], BoxResults)
 
 LVIS_MAX_DETS = 300
 COCO_MAX_DETS = 100
@@ -139,8 +143,11 @@ def resolve_category_stats(
     return out
 
 
-def _for_engine(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
-    """The fields the engine reads (no ``bbox`` for segm: sizes by mask area); the input is not modified."""
+def _for_engine(results: Results, iou_type: str) -> list[dict[str, Any]] | np.ndarray:
+    """The fields the engine reads (no ``bbox`` for segm: sizes by mask area); the input is not
+    modified. :class:`BoxResults` go as their ``(N, 7)`` array."""
+    if isinstance(results, BoxResults):
+        return results.array
     keys = ("image_id", "category_id", "score", "bbox" if iou_type == "bbox" else "segmentation")
     if all(len(det) == 4 and keys[3] in det for det in results):
         return results  # nothing to leave out (the engine copies what it reads)
@@ -177,18 +184,27 @@ def per_image_cap(protocol: str, lvis_rules: bool) -> int:
     return -1 if protocol != "lvis" else LVIS_MAX_DETS if lvis_rules else COCO_MAX_DETS
 
 
-def evaluated_count(results: list[dict[str, Any]], gt: dict[str, Any], max_dets: int) -> int:
+def _columns(results: Results) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image_id, category_id, score)`` columns of dict detections or :class:`BoxResults`."""
+    if isinstance(results, BoxResults):
+        return results.image_ids, results.category_ids, results.scores
+    n = len(results)
+    img = np.fromiter((d["image_id"] for d in results), dtype=np.int64, count=n)
+    cat = np.fromiter((d["category_id"] for d in results), dtype=np.int64, count=n)
+    score = np.fromiter((d["score"] for d in results), dtype=np.float64, count=n)
+    return img, cat, score
+
+
+def evaluated_count(results: Results, gt: dict[str, Any], max_dets: int) -> int:
     """How many detections the LVIS rules leave to match: the top ``max_dets`` of each image by
     score (ties in results order; ``max_dets`` < 0: all), of a class in the image's ground truth
     or negatives.
 
     The engine applies the rules; this only counts, for the ``num_detections_evaluated`` field.
     """
-    if not results:
+    if not len(results):
         return 0
-    img = np.fromiter((d["image_id"] for d in results), dtype=np.int64, count=len(results))
-    cat = np.fromiter((d["category_id"] for d in results), dtype=np.int64, count=len(results))
-    score = np.fromiter((d["score"] for d in results), dtype=np.float64, count=len(results))
+    img, cat, score = _columns(results)
     order = np.lexsort((np.arange(len(results)), -score, img))  # by image, then score, then position
     sorted_img = img[order]
     first = np.searchsorted(sorted_img, sorted_img, side="left")
@@ -201,22 +217,24 @@ def evaluated_count(results: list[dict[str, Any]], gt: dict[str, Any], max_dets:
     return int(np.isin(codes, np.fromiter(allowed, dtype=np.int64, count=len(allowed))).sum())
 
 
-def cap_per_class(results: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+def cap_per_class(results: R, k: int) -> R:
     """The ``k`` best detections of each category over the whole results (ties in results order),
     in results order: AP-fixed's cap, which replaces the per-image one."""
-    if not results:
-        return []
-    cat = np.fromiter((d["category_id"] for d in results), dtype=np.int64, count=len(results))
-    score = np.fromiter((d["score"] for d in results), dtype=np.float64, count=len(results))
+    if not len(results):
+        return results
+    _, cat, score = _columns(results)
     order = np.lexsort((np.arange(len(results)), -score, cat))
     sorted_cat = cat[order]
     rank = np.arange(len(order)) - np.searchsorted(sorted_cat, sorted_cat, side="left")
-    return [results[i] for i in np.sort(order[rank < k])]
+    kept = np.sort(order[rank < k])
+    if isinstance(results, BoxResults):
+        return results.take(kept)
+    return [results[i] for i in kept]
 
 
 def evaluate(
     gt: dict[str, Any],
-    results: list[dict[str, Any]],
+    results: Results,
     iou_type: str,
     stats: list[CategoryStat],
     edges: Sequence[float] = BIN_PRESETS["lvis"],
@@ -229,7 +247,8 @@ def evaluate(
 
     Args:
         gt: ground truth dataset (COCO or LVIS dict); not modified.
-        results: detections ``{image_id, category_id, score, bbox | segmentation}``; not modified.
+        results: detections ``{image_id, category_id, score, bbox | segmentation}``, or
+            :class:`~simcal.data.annotations.BoxResults` for bbox; not modified.
         iou_type: ``"bbox"`` or ``"segm"``.
         stats: training statistics of every gt category (see :func:`resolve_category_stats`).
         edges: inner bin edges used for ``stats`` (AP1..AP<len(edges)+1>).
@@ -243,10 +262,29 @@ def evaluate(
     Returns:
         An :class:`EvalResult`.
     """
+    return evaluate_protocols(
+        gt, results, iou_type, stats, edges, lvis_rules=lvis_rules, protocols=(protocol,), dets_per_class=dets_per_class
+    )[protocol]
+
+
+def evaluate_protocols(
+    gt: dict[str, Any],
+    results: Results,
+    iou_type: str,
+    stats: list[CategoryStat],
+    edges: Sequence[float] = BIN_PRESETS["lvis"],
+    *,
+    lvis_rules: bool | None = None,
+    protocols: Sequence[str] = ("lvis",),
+    dets_per_class: int = FIXED_DETS_PER_CLASS,
+) -> dict[str, EvalResult]:
+    """:func:`evaluate` under several protocols: ``{protocol: EvalResult}``. AP-fixed and AP-pool
+    share one run of the engine (the same detections and matches, accumulated two ways)."""
     if iou_type not in ("bbox", "segm"):
         raise InputError("--iou", "iou", f"expected bbox or segm, got {iou_type!r}")
-    if protocol not in PROTOCOLS:
-        raise InputError("--protocol", "protocol", f"expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise InputError("--protocol", "protocol", f"expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if dets_per_class < 1:
         raise InputError("--dets-per-class", "dets_per_class", f"must be >= 1, got {dets_per_class}")
     if lvis_rules is None:
@@ -255,27 +293,32 @@ def evaluate(
         for i, ann in enumerate(gt["annotations"]):
             if not ann.get("segmentation"):
                 raise InputError("<ground truth>", f"annotations[{i}].segmentation", "missing: cannot evaluate segm")
-    fixed = protocol != "lvis"
-    max_dets = per_image_cap(protocol, lvis_rules)
-    with _collector_paused():
-        ev, kept = engine_eval(
-            gt, results, iou_type, stats, lvis_rules=lvis_rules, protocol=protocol, dets_per_class=dets_per_class
-        )
-        ev.accumulate()
-        precision = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K, A] at the largest max-dets
-        pooled = _pooled(ev, stats, len(edges) + 1) if protocol == "pool" else None
     cat_ids = sorted(c["id"] for c in gt["categories"])
-    result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), kept)
-    result.protocol = protocol
-    result.dets_per_class = dets_per_class if fixed else None
-    if pooled is not None:
-        result.metrics.update({k: v for k, v in pooled.items() if k in result.metrics})
-    return result
+    out: dict[str, EvalResult] = {}
+    for run in [[p for p in protocols if p == "lvis"], [p for p in protocols if p != "lvis"]]:
+        if not run:
+            continue
+        max_dets = per_image_cap(run[0], lvis_rules)
+        with _collector_paused():
+            ev, kept = engine_eval(
+                gt, results, iou_type, stats, lvis_rules=lvis_rules, protocol=run[0], dets_per_class=dets_per_class
+            )
+            ev.accumulate()
+            precision = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K, A] at the largest max-dets
+            pooled = _pooled(ev, stats, len(edges) + 1) if "pool" in run else None
+        for protocol in run:
+            result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), kept)
+            result.protocol = protocol
+            result.dets_per_class = dets_per_class if protocol != "lvis" else None
+            if protocol == "pool" and pooled is not None:
+                result.metrics.update({k: v for k, v in pooled.items() if k in result.metrics})
+            out[protocol] = result
+    return out
 
 
 def engine_eval(
     gt: dict[str, Any],
-    results: list[dict[str, Any]],
+    results: Results,
     iou_type: str,
     stats: list[CategoryStat],
     *,
