@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
 import pytest
 import torch
 
+from simcal.errors import InputError
 from simcal.io import atomic_open, load_checkpoint, rewrite_lines, save_checkpoint, write_json
 
 
@@ -59,3 +61,51 @@ def test_a_checkpoint_that_cannot_be_read_is_one_clear_error(tmp_path):
         load_checkpoint(tmp_path / "bad.pth")
     with pytest.raises(InputError, match=r"none.pth: \(file\): no such checkpoint"):
         load_checkpoint(tmp_path / "none.pth")
+
+
+def test_prediction_folder_names_round_trip_through_parse_split(tmp_path):
+    """The run layout names partial and per-class top-k predictions beside the split's; every such
+    name reads back as the split it came from (a name that only looks alike stays a plain name)."""
+    from simcal.run import PredictionFiles, Split, parse_split
+
+    val = PredictionFiles(tmp_path / "predictions" / "val")
+    assert val.partial(50).root.name == "val-first50" and val.topk(10000).root.name == "val-topk10000"
+    assert val.partial(50).topk(7).root.name == "val-first50-topk7"
+    assert val.partial(50).topk(7).head("orig").metrics("bbox", "pool").name == "metrics_bbox_pool.json"
+    assert val.head("orig").metrics("segm").name == "metrics_segm.json"
+    for name, split in [
+        ("val", Split("val")),
+        ("val-first50", Split("val", 50)),
+        ("val-topk10000", Split("val", None, 10000)),
+        ("val-first50-topk7", Split("val", 50, 7)),
+        ("my-topk", Split("my-topk")),
+        ("val-first0", Split("val-first0")),
+        ("-topk5", Split("-topk5")),
+    ]:
+        assert parse_split(name) == split, name
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
+def test_iter_json_list_streams_any_layout_and_fails_as_read_json(tmp_path, chunk):
+    """Items across chunk boundaries, one per line or all on one line, numbers cut at a chunk's
+    end; a malformed file gets read_json's own error; valid JSON that is not a list is refused."""
+    from simcal.io import iter_json_list, read_json
+
+    items = [{"a": [1.5, -2e-3], "s": "x]y,z"}, 12345, [], {}, "q", 0.25, None, True]
+    for text in (json.dumps(items), json.dumps(items, indent=1), " [\n" + ",\n".join(map(json.dumps, items)) + "\n]\n"):
+        path = tmp_path / "list.json"
+        path.write_text(text)
+        assert list(iter_json_list(path, chunk=chunk)) == items
+    for text in ("[]", " [ ] \n"):
+        path.write_text(text)
+        assert list(iter_json_list(path, chunk=chunk)) == []
+    for bad in ('[{"a": 1}, {"a": 2}', '[{"a": 1} {"a": 2}]', "[1, 2] 3", "[1,]", ""):
+        path.write_text(bad)
+        with pytest.raises(InputError) as streamed:
+            list(iter_json_list(path, chunk=chunk))
+        with pytest.raises(InputError) as whole:
+            read_json(path)
+        assert str(streamed.value) == str(whole.value)
+    path.write_text('{"images": []}')
+    with pytest.raises(InputError, match=r"\(top level\): results must be a list of detections, got dict"):
+        list(iter_json_list(path, "results must be a list of detections", chunk=chunk))

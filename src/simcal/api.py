@@ -242,6 +242,7 @@ def predict(
     checkpoint: str | None = None,
     batch_size: int = 8,
     max_images: int | None = None,
+    topk_per_class: int | None = None,
     evaluate: bool = True,
     progress: bool = True,
     **settings: Any,
@@ -255,7 +256,9 @@ def predict(
     the evaluation's frequency groups and bins); results go to ``out`` (default: a temporary
     folder). ``heads``: :data:`simcal.choices.SCORERS`. ``settings``: ``inference`` keys
     (``combine``, ``T``, ``param``). With ``max_images`` below the number of images, the files go
-    to ``<split>-first<N>`` (``<out>-first<N>``), never over the whole split's.
+    to ``<split>-first<N>`` (``<out>-first<N>``), never over the whole split's. With
+    ``topk_per_class`` K: no per-image cap, the K best detections of each class over the images,
+    to ``<split>-topk<K>`` (``<out>-topk<K>``), evaluated as AP-fixed (returned) and AP-pool.
 
     Returns:
         ``{head: {"bbox": EvalResult, "segm": EvalResult}}`` (empty with ``evaluate=False``).
@@ -277,6 +280,7 @@ def predict(
             checkpoint=checkpoint,
             batch_size=batch_size,
             max_images=max_images,
+            topk_per_class=topk_per_class,
             progress=progress,
             evaluate_results=evaluate,
         )
@@ -309,6 +313,7 @@ def predict(
             out=PredictionFiles(Path(out) if out is not None else Path(tmp)),
             batch_size=batch_size,
             max_images=max_images,
+            topk_per_class=topk_per_class,
             progress=progress,
             evaluate_results=evaluate,
             verbose=False,

@@ -261,6 +261,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         batch_size=args.batch_size,
         max_images=args.max_images,
+        topk_per_class=args.topk_per_class,
         evaluate=not args.no_eval,
         progress=not args.no_progress,
     )
@@ -498,6 +499,15 @@ COMMANDS: tuple[Command, ...] = (
             opt("--checkpoint", help="weights file (default: RUN/model_final.pth)"),
             opt("--batch-size", type=_positive_int, default=8),
             opt("--max-images", type=_positive_int, default=None, help="only the first N images"),
+            opt(
+                "--topk-per-class",
+                type=_positive_int,
+                default=None,
+                metavar="K",
+                help="AP-fixed's inference: no per-image cap, the K best detections of each class over the "
+                f"split (K={choices.FIXED_DETS_PER_CLASS} for LVIS), to predictions/<split>-topk<K>, "
+                "evaluated as AP-fixed and AP-pool (default off)",
+            ),
             opt("--no-eval", action="store_true", help="write results only"),
             NO_PROGRESS,
         ),

@@ -12,6 +12,8 @@ A run directory is what ``simcal train`` writes and every later command reads an
                                   calibration_log.jsonl, summary.json, snapshots/head_<step>.pth
       predictions/<split>/<head>/ results.json (LVIS results), metrics_bbox.json, metrics_segm.json
       predictions/<split>-first<N>/  the same for the first N images only (predict --max-images)
+      predictions/<split>-topk<K>/   the K best detections of each class over the split, no per-image
+                                  cap (predict --topk-per-class): metrics_<iou>_fixed.json, _pool.json
       analysis/<tool>.json|.png   recall, oracle, sweep_T, dynamics, confusion, errors (+ _calibration.png), compare
       analysis/<tool>/<head>/     the predictions an analysis evaluated (oracle, sweep_T, dynamics)
       report/                     index.html, report.json and its PNGs
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from simcal.errors import InputError
 
@@ -39,10 +41,12 @@ DEFAULT_CALIBRATION = "3fc_ft"
 RESULTS = "results.json"
 #: the suffix of a split name whose predictions cover only its first N images: ``val-first50``
 PARTIAL = "-first"
+#: the suffix of a split name whose predictions keep the K best of each class: ``val-topk10000``
+TOPK = "-topk"
 
 
-def _metrics_name(iou: str) -> str:
-    return f"metrics_{iou}.json"
+def _metrics_name(iou: str, protocol: str = "lvis") -> str:
+    return f"metrics_{iou}.json" if protocol == "lvis" else f"metrics_{iou}_{protocol}.json"
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,10 @@ class HeadFiles:
     def results(self) -> Path:
         return self.root / RESULTS
 
-    def metrics(self, iou: str) -> Path:
-        """``metrics_bbox.json`` or ``metrics_segm.json``."""
-        return self.root / _metrics_name(iou)
+    def metrics(self, iou: str, protocol: str = "lvis") -> Path:
+        """``metrics_bbox.json`` or ``metrics_segm.json``; ``metrics_<iou>_<protocol>.json`` for the
+        other protocols (:data:`simcal.choices.PROTOCOLS`)."""
+        return self.root / _metrics_name(iou, protocol)
 
 
 @dataclass(frozen=True)
@@ -74,11 +79,26 @@ class PredictionFiles:
         ``<root>-first<N>``, beside the whole split's, which they never replace."""
         return PredictionFiles(self.root.with_name(f"{self.root.name}{PARTIAL}{first}"))
 
-    def heads(self, evaluated: str | None = None) -> list[str]:
-        """Tags of the heads with results (``evaluated``: with metrics of that IoU type), sorted."""
+    def topk(self, k: int) -> PredictionFiles:
+        """Where per-class top-``k`` predictions go (``predict --topk-per-class``): ``<root>-topk<K>``,
+        beside the per-image-capped ones, which they never replace."""
+        return PredictionFiles(self.root.with_name(f"{self.root.name}{TOPK}{k}"))
+
+    def topks(self) -> list[tuple[int, PredictionFiles]]:
+        """The per-class top-k predictions beside these (:meth:`topk`), ``(K, files)`` by K."""
+        found = []
+        for p in self.root.parent.glob(f"{self.root.name}{TOPK}*"):
+            split = parse_split(p.name)
+            if p.is_dir() and split.topk and p.name == f"{self.root.name}{TOPK}{split.topk}":
+                found.append((split.topk, PredictionFiles(p)))
+        return sorted(found, key=lambda kv: kv[0])
+
+    def heads(self, evaluated: str | None = None, protocol: str = "lvis") -> list[str]:
+        """Tags of the heads with results (``evaluated``: with metrics of that IoU type and
+        protocol), sorted."""
         if not self.root.is_dir():
             return []
-        name = _metrics_name(evaluated) if evaluated else RESULTS
+        name = _metrics_name(evaluated, protocol) if evaluated else RESULTS
         return sorted(p.parent.name for p in self.root.glob(f"*/{name}"))
 
 
@@ -274,19 +294,35 @@ def calibration_name(c: CalibrationConfig) -> str:
     return "_".join(parts)
 
 
-def parse_split(split: str) -> tuple[str, int | None]:
-    """``("val", 50)`` for ``val-first50`` (the first 50 images of val), ``("val", None)`` for ``val``."""
-    base, sep, first = split.rpartition(PARTIAL)
-    if sep and base and first.isdigit() and int(first) > 0:
-        return base, int(first)
-    return split, None
+class Split(NamedTuple):
+    """A split name taken apart: ``val-first50-topk10000`` -> ``Split("val", 50, 10000)``."""
+
+    base: str
+    first: int | None = None
+    topk: int | None = None
+
+
+def _suffix(name: str, sep: str) -> tuple[str, int | None]:
+    base, found, n = name.rpartition(sep)
+    if found and base and n.isdigit() and int(n) > 0:
+        return base, int(n)
+    return name, None
+
+
+def parse_split(split: str) -> Split:
+    """The split a predictions folder name stands for: ``val-first50`` (the first 50 images of
+    val, :meth:`PredictionFiles.partial`), ``val-topk10000`` (:meth:`PredictionFiles.topk`), both
+    (``val-first50-topk10000``), or a plain name."""
+    rest, topk = _suffix(split, TOPK)
+    base, first = _suffix(rest, PARTIAL)
+    return Split(base, first, topk)
 
 
 def split_annotations(cfg: Config, split: str, gt_json: str | None, needs: str = "--gt") -> str:
     """The annotations json of a split: ``gt_json`` when given, else the config's ``val`` / ``train``
-    (also for ``val-first50``: the predictions of :meth:`PredictionFiles.partial`)."""
+    (also for ``val-first50`` and ``val-topk10000``: see :func:`parse_split`)."""
     if gt_json is None:
-        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(parse_split(split)[0])
+        gt_json = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(parse_split(split).base)
         if not gt_json:
             raise InputError("--split", "split", f"no annotations for split {split!r}: pass {needs}")
     return str(gt_json)
@@ -295,7 +331,7 @@ def split_annotations(cfg: Config, split: str, gt_json: str | None, needs: str =
 def resolve_split(cfg: Config, split: str, gt_json: str | None, images: str | None) -> tuple[str, str]:
     """The annotations and image folder of a split: the config's ``val`` / ``train``, or given."""
     if gt_json is None:
-        images = images or {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(parse_split(split)[0])
+        images = images or {"val": cfg.data.val_images, "train": cfg.data.train_images}.get(parse_split(split).base)
     gt_json = split_annotations(cfg, split, gt_json, needs="--gt and --images")
     if not images:
         raise InputError("--images", "images", "an image folder is needed with --gt")

@@ -151,3 +151,95 @@ def test_predict_cli_writes_results_and_metrics(run, tiny_data, monkeypatch, cap
         assert len(metrics["per_class"]) == 6
     printed = capsys.readouterr().out
     assert "bbox AP" in printed and "segm AP" in printed
+
+
+def _by_class(results: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for r in results:
+        out.setdefault(r["category_id"], []).append(r)
+    return out
+
+
+def _key(r: dict) -> tuple:
+    return r["image_id"], r["category_id"], tuple(r["bbox"]), r["score"], r["segmentation"]["counts"]
+
+
+def test_topk_results_keeps_the_k_best_of_each_class_and_raises_its_floor(tmp_path):
+    """Batches streamed through TopKResults: the file holds exactly each class's k best, in the
+    order they came; the floor is the k-th best so far (and -inf until a class has k)."""
+    rng = np.random.default_rng(0)
+    top = predict_mod.TopKResults(tmp_path / "orig" / "results.json", num_classes=3, k=4)
+    everything = []
+    for batch in range(5):
+        labels = torch.from_numpy(rng.integers(1, 3, size=7))  # classes 1 and 2 only; class 3 never seen
+        records = [{"image_id": batch, "category_id": int(c) * 10, "score": float(rng.random())} for c in labels]
+        everything += records
+        top.add(labels, records)
+        for c in (1, 2):
+            scores = sorted((r["score"] for r in everything if r["category_id"] == c * 10), reverse=True)
+            assert top.floor[c] == (scores[3] if len(scores) >= 4 else -np.inf)
+    assert top.floor[3] == -np.inf and top.seen == 35
+    top.finish()
+    kept = json.loads((tmp_path / "orig" / "results.json").read_text())
+    expected = [
+        r for r in everything if r in sorted(_by_class(everything)[r["category_id"]], key=lambda d: -d["score"])[:4]
+    ]
+    assert kept == expected  # image order, exactly the top 4 of each class
+    assert list((tmp_path / "orig").iterdir()) == [tmp_path / "orig" / "results.json"]  # the spool is gone
+
+
+def test_predict_topk_per_class_equals_the_uncapped_detections_cut_per_class(run, tiny_data, monkeypatch):
+    """--topk-per-class K gives what no per-image cap followed by the K best of each class gives,
+    though its running threshold drops candidates before NMS; its metrics are AP-fixed and AP-pool
+    with K per class, as `simcal evaluate` computes them from the file."""
+    from simcal import api
+    from simcal.evaluation.lvis_eval import cap_per_class, evaluate, resolve_category_stats
+
+    made = {}
+
+    class Recorded(predict_mod.TopKResults):
+        def __init__(self, path, *a, **kw):
+            super().__init__(path, *a, **kw)
+            made[path.parent.name] = self
+
+    monkeypatch.setattr(predict_mod, "TopKResults", Recorded)
+    k = 25
+    heads = ["orig", "norcal"]
+    api.predict(run, heads=heads, topk_per_class=k, progress=False)
+    api.predict(run, heads=heads, split="val", overrides=["model.detections_per_img=1000000"], progress=False)
+    gt = load_dataset(tiny_data / "val.json")
+    stats = resolve_category_stats(gt, str(tiny_data / "val.json"), load_dataset(tiny_data / "train.json"), "train")
+    tags = sorted(p.name for p in (run / "predictions" / f"val-topk{k}").iterdir())
+    assert tags == ["norcal_1", "orig"]
+    for head in tags:
+        top_dir = run / "predictions" / f"val-topk{k}" / head
+        got = json.loads((top_dir / "results.json").read_text())
+        every = json.loads((run / "predictions" / "val" / head / "results.json").read_text())
+        per_image = _by_class([{**r, "category_id": r["image_id"]} for r in every])
+        assert max(len(v) for v in per_image.values()) > 100  # the preset's per-image cap is really off
+        assert made[head].seen < len(every) / 2  # the running floor dropped most candidates before NMS
+        want = cap_per_class(every, k)
+        got_c, want_c = _by_class(got), _by_class(want)
+        assert got_c.keys() == want_c.keys() and all(len(v) == k for v in got_c.values())
+        for c in want_c:  # the same scores; the same detections above the k-th (ties there may differ)
+            assert sorted(r["score"] for r in got_c[c]) == sorted(r["score"] for r in want_c[c])
+            kth = min(r["score"] for r in want_c[c])
+            assert {_key(r) for r in got_c[c] if r["score"] > kth} == {_key(r) for r in want_c[c] if r["score"] > kth}
+        for iou in ("bbox", "segm"):
+            for protocol in ("fixed", "pool"):
+                written = json.loads((top_dir / f"metrics_{iou}_{protocol}.json").read_text())
+                again = evaluate(gt, got, iou, stats, protocol=protocol, dets_per_class=k).to_json()
+                assert written["protocol"] == protocol and written["dets_per_class"] == k
+                assert {m: written[m] for m in ("AP", "APr", "APc", "APf")} == {
+                    m: again[m] for m in ("AP", "APr", "APc", "APf")
+                }
+            assert not (top_dir / f"metrics_{iou}.json").exists()  # the per-image-capped protocol is not theirs
+
+
+def test_topk_split_names_are_refused_as_splits(run, capsys):
+    assert main(["predict", "--run", str(run), "--split", "val-topk50", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "simcal: error: --split: split: val-topk50 names predictions on the 50 best detections per class: "
+        "pass --split val --topk-per-class 50"
+    )

@@ -256,3 +256,42 @@ def test_a_torchvision_model_is_adopted_with_its_weights_and_settings():
     torch.testing.assert_close(out["boxes"], ref["boxes"])
     torch.testing.assert_close(out["scores"], ref["scores"])
     assert torch.equal(out["labels"], ref["labels"])
+
+
+def test_mask_head_in_chunks_and_unpasted_masks_give_the_same_masks(monkeypatch):
+    """The mask head run a few detections at a time (across image boundaries) gives the masks of
+    one run; masks left in box coordinates and pasted later give the pasted ones."""
+    import simcal.modeling.roi_heads as rh
+    from simcal.modeling.detector import paste_masks
+
+    torch.manual_seed(0)
+    m = maskrcnn_small(num_classes=4, **SMALL, box_score_thresh=0.0).eval()
+    images, _ = _batch(3)
+    scorers = {"orig": lambda batch: batch.scores}
+    whole = m.detect(images, scorers)["orig"]
+    raw = m.detect(images, scorers, paste=False)["orig"]
+    monkeypatch.setattr(rh, "MASK_CHUNK", 7)
+    chunked = m.detect(images, scorers, paste=False)["orig"]
+    assert sum(len(d["scores"]) for d in whole) > 3 * 7  # several chunks, some across two images
+    for w, r, c, im in zip(whole, raw, chunked, images):
+        assert r["masks"].shape == (len(w["scores"]), 1, 28, 28)
+        assert torch.allclose(r["masks"], c["masks"], atol=1e-5)
+        assert torch.equal(paste_masks(r["masks"][:, 0], r["boxes"], *im.shape[-2:]), w["masks"])
+
+
+def test_best_per_class_keeps_each_class_k_best_over_the_images():
+    from simcal.modeling.roi_heads import best_per_class
+
+    dets = [
+        {"scores": torch.tensor([0.9, 0.8, 0.3]), "labels": torch.tensor([1, 2, 1]), "roi": torch.tensor([0, 1, 2])},
+        {
+            "scores": torch.tensor([0.5, 0.7, 0.6, 0.2]),
+            "labels": torch.tensor([1, 2, 2, 3]),
+            "roi": torch.tensor([3, 4, 5, 6]),
+        },
+    ]
+    got = best_per_class(dets, 2)
+    assert got[0]["roi"].tolist() == [0, 1] and got[1]["roi"].tolist() == [3, 4, 6]
+    assert best_per_class(dets, 1)[1]["roi"].tolist() == [6] and best_per_class(dets, 9) is dets
+    tied = [{"scores": torch.tensor([0.5]), "labels": torch.tensor([1])}] * 2
+    assert [len(d["scores"]) for d in best_per_class(tied, 1)] == [1, 0]  # a tie: the earlier image

@@ -5,12 +5,18 @@ One pass per batch serves every head asked for (original, calibrated, dual, post
 features once and hands them to one scorer per head (:mod:`simcal.modeling.scoring`); masks are
 computed once per distinct detection and pasted only for the final detections. Results stream
 to a temporary file per head that is renamed when complete (:func:`simcal.io.atomic_open`).
+
+``--topk-per-class K`` (AP-fixed's inference, Dave et al. 2021): no per-image cap; each head keeps
+the K best detections of each class over the whole split (:class:`TopKResults`). A running
+per-class threshold (the class's K-th best score so far) drops hopeless candidates before NMS.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -30,10 +36,16 @@ from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import class_instance_counts
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
-from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
+from simcal.evaluation.lvis_eval import EvalResult, evaluate_protocols, resolve_category_stats
 from simcal.io import atomic_open, write_json
 from simcal.modeling.calibration import load_head
-from simcal.modeling.detector import LongTailMaskRCNN, build_detector, eval_mode, load_detector_weights
+from simcal.modeling.detector import (
+    LongTailMaskRCNN,
+    build_detector,
+    eval_mode,
+    load_detector_weights,
+    paste_masks,
+)
 from simcal.modeling.roi_heads import Scorer
 from simcal.modeling.scoring import build_scorer
 from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, Run, parse_split, resolve_split
@@ -73,7 +85,11 @@ class ResultsWriter:
         self.count = 0
 
     def write(self, det: dict[str, Any]) -> None:
-        self._f.write(("[\n" if self._first else ",\n") + json.dumps(det))
+        self.write_line(json.dumps(det))
+
+    def write_line(self, line: str) -> None:
+        """Write one detection already serialised as json (no newline)."""
+        self._f.write(("[\n" if self._first else ",\n") + line)
         self._first = False
         self.count += 1
 
@@ -90,12 +106,111 @@ def results_file(path: str | os.PathLike[str]) -> Iterator[ResultsWriter]:
         w.close()
 
 
-def detections_to_results(det: dict[str, Tensor], image_id: int, label_map: LabelMap) -> Iterator[dict[str, Any]]:
-    """One image's detections (boxes xyxy in original pixels, masks bool ``(N, H, W)``) as LVIS results."""
+class TopKResults:
+    """The ``k`` best detections of each class over a split, kept as the images stream past.
+
+    Every detection handed to :meth:`add` is spooled as a json line to an anonymous temporary file
+    beside ``path`` (gone however the process ends); memory holds only scores and line numbers, at
+    most ``k`` per class plus one batch. :attr:`floor` ``(C+1,)`` is each class's ``k``-th best
+    score so far (``-inf`` until it has ``k``): a candidate below it can never be among the ``k``
+    best, so predict drops it before NMS. :meth:`finish` writes the kept lines to ``path``
+    atomically, in the order they came (image order).
+    """
+
+    def __init__(self, path: Path, num_classes: int, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.path, self.k = Path(path), k
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._spool: TextIO = tempfile.TemporaryFile("w+", dir=self.path.parent, encoding="utf-8")
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), str(self.path.parent)) from e
+        self._scores = [np.empty(0, np.float64) for _ in range(num_classes + 1)]
+        self._ids = [np.empty(0, np.int64) for _ in range(num_classes + 1)]
+        self.floor = torch.full((num_classes + 1,), -math.inf)
+        self.seen = 0
+        self.count = 0
+
+    def add(self, labels: Tensor, records: list[dict[str, Any]]) -> None:
+        """One batch of detections: ``labels`` ``(N,)`` contiguous class labels of ``records``."""
+        if not records:
+            return
+        try:
+            self._spool.write("".join(json.dumps(r) + "\n" for r in records))
+        except OSError as e:  # the spool has no name of its own: name the folder it fills
+            raise OSError(e.errno, e.strerror or str(e), str(self.path.parent)) from e
+        lab = labels.cpu().numpy()
+        scores = np.array([r["score"] for r in records], dtype=np.float64)
+        ids = np.arange(self.seen, self.seen + len(records))
+        self.seen += len(records)
+        order = np.argsort(lab, kind="stable")
+        for group in np.split(order, np.flatnonzero(np.diff(lab[order])) + 1):
+            c = int(lab[group[0]])
+            s = np.concatenate([self._scores[c], scores[group]])
+            i = np.concatenate([self._ids[c], ids[group]])
+            if s.size > self.k:
+                best = np.argpartition(-s, self.k - 1)[: self.k]
+                s, i = s[best], i[best]
+            self._scores[c], self._ids[c] = s, i
+            if s.size >= self.k:
+                self.floor[c] = float(s.min())
+
+    def finish(self) -> None:
+        """Write the kept detections to ``path`` (atomically) and close the spool."""
+        keep = np.zeros(self.seen, dtype=bool)
+        keep[np.concatenate(self._ids)] = True
+        self._spool.seek(0)
+        with results_file(self.path) as w:
+            for line, kept in zip(self._spool, keep):
+                if kept:
+                    w.write_line(line.rstrip("\n"))
+        self.count = w.count
+        self.close()
+
+    def close(self) -> None:
+        self._spool.close()
+
+
+@contextmanager
+def no_per_image_cap(model: LongTailMaskRCNN) -> Iterator[None]:
+    """Every detection that survives NMS, however many per image (``detections_per_img`` 0)."""
+    old = model.roi_heads.detections_per_img
+    model.roi_heads.detections_per_img = 0
+    try:
+        yield
+    finally:
+        model.roi_heads.detections_per_img = old
+
+
+#: masks pasted and encoded at a time by :func:`detections_to_results` (bounds its memory)
+PASTE_CHUNK = 256
+
+
+def encode_masks(det: dict[str, Tensor], size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """The RLEs of one image's masks: pasted ``(N, H, W)`` bool, or ``(N, 1, 28, 28)`` probabilities
+    that are pasted into an image of ``size`` and encoded :data:`PASTE_CHUNK` at a time."""
+    masks = det["masks"]
+    if masks.dim() == 3:
+        return encode_rle(masks)
+    if size is None:
+        raise ValueError("masks in box coordinates need the image size to be pasted")
+    h, w = size
+    rles: list[dict[str, Any]] = []
+    for s in range(0, masks.shape[0], PASTE_CHUNK):
+        rles += encode_rle(paste_masks(masks[s : s + PASTE_CHUNK, 0], det["boxes"][s : s + PASTE_CHUNK], h, w))
+    return rles
+
+
+def detections_to_results(
+    det: dict[str, Tensor], image_id: int, label_map: LabelMap, size: tuple[int, int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """One image's detections (boxes xyxy in original pixels; masks pasted, or in box coordinates
+    with the image's ``size`` (H, W), see :func:`encode_masks`) as LVIS results."""
     boxes = det["boxes"].cpu()
     scores = det["scores"].cpu().tolist()
     labels = det["labels"].cpu().tolist()
-    rles = encode_rle(det["masks"]) if "masks" in det else [None] * len(scores)
+    rles = encode_masks(det, size) if "masks" in det else [None] * len(scores)
     for box, score, label, rle in zip(boxes.tolist(), scores, labels, rles):
         x0, y0, x1, y1 = box
         out = {
@@ -212,6 +327,7 @@ def predict(
     batch_size: int = 8,
     num_workers: int = 1,
     max_images: int | None = None,
+    topk_per_class: int | None = None,
     progress: bool = True,
     evaluate_results: bool = True,
 ) -> dict[str, dict[str, EvalResult]]:
@@ -225,8 +341,10 @@ def predict(
     One pass per batch serves every head. Writes ``predictions/<split>/<head>/results.json`` and,
     with ``evaluate_results``, ``metrics_bbox.json`` / ``metrics_segm.json`` beside it; with
     ``max_images`` below the split's size, under ``predictions/<split>-first<N>/`` instead (never
-    over the whole split's). ``split``: the config's ``val`` / ``train``, or a name for ``gt_json``
-    (the config's names are refused for other annotations).
+    over the whole split's); with ``topk_per_class`` K (AP-fixed's inference: no per-image cap, the
+    K best detections of each class over the split), under ``predictions/<split>-topk<K>/``, with
+    ``metrics_<iou>_fixed.json`` and ``metrics_<iou>_pool.json``. ``split``: the config's ``val`` /
+    ``train``, or a name for ``gt_json`` (the config's names are refused for other annotations).
     ``calibration`` names the calibrated head (default: ``3fc_ft``, else the only one there is).
     Results of a head other than ``3fc_ft`` go to ``cal@<name>`` / ``dual@<name>``, so comparing
     calibrations never overwrites ``cal`` / ``dual``.
@@ -261,6 +379,7 @@ def predict(
         batch_size=batch_size,
         num_workers=num_workers,
         max_images=max_images,
+        topk_per_class=topk_per_class,
         progress=progress,
         evaluate_results=evaluate_results,
     )
@@ -269,13 +388,15 @@ def predict(
 def _check_split(cfg: Config, split: str, gt_json: str | None) -> None:
     """Refuse a split name whose predictions would be mistaken for others': ``val-first50`` (the
     name :meth:`PredictionFiles.partial` gives) or the config's ``val`` / ``train`` for another --gt."""
-    base, first = parse_split(split)
-    if first is not None:
-        raise InputError(
-            "--split",
-            "split",
-            f"{split} names predictions on the first {first} images: pass --split {base} --max-images {first}",
+    base, first, topk = parse_split(split)
+    if first is not None or topk is not None:
+        flags = "".join(f" {flag} {n}" for flag, n in (("--max-images", first), ("--topk-per-class", topk)) if n)
+        names = " and ".join(
+            what
+            for what, n in ((f"the first {first} images", first), (f"the {topk} best detections per class", topk))
+            if n
         )
+        raise InputError("--split", "split", f"{split} names predictions on {names}: pass --split {base}{flags}")
     own = {"val": cfg.data.val_json, "train": cfg.data.train_json}.get(split)
     if gt_json is not None and own and Path(gt_json).resolve() != Path(own).resolve():
         raise InputError(
@@ -331,6 +452,7 @@ def run_heads(
     batch_size: int = 8,
     num_workers: int = 1,
     max_images: int | None = None,
+    topk_per_class: int | None = None,
     progress: bool = True,
     evaluate_results: bool = True,
     ious: tuple[str, ...] = ("bbox", "segm"),
@@ -344,6 +466,10 @@ def run_heads(
     ``segm`` in ``ious`` no mask is computed. ``device``: where to run (default: CUDA when
     available, else the CPU); the model runs in eval mode and is given back in its own mode.
     With ``max_images`` below the number of images, the files go to ``out.partial(N)``.
+    With ``topk_per_class`` K: no per-image cap, each head's K best detections per class over the
+    images (:class:`TopKResults`), under ``out.topk(K)``, evaluated as AP-fixed and AP-pool with K
+    per class (``metrics_<iou>_fixed.json``, ``metrics_<iou>_pool.json``; the returned dict holds
+    the AP-fixed results).
     """
     setup_torch(threads)
     device = device or default_device()
@@ -361,21 +487,40 @@ def run_heads(
         out = out.partial(len(indices))
         if verbose:
             print(f"the first {len(indices)} of {len(dataset)} images: predictions go to {out.root}")
+    if topk_per_class:
+        out = out.topk(topk_per_class)
     loader = data_loader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
     with ExitStack() as stack:
         stack.enter_context(eval_mode(model))
-        writers = {tag: stack.enter_context(results_file(out.head(tag).results)) for tag in scorers}
+        if topk_per_class:
+            stack.enter_context(no_per_image_cap(model))
+            tops = {tag: TopKResults(out.head(tag).results, label_map.num_classes, topk_per_class) for tag in scorers}
+            for top in tops.values():
+                stack.callback(top.close)
+        else:
+            writers = {tag: stack.enter_context(results_file(out.head(tag).results)) for tag in scorers}
         for imgs, targets in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
             per_head = model.detect(
                 [im.to(device) for im in imgs],
                 scorers,
                 targets=targets if with_targets else None,
                 with_masks="segm" in ious,
+                min_scores={tag: top.floor for tag, top in tops.items()} if topk_per_class else None,
+                per_class=topk_per_class or 0,
+                paste=False,  # pasted and encoded a few at a time below
             )
             for tag, dets in per_head.items():
-                for det, tgt in zip(dets, targets):
-                    for rec in detections_to_results(det, int(tgt["image_id"]), label_map):
+                for det, tgt, im in zip(dets, targets, imgs):
+                    records = detections_to_results(det, int(tgt["image_id"]), label_map, tuple(im.shape[-2:]))
+                    if topk_per_class:
+                        tops[tag].add(det["labels"], list(records))
+                        continue
+                    for rec in records:
                         writers[tag].write(rec)
+        if topk_per_class:
+            for top in tops.values():
+                top.finish()
+            writers = tops  # type: ignore[assignment]
     if verbose:
         for tag, w in writers.items():
             print(f"{tag}: {w.count} detections on {len(indices)} images -> {out.head(tag).results}")
@@ -384,17 +529,20 @@ def run_heads(
     if max_images:
         gt = first_images(gt, len(indices))
     stats = resolve_category_stats(gt, gt_json, train, str(train_json))
+    protocols = ("fixed", "pool") if topk_per_class else ("lvis",)
+    per_class = topk_per_class or choices.FIXED_DETS_PER_CLASS
     metrics: dict[str, dict[str, EvalResult]] = {}
     for tag in scorers:
         files = out.head(tag)
         results = json.loads(files.results.read_text())
         metrics[tag] = {}
         for iou in ious:
-            result = evaluate(gt, results, iou, stats)
-            write_json(files.metrics(iou), {**result.to_json(), "gt": str(gt_json)}, indent=1)
-            if verbose:
-                print(f"[{tag}] {result.table()}")
-            metrics[tag][iou] = result
+            by_protocol = evaluate_protocols(gt, results, iou, stats, protocols=protocols, dets_per_class=per_class)
+            for protocol, result in by_protocol.items():
+                write_json(files.metrics(iou, protocol), {**result.to_json(), "gt": str(gt_json)}, indent=1)
+                if verbose:
+                    print(f"[{tag}] {result.table()}")
+            metrics[tag][iou] = by_protocol[protocols[0]]
     return metrics
 
 

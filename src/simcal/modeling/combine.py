@@ -218,7 +218,7 @@ def merge_detections(
     Args:
         dets_a, dets_b: ``{"boxes" (N, 4) xyxy, "scores" (N,), "labels" (N,)}`` of one image.
         iou: NMS IoU threshold (boxes of the same label overlapping more than it are suppressed).
-        max_dets: at most this many detections are kept, highest scores first.
+        max_dets: at most this many detections are kept, highest scores first (all when 0 or less).
 
     Returns:
         ``{"boxes" (M, 4), "scores" (M,), "labels" (M,)}`` sorted by decreasing score, ``M <= max_dets``.
@@ -228,7 +228,9 @@ def merge_detections(
     boxes = torch.cat([dets_a["boxes"], dets_b["boxes"]]).reshape(-1, 4)
     scores = torch.cat([dets_a["scores"], dets_b["scores"]])
     labels = torch.cat([dets_a["labels"], dets_b["labels"]])
-    keep = batched_nms(boxes, scores, labels, iou)[:max_dets]  # sorted by decreasing score
+    keep = batched_nms(boxes, scores, labels, iou)  # sorted by decreasing score
+    if max_dets > 0:
+        keep = keep[:max_dets]
     out = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
     for key in dets_a.keys() & dets_b.keys() - out.keys():
         a, b = dets_a[key], dets_b[key]

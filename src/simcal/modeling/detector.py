@@ -117,6 +117,9 @@ class LongTailMaskRCNN(GeneralizedRCNN):
         scorers: Mapping[str, Scorer],
         targets: list[dict[str, Tensor]] | None = None,
         with_masks: bool = True,
+        min_scores: Mapping[str, Tensor] | None = None,
+        per_class: int = 0,
+        paste: bool = True,
     ) -> dict[str, list[dict[str, Tensor]]]:
         """Detections of every scorer from ONE pass of the backbone, RPN and RoI box features.
 
@@ -126,10 +129,16 @@ class LongTailMaskRCNN(GeneralizedRCNN):
             targets: per image ``{"boxes" (N, 4) xyxy, "labels" (N,)}`` in image pixels, for the
                 scorers that read the ground truth (the oracle).
             with_masks: compute masks (once per distinct RoI and class over all scorers).
+            min_scores: name -> ``(C+1,)`` per-class minimum score of that scorer's candidates,
+                applied before NMS (``predict --topk-per-class``'s running thresholds).
+            per_class: when positive, each class's best ``per_class`` detections over the batch.
+            paste: paste the masks into the image; else they stay ``(N, 1, 28, 28)`` probabilities
+                in box coordinates (:func:`paste_masks` them a few at a time: with no per-image cap
+                the pasted masks of one batch may not fit in memory).
 
         Returns:
             ``{name: [per image {"boxes" (N, 4) xyxy in original pixels, "scores" (N,),
-            "labels" (N,), "masks" (N, H, W) bool}]}``.
+            "labels" (N,), "masks" (N, H, W) bool (``(N, 1, 28, 28)`` without ``paste``)}]}``.
         """
         sizes = [tuple(im.shape[-2:]) for im in images]
         if targets is not None:
@@ -138,12 +147,21 @@ class LongTailMaskRCNN(GeneralizedRCNN):
         batch, targets = self.transform(images, targets)
         features = self.backbone(batch.tensors)
         proposals, _ = self.rpn(batch, features)
-        out = self.roi_heads.detect(features, proposals, batch.image_sizes, scorers, targets, with_masks=with_masks)
+        out = self.roi_heads.detect(
+            features,
+            proposals,
+            batch.image_sizes,
+            scorers,
+            targets,
+            with_masks=with_masks,
+            min_scores=min_scores,
+            per_class=per_class,
+        )
         for result in out.values():
             for r, resized, (h, w) in zip(result, batch.image_sizes, sizes):
                 r.pop("roi", None)
                 r["boxes"] = resize_boxes(r["boxes"], resized, (h, w))
-                if "masks" in r:
+                if "masks" in r and paste:
                     r["masks"] = paste_masks(r["masks"][:, 0], r["boxes"], int(h), int(w))
         return out
 

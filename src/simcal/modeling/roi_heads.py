@@ -227,13 +227,18 @@ class LongTailRoIHeads(RoIHeads):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
         return_roi_index: bool = False,
+        min_scores: Tensor | None = None,
     ) -> tuple[list[Tensor], ...]:
-        """Per image: threshold, remove tiny boxes, class-wise NMS, keep the top detections.
+        """Per image: threshold, remove tiny boxes, class-wise NMS, keep the top detections
+        (``detections_per_img`` of them; every survivor when it is 0 or less).
 
         Args:
             scores: ``(R, C+1)``, column 0 background (never a detection).
             box_regression: ``(R, 4 * (C+1))`` or ``(R, 4)`` (class-agnostic).
             return_roi_index: also return, per detection, the index of its RoI in the image.
+            min_scores: ``(C+1,)``: candidates of class c scoring below ``min_scores[c]`` are dropped
+                before NMS (the running per-class threshold of ``predict --topk-per-class``; exact,
+                since whether a box survives NMS depends only on higher-scoring boxes of its class).
 
         Returns:
             boxes ``[(N_i, 4)]`` xyxy in the resized image, scores ``[(N_i,)]``, labels ``[(N_i,)]``
@@ -249,7 +254,10 @@ class LongTailRoIHeads(RoIHeads):
             index = torch.arange(sc.shape[0], device=sc.device).view(-1, 1).expand_as(sc)
             boxes, sc = boxes[:, 1:].reshape(-1, 4), sc[:, 1:].reshape(-1)
             labels, index = labels[:, 1:].reshape(-1), index[:, 1:].reshape(-1)
-            keep = torch.where(sc > self.score_thresh)[0]
+            above = sc > self.score_thresh
+            if min_scores is not None:
+                above &= sc >= min_scores.to(sc.device)[labels]
+            keep = torch.where(above)[0]
             keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
             keep = keep[top_batched_nms(boxes[keep], sc[keep], labels[keep], self.nms_thresh, self.detections_per_img)]
             out_boxes.append(boxes[keep])
@@ -260,29 +268,42 @@ class LongTailRoIHeads(RoIHeads):
             return out_boxes, out_scores, out_labels, out_index
         return out_boxes, out_scores, out_labels
 
-    def _detections(self, scores: Tensor, batch: RoIBatch) -> list[dict[str, Tensor]]:
+    def _detections(self, scores: Tensor, batch: RoIBatch, min_scores: Tensor | None = None) -> list[dict[str, Tensor]]:
         """Per image ``{"boxes", "scores", "labels", "roi"}`` after class-wise NMS of ``scores (R, C+1)``."""
         boxes, sc, labels, index = self.postprocess_detections(
-            scores, batch.deltas, batch.proposals, batch.image_shapes, return_roi_index=True
+            scores, batch.deltas, batch.proposals, batch.image_shapes, return_roi_index=True, min_scores=min_scores
         )
         return [{"boxes": b, "scores": s, "labels": lab, "roi": i} for b, s, lab, i in zip(boxes, sc, labels, index)]
 
     def mask_inference(
         self, features: dict[str, Tensor], result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]]
     ) -> None:
-        """Add ``masks`` ``(N_i, 1, 28, 28)`` probabilities to each detection dict, in place."""
+        """Add ``masks`` ``(N_i, 1, 28, 28)`` probabilities to each detection dict, in place.
+
+        The mask head runs on at most :data:`MASK_CHUNK` detections at a time (its activations are
+        ``fpn_channels x 14 x 14`` floats per detection; with no per-image cap a batch may hold
+        tens of thousands of detections)."""
         boxes = [r["boxes"] for r in result]
-        if sum(b.shape[0] for b in boxes) == 0:
-            for r in result:
-                r["masks"] = torch.zeros((0, 1, 28, 28), device=r["boxes"].device)
-            return
-        x = self.mask_roi_pool(features, boxes, image_shapes)
-        logits = self.mask_predictor(self.mask_head(x))
         labels = [r["labels"] for r in result]
         if self.class_agnostic:
             labels = [torch.zeros_like(lab) for lab in labels]
-        for r, m in zip(result, maskrcnn_inference(logits, labels)):
-            r["masks"] = m
+        counts = [b.shape[0] for b in boxes]
+        total = sum(counts)
+        if total == 0:
+            for r in result:
+                r["masks"] = torch.zeros((0, 1, 28, 28), device=r["boxes"].device)
+            return
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        parts: list[list[Tensor]] = [[] for _ in result]
+        for s in range(0, total, MASK_CHUNK):
+            e = min(s + MASK_CHUNK, total)
+            cut = [(min(max(s - o, 0), n), min(max(e - o, 0), n)) for o, n in zip(starts, counts)]
+            x = self.mask_roi_pool(features, [b[a:z] for b, (a, z) in zip(boxes, cut)], image_shapes)
+            logits = self.mask_predictor(self.mask_head(x))
+            for i, m in enumerate(maskrcnn_inference(logits, [lab[a:z] for lab, (a, z) in zip(labels, cut)])):
+                parts[i].append(m)
+        for r, p in zip(result, parts):
+            r["masks"] = p[0] if len(p) == 1 else torch.cat(p)
 
     def _shared_masks(
         self, features: dict[str, Tensor], out: dict[str, list[dict[str, Tensor]]], image_shapes: list
@@ -320,6 +341,8 @@ class LongTailRoIHeads(RoIHeads):
         scorers: Mapping[str, Scorer],
         targets: list[dict[str, Tensor]] | None = None,
         with_masks: bool = True,
+        min_scores: Mapping[str, Tensor] | None = None,
+        per_class: int = 0,
     ) -> dict[str, list[dict[str, Tensor]]]:
         """Detections of every scorer from one pass of the shared RoI features.
 
@@ -328,6 +351,10 @@ class LongTailRoIHeads(RoIHeads):
                 detections are merged by class-wise NMS).
             targets: per image ground truth in the resized frame (only scorers that read it).
             with_masks: run the mask head (once per distinct RoI and class over all scorers).
+            min_scores: name -> ``(C+1,)`` per-class minimum score of that scorer's candidates
+                (see :meth:`postprocess_detections`).
+            per_class: when positive, only each class's ``per_class`` best detections over the
+                batch's images are kept, before masks (:func:`best_per_class`).
 
         Returns:
             ``{name: [per image {"boxes" (N, 4) xyxy resized frame, "scores" (N,), "labels" (N,),
@@ -339,8 +366,9 @@ class LongTailRoIHeads(RoIHeads):
         out: dict[str, list[dict[str, Tensor]]] = {}
         for name, scorer in scorers.items():
             scores = scorer(batch)
+            floor = None if min_scores is None else min_scores.get(name)
             if isinstance(scores, tuple):  # several score sets: NMS each, then merge their detections
-                sets = [self._detections(s, batch) for s in scores]
+                sets = [self._detections(s, batch, floor) for s in scores]
                 merged = sets[0]
                 for other in sets[1:]:
                     merged = [
@@ -349,7 +377,9 @@ class LongTailRoIHeads(RoIHeads):
                     ]
                 out[name] = merged
             else:
-                out[name] = self._detections(scores, batch)
+                out[name] = self._detections(scores, batch, floor)
+            if per_class > 0:
+                out[name] = best_per_class(out[name], per_class)
         if with_masks and self.has_mask():
             self._shared_masks(features, out, image_shapes)
         return out
@@ -392,6 +422,39 @@ class LongTailRoIHeads(RoIHeads):
         return [], losses
 
 
+#: detections the mask head runs on at a time (:meth:`LongTailRoIHeads.mask_inference`)
+MASK_CHUNK = 2048
+
+
+def best_per_class(dets: list[dict[str, Tensor]], k: int) -> list[dict[str, Tensor]]:
+    """Each class's ``k`` best detections over several images (ties: the earlier image first);
+    every per-detection tensor of a kept detection is kept, in its image's order.
+
+    Args:
+        dets: per image ``{"scores" (N_i,), "labels" (N_i,), ...}``.
+    """
+    if not dets:
+        return dets
+    scores = torch.cat([d["scores"] for d in dets])
+    labels = torch.cat([d["labels"] for d in dets])
+    if scores.numel() <= k:
+        return dets
+    pos = torch.arange(scores.numel(), device=scores.device)
+    order = pos[torch.argsort(-scores, stable=True)]
+    order = order[torch.argsort(labels[order], stable=True)]  # by class, then score, then position
+    sorted_labels = labels[order]
+    first = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[order[pos - first < k]] = True
+    out, start = [], 0
+    for d in dets:
+        n = d["scores"].numel()
+        mask = keep[start : start + n]
+        start += n
+        out.append({key: v[mask] if torch.is_tensor(v) and v.shape[:1] == (n,) else v for key, v in d.items()})
+    return out
+
+
 def top_batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, k: int) -> Tensor:
     """``batched_nms(boxes, scores, labels, iou_threshold)[:k]``, computed on the best candidates only.
 
@@ -406,8 +469,11 @@ def top_batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold
         boxes: ``(N, 4)``; scores, labels: ``(N,)``.
 
     Returns:
-        indices into ``boxes`` ``(min(k, survivors),)``, by decreasing score.
+        indices into ``boxes`` ``(min(k, survivors),)``, by decreasing score (every survivor when
+        ``k`` is 0 or less).
     """
+    if k <= 0:
+        return box_ops.batched_nms(boxes, scores, labels, iou_threshold)
     n = scores.numel()
     m = 4 * k
     while m < n:
