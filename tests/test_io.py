@@ -85,10 +85,11 @@ def test_prediction_folder_names_round_trip_through_parse_split(tmp_path):
         assert parse_split(name) == split, name
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
-def test_iter_json_list_streams_any_layout_and_fails_as_read_json(tmp_path, chunk):
-    """Items across chunk boundaries, one per line or all on one line, numbers cut at a chunk's
-    end; a malformed file gets read_json's own error; valid JSON that is not a list is refused."""
+@pytest.mark.parametrize("chunk,block", [(1, 1), (7, 3), (1 << 22, 20000)])
+def test_iter_json_list_streams_any_layout_and_fails_as_read_json(tmp_path, chunk, block):
+    """Items across chunk and block boundaries, one per line, pretty-printed or all on one line,
+    numbers cut at a chunk's end; a malformed file gets read_json's own error, also when the
+    first blocks were fine; valid JSON that is not a list is refused."""
     from simcal.io import iter_json_list, read_json
 
     items = [{"a": [1.5, -2e-3], "s": "x]y,z"}, 12345, [], {}, "q", 0.25, None, True]
@@ -108,4 +109,4 @@ def test_iter_json_list_streams_any_layout_and_fails_as_read_json(tmp_path, chun
         assert str(streamed.value) == str(whole.value)
     path.write_text('{"images": []}')
     with pytest.raises(InputError, match=r"\(top level\): results must be a list of detections, got dict"):
-        list(iter_json_list(path, "results must be a list of detections", chunk=chunk))
+        list(iter_json_list(path, "results must be a list of detections", chunk=chunk, block=block))

@@ -183,27 +183,58 @@ def _stream_list(f: IO[str], chunk: int) -> Iterator[Any]:
         raise _NotAList
 
 
-def iter_json_list(
-    path: str | os.PathLike[str], not_a_list: str = "expected a JSON list", chunk: int = 1 << 22
-) -> Iterator[Any]:
-    """The items of a JSON file holding one list, parsed a chunk at a time: memory holds one
-    chunk and one item, never the whole list (a results file of millions of detections).
+def _line_list(f: IO[str], block: int) -> Iterator[Any]:
+    """A list written one item per line (``[``, ``item,`` lines, ``]``: what ``simcal predict``
+    writes), parsed ``block`` lines at a time by the C decoder; :class:`_NotAList` otherwise."""
+    if f.readline().strip() != "[":
+        raise _NotAList
+    lines: list[str] = []
+    for line in f:
+        item = line.strip()
+        if item == "]":
+            break
+        lines.append(item[:-1] if item.endswith(",") else item)
+        if len(lines) == block:
+            try:
+                yield from json.loads("[" + ",".join(lines) + "]")
+            except json.JSONDecodeError:
+                raise _NotAList from None
+            lines = []
+    else:
+        raise _NotAList  # no closing bracket
+    if f.read().strip():
+        raise _NotAList
+    try:
+        yield from json.loads("[" + ",".join(lines) + "]")
+    except json.JSONDecodeError:
+        raise _NotAList from None
 
-    A malformed file gets :func:`read_json`'s error (the same line and column); valid JSON that is
-    not a list is ``FILE: (top level): <not_a_list>, got <type>``.
+
+def iter_json_list(
+    path: str | os.PathLike[str], not_a_list: str = "expected a JSON list", chunk: int = 1 << 22, block: int = 20000
+) -> Iterator[Any]:
+    """The items of a JSON file holding one list, parsed a part at a time: memory holds one part,
+    never the whole list (a results file of millions of detections).
+
+    A list written one item per line is parsed ``block`` lines at a time by the C decoder; any
+    other layout ``chunk`` characters at a time, an item at a time. A malformed file gets
+    :func:`read_json`'s error (the same line and column); valid JSON that is not a list is
+    ``FILE: (top level): <not_a_list>, got <type>``.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "(file)", "no such file")
     yielded = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for item in _stream_list(f, chunk):
-                yield item
-                yielded += 1
-        return
-    except (_NotAList, UnicodeDecodeError):
-        pass
+    for parse, size in ((_line_list, block), (_stream_list, chunk)):
+        try:
+            with open(path, encoding="utf-8") as f:
+                for i, item in enumerate(parse(f, size)):
+                    if i >= yielded:  # a second parser goes on where the first one stopped
+                        yield item
+                        yielded += 1
+            return
+        except (_NotAList, UnicodeDecodeError):
+            pass
     whole = read_json(path)  # raises the exact error of a malformed file
     if not isinstance(whole, list):
         raise InputError(path, "(top level)", f"{not_a_list}, got {type(whole).__name__}")

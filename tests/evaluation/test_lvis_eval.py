@@ -262,6 +262,11 @@ def test_a_bad_detection_in_a_streamed_bbox_file_is_named_as_before(lt_gt, tmp_p
         {**good, "score": "high", "bbox": [1, 2, 3, 4]},
         {**good},
         [1, 2],
+        {**good, "score": True, "bbox": [1, 2, 3, 4]},
+        {**good, "score": float("nan"), "bbox": [1, 2, 3, 4]},
+        {**good, "bbox": [1, 2, 3, 4, 5]},
+        {**good, "bbox": [1, 2, 3, None]},
+        {**good, "category_id": "1", "bbox": [1, 2, 3, 4]},
     ):
         path = tmp_path / "res.json"
         path.write_text(json.dumps([{**good, "bbox": [0, 0, 1, 1]}] * 3 + [bad]))
@@ -270,3 +275,8 @@ def test_a_bad_detection_in_a_streamed_bbox_file_is_named_as_before(lt_gt, tmp_p
         with pytest.raises(InputError) as whole:
             load_results(path, lt_gt, "bbox")
         assert str(streamed.value) == str(whole.value) and "[3]" in str(whole.value)
+    # what the checks let through in another type (an image id 1.0 is the image 1) reads as well
+    odd = {**good, "image_id": float(good["image_id"]), "bbox": (1, 2, 3, 4.5)}
+    path.write_text(json.dumps([{**good, "bbox": [0, 0, 1, 1]}, odd]))
+    rows = load_box_results(path, lt_gt).array
+    assert rows[1].tolist() == [good["image_id"], 1, 2, 3, 4.5, 0.5, good["category_id"]]

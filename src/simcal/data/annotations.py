@@ -7,8 +7,11 @@ evaluation or training loop. Validation is done once, here; the rest of simcal t
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +276,54 @@ class BoxResults:
         return cls(np.array(rows, dtype=np.float64).reshape(-1, 7))
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while ~10^6 small dicts are made: it would walk every live
+    object each time (2.2 s instead of 0.2 s for 600k detections); nothing made here is cyclic."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _box_rows(
+    items: list[Any], start: int, src: str, image_ids: set[int], cat_ids: set[int], valid: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """``(n, 7)`` rows of detections ``start .. start + n - 1``, validated. Detections of the usual
+    types are checked as whole columns; anything else, detection by detection with
+    :func:`validate_results`' checks, which raise on the first bad one with its message."""
+    n = len(items)
+    try:
+        if {type(d) for d in items} <= {dict}:
+            img, cat = [d["image_id"] for d in items], [d["category_id"] for d in items]
+            score, box = [d["score"] for d in items], [d["bbox"] for d in items]
+            if (
+                {type(v) for v in img} | {type(v) for v in cat} <= {int}
+                and {type(v) for v in score} <= {int, float}
+                and {type(b) for b in box} <= {list, tuple}
+                and {len(b) for b in box} <= {4}
+                and {type(v) for b in box for v in b} <= {int, float}
+            ):
+                rows = np.empty((n, 7), dtype=np.float64)
+                rows[:, 0], rows[:, 6], rows[:, 5] = img, cat, score
+                rows[:, 1:5] = np.array(box, dtype=np.float64).reshape(n, 4)
+                if (
+                    np.isfinite(rows[:, 1:6]).all()
+                    and (rows[:, 3:5] >= 0).all()
+                    and np.isin(rows[:, 0], valid[0]).all()
+                    and np.isin(rows[:, 6], valid[1]).all()
+                ):
+                    return rows
+    except (KeyError, OverflowError, ValueError):
+        pass
+    for j, det in enumerate(items):
+        _check_detection(src, start + j, det, image_ids, cat_ids, "bbox")
+    return np.array([(d["image_id"], *d["bbox"], d["score"], d["category_id"]) for d in items], dtype=np.float64)
+
+
 def load_box_results(path: str | os.PathLike[str], dataset: dict[str, Any], block: int = 65536) -> BoxResults:
     """Read and validate a results json for ``--iou bbox`` as :class:`BoxResults`, streaming it
     (:func:`simcal.io.iter_json_list`): memory holds the columns and one block of detections, never
@@ -280,20 +331,22 @@ def load_box_results(path: str | os.PathLike[str], dataset: dict[str, Any], bloc
     src = str(path)
     image_ids = {img["id"] for img in dataset["images"]}
     cat_ids = {cat["id"] for cat in dataset["categories"]}
-    blocks, rows = [], []
-    for i, det in enumerate(iter_json_list(path, "results must be a list of detections")):
-        _check_detection(src, i, det, image_ids, cat_ids, "bbox")
-        rows.append((det["image_id"], *det["bbox"], det["score"], det["category_id"]))
-        if len(rows) == block:
-            blocks.append(np.array(rows, dtype=np.float64))
-            rows = []
-    blocks.append(np.array(rows, dtype=np.float64).reshape(-1, 7))
+    valid = (np.array(sorted(image_ids), dtype=np.float64), np.array(sorted(cat_ids), dtype=np.float64))
+    blocks, items, start = [], [], 0
+    with collector_paused():
+        for det in iter_json_list(path, "results must be a list of detections"):
+            items.append(det)
+            if len(items) == block:
+                blocks.append(_box_rows(items, start, src, image_ids, cat_ids, valid))
+                start, items = start + len(items), []
+        blocks.append(_box_rows(items, start, src, image_ids, cat_ids, valid).reshape(-1, 7))
     return BoxResults(np.concatenate(blocks) if len(blocks) > 1 else blocks[0])
 
 
 def load_results(path: str | os.PathLike[str], dataset: dict[str, Any], iou_type: str) -> list[dict[str, Any]]:
     """Read and validate a results json (see :func:`validate_results`)."""
-    return validate_results(read_json(path), dataset, iou_type, path)
+    with collector_paused():
+        return validate_results(read_json(path), dataset, iou_type, path)
 
 
 def first_images(gt: dict[str, Any], n: int | None) -> dict[str, Any]:

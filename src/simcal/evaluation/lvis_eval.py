@@ -22,11 +22,9 @@ and category, no federated filtering) and still reports APr/APc/APf and the bins
 
 from __future__ import annotations
 
-import gc
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,7 +32,7 @@ import hotcoco
 import numpy as np
 
 from simcal.choices import FIXED_DETS_PER_CLASS, PROTOCOLS
-from simcal.data.annotations import BoxResults, is_lvis
+from simcal.data.annotations import BoxResults, collector_paused, is_lvis
 from simcal.data.stats import BIN_PRESETS, CategoryStat, bin_labels, category_stats, stats_from_fields
 from simcal.errors import InputError
 
@@ -152,19 +150,6 @@ def _for_engine(results: Results, iou_type: str) -> list[dict[str, Any]] | np.nd
     if all(len(det) == 4 and keys[3] in det for det in results):
         return results  # nothing to leave out (the engine copies what it reads)
     return [{k: det[k] for k in keys} for det in results]
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cycle collector off while ~10^6 small dicts are made: it would walk every live
-    object each time (2.2 s instead of 0.2 s for 600k detections); nothing made here is cyclic."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _gt_for_engine(gt: dict[str, Any], stats: list[CategoryStat]) -> dict[str, Any]:
@@ -299,7 +284,7 @@ def evaluate_protocols(
         if not run:
             continue
         max_dets = per_image_cap(run[0], lvis_rules)
-        with _collector_paused():
+        with collector_paused():
             ev, kept = engine_eval(
                 gt, results, iou_type, stats, lvis_rules=lvis_rules, protocol=run[0], dets_per_class=dets_per_class
             )
@@ -334,7 +319,7 @@ def engine_eval(
         lvis_rules = is_lvis(gt)
     fixed = protocol != "lvis"
     max_dets = per_image_cap(protocol, lvis_rules)
-    with _collector_paused():
+    with collector_paused():
         coco_gt = hotcoco.COCO(_gt_for_engine(gt, stats))
         given = cap_per_class(results, dets_per_class) if fixed else results
         dets = _for_engine(given, iou_type)
