@@ -6,12 +6,19 @@ negatives and not-exhaustive classes), bbox and segm, each in its own process so
 measured separately; then the same data as a plain COCO json (COCO rules, pycocotools as the
 official reference). Prints a table: seconds, the speed-up over the official API, peak RSS, and
 the largest metric difference from the official API over AP AP50 AP75 APs APm APl (APr APc APf
-under LVIS rules). ``simcal`` includes validating both files.
+under LVIS rules). ``simcal`` is timed from the results file (reading and validating it
+included); the other engines from the parsed json.
 
     python benchmarks/eval_speed.py [--images 2000 --categories 1000 --fp-per-image 290]
 
 The official LVIS API (lvis 0.5.3) needs numpy < 2; it is patched (np.float = float) in its
 worker process only. Goal: identical numbers, and the evaluation an order of magnitude faster.
+
+``--scale lvis_v1``: memory at LVIS v1 val size (19,809 images, 1,203 categories, about 300 box
+detections per image: 5.9 M), under LVIS's per-image cap and AP-fixed's 10,000 per class, for
+``simcal evaluate --iou bbox`` (the results file streamed into columns) against the same
+evaluation of the file read as Python dicts (``simcal-dicts``, what it did before). Goal: peak
+under 4 GB including reading the file, and every metric identical between the two.
 """
 
 from __future__ import annotations
@@ -38,27 +45,42 @@ def _strip_lvis(gt: dict) -> dict:
     return {"images": images, "annotations": gt["annotations"], "categories": cats}
 
 
-def worker(engine: str, gt_path: str, res_path: str, iou: str) -> None:
+def worker(engine: str, gt_path: str, res_path: str, iou: str, protocol: str = "lvis") -> None:
     """Evaluate in this process; print one json line with seconds, peak RSS (MiB) and metrics.
 
-    Engines: ``simcal`` (``simcal evaluate``'s code path, validation included), ``hotcoco``
-    (hotcoco's LVISeval alone), ``official`` (lvis 0.5.3); with a ``-coco`` suffix the data is
-    given as a plain COCO json and ``official-coco`` is pycocotools.
+    Engines: ``simcal`` (``simcal evaluate``'s code path, timed from the results file: read and
+    validated, as columns for bbox), ``simcal-dicts`` (the same evaluation of the whole file read
+    as dicts, reading included), ``hotcoco`` (hotcoco's LVISeval alone) and ``official`` (lvis
+    0.5.3), timed from parsed dicts; with a ``-coco`` suffix the data is given as a plain COCO json
+    and ``official-coco`` is pycocotools. ``protocol``: simcal's only.
     """
-    with open(gt_path) as f:
-        gt = json.load(f)
-    with open(res_path) as f:
-        results = json.load(f)
     coco_rules = engine.endswith("-coco")
     engine = engine.removesuffix("-coco")
+    keys = KEYS if not coco_rules else KEYS[:6]
+    if engine == "simcal":  # the command's path: the results file read and validated by simcal
+        from simcal import api
+
+        gt_for = _strip_lvis(json.loads(Path(gt_path).read_text())) if coco_rules else gt_path
+        t0 = time.perf_counter()  # plain COCO: the bins' counts from the LVIS version of the file
+        r = api.evaluate(gt_for, res_path, iou=iou, protocol=protocol, train=gt_path if coco_rules else None)
+        seconds = time.perf_counter() - t0
+        metrics = {k: (-1.0 if r.metrics[k] is None else r.metrics[k]) for k in keys}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"seconds": seconds, "peak_mib": peak, "metrics": metrics}))
+        return
+    with open(gt_path) as f:
+        gt = json.load(f)
+    t0 = time.perf_counter()
+    with open(res_path) as f:
+        results = json.load(f)
     if coco_rules:
         gt = _strip_lvis(gt)
     drop = "bbox" if iou == "segm" else "segmentation"
     for d in results:  # every engine gets the results in their correct form for this iou type
         d.pop(drop, None)
-    t0 = time.perf_counter()
-    keys = KEYS if not coco_rules else KEYS[:6]
-    if engine == "simcal":
+    if engine != "simcal-dicts":
+        t0 = time.perf_counter()  # the other engines' times leave reading the file out, as before
+    if engine == "simcal-dicts":
         from simcal.data.annotations import validate_dataset, validate_results
         from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
 
@@ -66,7 +88,7 @@ def worker(engine: str, gt_path: str, res_path: str, iou: str) -> None:
         validate_results(results, gt, iou, res_path)
         # plain COCO: the counts (only the bins depend on them) from the LVIS version of the file
         train = validate_dataset(json.loads(Path(gt_path).read_text()), gt_path) if coco_rules else None
-        r = evaluate(gt, results, iou, resolve_category_stats(gt, gt_path, train, gt_path))
+        r = evaluate(gt, results, iou, resolve_category_stats(gt, gt_path, train, gt_path), protocol=protocol)
         metrics = {k: (-1.0 if r.metrics[k] is None else r.metrics[k]) for k in keys}
     elif engine == "hotcoco":
         import contextlib
@@ -120,8 +142,8 @@ def worker(engine: str, gt_path: str, res_path: str, iou: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_mib": peak, "metrics": metrics}))
 
 
-def run_worker(engine: str, gt: Path, res: Path, iou: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, str(gt), str(res), iou]
+def run_worker(engine: str, gt: Path, res: Path, iou: str, protocol: str = "lvis") -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, str(gt), str(res), iou, protocol]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{engine} {iou} failed:\n{p.stderr[-3000:]}")
@@ -138,10 +160,14 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["simcal", "hotcoco", "official"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the table as json here")
-    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--scale", choices=["small", "lvis_v1"], default="small", help="lvis_v1: the memory run")
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(*args.worker)
+        return
+    if args.scale == "lvis_v1":
+        lvis_v1_memory(args)
         return
 
     from simcal.evaluation.perturb import perturb_ground_truth, random_lvis_gt
@@ -191,6 +217,63 @@ def main() -> None:
             f"| {r['rules']} | {r['iou']} | {names[r['engine']]} | {r['seconds']:.1f} | "
             f"{r['speedup_vs_official']:.1f}x | {r['peak_mib']:.0f} | {r['max_metric_diff_vs_official']:.1e} | "
             f"{100 * r['AP']:.1f} |"
+        )
+    if args.out:
+        from simcal.io import write_json
+
+        write_json(args.out, rows, indent=1)
+
+
+def lvis_v1_memory(args: argparse.Namespace) -> None:
+    """The ``--scale lvis_v1`` run: data of LVIS v1 val's size, box results written one detection
+    per line (as ``simcal predict`` writes them), ``simcal`` against ``simcal-dicts``."""
+    import numpy as np
+
+    from simcal.evaluation.perturb import perturb_ground_truth, random_lvis_gt
+
+    images, categories, per_image = 19809, 1203, 300
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        gt = random_lvis_gt(images, categories, seed=args.seed)
+        gt_path, res_path = Path(tmp, "gt.json"), Path(tmp, "res.json")
+        gt_path.write_text(json.dumps(gt))
+        objects = np.bincount([a["image_id"] for a in gt["annotations"]], minlength=images + 1)
+        total = 0
+        with open(res_path, "w") as f:
+            f.write("[")
+            step = 1000
+            for s in range(0, images, step):  # a slice of images at a time: the parent stays small
+                part = gt["images"][s : s + step]
+                ids = {im["id"] for im in part}
+                sub = {**gt, "images": part, "annotations": [a for a in gt["annotations"] if a["image_id"] in ids]}
+                fp = max(0, per_image - int(np.median(objects[list(ids)])))
+                dets = perturb_ground_truth(sub, seed=args.seed + 1 + s, false_positives=fp, iou_type="bbox")
+                f.write(("\n" if total == 0 else ",\n") + ",\n".join(json.dumps(d) for d in dets))
+                total += len(dets)
+            f.write("\n]\n")
+        del gt
+        size = res_path.stat().st_size / 2**20
+        print(
+            f"data: {images} images, {categories} categories, {total} box detections "
+            f"({res_path.name} {size:.0f} MiB), made in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        rows = []
+        for protocol in ("lvis", "fixed"):
+            runs = {e: run_worker(e, gt_path, res_path, "bbox", protocol) for e in ("simcal", "simcal-dicts")}
+            ref = runs["simcal-dicts"]
+            for engine, r in runs.items():
+                diff = max(abs(r["metrics"][k] - ref["metrics"][k]) for k in r["metrics"])
+                rows.append({"protocol": protocol, "engine": engine, **r, "max_diff_vs_dicts": diff})
+                print(f"  {protocol} {engine}: {r['seconds']:.1f} s, {r['peak_mib']:.0f} MiB", flush=True)
+    print()
+    print("| protocol | reads the results as | s (read + evaluate) | peak MiB | max abs metric diff | AP |")
+    print("|---|---|---:|---:|---:|---:|")
+    names = {"simcal": "columns, streamed (`simcal evaluate`)", "simcal-dicts": "Python dicts (json.load)"}
+    for r in rows:
+        print(
+            f"| {r['protocol']} | {names[r['engine']]} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | "
+            f"{r['max_diff_vs_dicts']:.1e} | {100 * r['metrics']['AP']:.1f} |"
         )
     if args.out:
         from simcal.io import write_json

@@ -40,7 +40,7 @@ def test_demo_tiny_budget_table_report_and_resume(tiny_budget, tmp_path, capsys)
     assert main(["demo", "--budget", "quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     md = (out / "demo_results.md").read_text()
-    main_md, without_md, compare_md, errors_md = md.split("### ")[1:]
+    main_md, without_md, protocols_md, compare_md, errors_md = md.split("### ")[1:]
     table = [line for line in main_md.splitlines() if line.startswith("|")]
     assert table[0] == "| head | AP on | AP1 | AP2 | AP3 | AP4 | APr | APc | APf | AP |"
     heads = ["original", "calibrated only", "dual head (SimCal)"]
@@ -70,13 +70,30 @@ def test_demo_tiny_budget_table_report_and_resume(tiny_budget, tmp_path, capsys)
     assert "Errors and score calibration" in page and "is the gain more than noise?" in page
     assert (out / "run" / "analysis" / "sweep_T.json").exists()
     assert (out / "run" / "analysis" / "dynamics.json").exists()
+    # AP, AP-fixed and AP-pool: LVIS's 10,000 per class over 19,809 val images scaled to 20 images
+    assert demo.topk_per_class(20) == 11 and demo.topk_per_class(19809) == 10000
+    assert protocols_md.startswith("AP, AP-fixed and AP-pool (11 detections per class over 20 val images")
+    rows = [line.split("|")[1:3] for line in protocols_md.splitlines() if line.startswith("| ")][1:]
+    protocols = ["AP (per-image cap)", "AP-fixed", "AP-pool"]
+    assert [(a.strip(), b.strip()) for a, b in rows] == [(h, p) for h in heads for p in protocols]
+    topk = out / "run" / "predictions" / "val-topk11"
+    for head in ("orig", "cal", "dual"):
+        kept = json.loads((topk / head / "results.json").read_text())
+        per_class = {}
+        for d in kept:
+            per_class[d["category_id"]] = per_class.get(d["category_id"], 0) + 1
+        assert max(per_class.values()) == 11
+        fixed = json.loads((topk / head / "metrics_bbox_fixed.json").read_text())
+        row = next(r for r in summary["protocols"]["rows"] if r[:2] == [demo.HEAD_NAMES[head], "AP-fixed"])
+        assert row[5] == f"{100 * fixed['AP']:.1f}"  # box AP column of the AP-fixed row
+    assert "AP-fixed and AP-pool (AP in %, 11 detections per class over val)" in page
 
     # a second run finds every stage done, trains and predicts nothing, and prints the same table
     weights = (out / "run" / "model_final.pth").stat().st_mtime_ns
     results = (out / "run" / "predictions" / "val" / "dual" / "results.json").stat().st_mtime_ns
     assert main(["demo", "--budget", "quick", "--out", str(out), "--no-progress"]) == 0
     again = capsys.readouterr().out
-    assert again.count("(exists)") == 6  # data, train, calibrate, predict, T sweep, dynamics
+    assert again.count("(exists)") == 7  # data, train, calibrate, predict, predict top-k, T sweep, dynamics
     assert (out / "run" / "model_final.pth").stat().st_mtime_ns == weights
     assert (out / "run" / "predictions" / "val" / "dual" / "results.json").stat().st_mtime_ns == results
     assert "\n".join(table) in again

@@ -65,6 +65,16 @@ BASELINES = (
     ("IS (repeat-factor sampling)", ["calibration.sampler=repeat_factor"]),
 )
 SNAPSHOTS = 4  # calibration snapshots for the dynamics plot
+#: AP-fixed's budget: LVIS v1 keeps 10,000 detections per class over its 19,809 val images; the demo
+#: keeps the same number per val image (``topk_per_class``)
+LVIS_V1_VAL_IMAGES = 19809
+
+
+def topk_per_class(val_images: int) -> int:
+    """AP-fixed's per-class budget scaled from LVIS v1 val to ``val_images`` images (at least 1)."""
+    from simcal.choices import FIXED_DETS_PER_CLASS
+
+    return max(1, -(-FIXED_DETS_PER_CLASS * val_images // LVIS_V1_VAL_IMAGES))
 
 
 def _fmt(v: float | None) -> str:
@@ -203,6 +213,34 @@ def _predict(run: Path, baselines: dict[str, str], tag: str, progress: bool) -> 
     return {t: {iou: read_json(pred.head(t).metrics(iou)) for iou in ("bbox", "segm")} for t in tags}
 
 
+def _predict_topk(run: Path, tag: str, progress: bool) -> list[list[str]]:
+    """orig / cal / dual with AP-fixed's inference (per-class top-k over val); the rows of the
+    AP / AP-fixed / AP-pool table."""
+    from simcal.data.annotations import load_dataset
+    from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
+    from simcal.report.html import protocol_rows
+    from simcal.run import DEFAULT_CALIBRATION
+
+    r = Run(run)
+    cfg = r.load_config()
+    k = topk_per_class(len(load_dataset(cfg.data.val_json)["images"]))
+    pred = r.predictions("val")
+    inference = cfg.inference
+    specs = [HeadSpec("orig"), HeadSpec("cal"), HeadSpec("dual", inference.combine, inference.T)]
+    tags = [s.tag for s in specs]
+    topk = pred.topk(k)
+    if all(topk.head(t).metrics(iou, "pool").exists() for t in tags for iou in ("bbox", "segm")):
+        print(f"[{tag} predict] {topk.root} (exists)")
+    else:
+        print(f"[{tag} predict] simcal predict --head orig,cal,dual --topk-per-class {k} (AP-fixed, AP-pool)")
+        model, label_map, cfg = load_model(run)
+        cal_heads = {"": load_calibrated_head(run, DEFAULT_CALIBRATION, model)}
+        predict_split(
+            model, label_map, cfg, specs, cal_heads, "val", pred, topk_per_class=k, progress=progress, verbose=False
+        )
+    return protocol_rows(pred, topk, tags, HEAD_NAMES)
+
+
 def _analyses(run: Path, tag: str, max_images: int | None, progress: bool) -> None:
     from simcal.engine.analyze import analyze_dynamics, analyze_sweep_T
 
@@ -296,6 +334,9 @@ def run_demo(
         per_seed.append({h: {iou: {key: m[iou][key] for key in TABLE_KEYS} for iou in m} for h, m in metrics.items()})
         if k == 0:
             t = time.perf_counter()
+            protocols = _predict_topk(run, tag, progress)
+            times["predict top-k"] = time.perf_counter() - t
+            t = time.perf_counter()
             _analyses(run, tag, spec.get("analysis_images"), progress)
             errors, compared = _diagnostics(run, tag)
             times["analyze"] = time.perf_counter() - t
@@ -325,8 +366,16 @@ def run_demo(
     # the report's own table is this run's (seed ``seed``); add the aggregates and the baselines
     extra = "".join(f"<h2>{html.escape(title)}</h2>{html_table(HEADER, r)}" for title, r in texts[(0 if agg else 1) :])
     from simcal.evaluation.diagnostics import ERROR_TYPES, comparison_rows
+    from simcal.report.html import protocol_header
 
+    val_images = len(json.loads((data / "val.json").read_text())["images"])
     diag = [
+        (
+            f"AP, AP-fixed and AP-pool ({topk_per_class(val_images)} detections per class over "
+            f"{val_images} val images: LVIS v1's 10,000 over 19,809 scaled), seed {seed}",
+            protocol_header(),
+            protocols,
+        ),
         (
             f"dual - orig, box AP, seed {seed}: {100 * compared['confidence']:g}% bootstrap intervals over "
             f"{compared['num_images']} val images",
@@ -358,6 +407,7 @@ def run_demo(
         "per_seed": per_seed,
         "without_dets_on_tail_objects": confusion,
         "dual_minus_orig": compared["metrics"],
+        "protocols": {"header": protocol_header(), "rows": protocols},
         "errors": {h: {"tide": e["tide"], "ece": e["calibration"]["ece"]} for h, e in errors["heads"].items()},
         **({"mean": agg["mean"], "std": agg["std"]} if agg else {}),
         "report": str(report),

@@ -121,6 +121,33 @@ def not_comparable(metrics: dict[str, dict[str, dict[str, Any]]]) -> str:
     return f"the heads were evaluated on different images ({parts}): compare a row only with rows of the same images"
 
 
+#: the protocols of the AP-fixed / AP-pool table: (protocol, name, predictions)
+PROTOCOL_ROWS = (("lvis", "AP (per-image cap)", "capped"), ("fixed", "AP-fixed", "topk"), ("pool", "AP-pool", "topk"))
+PROTOCOL_KEYS = ("APr", "APc", "APf", "AP")
+
+
+def protocol_rows(
+    capped: PredictionFiles, topk: PredictionFiles, heads: list[str], names: dict[str, str]
+) -> list[list[str]]:
+    """Rows ``[head, protocol, box APr..AP, mask APr..AP]`` (in %) of each head under LVIS's
+    per-image cap (``capped``'s metrics) and AP-fixed / AP-pool (``topk``'s, ``predict
+    --topk-per-class``); a head or protocol without metrics is left out."""
+    rows = []
+    for h in heads:
+        for protocol, name, where in PROTOCOL_ROWS:
+            files = (capped if where == "capped" else topk).head(h)
+            got = [files.metrics(iou, protocol) for iou in IOU_NAMES]
+            if not any(p.exists() for p in got):
+                continue
+            cells = [read_json(p) if p.exists() else {} for p in got]
+            rows.append([names.get(h, h), name, *(_pct(m.get(k)) for m in cells for k in PROTOCOL_KEYS)])
+    return rows
+
+
+def protocol_header() -> list[str]:
+    return ["head", "protocol", *(f"{IOU_NAMES[iou]} {k}" for iou in IOU_NAMES for k in PROTOCOL_KEYS)]
+
+
 def build_report(
     run: str | Path,
     *,
@@ -208,6 +235,24 @@ def build_report(
         + html_table(["head", "AP on", "images", *keys], rows)
         + f"<p class='sub'>Bins on training instances: {html.escape(legend)}. APr/APc/APf: rare/common/frequent.</p>"
     )
+    topks = pred.topks()
+    if topks:
+        k, topk = topks[-1]
+        sections.append(
+            f"<h2>AP-fixed and AP-pool (AP in %, {k} detections per class over {split})</h2>"
+            "<p>AP-fixed (Dave et al. 2021): no per-image cap, each class's best detections over the split. "
+            "AP-pool: AP-fixed's detections, each group's classes pooled as one class, so it rewards scores "
+            "that are comparable across classes (what calibration changes).</p>"
+            + html_table(protocol_header(), protocol_rows(pred, topk, heads, names))
+        )
+    else:
+        sections.append(
+            "<h2>AP-fixed and AP-pool</h2>"
+            + _missing(
+                "per-class top-k predictions",
+                f"simcal predict --run {run} --head {','.join(heads)} --topk-per-class 10000",
+            )
+        )
     if extra_html:
         sections.append(extra_html)
 
