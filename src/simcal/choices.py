@@ -97,6 +97,8 @@ SYNTH_CLASSES = 80
 SYNTH_TRAIN_IMAGES = 3000
 SYNTH_VAL_IMAGES = 600
 SYNTH_SIZE = 128
+#: ``simcal synth --like``: real datasets whose per-class training statistics a synthetic set can follow
+SYNTH_LIKE = ("lvis_v1",)
 
 
 def check_loss_kwargs(loss: str, kwargs: dict[str, object]) -> tuple[str, str] | None:

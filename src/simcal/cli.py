@@ -150,6 +150,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
             size=args.size,
             seed=args.seed,
             mask_format=args.mask_format,
+            like=args.like,
+            val_floor=args.val_floor,
         )
     except ValueError as e:
         raise InputError("simcal synth", "arguments", str(e)) from None
@@ -396,6 +398,12 @@ COMMANDS: tuple[Command, ...] = (
             ),
             opt("--seed", type=_non_negative_int, default=0),
             opt("--mask-format", choices=choices.MASK_FORMATS, default="polygon"),
+            opt(
+                "--like",
+                choices=choices.SYNTH_LIKE,
+                help="lvis_v1: LVIS v1's 1,203 classes and their training counts, scaled to --train-images",
+            ),
+            opt("--val-floor", type=_positive_int, default=20, help="least instances per class in val (default 20)"),
         ),
     ),
     Command(

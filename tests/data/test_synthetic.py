@@ -298,3 +298,64 @@ def test_plan_functions_check_their_arguments():
         plan_val_counts([5, 1, 1], 9)
     with pytest.raises(ValueError, match="val_images"):
         plan_balanced_counts(80, 100)
+
+
+# ---------------------------------------------------------------------------------------------
+# --like lvis_v1
+
+
+def test_like_lvis_v1_counts_keep_lvis_order_groups_and_bins():
+    """The counts follow LVIS v1's: order kept, one-instance classes keep one, every budget met;
+    the classes fall into the scaled bins as LVIS's classes fall into LVIS's bins (exactly at
+    10,000 images, within a few classes where rounding merges counts at 3,000), and the scale is
+    linear (g = 1) from LVIS's own total up."""
+    from simcal.data.synthetic import bin_sizes, like_bins, like_statistics, plan_like_counts
+
+    real = like_statistics("lvis_v1")
+    assert len(real) == 1203 and [c["id"] for c in real] == list(range(1, 1204))
+    real_n = np.array([c["instance_count"] for c in real])
+    real_bins = bin_sizes(real_n, [10, 100, 1000])
+    assert real_bins == [200, 412, 334, 257]
+    for images, slack in ((3000, 50), (10000, 0), (500000, 0)):
+        counts, q, g = plan_like_counts("lvis_v1", images)
+        n = np.array(counts)
+        assert n.sum() == round(3.5 * images) and n.min() == 1
+        assert (q == 1.0 and g < 1) if images < 362000 else (g == 1.0 and q > 1)
+        order = np.argsort(real_n, kind="stable")
+        assert np.all(np.diff(n[order]) >= 0)  # a class with more real instances never has fewer
+        assert np.all(n[real_n == 1] == 1) or q > 1
+        got = bin_sizes(n, like_bins(q, g))
+        assert max(abs(a - b) for a, b in zip(got, real_bins)) <= slack, (images, got)
+
+
+def test_1203_classes_look_different_shape_hue_pattern():
+    from simcal.data.synthetic import PATTERNS, SHAPES, _pattern_mask, class_look
+
+    looks = [class_look(k, len(PATTERNS)) for k in range(1203)]
+    assert len(set(looks)) == 1203 and max(h for _, h, _ in looks) == 15  # 8 shapes x 16 hues x 10 patterns
+    assert len(set(category_names(1203, len(PATTERNS)))) == 1203
+    assert category_names(9, len(PATTERNS))[8] == "hue00_square_hstripes"
+    assert [class_look(k) for k in range(9)] == [(k % 8, k // 8, 0) for k in range(9)]  # one pattern: as before
+    disc = np.hypot(*np.mgrid[0:48, 0:48] - 23.5) < 20  # one object, 20 px radius
+    shades = {p: _pattern_mask(p, disc, np.array([24.0, 24.0]), 20.0, 0.0) for p in PATTERNS}
+    assert not shades["solid"].any() and all(shades[p].any() for p in PATTERNS[1:])
+    for a in PATTERNS:  # every two patterns shade at least a tenth of the object differently
+        for b in PATTERNS:
+            assert a == b or (shades[a] ^ shades[b]).sum() > 0.1 * disc.sum(), (a, b)
+    assert len(SHAPES) == 8
+
+
+def test_a_tiny_lvis_like_set_is_generated_with_lvis_groups(tmp_path):
+    summary = generate_synthetic(
+        tmp_path / "like", like="lvis_v1", train_images=250, val_images=210, val_floor=1, size=32, progress=False
+    )
+    train = _load(tmp_path / "like", "train")
+    assert len(train["categories"]) == 1203 and summary["frequency"] == {"r": 337, "c": 461, "f": 405}
+    assert train["categories"][0]["def"] == "stands for lvis_v1 category 1 aerosol_can"
+    assert train["info"]["like"] == "lvis_v1" and len(train["info"]["bins"]) == 3
+    assert _per_class(train) == [c["instance_count"] for c in train["categories"]]
+    assert min(_per_class(_load(tmp_path / "like", "val"))) >= 1
+    with pytest.raises(ValueError, match="like=lvis_v1 has 1203 classes"):
+        generate_synthetic(tmp_path / "no", like="lvis_v1", classes=5, progress=False)
+    with pytest.raises(ValueError, match="val_images=100 is too few for classes=1203"):
+        generate_synthetic(tmp_path / "no", like="lvis_v1", train_images=250, val_images=100, val_floor=1)

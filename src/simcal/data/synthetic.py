@@ -35,6 +35,25 @@ class labels with those counts, shuffled and cut into ``train_images`` images of
 that it holds about 3.5 objects per image; ``val_balanced`` holds about the same number of
 instances of every class (never fewer than 20). Both use ``val_images`` images.
 
+**Like LVIS v1** (``like="lvis_v1"``, ``simcal synth --like lvis_v1``). 1,203 classes, class
+``k`` standing for LVIS v1 category ``k + 1`` (its training statistics ship as package data,
+``lvis_v1_category_counts.json``). Training counts are LVIS's scaled to ``round(3.5 *
+train_images)`` by a power, ``max(1, round(n ** g))`` (:func:`plan_like_counts`): the order of the
+classes holds and they fall into the bins with edges ``10 ** g, 100 ** g, 1000 ** g`` as LVIS's
+classes fall into [0, 10) / [10, 100) / [100, 1000) / [1000, inf) (200 / 412 / 334 / 257); the edges
+are in the json's ``info.bins`` for ``evaluate --bins``. Measured bins: 231 / 366 / 345 / 261 at
+3,000 training images (rounding merges counts near the edges at this size), exactly LVIS's at
+10,000, 189 / 424 / 333 / 257 at 30,000, exactly at 100,000; from LVIS's own total (about 363,000
+images at 3.5 objects each) up the scale is linear. Categories keep their LVIS ``frequency``, so
+r / c / f are 337 / 461 / 405 at any size (``image_count`` / ``instance_count`` are this set's,
+as always). Looks: 8 shapes x 16 hues x 10 fill patterns (:data:`PATTERNS`, darker parts of the
+object: stripes three ways, checks, ring, disc, dots, grid, halves). ``val_floor`` (default 20)
+sets the least val instances per class: at 1,203 classes a floor of 20 needs 4,010 val images.
+Measured (same CPU): ``--like lvis_v1 --train-images 10000 --val-images 4010`` at 128 px writes
+18,020 images (35,000 + 2 x 24,060 instances) in 3.6 min, 486 MB, peak 0.9 GB; train.json is
+72 MB because every image lists its ~1,200 absent classes in ``neg_category_ids`` (exhaustive,
+as for every synthetic set; LVIS's own negative lists are short).
+
 **LVIS fields.** Categories carry the *training* ``image_count`` / ``instance_count`` (in every
 split's json, the LVIS convention) and ``frequency`` from :func:`simcal.data.stats.frequency_of`
 on the training image count. The data is exhaustively annotated: every image lists all absent
@@ -59,9 +78,11 @@ encoding (``compress_level=3``) and drawing.
 from __future__ import annotations
 
 import colorsys
+import json
 import math
 import warnings
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +93,7 @@ from tqdm import tqdm
 
 from simcal import choices
 from simcal.data.annotations import validate_dataset
-from simcal.data.stats import count_instances, frequency_of
+from simcal.data.stats import BIN_PRESETS, count_instances, frequency_of
 from simcal.io import write_json
 
 __all__ = [
@@ -83,10 +104,14 @@ __all__ = [
     "MAX_OBJECTS",
     "MEAN_OBJECTS",
     "SHAPES",
+    "PATTERNS",
     "SPLITS",
     "VAL_FLOOR",
     "category_names",
+    "class_look",
     "generate_synthetic",
+    "like_statistics",
+    "plan_like_counts",
     "plan_balanced_counts",
     "plan_counts",
     "plan_val_counts",
@@ -150,6 +175,40 @@ SHAPES: dict[str, np.ndarray] = {
 }
 _SHAPE_NAMES = tuple(SHAPES)
 
+#: Fill patterns, a third class attribute for sets of more classes than 8 shapes x a few hues can
+#: tell apart (``--like lvis_v1``: 1,203 classes = 8 shapes x 16 hues x 10 patterns, 77 unused).
+#: A pattern darkens part of the object (value x 0.45) in a layout fixed to the object's own
+#: frame: stripes and checks of period ``~ r / 2``, a ring, a centre disc, dots, a cross.
+PATTERNS = ("solid", "hstripes", "vstripes", "dstripes", "checks", "ring", "disc", "dots", "grid", "halves")
+_PATTERN_SHADE = 0.45
+
+
+def _pattern_mask(pattern: str, mask: np.ndarray, centre: np.ndarray, radius: float, rotation: float) -> np.ndarray:
+    """The pixels of ``mask`` (H x W bool) that ``pattern`` darkens, in the object's frame
+    (``centre`` (x, y), circumradius ``radius``, ``rotation`` in radians)."""
+    if pattern == "solid":
+        return np.zeros_like(mask)
+    h, w = mask.shape
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    c, s = math.cos(rotation), math.sin(rotation)
+    u = ((xx - centre[0]) * c + (yy - centre[1]) * s) / radius  # object frame, in radii
+    v = (-(xx - centre[0]) * s + (yy - centre[1]) * c) / radius
+    period = 0.5  # of the radius: about 4 stripes across the object
+    band = lambda t: np.floor(t / (period / 2)).astype(np.int64) % 2 == 0  # noqa: E731
+    r = np.hypot(u, v)
+    on = {
+        "hstripes": band(v),
+        "vstripes": band(u),
+        "dstripes": band((u + v) / math.sqrt(2)),
+        "checks": band(u) ^ band(v),
+        "ring": r > 0.6,
+        "disc": r < 0.45,
+        "dots": (np.hypot((u % 0.5) - 0.25, (v % 0.5) - 0.25) < 0.12),
+        "grid": (np.abs((u % 0.5) - 0.25) > 0.17) | (np.abs((v % 0.5) - 0.25) > 0.17),
+        "halves": u < 0,
+    }[pattern]
+    return mask & on
+
 
 # ----------------------------------------------------------------------------------------------
 # argument checks
@@ -176,13 +235,13 @@ def _check_train(classes: Any, train_images: Any, seed: Any) -> tuple[int, int, 
     return classes, train_images, seed
 
 
-def _check_val(classes: int, val_images: Any) -> int:
+def _check_val(classes: int, val_images: Any, floor: int = VAL_FLOOR) -> int:
     val_images = _check_int("val_images", val_images, 1)
-    need = math.ceil(VAL_FLOOR * classes / MAX_OBJECTS)
+    need = math.ceil(floor * classes / MAX_OBJECTS)
     if val_images < need:
         raise ValueError(
             f"val_images={val_images} is too few for classes={classes}: the val splits hold at "
-            f"least {VAL_FLOOR} instances of every class and at most {MAX_OBJECTS} objects per "
+            f"least {floor} instances of every class and at most {MAX_OBJECTS} objects per "
             f"image, so val_images must be >= {need}"
         )
     return val_images
@@ -240,8 +299,62 @@ def plan_counts(classes: int, train_images: int, seed: int = 0) -> list[int]:
     return [int(c) for c in counts]
 
 
-def plan_val_counts(train_counts: Sequence[int], val_images: int) -> list[int]:
-    """Long-tailed ``val`` instances per class: the training counts scaled, floored at 20.
+def like_statistics(like: str) -> list[dict[str, Any]]:
+    """The per-class training statistics a ``--like`` set follows (package data), by category id:
+    ``{id, name, frequency, image_count, instance_count}``."""
+    if like not in choices.SYNTH_LIKE:
+        raise ValueError(f"like must be one of {', '.join(choices.SYNTH_LIKE)}, got {like!r}")
+    path = resources.files("simcal.data").joinpath(f"{like}_category_counts.json")
+    return sorted(json.loads(path.read_text(encoding="utf-8")), key=lambda c: c["id"])
+
+
+def plan_like_counts(like: str, train_images: int) -> tuple[list[int], float, float]:
+    """Training instances per class that follow a real dataset's (``like_statistics``), scaled to
+    ``round(3.5 * train_images)`` instances by a power: ``n'_c = max(1, round(q * n_c ** g))``.
+
+    Below the real total, ``q = 1`` and ``g`` in (0, 1] is the largest exponent whose total stays
+    within budget: the order of the classes is kept and a class with one instance keeps one, so
+    the classes fall into the bins with edges ``q * e ** g`` (:func:`like_bins`) as they fall into
+    the real bins with edges ``e``; at or above the real total, ``g = 1`` and ``q >= 1`` scales
+    linearly. The rounding remainder goes to the most frequent class. Class ``k`` stands for the
+    dataset's ``k``-th category by id. Returns the counts, ``q`` and ``g``.
+
+    Raises:
+        ValueError: when ``train_images`` cannot hold one instance of every class.
+    """
+    real = np.array([c["instance_count"] for c in like_statistics(like)], dtype=np.float64)
+    _check_train(len(real), train_images, 0)
+    total = _total(train_images)
+
+    def counts(q: float, g: float) -> np.ndarray:
+        return np.maximum(1, np.rint(q * real**g)).astype(np.int64)
+
+    q, g = 1.0, 1.0
+    if int(counts(1.0, 1.0).sum()) > total:
+        lo, hi = 0.0, 1.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            if int(counts(1.0, mid).sum()) <= total:
+                lo = mid
+            else:
+                hi = mid
+        g = lo
+    else:
+        lo, hi = 1.0, float(total)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            if int(counts(mid, 1.0).sum()) <= total:
+                lo = mid
+            else:
+                hi = mid
+        q = lo
+    out = counts(q, g)
+    out[int(np.argmax(real))] += max(0, total - int(out.sum()))
+    return [int(c) for c in out], q, g
+
+
+def plan_val_counts(train_counts: Sequence[int], val_images: int, floor: int = VAL_FLOOR) -> list[int]:
+    """Long-tailed ``val`` instances per class: the training counts scaled, floored at ``floor`` (20).
 
     The scale is the largest that keeps the total within ``round(3.5 * val_images)``; the
     rounding remainder goes to the most frequent class, so the ranking is the training one.
@@ -251,11 +364,12 @@ def plan_val_counts(train_counts: Sequence[int], val_images: int) -> list[int]:
         ValueError: when ``val_images`` cannot hold 20 instances of every class.
     """
     train = np.asarray(train_counts, dtype=np.int64)
-    val_images = _check_val(len(train), val_images)
+    floor = _check_int("val_floor", floor, 1)
+    val_images = _check_val(len(train), val_images, floor)
     total = _total(val_images)
 
     def scaled(q: float) -> np.ndarray:
-        return np.maximum(VAL_FLOOR, np.rint(q * train)).astype(np.int64)
+        return np.maximum(floor, np.rint(q * train)).astype(np.int64)
 
     counts = scaled(0.0)
     if int(counts.sum()) < total:
@@ -271,10 +385,10 @@ def plan_val_counts(train_counts: Sequence[int], val_images: int) -> list[int]:
     return [int(c) for c in counts]
 
 
-def plan_balanced_counts(classes: int, val_images: int, seed: int = 0) -> list[int]:
-    """``val_balanced`` instances per class: equal up to one, never below 20.
+def plan_balanced_counts(classes: int, val_images: int, seed: int = 0, floor: int = VAL_FLOOR) -> list[int]:
+    """``val_balanced`` instances per class: equal up to one, never below ``floor`` (20).
 
-    ``max(20 * classes, round(3.5 * val_images))`` instances; the remainder of the even split
+    ``max(floor * classes, round(3.5 * val_images))`` instances; the remainder of the even split
     goes, one each, to classes drawn from ``seed``.
 
     Raises:
@@ -282,21 +396,35 @@ def plan_balanced_counts(classes: int, val_images: int, seed: int = 0) -> list[i
     """
     classes = _check_int("classes", classes, 2)
     seed = _check_int("seed", seed, 0)
-    val_images = _check_val(classes, val_images)
-    total = max(VAL_FLOOR * classes, _total(val_images))
+    floor = _check_int("val_floor", floor, 1)
+    val_images = _check_val(classes, val_images, floor)
+    total = max(floor * classes, _total(val_images))
     counts = np.full(classes, total // classes, dtype=np.int64)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(len(SPLITS) + 1, 0)))
     counts[rng.choice(classes, total % classes, replace=False)] += 1
     return [int(c) for c in counts]
 
 
-def category_names(classes: int) -> list[str]:
-    """Readable unique names in class order, e.g. ``hue00_square``, ``hue00_circle``, ..."""
+def category_names(classes: int, patterns: int = 1) -> list[str]:
+    """Readable unique names in class order, e.g. ``hue00_square``, ``hue00_circle``, ... (with
+    ``patterns`` > 1: ``hue00_square_solid``, ..., ``hue00_square_hstripes``, ...); see
+    :func:`class_look`."""
     classes = _check_int("classes", classes, 1)
-    n_hues = math.ceil(classes / len(SHAPES))
+    n_hues = math.ceil(classes / (len(SHAPES) * patterns))
     width = max(2, len(str(n_hues - 1)))
+    names = []
+    for k in range(classes):
+        shape, hue, pattern = class_look(k, patterns)
+        suffix = f"_{PATTERNS[pattern]}" if patterns > 1 else ""
+        names.append(f"hue{hue:0{width}d}_{_SHAPE_NAMES[shape]}{suffix}")
+    return names
+
+
+def class_look(label: int, patterns: int = 1) -> tuple[int, int, int]:
+    """``(shape, hue, pattern)`` indices of class ``label``: the shape varies fastest, then the
+    pattern, then the hue (with one pattern: shape ``label % 8``, hue ``label // 8``)."""
     n_shapes = len(SHAPES)
-    return [f"hue{k // n_shapes:0{width}d}_{_SHAPE_NAMES[k % n_shapes]}" for k in range(classes)]
+    return label % n_shapes, label // (n_shapes * patterns), (label // n_shapes) % patterns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +482,7 @@ def _hsv(hue_deg: float, s: float, v: float) -> np.ndarray:
 
 
 def _draw_image(
-    labels: np.ndarray, n_hues: int, size: int, rng: np.random.Generator
+    labels: np.ndarray, n_hues: int, size: int, rng: np.random.Generator, patterns: int = 1
 ) -> tuple[np.ndarray, list[list[float]], list[dict[str, Any]]]:
     """One image: uint8 HxWx3 pixels, the polygons and the pycocotools RLEs (labels' order)."""
     n = len(labels)
@@ -393,15 +521,19 @@ def _draw_image(
     polygons: list[list[float]] = []
     rles: list[dict[str, Any]] = []
     for i, label in enumerate(labels):
-        unit = SHAPES[_SHAPE_NAMES[label % len(SHAPES)]]
+        shape, hue_index, pattern = class_look(int(label), patterns)
+        unit = SHAPES[_SHAPE_NAMES[shape]]
         c, s = math.cos(rotations[i]), math.sin(rotations[i])
         pts = unit @ np.array([[c, s], [-s, c]]) * radii[i] + centres[i]
         poly = [round(float(v), 2) for v in pts.reshape(-1)]
         rle = mask_utils.frPyObjects([poly], size, size)[0]
         mask = mask_utils.decode(rle).astype(bool)
         jitter = rng.uniform(-_HUE_JITTER, _HUE_JITTER) * spacing
-        hue = (label // len(SHAPES)) * spacing + hue_cast + jitter
-        img[mask] = _hsv(hue, rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
+        hue = hue_index * spacing + hue_cast + jitter
+        colour = _hsv(hue, rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
+        img[mask] = colour
+        if pattern:
+            img[_pattern_mask(PATTERNS[pattern], mask, centres[i], radii[i], rotations[i])] = colour * _PATTERN_SHADE
         polygons.append(poly)
         rles.append(rle)
 
@@ -462,10 +594,11 @@ def _make_split(
     seed: int,
     mask_format: str,
     progress: bool,
+    patterns: int = 1,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Draw one split's images to ``out/images/<split>/`` and return its images and annotations."""
     classes = len(counts)
-    n_hues = math.ceil(classes / len(SHAPES))
+    n_hues = math.ceil(classes / (len(SHAPES) * patterns))
     key = 1 + SPLITS.index(split)
     layout_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key, 0)))
     per_image = _split_labels(counts, images, layout_rng)
@@ -479,7 +612,7 @@ def _make_split(
         warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
         for i in bar:
             rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key, 1, i)))
-            pixels, polygons, rles = _draw_image(per_image[i], n_hues, size, rng)
+            pixels, polygons, rles = _draw_image(per_image[i], n_hues, size, rng, patterns)
             file_name = f"{split}/{i + 1:06d}.png"
             Image.fromarray(pixels).save(out / "images" / file_name, **_PNG_OPTIONS)
             image, image_anns = _image_record(
@@ -512,6 +645,8 @@ def generate_synthetic(
     seed: int = 0,
     mask_format: str = "polygon",
     progress: bool = True,
+    like: str | None = None,
+    val_floor: int = VAL_FLOOR,
 ) -> dict[str, Any]:
     """Write the synthetic long-tail set under ``out`` and return a summary.
 
@@ -529,6 +664,11 @@ def generate_synthetic(
         seed: non-negative seed; the same arguments give byte-identical files.
         mask_format: ``"polygon"`` (``[[x1, y1, ...]]``) or ``"rle"`` (compressed RLE, str counts).
         progress: show tqdm progress bars.
+        like: ``"lvis_v1"``: the classes and training counts follow LVIS v1's (1,203 classes, each
+            LVIS category's training instances scaled by :func:`plan_like_counts`; ``classes`` must
+            be left at its default or be 1,203); classes are 8 shapes x 16 hues x 10 patterns and
+            keep their LVIS category's ``frequency`` (r/c/f), so LVIS's group sizes hold at any size.
+        val_floor: least instances of every class in ``val`` and ``val_balanced`` (default 20).
 
     Returns:
         ``{"out", "images_dir", "classes", "size", "seed", "mask_format", "splits": {split:
@@ -538,18 +678,30 @@ def generate_synthetic(
     Raises:
         ValueError: on an invalid argument (named in the message).
     """
+    real: list[dict[str, Any]] | None = None
+    scale: list[float] = []
+    patterns = 1
+    if like is not None:
+        real = like_statistics(like)
+        if classes not in (DEFAULT_CLASSES, len(real)):
+            raise ValueError(f"like={like} has {len(real)} classes: leave classes unset, got classes={classes}")
+        classes, patterns = len(real), len(PATTERNS)
     classes, train_images, seed = _check_train(classes, train_images, seed)
-    val_images = _check_val(classes, val_images)
+    val_floor = _check_int("val_floor", val_floor, 1)
+    val_images = _check_val(classes, val_images, val_floor)
     size = _check_int("size", size, 32)
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
     out = Path(out)
 
-    train_counts = plan_counts(classes, train_images, seed)
+    if like is not None:
+        train_counts, *scale = plan_like_counts(like, train_images)
+    else:
+        train_counts = plan_counts(classes, train_images, seed)
     plans = {
         "train": (train_counts, train_images),
-        "val": (plan_val_counts(train_counts, val_images), val_images),
-        "val_balanced": (plan_balanced_counts(classes, val_images, seed), val_images),
+        "val": (plan_val_counts(train_counts, val_images, val_floor), val_images),
+        "val_balanced": (plan_balanced_counts(classes, val_images, seed, val_floor), val_images),
     }
     drawn = {
         split: _make_split(
@@ -561,11 +713,12 @@ def generate_synthetic(
             seed=seed,
             mask_format=mask_format,
             progress=progress,
+            patterns=patterns,
         )
         for split, (counts, n) in plans.items()
     }
 
-    names = category_names(classes)
+    names = category_names(classes, patterns)
     train_stats = count_instances(
         {"categories": [{"id": k + 1} for k in range(classes)], "annotations": drawn["train"][1]}
     )
@@ -576,11 +729,11 @@ def generate_synthetic(
             {
                 "id": k + 1,
                 "name": name,
-                "frequency": frequency_of(n_img),
+                "frequency": frequency_of(n_img) if real is None else real[k]["frequency"],
                 "image_count": n_img,
                 "instance_count": n_inst,
                 "synonyms": [],
-                "def": "",
+                "def": "" if real is None else f"stands for {like} category {real[k]['id']} {real[k]['name']}",
             }
         )
 
@@ -592,6 +745,7 @@ def generate_synthetic(
                 "classes": classes,
                 "size": size,
                 "seed": seed,
+                **({} if like is None else {"like": like, "scale": scale, "bins": like_bins(*scale)}),
             },
             "licenses": [],
             "images": image_entries,
@@ -609,6 +763,16 @@ def generate_synthetic(
 
     groups = [c["frequency"] for c in categories]
     inst = [c["instance_count"] for c in categories]
+    like_info = {}
+    if like is not None:
+        like_info = {
+            "like": like,
+            "scale": {"q": scale[0], "g": scale[1]},
+            "bins": like_bins(*scale),
+            "bin_sizes": bin_sizes(inst, like_bins(*scale)),
+            "bin_sizes_at_lvis_edges": bin_sizes(inst, list(BIN_PRESETS["lvis"])),
+            "real_bin_sizes": bin_sizes([c["instance_count"] for c in real], list(BIN_PRESETS["lvis"])),
+        }
     return {
         "out": str(out),
         "images_dir": str(out / "images"),
@@ -619,4 +783,18 @@ def generate_synthetic(
         "splits": summary_splits,
         "frequency": {g: groups.count(g) for g in ("r", "c", "f")},
         "train_instances_per_class": {"min": min(inst), "max": max(inst)},
+        **like_info,
     }
+
+
+def like_bins(q: float, g: float) -> list[float]:
+    """LVIS's instance-bin edges (10, 100, 1000) scaled as a ``--like`` set's counts were
+    (``q * e ** g``, :func:`plan_like_counts`): the bins its classes fall into as LVIS's classes fall
+    into LVIS's (``--bins E1,E2,E3`` of ``evaluate`` and ``stats``)."""
+    return [round(q * e**g, 3) for e in BIN_PRESETS["lvis"]]
+
+
+def bin_sizes(counts: Sequence[int], edges: Sequence[float]) -> list[int]:
+    """How many of ``counts`` fall in each bin ``[0, e1), [e1, e2), ..., [e_last, inf)``."""
+    index = np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(counts), side="right")
+    return [int(n) for n in np.bincount(index, minlength=len(edges) + 1)]
