@@ -295,3 +295,22 @@ def test_best_per_class_keeps_each_class_k_best_over_the_images():
     assert best_per_class(dets, 1)[1]["roi"].tolist() == [6] and best_per_class(dets, 9) is dets
     tied = [{"scores": torch.tensor([0.5]), "labels": torch.tensor([1])}] * 2
     assert [len(d["scores"]) for d in best_per_class(tied, 1)] == [1, 0]  # a tie: the earlier image
+
+
+def test_selected_mask_logits_are_the_full_predictor_at_each_detections_class():
+    """Only each detection's own class channel is computed; the values are the full predictor's
+    (torchvision's MaskRCNNPredictor), and another predictor runs whole and is indexed."""
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    from simcal.modeling.roi_heads import selected_mask_logits
+
+    torch.manual_seed(0)
+    predictor = MaskRCNNPredictor(16, 16, 1204)
+    x = torch.randn(5, 16, 14, 14)
+    labels = torch.tensor([0, 1203, 7, 7, 512])
+    full = predictor(x)[torch.arange(5), labels]
+    got = selected_mask_logits(predictor, x, labels)
+    assert got.shape == (5, 28, 28)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    other = nn.Sequential(nn.Conv2d(16, 9, 3, padding=1))  # no conv5_mask / 1x1 logits: run whole
+    torch.testing.assert_close(selected_mask_logits(other, x, labels % 9), other(x)[torch.arange(5), labels % 9])

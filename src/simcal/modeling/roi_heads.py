@@ -33,10 +33,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
-    maskrcnn_inference,
     project_masks_on_boxes,
 )
 from torchvision.ops import boxes as box_ops
@@ -299,8 +298,9 @@ class LongTailRoIHeads(RoIHeads):
             e = min(s + MASK_CHUNK, total)
             cut = [(min(max(s - o, 0), n), min(max(e - o, 0), n)) for o, n in zip(starts, counts)]
             x = self.mask_roi_pool(features, [b[a:z] for b, (a, z) in zip(boxes, cut)], image_shapes)
-            logits = self.mask_predictor(self.mask_head(x))
-            for i, m in enumerate(maskrcnn_inference(logits, [lab[a:z] for lab, (a, z) in zip(labels, cut)])):
+            chunk_labels = [lab[a:z] for lab, (a, z) in zip(labels, cut)]
+            probs = selected_mask_logits(self.mask_predictor, self.mask_head(x), torch.cat(chunk_labels)).sigmoid()
+            for i, m in enumerate(probs[:, None].split([len(lab) for lab in chunk_labels])):
                 parts[i].append(m)
         for r, p in zip(result, parts):
             r["masks"] = p[0] if len(p) == 1 else torch.cat(p)
@@ -420,6 +420,25 @@ class LongTailRoIHeads(RoIHeads):
             gt_masks = [t["masks"] for t in targets]
             losses["loss_mask"] = self.mask_loss(mask_logits, mask_props, gt_masks, gt_labels, pos_idxs)
         return [], losses
+
+
+def selected_mask_logits(predictor: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+    """Each detection's mask logits for its own class only: ``(N, M, M)`` from the mask head's
+    features ``x`` ``(N, D, M/2, M/2)`` and ``labels`` ``(N,)``.
+
+    torchvision's predictor (``conv5_mask``, ReLU, a 1x1 ``mask_fcn_logits`` to C+1 channels)
+    computes every class's mask and inference keeps one: at LVIS's 1,204 channels that last
+    layer was 88 % of inference time on the CPU. Here it is applied with each detection's own
+    row of weights (the same values up to float rounding); another predictor runs whole.
+    """
+    last = getattr(predictor, "mask_fcn_logits", None)
+    if not isinstance(last, nn.Conv2d) or last.kernel_size != (1, 1) or not hasattr(predictor, "conv5_mask"):
+        logits = predictor(x)
+        return logits[torch.arange(labels.numel(), device=labels.device), labels]
+    hidden = F.relu(predictor.conv5_mask(x))
+    weight = last.weight[labels, :, 0, 0]  # (N, D)
+    out = torch.einsum("ndhw,nd->nhw", hidden, weight)
+    return out if last.bias is None else out + last.bias[labels][:, None, None]
 
 
 #: detections the mask head runs on at a time (:meth:`LongTailRoIHeads.mask_inference`)
