@@ -104,6 +104,10 @@ class Option:
     alias: str | None = None
 
 
+#: why every ``--run`` has a ``--run-dir`` spelling
+RUN_DIR_NOTE = "(--run-dir: the same, for torchrun, whose own parser takes --run for its --run-path)"
+
+
 def opt(*flags: str, alias: str | None = None, **kwargs: Any) -> Option:
     return Option(flags, kwargs, alias)
 
@@ -277,25 +281,36 @@ def _print_rows(rows: dict[str, dict[str, float | None]]) -> None:
         print(f"{name:>12} " + " ".join(f"{'-':>6}" if r[k] is None else f"{r[k]:6.1f}" for k in keys))
 
 
+#: analyses whose detector pass torchrun shards over processes (the others run on rank 0 alone)
+SHARDED_ANALYSES = ("oracle", "sweep-T", "dynamics")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from simcal.engine import analyze as an
+    from simcal.engine import distributed as dist_utils
     from simcal.run import Run
 
-    common = dict(split=args.split, max_images=args.max_images, progress=not args.no_progress)
+    rank, world, _ = dist_utils.init_distributed()
+    if world > 1 and rank != 0 and args.tool not in SHARDED_ANALYSES:
+        return 0  # under torchrun the tools without a detector pass run on rank 0 alone
+    common = dict(split=args.split, max_images=args.max_images, progress=not args.no_progress and rank == 0)
     if args.tool == "recall":
         out = an.analyze_recall(args.run, **common)
         print(f"proposal AR@100 {100 * out['AR@100']:.1f}  AR@1000 {100 * out['AR@1000']:.1f}")
     elif args.tool == "oracle":
         out = an.analyze_oracle(args.run, iou=args.iou, **common)
-        _print_rows(out["heads"])
+        if out:  # {}: not rank 0 under torchrun (its share predicted; rank 0 reports)
+            _print_rows(out["heads"])
     elif args.tool == "sweep-T":
         out = an.analyze_sweep_T(
             args.run, Ts=args.T or an.DEFAULT_TS, iou=args.iou, calibration=args.calibration, **common
         )
-        _print_rows({f"T={r['T']:g}": {k: v for k, v in r.items() if k != "T"} for r in out["sweep"]})
+        if out:
+            _print_rows({f"T={r['T']:g}": {k: v for k, v in r.items() if k != "T"} for r in out["sweep"]})
     elif args.tool == "dynamics":
         out = an.analyze_dynamics(args.run, calibration=args.calibration, iou=args.iou, **common)
-        _print_rows({f"cal @{r['step']}": r["cal"] for r in out["steps"]})
+        if out:
+            _print_rows({f"cal @{r['step']}": r["cal"] for r in out["steps"]})
     elif args.tool == "errors":
         from simcal.evaluation.diagnostics import ERROR_TYPES
 
@@ -325,6 +340,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             )
             print("   " + "  ".join(f"{a}->{b} {n[a][b]}" for a in "rcf" for b in "rcf"))
             _print_rows(dict(zip(an.CONFUSION_LABELS, (r[k] for k in an.CONFUSION_VARIANTS))))
+    if not out:
+        return 0
     if "num_images" in out:
         print(f"on {out['num_images']} images of {args.split}")
     print(f"written to {Run(args.run).analysis_dir}")
@@ -470,7 +487,7 @@ COMMANDS: tuple[Command, ...] = (
         "SimCal: bi-level calibration of the classification head on the frozen detector",
         cmd_calibrate,
         (
-            opt("--run", required=True, type=Path, help="trained run directory"),
+            opt("--run", "--run-dir", required=True, type=Path, help=f"trained run directory {RUN_DIR_NOTE}"),
             opt("--head", choices=choices.CALIBRATED_HEADS, alias="calibration.head", help="default 3fc_ft"),
             opt(
                 "--layers", choices=choices.LAYERS, alias="calibration.layers", help="layers that train (default all3)"
@@ -495,7 +512,7 @@ COMMANDS: tuple[Command, ...] = (
         "run a trained detector on a split: LVIS results json + metrics, several heads in one pass",
         cmd_predict,
         (
-            opt("--run", required=True, type=Path, help="run directory"),
+            opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}"),
             opt("--split", default="val", help="val or train (from the run's config), or a name for --gt"),
             opt("--head", default="orig", help=f"{' | '.join(choices.SCORERS)}; comma-separate several"),
             opt("--combine", choices=choices.COMBINERS, alias="inference.combine", help="dual-head combiner (sel)"),
@@ -527,7 +544,7 @@ COMMANDS: tuple[Command, ...] = (
         cmd_analyze,
         (
             opt("tool", choices=choices.ANALYSES),
-            opt("--run", required=True, type=Path),
+            opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}"),
             opt("--split", default="val"),
             opt("--max-images", type=_positive_int, default=None),
             opt("--iou", choices=choices.IOU_TYPES, default="bbox"),
@@ -543,7 +560,7 @@ COMMANDS: tuple[Command, ...] = (
         "two heads' AP, APr/c/f and AP1..AP4 deltas with bootstrap confidence intervals over images",
         cmd_compare,
         (
-            opt("--run", required=True, type=Path),
+            opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}"),
             opt("--heads", default="orig,dual", help="A,B: B - A is reported (default %(default)s)"),
             opt("--split", default="val", help="the predictions/<split> to read (default %(default)s)"),
             opt("--gt", help="annotations of --split when it is not the config's val / train"),
@@ -558,7 +575,7 @@ COMMANDS: tuple[Command, ...] = (
         "one self-contained HTML page (and PNGs) about a run: tables, plots, detection gallery",
         cmd_report,
         (
-            opt("--run", required=True, type=Path),
+            opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}"),
             opt("--split", default="val", help="the predictions/<split> to report (default %(default)s)"),
             opt("--out", type=Path, default=None, help="folder for index.html and PNGs (default RUN/report)"),
             opt("--gallery", type=_non_negative_int, default=8, help="images in the gallery (default %(default)s)"),

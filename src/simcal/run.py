@@ -59,6 +59,11 @@ class HeadFiles:
     def results(self) -> Path:
         return self.root / RESULTS
 
+    def part(self, rank: int) -> Path:
+        """Process ``rank``'s share of the results under torchrun (one detection per line),
+        merged into :attr:`results` by rank 0 and removed."""
+        return self.root / f".results.rank{rank}.jsonl"
+
     def metrics(self, iou: str, protocol: str = "lvis") -> Path:
         """``metrics_bbox.json`` or ``metrics_segm.json``; ``metrics_<iou>_<protocol>.json`` for the
         other protocols (:data:`simcal.choices.PROTOCOLS`)."""

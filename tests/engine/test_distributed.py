@@ -77,3 +77,74 @@ def test_two_gloo_processes_match_one(tiny_config, tmp_path):
     weights = [k for k in a if a[k].is_floating_point() and k.endswith(("weight", "bias"))]
     moved = [k for k in weights if (fresh[k] - a[k]).abs().max() > 10 * ATOL]
     assert len(weights) > 50 and len(moved) >= 0.9 * len(weights), sorted(set(weights) - set(moved))
+
+
+def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "simcal", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_predict_under_torchrun_equals_one_process(trained_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m simcal predict --run-dir R` (the form that gets past
+    torchrun's own parser): the images are sharded, rank 0 merges the parts in image order and
+    evaluates once; the results files and metrics equal one process's, for capped and per-class
+    top-k predictions, and no part file is left."""
+    from tests.conftest import copy_run
+
+    one, two = copy_run(trained_run, tmp_path / "one"), copy_run(trained_run, tmp_path / "two")
+    flags = ["--head", "orig,norcal", "--batch-size", "1", "--no-progress"]
+    for extra in ([], ["--topk-per-class", "7"]):
+        assert main(["predict", "--run", str(one), *flags, *extra]) == 0
+        p = _torchrun("predict", "--run-dir", str(two), *flags, *extra)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("detections on 20 images") == 2  # rank 0 alone reports (and evaluates)
+        split = "val-topk7" if extra else "val"
+        for head in ("orig", "norcal_1"):
+            a, b = (r / "predictions" / split / head for r in (one, two))
+            assert (a / "results.json").read_text() == (b / "results.json").read_text()
+            for m in sorted(a.glob("metrics_*.json")):
+                ma, mb = json.loads(m.read_text()), json.loads((b / m.name).read_text())
+                assert ma == mb, m.name
+            assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())
+
+
+def test_each_process_takes_its_share_of_the_cores(monkeypatch):
+    from simcal.engine.distributed import cpu_share
+    from simcal.engine.runtime import setup_torch
+
+    before = torch.get_num_threads()
+    try:
+        cores = cpu_share()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert cpu_share() == max(1, cores // 2)
+        setup_torch(0)  # torch's default would be every core
+        assert torch.get_num_threads() == max(1, cores // 2)
+        setup_torch(64)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        setup_torch(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_sharded_analysis_under_torchrun_equals_one_process(calibrated_run, tmp_path):
+    """`torchrun ... -m simcal analyze sweep-T --run-dir R`: the detector pass is sharded, rank 0
+    evaluates, and the analysis equals one process's."""
+    from tests.conftest import copy_run
+
+    one, two = copy_run(calibrated_run, tmp_path / "one"), copy_run(calibrated_run, tmp_path / "two")
+    flags = ["--T", "1,100", "--max-images", "8", "--no-progress"]
+    assert main(["analyze", "sweep-T", "--run", str(one), *flags]) == 0
+    p = _torchrun("analyze", "sweep-T", "--run-dir", str(two), *flags)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("written to") == 1
+    a, b = (json.loads((r / "analysis" / "sweep_T.json").read_text()) for r in (one, two))
+    assert a == b and len(a["sweep"]) == 2

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from simcal.data.annotations import first_images, load_dataset, load_results
 from simcal.data.dataset import DetectionDataset, data_loader
 from simcal.data.stats import BIN_PRESETS
+from simcal.engine import distributed as dist_utils
 from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
 from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
@@ -105,12 +106,15 @@ def _evaluate_heads(
     max_images: int | None,
     iou: str,
     progress: bool,
-) -> dict[str, dict[str, EvalResult]]:
+) -> dict[str, dict[str, EvalResult]] | None:
     """One inference pass for every head spec, evaluated with one iou type (no masks for bbox);
-    the predictions go to ``analysis/<tool>/<head>/``."""
+    the predictions go to ``analysis/<tool>/<head>/``. Under torchrun every process predicts its
+    share of the images and rank 0 evaluates; the other processes get ``None``."""
     out = _analysis(run, tool).predictions
-    kwargs = dict(max_images=max_images, progress=progress, ious=(iou,), verbose=False)
-    return predict_split(model, label_map, cfg, specs, cal_heads, split, out, **kwargs)
+    _, _, device = dist_utils.init_distributed()  # torchrun: the images sharded, rank 0 evaluates
+    kwargs = dict(max_images=max_images, progress=progress, ious=(iou,), verbose=False, device=device)
+    metrics = predict_split(model, label_map, cfg, specs, cal_heads, split, out, **kwargs)
+    return metrics if dist_utils.rank() == 0 else None
 
 
 def _coverage(split: str, metrics: dict[str, dict[str, EvalResult]], iou: str) -> dict[str, Any]:
@@ -138,6 +142,8 @@ def analyze_oracle(
         cal_heads[""] = load_calibrated_head(run, None, model)
         specs.append(HeadSpec("dual", cfg.inference.combine, cfg.inference.T))
     metrics = _evaluate_heads(run, model, label_map, cfg, specs, cal_heads, "oracle", split, max_images, iou, progress)
+    if metrics is None:  # not rank 0 under torchrun: its share is predicted, rank 0 reports
+        return {}
     out = {"iou": iou, **_coverage(split, metrics, iou), "heads": {tag: _summary(m[iou]) for tag, m in metrics.items()}}
     files = _analysis(run, "oracle")
     write_json(files.json, out, indent=1)
@@ -160,6 +166,8 @@ def analyze_sweep_T(
     cal_heads = {"": load_calibrated_head(run, calibration, model)}
     specs = [HeadSpec("orig"), HeadSpec("cal")] + [HeadSpec("dual", "sel", float(t)) for t in Ts]
     metrics = _evaluate_heads(run, model, label_map, cfg, specs, cal_heads, "sweep-T", split, max_images, iou, progress)
+    if metrics is None:  # not rank 0 under torchrun: its share is predicted, rank 0 reports
+        return {}
     rows = [{"T": float(t), **_summary(metrics[s.tag][iou])} for t, s in zip(Ts, specs[2:])]
     out = {
         "iou": iou,
@@ -213,6 +221,8 @@ def analyze_dynamics(
     metrics = _evaluate_heads(
         run, model, label_map, cfg, specs, cal_heads, "dynamics", split, max_images, iou, progress
     )
+    if metrics is None:  # not rank 0 under torchrun: its share is predicted, rank 0 reports
+        return {}
     rows = []
     for step, name in zip(steps, cal_heads):
         cal = next(s for s in specs if s.kind == "cal" and s.cal == name)

@@ -23,6 +23,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -34,6 +38,13 @@ def is_main() -> bool:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def cpu_share() -> int:
+    """This process's share of the CPU cores: all of them alone, ``cores // processes`` (at least 1)
+    for each of the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:

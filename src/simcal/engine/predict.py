@@ -34,6 +34,7 @@ from simcal.config import Config, InferenceConfig, apply_overrides
 from simcal.data.annotations import first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import class_instance_counts
+from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
 from simcal.evaluation.lvis_eval import EvalResult, evaluate_protocols, resolve_category_stats
@@ -170,6 +171,44 @@ class TopKResults:
 
     def close(self) -> None:
         self._spool.close()
+
+
+def merge_parts(parts: list[Path], path: Path, label_map: LabelMap, topk: int | None = None) -> int:
+    """The processes' parts of one head's results (each a results file of its contiguous share
+    of the images), concatenated in the given (rank, hence image) order into ``path``, atomically,
+    a line at a time; with ``topk``, cut again to the ``topk`` best of each class over all parts
+    (each part holds its own share's best). The parts are removed. Returns the detections written."""
+
+    def lines() -> Iterator[str]:
+        for part in parts:
+            with open(part, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip().rstrip(",")
+                    if line and line not in ("[", "]", "[]"):
+                        yield line
+
+    if topk:
+        top = TopKResults(path, label_map.num_classes, topk)
+        try:
+            block: list[dict[str, Any]] = []
+            for line in lines():
+                block.append(json.loads(line))
+                if len(block) == 4096:
+                    top.add(torch.tensor([label_map.to_label(d["category_id"]) for d in block]), block)
+                    block = []
+            top.add(torch.tensor([label_map.to_label(d["category_id"]) for d in block], dtype=torch.long), block)
+            top.finish()
+        finally:
+            top.close()
+        count = top.count
+    else:
+        with results_file(path) as w:
+            for line in lines():
+                w.write_line(line)
+        count = w.count
+    for part in parts:
+        part.unlink()
+    return count
 
 
 @contextmanager
@@ -343,8 +382,10 @@ def predict(
     ``max_images`` below the split's size, under ``predictions/<split>-first<N>/`` instead (never
     over the whole split's); with ``topk_per_class`` K (AP-fixed's inference: no per-image cap, the
     K best detections of each class over the split), under ``predictions/<split>-topk<K>/``, with
-    ``metrics_<iou>_fixed.json`` and ``metrics_<iou>_pool.json``. ``split``: the config's ``val`` /
-    ``train``, or a name for ``gt_json`` (the config's names are refused for other annotations).
+    ``metrics_<iou>_fixed.json`` and ``metrics_<iou>_pool.json``. Under torchrun the images are
+    sharded over the processes and rank 0 merges and evaluates (see :func:`run_heads`).
+    ``split``: the config's ``val`` / ``train``, or a name for ``gt_json`` (the config's names
+    are refused for other annotations).
     ``calibration`` names the calibrated head (default: ``3fc_ft``, else the only one there is).
     Results of a head other than ``3fc_ft`` go to ``cal@<name>`` / ``dual@<name>``, so comparing
     calibrations never overwrites ``cal`` / ``dual``.
@@ -366,6 +407,7 @@ def predict(
         key = "" if name == DEFAULT_CALIBRATION else name
         cal_heads[key] = load_calibrated_head(run, name, model)
         specs = [replace(h, cal=key) if h.needs_calibrated_head else h for h in specs]
+    _, _, device = dist_utils.init_distributed()  # torchrun: one process per device, images sharded
     return predict_split(
         model,
         label_map,
@@ -374,6 +416,7 @@ def predict(
         cal_heads,
         split,
         r.predictions(split),
+        device=device,
         gt_json=gt_json,
         images=images,
         batch_size=batch_size,
@@ -470,6 +513,9 @@ def run_heads(
     images (:class:`TopKResults`), under ``out.topk(K)``, evaluated as AP-fixed and AP-pool with K
     per class (``metrics_<iou>_fixed.json``, ``metrics_<iou>_pool.json``; the returned dict holds
     the AP-fixed results).
+    Under torchrun (an initialised process group) each process predicts a contiguous share of the
+    images into its own part file, and rank 0 merges the parts in image order (:func:`merge_parts`)
+    and evaluates; the other processes return ``{}``. No process holds all detections.
     """
     setup_torch(threads)
     device = device or default_device()
@@ -485,21 +531,30 @@ def run_heads(
     indices = list(range(len(dataset)))[: max_images or None]
     if len(indices) < len(dataset):  # never in place of the whole split's predictions
         out = out.partial(len(indices))
-        if verbose:
+        if verbose and dist_utils.rank() == 0:
             print(f"the first {len(indices)} of {len(dataset)} images: predictions go to {out.root}")
     if topk_per_class:
         out = out.topk(topk_per_class)
-    loader = data_loader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+    # under torchrun: each process takes a contiguous share of the images, in order, and writes its
+    # own part of every head's results; rank 0 merges the parts in rank (= image) order
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    mine = [int(i) for i in np.array_split(np.asarray(indices, dtype=np.int64), world)[rank]]
+
+    def target(tag: str) -> Path:
+        return out.head(tag).part(rank) if world > 1 else out.head(tag).results
+
+    loader = data_loader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size, num_workers=num_workers)
     with ExitStack() as stack:
         stack.enter_context(eval_mode(model))
         if topk_per_class:
             stack.enter_context(no_per_image_cap(model))
-            tops = {tag: TopKResults(out.head(tag).results, label_map.num_classes, topk_per_class) for tag in scorers}
+            tops = {tag: TopKResults(target(tag), label_map.num_classes, topk_per_class) for tag in scorers}
             for top in tops.values():
                 stack.callback(top.close)
         else:
-            writers = {tag: stack.enter_context(results_file(out.head(tag).results)) for tag in scorers}
-        for imgs, targets in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+            writers = {tag: stack.enter_context(results_file(target(tag))) for tag in scorers}
+        show = progress and rank == 0
+        for imgs, targets in tqdm(loader, desc=desc, disable=not show, dynamic_ncols=True):
             per_head = model.detect(
                 [im.to(device) for im in imgs],
                 scorers,
@@ -521,9 +576,17 @@ def run_heads(
             for top in tops.values():
                 top.finish()
             writers = tops  # type: ignore[assignment]
+    counts = {tag: w.count for tag, w in writers.items()}
+    if world > 1:
+        dist_utils.barrier()  # every part is written
+        if rank != 0:
+            return {}
+        for tag in scorers:
+            parts = [out.head(tag).part(r) for r in range(world)]
+            counts[tag] = merge_parts(parts, out.head(tag).results, label_map, topk_per_class)
     if verbose:
-        for tag, w in writers.items():
-            print(f"{tag}: {w.count} detections on {len(indices)} images -> {out.head(tag).results}")
+        for tag, n in counts.items():
+            print(f"{tag}: {n} detections on {len(indices)} images -> {out.head(tag).results}")
     if not evaluate_results:
         return {}
     if max_images:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -9,8 +10,15 @@ import torch
 
 
 def setup_torch(threads: int = 0) -> None:
-    """CPU hygiene for every entry point: flush denormals (a 10x slowdown otherwise), threads."""
+    """CPU hygiene for every entry point: flush denormals (a 10x slowdown otherwise), threads
+    (``threads``, 0 for torch's default), never more than this process's share of the cores
+    when torchrun started several on the machine."""
+    from simcal.engine.distributed import cpu_share
+
     torch.set_flush_denormal(True)
+    share = cpu_share()
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        threads = min(threads, share) if threads > 0 else share
     if threads > 0:
         torch.set_num_threads(threads)
 
