@@ -90,6 +90,7 @@ PROTOCOLS = ("lvis", "fixed", "pool")
 FIXED_DETS_PER_CLASS = 10000
 ANALYSES = ("recall", "oracle", "sweep-T", "dynamics", "confusion", "errors")
 MASK_FORMATS = ("polygon", "rle")
+IMAGE_FORMATS = ("png", "jpg")
 DEMO_BUDGETS = ("quick", "full")
 
 #: ``simcal synth`` defaults (here so that ``simcal --help`` needs no image library).

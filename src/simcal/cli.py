@@ -156,6 +156,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             mask_format=args.mask_format,
             like=args.like,
             val_floor=args.val_floor,
+            image_format=args.image_format,
         )
     except ValueError as e:
         raise InputError("simcal synth", "arguments", str(e)) from None
@@ -415,6 +416,7 @@ COMMANDS: tuple[Command, ...] = (
             ),
             opt("--seed", type=_non_negative_int, default=0),
             opt("--mask-format", choices=choices.MASK_FORMATS, default="polygon"),
+            opt("--image-format", choices=choices.IMAGE_FORMATS, default="png", help="jpg: quality 90 (default png)"),
             opt(
                 "--like",
                 choices=choices.SYNTH_LIKE,

@@ -359,3 +359,30 @@ def test_a_tiny_lvis_like_set_is_generated_with_lvis_groups(tmp_path):
         generate_synthetic(tmp_path / "no", like="lvis_v1", classes=5, progress=False)
     with pytest.raises(ValueError, match="val_images=100 is too few for classes=1203"):
         generate_synthetic(tmp_path / "no", like="lvis_v1", train_images=250, val_images=100, val_floor=1)
+
+
+def test_jpg_images_are_written_and_load_like_the_png_ones(tmp_path):
+    """`--image-format jpg`: the same set (same json but for the file names) as JPEGs that the
+    training data path reads; the pixels differ from the PNGs only by JPEG's loss."""
+    from simcal import choices
+    from simcal.data.dataset import DetectionDataset
+    from simcal.data.synthetic import _IMAGE_FORMATS
+
+    assert tuple(_IMAGE_FORMATS) == choices.IMAGE_FORMATS
+    kw = dict(classes=8, train_images=12, val_images=30, size=64, seed=1, progress=False)
+    generate_synthetic(tmp_path / "png", **kw)
+    generate_synthetic(tmp_path / "jpg", image_format="jpg", **kw)
+    a, b = _load(tmp_path / "png", "train"), _load(tmp_path / "jpg", "train")
+    assert all(im["file_name"].endswith(".jpg") for im in b["images"])
+    for im in b["images"]:
+        im["file_name"] = im["file_name"].replace(".jpg", ".png")
+    assert a == b
+    png, jpg = (DetectionDataset(_load(tmp_path / f, "train"), tmp_path / f / "images") for f in ("png", "jpg"))
+    (x, tx), (y, ty) = png[0], jpg[0]
+    assert torch_equal_targets(tx, ty) and x.shape == y.shape and 0 < (x - y).abs().mean() < 0.05
+    with pytest.raises(ValueError, match="image_format must be one of png, jpg"):
+        generate_synthetic(tmp_path / "bad", image_format="gif", **kw)
+
+
+def torch_equal_targets(a: dict, b: dict) -> bool:
+    return all((a[k] == b[k]).all() for k in ("boxes", "labels"))

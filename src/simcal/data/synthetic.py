@@ -137,6 +137,8 @@ _HUE_CAST = 0.10  # of the hue spacing, per image
 _ROTATION_JITTER = 15.0  # degrees
 _MARGIN = 2.0  # px between the circumscribed circles of two objects
 _PNG_OPTIONS = {"format": "PNG", "compress_level": 3, "optimize": False}
+#: ``image_format`` -> (file suffix, Pillow save options); JPEG at quality 90, as datasets ship
+_IMAGE_FORMATS = {"png": (".png", _PNG_OPTIONS), "jpg": (".jpg", {"format": "JPEG", "quality": 90})}
 # SeedSequence spawn keys: (_STREAM_RANKING,) for the ranking, (split, 0) for a split's layout,
 # (split, 1, i) for image i of a split (split = 1 + index in SPLITS).
 _STREAM_RANKING = 0
@@ -595,6 +597,7 @@ def _make_split(
     mask_format: str,
     progress: bool,
     patterns: int = 1,
+    image_format: str = "png",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Draw one split's images to ``out/images/<split>/`` and return its images and annotations."""
     classes = len(counts)
@@ -613,8 +616,9 @@ def _make_split(
         for i in bar:
             rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key, 1, i)))
             pixels, polygons, rles = _draw_image(per_image[i], n_hues, size, rng, patterns)
-            file_name = f"{split}/{i + 1:06d}.png"
-            Image.fromarray(pixels).save(out / "images" / file_name, **_PNG_OPTIONS)
+            suffix, options = _IMAGE_FORMATS[image_format]
+            file_name = f"{split}/{i + 1:06d}{suffix}"
+            Image.fromarray(pixels).save(out / "images" / file_name, **options)
             image, image_anns = _image_record(
                 i + 1,
                 file_name,
@@ -647,6 +651,7 @@ def generate_synthetic(
     progress: bool = True,
     like: str | None = None,
     val_floor: int = VAL_FLOOR,
+    image_format: str = "png",
 ) -> dict[str, Any]:
     """Write the synthetic long-tail set under ``out`` and return a summary.
 
@@ -669,6 +674,8 @@ def generate_synthetic(
             be left at its default or be 1,203); classes are 8 shapes x 16 hues x 10 patterns and
             keep their LVIS category's ``frequency`` (r/c/f), so LVIS's group sizes hold at any size.
         val_floor: least instances of every class in ``val`` and ``val_balanced`` (default 20).
+        image_format: ``"png"`` (lossless: pixels, masks and boxes agree exactly) or ``"jpg"``
+            (quality 90, as real datasets ship; the decode cost of real data loading).
 
     Returns:
         ``{"out", "images_dir", "classes", "size", "seed", "mask_format", "splits": {split:
@@ -692,6 +699,8 @@ def generate_synthetic(
     size = _check_int("size", size, 32)
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
+    if image_format not in _IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {', '.join(_IMAGE_FORMATS)}, got {image_format!r}")
     out = Path(out)
 
     if like is not None:
@@ -714,6 +723,7 @@ def generate_synthetic(
             mask_format=mask_format,
             progress=progress,
             patterns=patterns,
+            image_format=image_format,
         )
         for split, (counts, n) in plans.items()
     }
