@@ -56,7 +56,7 @@ def evaluate(
     *,
     iou: str = "segm",
     train: PathLike | dict[str, Any] | None = None,
-    bins: str | Sequence[float] = "lvis",
+    bins: str | Sequence[float] = "auto",
     protocol: str = "lvis",
     dets_per_class: int = choices.FIXED_DETS_PER_CLASS,
 ) -> EvalResult:
@@ -64,19 +64,21 @@ def evaluate(
 
     ``gt`` / ``train``: annotation files or dicts; ``results``: a results file or list. The
     training counts come from ``train``, else from the gt categories' fields (LVIS val).
-    ``protocol``: ``lvis`` (300 per image), ``fixed`` (AP-fixed: no per-image cap, the
-    ``dets_per_class`` best per class over the dataset) or ``pool`` (AP-pool). A results file
+    ``bins``: ``"auto"`` (the bins the training json, else the gt, declares in ``info.bins``, as
+    ``synth --like`` sets do; else LVIS's), a preset name or inner edges. ``protocol``: ``lvis``
+    (300 per image), ``fixed`` (AP-fixed: no per-image cap, the ``dets_per_class`` best per class
+    over the dataset) or ``pool`` (AP-pool). A results file
     evaluated as ``bbox`` is streamed into columns (:func:`simcal.data.annotations.load_box_results`),
     so LVIS v1 val's 5.9 M detections fit in a few hundred MB.
     """
     from simcal.data.annotations import load_box_results, load_results, validate_results
-    from simcal.data.stats import parse_bins
+    from simcal.data.stats import declared_bins, parse_bins
     from simcal.evaluation.lvis_eval import evaluate as run_evaluation
     from simcal.evaluation.lvis_eval import resolve_category_stats
 
-    edges = parse_bins(bins)
     gt_data, gt_name = _dataset(gt, "gt")
     train_data, train_name = _dataset(train, "train") if train is not None else (None, "<train>")
+    edges = declared_bins(train_data or gt_data) if bins == "auto" else parse_bins(bins)
     stats = resolve_category_stats(gt_data, gt_name, train_data, train_name, edges)
     if isinstance(results, list):
         dets = validate_results(results, gt_data, iou, "<results>")

@@ -444,7 +444,12 @@ COMMANDS: tuple[Command, ...] = (
             opt("--results", required=True, type=Path, help="results json: a list of detections"),
             opt("--iou", choices=choices.IOU_TYPES, default="segm", help="default %(default)s"),
             opt("--train", type=Path, help="training json for the counts (default: the gt categories' fields)"),
-            opt("--bins", default="lvis", help="lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)"),
+            opt(
+                "--bins",
+                default="auto",
+                help="auto (the bins the training json declares in info.bins, as `synth --like` sets do, "
+                "else lvis), lvis, coco-lt or inner edges E1,E2,E3 (default %(default)s)",
+            ),
             opt("--out", type=Path, help="write metrics json here"),
             opt("--per-class", type=Path, help="write per-class AP csv here"),
             opt(

@@ -386,3 +386,23 @@ def test_jpg_images_are_written_and_load_like_the_png_ones(tmp_path):
 
 def torch_equal_targets(a: dict, b: dict) -> bool:
     return all((a[k] == b[k]).all() for k in ("boxes", "labels"))
+
+
+def test_a_like_set_declares_its_scaled_bins(tmp_path):
+    from simcal.data.stats import BIN_PRESETS, declared_bins
+
+    generate_synthetic(
+        tmp_path / "like", like="lvis_v1", train_images=1000, val_images=210, val_floor=1, size=32, progress=False
+    )
+    train = _load(tmp_path / "like", "train")
+    edges = declared_bins(train)
+    assert edges == tuple(train["info"]["bins"]) and edges[0] < 10 and len(edges) == 3
+    assert declared_bins(_load(tmp_path / "like", "val")) == edges
+    for info in ({}, {"bins": "lvis"}, {"bins": [3, 2]}, {"bins": [0, 5]}, {"bins": [True, 4]}):
+        assert declared_bins({"info": info}) == BIN_PRESETS["lvis"]
+    assert declared_bins(None) == BIN_PRESETS["lvis"]
+    from simcal import api
+
+    val, train_path = tmp_path / "like" / "val.json", tmp_path / "like" / "train.json"
+    assert api.evaluate(val, [], iou="bbox", train=train_path).to_json()["bin_edges"] == list(edges)
+    assert api.evaluate(val, [], iou="bbox", train=train_path, bins="lvis").to_json()["bin_edges"] == [10, 100, 1000]

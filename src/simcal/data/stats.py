@@ -36,6 +36,20 @@ class CategoryStat:
         return asdict(self)
 
 
+def declared_bins(dataset: dict[str, Any] | None) -> tuple[float, ...]:
+    """The instance-bin edges a training set declares for itself (``info.bins``: a ``synth
+    --like`` set, whose counts are LVIS's scaled, so LVIS's bins are scaled too), else LVIS's."""
+    edges = ((dataset or {}).get("info") or {}).get("bins")
+    if (
+        isinstance(edges, list)
+        and edges
+        and all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in edges)
+        and all(a < b for a, b in zip(edges, edges[1:]))
+    ):
+        return tuple(float(e) for e in edges)
+    return BIN_PRESETS["lvis"]
+
+
 def parse_bins(spec: str | Sequence[float], option: str = "--bins") -> tuple[float, ...]:
     """Turn ``"lvis"``, ``"coco-lt"`` or ``"E1,E2,E3"`` into increasing inner edges.
 

@@ -41,7 +41,8 @@ instances of every class (never fewer than 20). Both use ``val_images`` images.
 train_images)`` by a power, ``max(1, round(n ** g))`` (:func:`plan_like_counts`): the order of the
 classes holds and they fall into the bins with edges ``10 ** g, 100 ** g, 1000 ** g`` as LVIS's
 classes fall into [0, 10) / [10, 100) / [100, 1000) / [1000, inf) (200 / 412 / 334 / 257); the edges
-are in the json's ``info.bins`` for ``evaluate --bins``. Measured bins: 231 / 366 / 345 / 261 at
+are in the json's ``info.bins`` (:func:`simcal.data.stats.declared_bins`: predict, the analyses
+and ``evaluate --bins auto`` use them). Measured bins: 231 / 366 / 345 / 261 at
 3,000 training images (rounding merges counts near the edges at this size), exactly LVIS's at
 10,000, 189 / 424 / 333 / 257 at 30,000, exactly at 100,000; from LVIS's own total (about 363,000
 images at 3.5 objects each) up the scale is linear. Categories keep their LVIS ``frequency``, so

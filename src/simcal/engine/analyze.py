@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from simcal.data.annotations import first_images, load_dataset, load_results
 from simcal.data.dataset import DetectionDataset, data_loader
-from simcal.data.stats import BIN_PRESETS
+from simcal.data.stats import declared_bins
 from simcal.engine import distributed as dist_utils
 from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
 from simcal.engine.runtime import setup_torch
@@ -257,7 +257,8 @@ def _predicted(
     cfg = r.load_config()
     gt_json = split_annotations(cfg, split, gt_json)
     gt = load_dataset(gt_json)
-    stats = resolve_category_stats(gt, gt_json, load_dataset(cfg.data.train_json), cfg.data.train_json)
+    train = load_dataset(cfg.data.train_json)
+    stats = resolve_category_stats(gt, gt_json, train, cfg.data.train_json, declared_bins(train))
     pred = r.predictions(split)
     heads = heads or pred.heads()
     if not heads:
@@ -322,7 +323,8 @@ def compare_heads(
             f"{heads[0]} covers {len(sub_a['images'])} images, {heads[1]} {len(sub_b['images'])}: predict both "
             "on the same images",
         )
-    num_bins = len(BIN_PRESETS["lvis"]) + 1  # the bins _predicted's statistics use
+    train = load_dataset(Run(run).load_config().data.train_json)
+    num_bins = len(declared_bins(train)) + 1  # the bins _predicted's statistics use
     out = diagnostics.compare(
         sub_a, res_a, res_b, iou, stats, num_bins, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence
     )

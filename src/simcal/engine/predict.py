@@ -33,7 +33,7 @@ from simcal import choices
 from simcal.config import Config, InferenceConfig, apply_overrides
 from simcal.data.annotations import first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
-from simcal.data.stats import class_instance_counts
+from simcal.data.stats import class_instance_counts, declared_bins
 from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
@@ -591,7 +591,8 @@ def run_heads(
         return {}
     if max_images:
         gt = first_images(gt, len(indices))
-    stats = resolve_category_stats(gt, gt_json, train, str(train_json))
+    edges = declared_bins(train)  # a `synth --like` set's scaled bins, else LVIS's
+    stats = resolve_category_stats(gt, gt_json, train, str(train_json), edges)
     protocols = ("fixed", "pool") if topk_per_class else ("lvis",)
     per_class = topk_per_class or choices.FIXED_DETS_PER_CLASS
     metrics: dict[str, dict[str, EvalResult]] = {}
@@ -600,7 +601,9 @@ def run_heads(
         results = json.loads(files.results.read_text())
         metrics[tag] = {}
         for iou in ious:
-            by_protocol = evaluate_protocols(gt, results, iou, stats, protocols=protocols, dets_per_class=per_class)
+            by_protocol = evaluate_protocols(
+                gt, results, iou, stats, edges, protocols=protocols, dets_per_class=per_class
+            )
             for protocol, result in by_protocol.items():
                 write_json(files.metrics(iou, protocol), {**result.to_json(), "gt": str(gt_json)}, indent=1)
                 if verbose:
