@@ -139,6 +139,8 @@ def _alias_overrides(command: Command, args: argparse.Namespace) -> list[str]:
 
 
 NO_PROGRESS = opt("--no-progress", action="store_true", help="no progress bar")
+#: every command that reads a run: ``--run`` (``--run-dir`` under torchrun, see :data:`RUN_DIR_NOTE`)
+RUN_OPTION = opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}")
 
 
 # --------------------------------------------------------------------------- handlers
@@ -494,7 +496,7 @@ COMMANDS: tuple[Command, ...] = (
         "SimCal: bi-level calibration of the classification head on the frozen detector",
         cmd_calibrate,
         (
-            opt("--run", "--run-dir", required=True, type=Path, help=f"trained run directory {RUN_DIR_NOTE}"),
+            RUN_OPTION,
             opt("--head", choices=choices.CALIBRATED_HEADS, alias="calibration.head", help="default 3fc_ft"),
             opt(
                 "--layers", choices=choices.LAYERS, alias="calibration.layers", help="layers that train (default all3)"
@@ -519,7 +521,7 @@ COMMANDS: tuple[Command, ...] = (
         "run a trained detector on a split: LVIS results json + metrics, several heads in one pass",
         cmd_predict,
         (
-            opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}"),
+            RUN_OPTION,
             opt("--split", default="val", help="val or train (from the run's config), or a name for --gt"),
             opt("--head", default="orig", help=f"{' | '.join(choices.SCORERS)}; comma-separate several"),
             opt("--combine", choices=choices.COMBINERS, alias="inference.combine", help="dual-head combiner (sel)"),
@@ -551,7 +553,7 @@ COMMANDS: tuple[Command, ...] = (
         cmd_analyze,
         (
             opt("tool", choices=choices.ANALYSES),
-            opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}"),
+            RUN_OPTION,
             opt("--split", default="val"),
             opt("--max-images", type=_positive_int, default=None),
             opt("--iou", choices=choices.IOU_TYPES, default="bbox"),
@@ -567,7 +569,7 @@ COMMANDS: tuple[Command, ...] = (
         "two heads' AP, APr/c/f and AP1..AP4 deltas with bootstrap confidence intervals over images",
         cmd_compare,
         (
-            opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}"),
+            RUN_OPTION,
             opt("--heads", default="orig,dual", help="A,B: B - A is reported (default %(default)s)"),
             opt("--split", default="val", help="the predictions/<split> to read (default %(default)s)"),
             opt("--gt", help="annotations of --split when it is not the config's val / train"),
@@ -582,7 +584,7 @@ COMMANDS: tuple[Command, ...] = (
         "one self-contained HTML page (and PNGs) about a run: tables, plots, detection gallery",
         cmd_report,
         (
-            opt("--run", "--run-dir", required=True, type=Path, help=f"run directory {RUN_DIR_NOTE}"),
+            RUN_OPTION,
             opt("--split", default="val", help="the predictions/<split> to report (default %(default)s)"),
             opt("--out", type=Path, default=None, help="folder for index.html and PNGs (default RUN/report)"),
             opt("--gallery", type=_non_negative_int, default=8, help="images in the gallery (default %(default)s)"),
