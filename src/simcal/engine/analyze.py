@@ -250,15 +250,17 @@ def analyze_dynamics(
 
 def _predicted(
     run: Path, split: str, gt_json: str | None, heads: list[str] | None, iou: str
-) -> tuple[str, list[Any], dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]]:
-    """``(gt_json, stats, {head: (ground truth of its images, its results)})`` of the saved
-    predictions ``RUN/predictions/<split>/<head>/`` (default: every head there)."""
+) -> tuple[str, list[Any], int, dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]]:
+    """``(gt_json, stats, number of instance bins, {head: (ground truth of its images, its
+    results)})`` of the saved predictions ``RUN/predictions/<split>/<head>/`` (default: every
+    head there); the bins are those the training set declares (:func:`declared_bins`)."""
     r = Run(run)
     cfg = r.load_config()
     gt_json = split_annotations(cfg, split, gt_json)
     gt = load_dataset(gt_json)
     train = load_dataset(cfg.data.train_json)
-    stats = resolve_category_stats(gt, gt_json, train, cfg.data.train_json, declared_bins(train))
+    edges = declared_bins(train)
+    stats = resolve_category_stats(gt, gt_json, train, cfg.data.train_json, edges)
     pred = r.predictions(split)
     heads = heads or pred.heads()
     if not heads:
@@ -271,7 +273,7 @@ def _predicted(
         seen = pred.head(head).metrics(iou)  # predict --max-images evaluated its first N images
         sub = first_images(gt, json.loads(seen.read_text()).get("num_images") if seen.is_file() else None)
         out[head] = (sub, load_results(path, sub, iou))
-    return gt_json, stats, out
+    return gt_json, stats, len(edges) + 1, out
 
 
 def analyze_errors(
@@ -279,7 +281,7 @@ def analyze_errors(
 ) -> dict[str, Any]:
     """Per predicted head: the TIDE error breakdown (the AP each error type costs) and how well
     its scores are calibrated (ECE, reliability diagram), from ``RUN/predictions/<split>/``."""
-    gt_json, stats, predicted = _predicted(run, split, gt_json, heads, iou)
+    gt_json, stats, _, predicted = _predicted(run, split, gt_json, heads, iou)
     out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "heads": {}}
     for head, (sub, results) in predicted.items():
         out["heads"][head] = {"num_images": len(sub["images"]), **diagnostics.errors(sub, results, iou, stats)}
@@ -314,7 +316,7 @@ def compare_heads(
 ) -> dict[str, Any]:
     """``heads[1]`` minus ``heads[0]`` on their saved predictions: AP, APr/c/f and AP1..AP4 deltas
     with bootstrap confidence intervals over images (the engine's bootstrap)."""
-    gt_json, stats, predicted = _predicted(run, split, gt_json, list(heads), iou)
+    gt_json, stats, num_bins, predicted = _predicted(run, split, gt_json, list(heads), iou)
     (sub_a, res_a), (sub_b, res_b) = predicted[heads[0]], predicted[heads[1]]
     if len(sub_a["images"]) != len(sub_b["images"]):
         raise InputError(
@@ -323,8 +325,6 @@ def compare_heads(
             f"{heads[0]} covers {len(sub_a['images'])} images, {heads[1]} {len(sub_b['images'])}: predict both "
             "on the same images",
         )
-    train = load_dataset(Run(run).load_config().data.train_json)
-    num_bins = len(declared_bins(train)) + 1  # the bins _predicted's statistics use
     out = diagnostics.compare(
         sub_a, res_a, res_b, iou, stats, num_bins, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence
     )
@@ -365,7 +365,7 @@ def analyze_confusion(
     class-balanced val) or exhaustive negatives make it large; LVIS's long-tailed val and sparse
     ``neg_category_ids`` make it small. The middle evaluation shows the head classes without it.
     """
-    gt_json, stats, predicted = _predicted(run, split, gt_json, heads, iou)
+    gt_json, stats, _, predicted = _predicted(run, split, gt_json, heads, iou)
     group_of = {s.id: s.frequency for s in stats}
     out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "score": score, "heads": {}}
     for head, (sub, results) in predicted.items():
