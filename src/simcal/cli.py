@@ -237,7 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     final = api.train(
         args.config, args.out, overrides=args.overrides, resume=args.resume, progress=not args.no_progress
     )
-    print(f"final weights: {final}")
+    _on_rank0(f"final weights: {final}")
     return 0
 
 
@@ -252,8 +252,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         progress=not args.no_progress,
     )
-    print(f"calibrated head: {head}")
+    _on_rank0(f"calibrated head: {head}")
     return 0
+
+
+def _on_rank0(line: str) -> None:
+    """Print ``line`` once: from rank 0 under torchrun (every process reaches the end)."""
+    from simcal.engine import distributed as dist_utils
+
+    if dist_utils.is_main():
+        print(line)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -493,7 +501,8 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "calibrate",
-        "SimCal: bi-level calibration of the classification head on the frozen detector",
+        "SimCal: bi-level calibration of the classification head on the frozen detector "
+        "(under torchrun each step's slots are shared by the processes)",
         cmd_calibrate,
         (
             RUN_OPTION,

@@ -16,6 +16,11 @@ trained on its RoI features (METHOD.md, SimCal calibration):
 ``sampler=random|repeat_factor`` draws images instead of classes and keeps every sampled RoI
 (image-centric): with ``loss=lr|focal|cm`` these are the decoupled baselines of Table 4.
 
+torchrun: the slots of each step are shared by the processes (slot ``p`` on rank ``p mod world``),
+each with its own cache; the per-slot RoI counts are summed over processes so that the 1:1
+background choice is the one process's, the loss of each process is its RoIs' share of the global
+mean, and the head's gradients are summed (only the head trains: nothing else is wrapped).
+
 Cost: the frozen part (backbone + RPN) of an (image, flip) never changes, so its outputs are
 cached (``cache_mb``; planned by the known schedule: kept until their last use, Belady eviction);
 an image drawn again costs only RoIAlign and the head. The frozen box head runs only for ``ncm``.
@@ -43,6 +48,7 @@ from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap
 from simcal.data.samplers import BatchStream, BiLevelSampler, RepeatFactorSampler, TrainingSampler, repeat_factors
 from simcal.data.stats import class_instance_counts
+from simcal.engine import distributed as dist_utils
 from simcal.engine.predict import load_model
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
@@ -214,6 +220,9 @@ class CalibrationBatch:
         labels: ``(K,)``, 0 background.
         slot: ``(K,)``, the position in the step's draws of the image each RoI comes from.
         boxes: ``(K, 4)`` xyxy in that image's resized frame.
+        total: the RoIs kept in the step over every process (``K`` in one process; under torchrun
+            each process holds its slots' share, and the loss is normalised by ``total``).
+        fg, bg: the step's kept foreground and background RoIs over every process.
     """
 
     pooled: Tensor
@@ -221,6 +230,9 @@ class CalibrationBatch:
     labels: Tensor
     slot: Tensor
     boxes: Tensor
+    total: int = 0
+    fg: int = 0
+    bg: int = 0
 
 
 def calibration_batch(
@@ -232,54 +244,110 @@ def calibration_batch(
     bg_seed: int,
     step: int | None = None,
     box_feats: bool = False,
+    mine: list[int] | None = None,
 ) -> CalibrationBatch | None:
-    """RoIs of one calibration step (``None`` when no RoI is kept).
+    """RoIs of one calibration step (``None`` when no RoI is kept, over every process).
 
     Args:
         draws: ``(image index, category id)`` per slot (bi-level), or ``(image index, None)``
             (image-centric: every sampled RoI kept, no 1:1 background balancing).
+        flips: the horizontal flip of each slot.
         seeds: the RoI sub-sampling seed of each slot.
         bg_seed: the seed that picks which background RoIs of the batch are kept (bi-level).
         step: the step in ``frozen``'s schedule (for its planned cache), if it has one.
         box_feats: also run the frozen box head (only the NCM head needs its features).
+        mine: the slots (positions in ``draws``) this process computes (default: all; under
+            torchrun :func:`slot_owners` shares them out, and ``draws`` is always the whole global
+            batch). The per-slot RoI counts are summed over the processes, so the batch-wide 1:1
+            background choice is the one process's: every process draws the same permutation
+            over the batch's backgrounds and keeps those of its own slots.
+
+    ``slot`` in the result is the position in ``draws`` (global), whichever process holds it.
     """
     roi = frozen.model.roi_heads
-    items = frozen.fetch(list(zip((d[0] for d in draws), flips)), step=step)
-    slots = []  # (features, size, fg boxes, fg labels, bg boxes)
-    for (_, cat_id), seed, item in zip(draws, seeds, items):
+    mine = list(range(len(draws))) if mine is None else mine
+    items = frozen.fetch([(draws[p][0], flips[p]) for p in mine], step=step)
+    slots: dict[int, tuple[Any, ...]] = {}  # position -> (features, size, fg boxes, fg labels, bg boxes)
+    for p, item in zip(mine, items):
         feats, props, gt_boxes, gt_labels, size = item
-        boxes, labels, fg, bg = roi.sample_rois(props, gt_boxes, gt_labels, seed)
+        boxes, labels, fg, bg = roi.sample_rois(props, gt_boxes, gt_labels, seeds[p])
+        cat_id = draws[p][1]
         if cat_id is not None:  # object level: only the sampled class; other foregrounds are dropped
             fg = fg[labels[fg] == label_map.to_label(cat_id)]
-        slots.append((feats, size, boxes[fg], labels[fg], boxes[bg]))
-    n_fg = sum(s[2].shape[0] for s in slots)
+        slots[p] = (feats, size, boxes[fg], labels[fg], boxes[bg])
+    counts = torch.zeros(2, len(draws), dtype=torch.long)  # (fg, bg) per slot, summed over processes
+    for p, s in slots.items():
+        counts[0, p], counts[1, p] = s[2].shape[0], s[4].shape[0]
+    counts = dist_utils.all_reduce_sum(counts)
+    n_fg, n_bg = int(counts[0].sum()), counts[1]
     if draws and draws[0][1] is not None:  # bi-level: keep as many of the batch's backgrounds as foregrounds
-        n_bg = [s[4].shape[0] for s in slots]
-        keep = torch.randperm(sum(n_bg), generator=torch.Generator().manual_seed(bg_seed))[:n_fg]
-        owner = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(n_bg, dtype=torch.long))
-        offsets = torch.tensor([0, *n_bg]).cumsum(0)
+        keep = torch.randperm(int(n_bg.sum()), generator=torch.Generator().manual_seed(bg_seed))[:n_fg]
+        owner = torch.repeat_interleave(torch.arange(len(draws)), n_bg)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), n_bg]).cumsum(0)
         kept = keep.sort().values
-        slots = [
-            (f, size, fb, fl, bb[(kept[owner[kept] == i] - offsets[i]).to(bb.device)])
-            for i, (f, size, fb, fl, bb) in enumerate(slots)
-        ]
+        for p, (f, size, fb, fl, bb) in slots.items():
+            slots[p] = (f, size, fb, fl, bb[(kept[owner[kept] == p] - offsets[p]).to(bb.device)])
+        n_kept_bg = min(n_fg, int(n_bg.sum()))
+    else:
+        n_kept_bg = int(n_bg.sum())
+    if n_fg + n_kept_bg == 0:
+        return None
     pooled, labels, slot, boxes = [], [], [], []
     with torch.inference_mode():
-        for i, (feats, size, fg_boxes, fg_labels, bg_boxes) in enumerate(slots):
+        for p, (feats, size, fg_boxes, fg_labels, bg_boxes) in slots.items():
             rois = torch.cat([fg_boxes, bg_boxes])
-            if rois.shape[0]:
+            if rois.shape[0] or not pooled:  # one empty entry keeps the shapes when a process has no RoI
                 pooled.append(roi.pool(feats, [rois], [size]))
                 labels.append(
                     torch.cat([fg_labels, torch.zeros(bg_boxes.shape[0], dtype=torch.int64, device=fg_labels.device)])
                 )
-                slot.append(torch.full((rois.shape[0],), i, dtype=torch.int64))
+                slot.append(torch.full((rois.shape[0],), p, dtype=torch.int64))
                 boxes.append(rois)
-        if not pooled:
-            return None
+        if not pooled:  # this process holds no slot in this step: no RoI, the shapes kept
+            channels, size = frozen.model.backbone.out_channels, roi.box_roi_pool.output_size
+            pooled = [torch.zeros(0, channels, *size, device=frozen.device)]
+            labels = [torch.zeros(0, dtype=torch.int64, device=frozen.device)]
+            slot, boxes = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, 4, device=frozen.device)]
         pooled_t = torch.cat(pooled)
         feats_t = roi.box_head(pooled_t).clone() if box_feats else None
     # inference tensors cannot enter autograd: clone into normal tensors for the head's training
-    return CalibrationBatch(pooled_t.clone(), feats_t, torch.cat(labels).clone(), torch.cat(slot), torch.cat(boxes))
+    return CalibrationBatch(
+        pooled_t.clone(),
+        feats_t,
+        torch.cat(labels).clone(),
+        torch.cat(slot),
+        torch.cat(boxes),
+        total=n_fg + n_kept_bg,
+        fg=n_fg,
+        bg=n_kept_bg,
+    )
+
+
+def slot_owners(schedule: list[list[Key]], world: int) -> list[list[int]]:
+    """The process that computes each slot of each step (``owners[step][slot]``), for ``world``
+    processes: balanced (at most ``ceil(slots / world)`` per process and step) and sticky (an
+    image goes to the process that computed it before when that one has room), so that each
+    process's cache serves its images again as the one process's cache would. A pure function
+    of the schedule: every process computes the same table."""
+    owner: dict[int, int] = {}
+    table = []
+    for keys in schedule:
+        cap = -(-len(keys) // world)
+        load = [0] * world
+        ranks = [-1] * len(keys)
+        for p, (index, _) in enumerate(keys):
+            r = owner.get(index)
+            if r is not None and load[r] < cap:
+                ranks[p] = r
+                load[r] += 1
+        for p, (index, _) in enumerate(keys):
+            if ranks[p] < 0:
+                r = min(range(world), key=lambda q: (load[q], q))
+                ranks[p] = r
+                load[r] += 1
+                owner.setdefault(index, r)
+        table.append(ranks)
+    return table
 
 
 def calibration_config(cfg: Config, overrides: list[str] | None, source: str) -> Config:
@@ -303,7 +371,12 @@ def calibrate(
     ``name``: the folder under ``RUN/calibration`` (default from the settings,
     :func:`simcal.run.calibration_name`). With ``snapshot_every`` K, the head is also saved every K
     steps (for the dynamics analysis).
+
+    Under torchrun each process computes its share of every step's slots (the global batch stays
+    ``classes_per_batch``) with its own frozen-feature cache; the head's gradients are summed over
+    the processes and rank 0 writes the files.
     """
+    _, _, device = dist_utils.init_distributed()
     r = Run(run)
     cfg = calibration_config(r.load_config(), overrides, str(r.config))
     files = r.calibration(name or calibration_name(cfg.calibration))
@@ -324,6 +397,7 @@ def calibrate(
         snapshot_every=snapshot_every,
         progress=progress,
         threads=cfg.train.threads,
+        device=device,
     )
     return files.head
 
@@ -343,7 +417,8 @@ def _finished(files: CalibrationFiles | None, c: CalibrationConfig, resume: bool
     if not resume:
         raise InputError(files.root, "(calibration)", "already done: pass --resume to continue it, or another --name")
     _check_resume(files.head, c, files)
-    print(f"calibration {files.name} is already finished with these settings: nothing to do")
+    if dist_utils.is_main():
+        print(f"calibration {files.name} is already finished with these settings: nothing to do")
     return True
 
 
@@ -442,6 +517,15 @@ def _calibrate(
     snapshot_every: int,
     progress: bool,
 ) -> CalibratedHead:
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    if world > c.classes_per_batch:
+        raise InputError(
+            "calibration.classes_per_batch",
+            "classes_per_batch",
+            f"{c.classes_per_batch} slots per step cannot be shared by {world} processes: use at most "
+            f"{c.classes_per_batch} processes",
+        )
+    main = rank == 0
     counts = class_instance_counts(train_json, label_map.category_ids, dataset.source)
     torch.manual_seed(c.seed)
     head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed).to(device)
@@ -462,14 +546,22 @@ def _calibrate(
         head.load_state_dict(ckpt["head"])
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
+        if c.head == "ncm" and not main:  # rank 0's checkpoint holds every process's sums so far
+            head.ncm_sums.zero_()
+            head.ncm_counts.zero_()
         start = int(ckpt["step"])
-        rewrite_lines(files.log, lambda line: json.loads(line)["step"] <= start)
-    if files is not None:
+        if main:
+            rewrite_lines(files.log, lambda line: json.loads(line)["step"] <= start)
+    if files is not None and main:
         files.root.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier()
 
     # every draw is a pure function of (seed, step): the whole schedule is known, and the cache plans by it
     draws_all, flips_of = _schedule(c, train_json, len(dataset))
     schedule = [list(zip((d[0] for d in draws), flips)) for draws, flips in zip(draws_all, flips_of)]
+    # under torchrun each process fetches (and caches) only its own slots
+    mine_of = [[p for p, r in enumerate(owners) if r == rank] for owners in slot_owners(schedule, world)]
+    schedule = [[keys[p] for p in mine] for keys, mine in zip(schedule, mine_of)]
     frozen = FrozenDetector(model, dataset, c.cache_mb, device, schedule=schedule, miss_batch=c.miss_batch)
     name = files.name if files is not None else "(in memory)"
     meta = {
@@ -480,7 +572,10 @@ def _calibrate(
         "calibration": vars(c).copy(),
         "num_classes": label_map.num_classes,
     }
-    bar = tqdm(total=c.steps, initial=start, desc=f"calibrate {name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=c.steps, initial=start, desc=f"calibrate {name}", disable=not (progress and main), dynamic_ncols=True
+    )
+    writes = files is not None and main
     t0 = time.perf_counter()
     head.train()
     for step in range(start, c.steps):
@@ -496,53 +591,89 @@ def _calibrate(
             streams.slot_seed(c.seed, step, streams.CALIBRATION_BACKGROUND),
             step=step,
             box_feats=c.head == "ncm",
+            mine=mine_of[step],
         )
         record: dict[str, Any] = {"step": step + 1, "lr": lr, "fg": 0, "bg": 0}
         if batch is not None:
-            record.update(fg=int((batch.labels > 0).sum()), bg=int((batch.labels == 0).sum()))
+            record.update(fg=batch.fg, bg=batch.bg)
             if c.head == "ncm":
                 head.ncm_accumulate(batch.box_feats, batch.labels)
             else:
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 loss = loss_fn(head(batch.pooled), batch.labels)
+                if world > 1:  # this process's RoIs' share of the step's mean over every process
+                    loss = loss * (batch.labels.numel() / batch.total)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                record["loss"] = _sum_gradients(params, loss) if world > 1 else float(loss.detach())
                 optimizer.step()
-                record["loss"] = float(loss.detach())
         done = step + 1
         bar.update(1)
         if done % c.log_period == 0 or done == c.steps:
+            hits, misses = dist_utils.all_reduce_sum(torch.tensor([frozen.hits, frozen.misses])).tolist()
             record.update(
-                cache_hits=frozen.hits,
-                cache_misses=frozen.misses,
+                cache_hits=hits,
+                cache_misses=misses,
                 sec_per_step=(time.perf_counter() - t0) / (done - start),
             )
-            if files is not None:
+            if writes:
                 append_line(files.log, json.dumps(record))
             if "loss" in record:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
-        if files is not None and snapshot_every and done % snapshot_every == 0 and c.head != "ncm":
+        if writes and snapshot_every and done % snapshot_every == 0 and c.head != "ncm":
             save_head(head, files.snapshot(done), {**meta, "step": done})
         if files is not None and done % c.checkpoint_period == 0 and done != c.steps:
-            save_checkpoint(
-                files.checkpoint,
-                {
-                    "head": head.state_dict(),
-                    "step": done,
-                    "optimizer": optimizer.state_dict() if optimizer else None,
-                    "calibration": vars(c).copy(),
-                },
-            )
+            if c.head == "ncm":
+                _gather_ncm(head, keep_on_rank0=True)
+            if main:
+                save_checkpoint(
+                    files.checkpoint,
+                    {
+                        "head": head.state_dict(),
+                        "step": done,
+                        "optimizer": optimizer.state_dict() if optimizer else None,
+                        "calibration": vars(c).copy(),
+                    },
+                )
     bar.close()
     if c.head == "ncm":
+        _gather_ncm(head, keep_on_rank0=False)
         head.ncm_finalize()
     elapsed = time.perf_counter() - t0
-    if files is not None:
+    hits, misses = dist_utils.all_reduce_sum(torch.tensor([frozen.hits, frozen.misses])).tolist()
+    if writes:
         save_head(head, files.head, {**meta, "step": c.steps})
         write_json(
             files.summary,
-            {**meta, "seconds": elapsed, "cache_hits": frozen.hits, "cache_misses": frozen.misses},
+            {**meta, "seconds": elapsed, "cache_hits": hits, "cache_misses": misses, "processes": world},
             indent=1,
         )
+    dist_utils.barrier()  # the head is on disk before any process returns its path
     return head
+
+
+def _sum_gradients(params: list[nn.Parameter], loss: Tensor) -> float:
+    """Sum the head's gradients and this step's loss over processes, in one all-reduce; returns the
+    step's loss. Each process's loss is its RoIs' share of the global mean (the losses are means over
+    RoIs), so the summed gradient is the one process's gradient over the whole global batch."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = dist_utils.all_reduce_sum(torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1)]))
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    return float(flat[-1])
+
+
+def _gather_ncm(head: CalibratedHead, keep_on_rank0: bool) -> None:
+    """Sum the NCM head's class sums and counts over processes. ``keep_on_rank0``: afterwards only
+    rank 0 holds them (the others restart from zero), so a checkpoint from rank 0 is complete and a
+    later sum does not count anything twice; else every process holds the total (the final means)."""
+    if dist_utils.world_size() == 1:
+        return
+    head.ncm_sums.copy_(dist_utils.all_reduce_sum(head.ncm_sums))
+    head.ncm_counts.copy_(dist_utils.all_reduce_sum(head.ncm_counts))
+    if keep_on_rank0 and dist_utils.rank() != 0:
+        head.ncm_sums.zero_()
+        head.ncm_counts.zero_()

@@ -47,11 +47,20 @@ def cpu_share() -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over processes (``t`` itself in one process), on ``t``'s device. NCCL reduces
+    CUDA tensors only: a CPU tensor travels through the current CUDA device and comes back."""
+    if world_size() == 1:
+        return t
+    work = t.cuda() if dist.get_backend() == "nccl" and t.device.type != "cuda" else t.clone()
+    dist.all_reduce(work)
+    return work.to(t.device)
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Average a dict of floats over processes (for logging and the non-finite check)."""
     if world_size() == 1:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
+    t = all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
     return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
