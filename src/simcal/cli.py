@@ -293,7 +293,7 @@ def _print_rows(rows: dict[str, dict[str, float | None]]) -> None:
 
 
 #: analyses whose detector pass torchrun shards over processes (the others run on rank 0 alone)
-SHARDED_ANALYSES = ("oracle", "sweep-T", "dynamics")
+SHARDED_ANALYSES = ("recall", "oracle", "sweep-T", "dynamics")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -307,7 +307,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     common = dict(split=args.split, max_images=args.max_images, progress=not args.no_progress and rank == 0)
     if args.tool == "recall":
         out = an.analyze_recall(args.run, **common)
-        print(f"proposal AR@100 {100 * out['AR@100']:.1f}  AR@1000 {100 * out['AR@1000']:.1f}")
+        if out:  # {}: not rank 0 under torchrun
+            print(f"proposal AR@100 {100 * out['AR@100']:.1f}  AR@1000 {100 * out['AR@1000']:.1f}")
     elif args.tool == "oracle":
         out = an.analyze_oracle(args.run, iou=args.iou, **common)
         if out:  # {}: not rank 0 under torchrun (its share predicted; rank 0 reports)

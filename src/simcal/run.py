@@ -171,6 +171,11 @@ class AnalysisFiles:
         """A second figure of the tool: ``<tool>_<name>.png``."""
         return self.root / f"{self.tool}_{name}.png"
 
+    def part(self, rank: int) -> Path:
+        """Process ``rank``'s share of the tool's detector pass under torchrun (``.npy``), joined
+        by rank 0 and removed."""
+        return self.root / f".{self.tool}.rank{rank}.npy"
+
 
 @dataclass(frozen=True)
 class ReportFiles:

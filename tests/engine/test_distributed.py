@@ -136,8 +136,8 @@ def test_each_process_takes_its_share_of_the_cores(monkeypatch):
 
 
 def test_a_sharded_analysis_under_torchrun_equals_one_process(calibrated_run, tmp_path):
-    """`torchrun ... -m simcal analyze sweep-T --run-dir R`: the detector pass is sharded, rank 0
-    evaluates, and the analysis equals one process's."""
+    """`torchrun ... -m simcal analyze sweep-T|recall --run-dir R`: the detector (RPN) pass is
+    sharded, rank 0 evaluates, and the analysis equals one process's."""
     from tests.conftest import copy_run
 
     one, two = copy_run(calibrated_run, tmp_path / "one"), copy_run(calibrated_run, tmp_path / "two")
@@ -148,6 +148,15 @@ def test_a_sharded_analysis_under_torchrun_equals_one_process(calibrated_run, tm
     assert p.stdout.count("written to") == 1
     a, b = (json.loads((r / "analysis" / "sweep_T.json").read_text()) for r in (one, two))
     assert a == b and len(a["sweep"]) == 2
+
+    # proposal recall: each process's RPN share saved to its part file, rank 0 joins and evaluates
+    assert main(["analyze", "recall", "--run", str(one), "--max-images", "9", "--no-progress"]) == 0
+    p = _torchrun("analyze", "recall", "--run-dir", str(two), "--max-images", "9", "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("proposal AR@100") == 1
+    a, b = (json.loads((r / "analysis" / "recall.json").read_text()) for r in (one, two))
+    assert a == b and a["num_images"] == 9 and a["AR@1000"] > 0
+    assert not list((two / "analysis").glob(".recall.rank*"))
 
 
 def _head(run, name):

@@ -18,6 +18,15 @@ def test_proposal_recall_by_hand():
     out = proposal_recall(gt, shifted, (100, 1000))
     assert out["AR@100"] == pytest.approx(0.3)
     assert out["recall_by_iou"]["100"][:4] == [1.0, 1.0, 1.0, 0.0]
+    # the array form (what torchrun's parts join into) is the same; an image without proposals
+    # keeps its objects missed: 1 of 3 objects found
+    from simcal.evaluation.analysis import proposal_rows
+
+    rows = np.concatenate([proposal_rows(i, b[:, :4]) for i, b in shifted.items()])
+    assert proposal_recall(gt, rows, (100, 1000)) == out
+    one_found = {1: np.zeros((0, 5)), 2: exact[2]}
+    assert proposal_recall(gt, one_found)["AR@100"] == pytest.approx(1 / 3)
+    assert proposal_recall(gt, np.zeros((0, 6)), image_ids=[1, 2])["AR@100"] == 0.0
 
 
 def test_other_object_groups_by_hand():

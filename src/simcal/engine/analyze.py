@@ -32,9 +32,9 @@ from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, pr
 from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
 from simcal.evaluation import diagnostics
-from simcal.evaluation.analysis import other_object_groups, proposal_recall
+from simcal.evaluation.analysis import other_object_groups, proposal_recall, proposal_rows
 from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
-from simcal.io import write_json
+from simcal.io import atomic_open, write_json
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import eval_proposal_counts, proposal_counts
 from simcal.report.plots import grouped_bars, line_plot, reliability_plot
@@ -64,22 +64,42 @@ def _analysis(run: Path, tool: str):
 def analyze_recall(
     run: Path, *, split: str = "val", max_images: int | None = None, batch_size: int = 8, progress: bool = True
 ) -> dict[str, Any]:
-    """Proposal AR@100 / AR@1000 (the RPN set to at least 1000 test proposals, LVIS's setting)."""
+    """Proposal AR@100 / AR@1000 (the RPN set to at least 1000 test proposals, LVIS's setting).
+
+    Under torchrun each process runs the RPN on a contiguous share of the images and saves its
+    proposals (``(P, 6)`` rows per image, :func:`~simcal.evaluation.analysis.proposal_rows`) to
+    its part file; rank 0 joins the parts and evaluates. The other processes return ``{}``.
+    """
+    rank, world, device = dist_utils.init_distributed()
     model, label_map, cfg = load_model(run)
     setup_torch(cfg.train.threads)
+    model.to(device)
     gt_json, images = resolve_split(cfg, split, None, None)
     gt = load_dataset(gt_json)
     ds = DetectionDataset(gt, images, label_map=label_map, with_masks=False, source=gt_json)
     indices = list(range(len(ds)))[: max_images or None]
-    loader = data_loader(torch.utils.data.Subset(ds, indices), batch_size=batch_size)
-    proposals: dict[int, np.ndarray] = {}
+    mine = [int(i) for i in np.array_split(np.asarray(indices, dtype=np.int64), world)[rank]]
+    loader = data_loader(torch.utils.data.Subset(ds, mine), batch_size=batch_size)
+    rows: list[np.ndarray] = []
     pre, post = eval_proposal_counts(model)
     with proposal_counts(model, max(1000, pre), max(1000, post)):
         for imgs, targets in tqdm(loader, desc="proposals", disable=not progress, dynamic_ncols=True):
-            for boxes, t in zip(model.proposals(imgs), targets):
-                score = -torch.arange(boxes.shape[0], dtype=torch.float32)  # RPN output is sorted by objectness
-                proposals[int(t["image_id"])] = torch.cat([boxes, score[:, None]], 1).numpy()
-    out = proposal_recall(gt, proposals, (100, 1000))
+            for boxes, t in zip(model.proposals([im.to(device) for im in imgs]), targets):
+                rows.append(proposal_rows(int(t["image_id"]), boxes.cpu().numpy()))  # RPN order: best first
+    files = Run(run).analysis("recall")
+    proposals = np.concatenate(rows) if rows else np.zeros((0, 6))
+    if world > 1:
+        files.root.mkdir(parents=True, exist_ok=True)
+        with atomic_open(files.part(rank), "wb") as f:
+            np.save(f, proposals)
+        dist_utils.barrier()
+        if rank != 0:
+            return {}
+        proposals = np.concatenate([np.load(files.part(r)) for r in range(world)])
+        for r in range(world):
+            files.part(r).unlink()
+    image_ids = [int(ds.image_info(i)["id"]) for i in indices]
+    out = proposal_recall(gt, proposals, (100, 1000), image_ids=image_ids)
     out["num_images"] = len(indices)
     files = _analysis(run, "recall")
     write_json(files.json, out, indent=1)

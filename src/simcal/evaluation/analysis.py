@@ -11,31 +11,53 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 
+def proposal_rows(image_id: int, boxes: np.ndarray) -> np.ndarray:
+    """One image's proposals as the rows :func:`proposal_recall` reads: ``(P, 6)`` float64
+    ``image_id, x1, y1, x2, y2, objectness``; ``boxes`` is ``(P, 4)`` xyxy, best first (the
+    objectness is minus the rank: only the order counts)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    rank = -np.arange(boxes.shape[0], dtype=np.float64)
+    return np.column_stack([np.full(boxes.shape[0], float(image_id)), boxes, rank])
+
+
 def proposal_recall(
-    gt: dict[str, Any], proposals: dict[int, np.ndarray], max_dets: Sequence[int] = (100, 1000)
+    gt: dict[str, Any],
+    proposals: dict[int, np.ndarray] | np.ndarray,
+    max_dets: Sequence[int] = (100, 1000),
+    image_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Class-agnostic average recall of region proposals, as COCO's AR (IoU 0.50:0.95).
 
     Args:
         gt: validated ground truth (crowd regions are ignored, as in COCO).
-        proposals: per image id, ``(P, 5)`` rows ``x1, y1, x2, y2, objectness`` in image pixels.
+        proposals: per image id, ``(P, 5)`` rows ``x1, y1, x2, y2, objectness`` in image pixels;
+            or all images' rows in one ``(N, 6)`` array ``image_id, x1, y1, x2, y2, objectness``
+            (:func:`proposal_rows`; no per-detection objects, for LVIS-size splits).
         max_dets: the proposal budgets (top by objectness).
+        image_ids: the images evaluated (default: the dict's keys, or the ids in the array);
+            an image without proposals still counts its objects as missed.
 
     Returns:
         ``{"AR@100": .., "AR@1000": .., "recall_by_iou": {"100": [10 values], ...}, "iou_thresholds": [...]}``.
     """
     cat = gt["categories"][0]["id"] if gt["categories"] else 1
-    dets = []
-    for image_id, props in proposals.items():
-        for x1, y1, x2, y2, s in np.asarray(props, dtype=np.float64).reshape(-1, 5):
-            dets.append(
-                {"image_id": int(image_id), "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
-            )
+    if isinstance(proposals, dict):
+        ids = sorted(proposals) if image_ids is None else sorted(image_ids)
+        parts = [
+            np.column_stack([np.full(len(p), float(i)), np.asarray(p, dtype=np.float64).reshape(-1, 5)])
+            for i, p in proposals.items()
+        ]
+        rows = np.concatenate(parts) if parts else np.zeros((0, 6))
+    else:
+        rows = np.asarray(proposals, dtype=np.float64).reshape(-1, 6)
+        ids = sorted(np.unique(rows[:, 0]).astype(int).tolist()) if image_ids is None else sorted(image_ids)
+    # the engine's (N, 7) rows: image_id, x, y, w, h, score, category
+    dets = np.column_stack([rows[:, 0], rows[:, 1:3], rows[:, 3:5] - rows[:, 1:3], rows[:, 5], np.full(len(rows), cat)])
     coco_gt = hotcoco.COCO({"images": gt["images"], "annotations": gt["annotations"], "categories": gt["categories"]})
     ev = hotcoco.COCOeval(coco_gt, coco_gt.load_res(dets), "bbox")
     ev.params.use_cats = False
     ev.params.max_dets = sorted(max_dets)
-    ev.params.img_ids = sorted(proposals)
+    ev.params.img_ids = [int(i) for i in ids]
     ev.evaluate()
     ev.accumulate()
     recall = np.asarray(ev.eval["recall"])  # [T, K=1, A, M]
