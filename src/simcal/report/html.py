@@ -258,12 +258,14 @@ def build_report(
 
     # --- class frequency
     p = files.figure("class_frequency")
+    like = (train_json.get("info") or {}).get("like")  # a synth --like set: its groups are the real set's labels
     plots.class_histogram(
         p,
         [s.instance_count for s in stats],
         [s.frequency for s in stats],
         edges,
         title=f"training instances per class ({len(stats)} classes)",
+        **({"group_names": [f"{g} (as in {like})" for g in ("rare", "common", "frequent")]} if like else {}),
     )
     figures["class_frequency"] = p.name
     sections.append("<h2>Class frequency</h2>" + _img(p, "class frequency histogram"))

@@ -97,9 +97,11 @@ def class_histogram(
     edges: Sequence[float],
     *,
     title: str,
+    group_names: Sequence[str] = ("rare (<10 images)", "common (10-100)", "frequent (>100)"),
 ) -> None:
     """Training instances per class, classes sorted by count (log y), coloured by frequency group
-    (rare / common / frequent), with the instance-count bin edges drawn and the bins named."""
+    (rare / common / frequent, named ``group_names`` in the legend), with the instance-count bin
+    edges drawn and the bins named."""
     order = sorted(range(len(counts)), key=lambda i: -counts[i])
     fig, ax = plt.subplots(figsize=(8.0, 3.8), dpi=110)
     ax.bar(
@@ -120,7 +122,7 @@ def class_histogram(
         mid = (bounds[k] * bounds[k + 1]) ** 0.5
         ax.text(len(order) - 0.5, mid, f"AP{k + 1}: {n} classes", ha="right", va="center", fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in GROUP_COLOURS.values()]
-    ax.legend(handles, ["rare (<10 images)", "common (10-100)", "frequent (>100)"], fontsize=8, loc="upper center")
+    ax.legend(handles, list(group_names), fontsize=8, loc="upper center")
     ax.set(title=title, xlabel="classes, sorted by training instances", ylabel="training instances")
     _save(fig, None, path)
 
