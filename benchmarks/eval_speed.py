@@ -75,7 +75,7 @@ def worker(engine: str, gt_path: str, res_path: str, iou: str, protocol: str = "
         results = json.load(f)
     if coco_rules:
         gt = _strip_lvis(gt)
-    drop = "bbox" if iou == "segm" else "segmentation"
+    drop = "segmentation" if iou == "bbox" else "bbox"
     for d in results:  # every engine gets the results in their correct form for this iou type
         d.pop(drop, None)
     if engine != "simcal-dicts":

@@ -59,6 +59,7 @@ def evaluate(
     bins: str | Sequence[float] = "auto",
     protocol: str = "lvis",
     dets_per_class: int = choices.FIXED_DETS_PER_CLASS,
+    dilation: float = choices.BOUNDARY_DILATION,
 ) -> EvalResult:
     """LVIS (or COCO) AP, APr/APc/APf and instance-bin AP of detections against ground truth.
 
@@ -67,7 +68,8 @@ def evaluate(
     ``bins``: ``"auto"`` (the bins the training json, else the gt, declares in ``info.bins``, as
     ``synth --like`` sets do; else LVIS's), a preset name or inner edges. ``protocol``: ``lvis``
     (300 per image), ``fixed`` (AP-fixed: no per-image cap, the ``dets_per_class`` best per class
-    over the dataset) or ``pool`` (AP-pool). A results file
+    over the dataset) or ``pool`` (AP-pool). ``iou``: ``bbox``, ``segm`` or ``boundary`` (boundary
+    IoU of the masks, the band ``dilation`` x the image diagonal wide). A results file
     evaluated as ``bbox`` is streamed into columns (:func:`simcal.data.annotations.load_box_results`),
     so LVIS v1 val's 5.9 M detections fit in a few hundred MB.
     """
@@ -86,7 +88,9 @@ def evaluate(
         dets = load_box_results(results, gt_data)
     else:
         dets = load_results(results, gt_data, iou)
-    return run_evaluation(gt_data, dets, iou, stats, edges, protocol=protocol, dets_per_class=dets_per_class)
+    return run_evaluation(
+        gt_data, dets, iou, stats, edges, protocol=protocol, dets_per_class=dets_per_class, dilation=dilation
+    )
 
 
 def train(

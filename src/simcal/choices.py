@@ -84,6 +84,10 @@ SCORERS = ("orig", "cal", "dual", "oracle", *POSTHOC)
 
 # --------------------------------------------------------------------------- evaluation, tools
 IOU_TYPES = ("bbox", "segm")
+#: ``simcal evaluate --iou``: also boundary IoU for masks (Cheng et al. 2021; the LVIS 2021 challenge's)
+EVAL_IOU_TYPES = (*IOU_TYPES, "boundary")
+#: boundary IoU's band: this fraction of the image diagonal (``--dilation``)
+BOUNDARY_DILATION = 0.02
 #: evaluation protocols: LVIS's 300 per image; AP-fixed (no per-image cap, top K per class over the
 #: dataset); AP-pool (AP-fixed's detections, precision and recall pooled over each group's classes)
 PROTOCOLS = ("lvis", "fixed", "pool")

@@ -205,6 +205,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         bins=args.bins,
         protocol=args.protocol,
         dets_per_class=args.dets_per_class,
+        dilation=args.dilation,
     )
     print(result.table())
     if args.out:
@@ -453,7 +454,18 @@ COMMANDS: tuple[Command, ...] = (
         (
             opt("--gt", required=True, type=Path, help="ground truth json (LVIS or COCO)"),
             opt("--results", required=True, type=Path, help="results json: a list of detections"),
-            opt("--iou", choices=choices.IOU_TYPES, default="segm", help="default %(default)s"),
+            opt(
+                "--iou",
+                choices=choices.EVAL_IOU_TYPES,
+                default="segm",
+                help="boundary: boundary IoU of the masks (LVIS 2021 challenge), default %(default)s",
+            ),
+            opt(
+                "--dilation",
+                type=_open_unit,
+                default=choices.BOUNDARY_DILATION,
+                help="--iou boundary: band width as a fraction of the image diagonal (default %(default)s)",
+            ),
             opt("--train", type=Path, help="training json for the counts (default: the gt categories' fields)"),
             opt(
                 "--bins",

@@ -199,7 +199,7 @@ def validate_results(
     Args:
         results: the parsed results json: a list of ``{image_id, category_id, score, bbox | segmentation}``.
         dataset: the validated ground truth it refers to.
-        iou_type: ``"bbox"`` needs ``bbox``; ``"segm"`` needs ``segmentation``.
+        iou_type: ``"bbox"`` needs ``bbox``; ``"segm"`` and ``"boundary"`` need ``segmentation``.
 
     Returns:
         The list itself. An empty list is valid.
@@ -207,8 +207,8 @@ def validate_results(
     src = str(source)
     if not isinstance(results, list):
         raise InputError(src, "(top level)", f"results must be a list of detections, got {type(results).__name__}")
-    if iou_type not in ("bbox", "segm"):
-        raise InputError("--iou", "iou", f"expected bbox or segm, got {iou_type!r}")
+    if iou_type not in ("bbox", "segm", "boundary"):
+        raise InputError("--iou", "iou", f"expected bbox, segm or boundary, got {iou_type!r}")
     image_ids = {img["id"] for img in dataset["images"]}
     cat_ids = {cat["id"] for cat in dataset["categories"]}
     for i, det in enumerate(results):
@@ -233,7 +233,7 @@ def _check_detection(src: str, i: int, det: Any, image_ids: set[int], cat_ids: s
     else:
         seg = det.get("segmentation")
         if seg is None:
-            raise InputError(src, f"{field}.segmentation", "missing (needed for --iou segm)")
+            raise InputError(src, f"{field}.segmentation", f"missing (needed for --iou {iou_type})")
         _check_segmentation(src, f"{field}.segmentation", seg)
 
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import hotcoco
 import numpy as np
 
-from simcal.choices import FIXED_DETS_PER_CLASS, PROTOCOLS
+from simcal.choices import BOUNDARY_DILATION, FIXED_DETS_PER_CLASS, PROTOCOLS
 from simcal.data.annotations import BoxResults, collector_paused, is_lvis
 from simcal.data.stats import BIN_PRESETS, CategoryStat, bin_labels, category_stats, stats_from_fields
 from simcal.errors import InputError
@@ -66,6 +66,7 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
     protocol: str = "lvis"  # simcal.choices.PROTOCOLS
     dets_per_class: int | None = None  # AP-fixed / AP-pool: the per-class cap over the dataset
+    dilation: float | None = None  # boundary IoU: the band, as a fraction of the image diagonal
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +81,7 @@ class EvalResult:
             "num_detections_evaluated": self.num_detections_evaluated,
             "protocol": self.protocol,
             "dets_per_class": self.dets_per_class,
+            **({"dilation": self.dilation} if self.dilation is not None else {}),
             "per_class": self.per_class,
         }
 
@@ -94,6 +96,8 @@ class EvalResult:
             if self.protocol == "lvis"
             else f"no per-image cap, {self.dets_per_class} dets/class"
         )
+        if self.dilation is not None:
+            caps += f", band {self.dilation:g} x diagonal"
         name = {"lvis": "AP", "fixed": "AP-fixed", "pool": "AP-pool (pooled over each group's classes)"}
         title = (
             f"{self.iou_type} {name[self.protocol]} ({self.mode.upper()} rules, {caps}, "
@@ -187,8 +191,13 @@ def evaluated_count(results: Results, gt: dict[str, Any], max_dets: int) -> int:
 
     The engine applies the rules; this only counts, for the ``num_detections_evaluated`` field.
     """
+    return len(lvis_kept(results, gt, max_dets))
+
+
+def lvis_kept(results: Results, gt: dict[str, Any], max_dets: int) -> np.ndarray:
+    """The positions of the detections the LVIS rules leave (see :func:`evaluated_count`), ascending."""
     if not len(results):
-        return 0
+        return np.zeros(0, dtype=np.int64)
     img, cat, score = _columns(results)
     order = np.lexsort((np.arange(len(results)), -score, img))  # by image, then score, then position
     sorted_img = img[order]
@@ -199,7 +208,7 @@ def evaluated_count(results: Results, gt: dict[str, Any], max_dets: int) -> int:
     for im in gt["images"]:
         allowed.update(im["id"] * span + c for c in im.get("neg_category_ids", ()) if c < span)
     codes = img[kept] * span + cat[kept]
-    return int(np.isin(codes, np.fromiter(allowed, dtype=np.int64, count=len(allowed))).sum())
+    return np.sort(kept[np.isin(codes, np.fromiter(allowed, dtype=np.int64, count=len(allowed)))])
 
 
 def cap_per_class(results: R, k: int) -> R:
@@ -227,6 +236,7 @@ def evaluate(
     lvis_rules: bool | None = None,
     protocol: str = "lvis",
     dets_per_class: int = FIXED_DETS_PER_CLASS,
+    dilation: float = BOUNDARY_DILATION,
 ) -> EvalResult:
     """Evaluate validated detections against validated ground truth.
 
@@ -234,7 +244,8 @@ def evaluate(
         gt: ground truth dataset (COCO or LVIS dict); not modified.
         results: detections ``{image_id, category_id, score, bbox | segmentation}``, or
             :class:`~simcal.data.annotations.BoxResults` for bbox; not modified.
-        iou_type: ``"bbox"`` or ``"segm"``.
+        iou_type: ``"bbox"``, ``"segm"`` or ``"boundary"`` (boundary IoU of the masks, bands of
+            ``dilation`` x the image diagonal; :func:`boundary_precision`).
         stats: training statistics of every gt category (see :func:`resolve_category_stats`).
         edges: inner bin edges used for ``stats`` (AP1..AP<len(edges)+1>).
         lvis_rules: federated LVIS rules; default: when the gt is LVIS.
@@ -248,7 +259,15 @@ def evaluate(
         An :class:`EvalResult`.
     """
     return evaluate_protocols(
-        gt, results, iou_type, stats, edges, lvis_rules=lvis_rules, protocols=(protocol,), dets_per_class=dets_per_class
+        gt,
+        results,
+        iou_type,
+        stats,
+        edges,
+        lvis_rules=lvis_rules,
+        protocols=(protocol,),
+        dets_per_class=dets_per_class,
+        dilation=dilation,
     )[protocol]
 
 
@@ -262,11 +281,21 @@ def evaluate_protocols(
     lvis_rules: bool | None = None,
     protocols: Sequence[str] = ("lvis",),
     dets_per_class: int = FIXED_DETS_PER_CLASS,
+    dilation: float = BOUNDARY_DILATION,
 ) -> dict[str, EvalResult]:
     """:func:`evaluate` under several protocols: ``{protocol: EvalResult}``. AP-fixed and AP-pool
     share one run of the engine (the same detections and matches, accumulated two ways)."""
-    if iou_type not in ("bbox", "segm"):
-        raise InputError("--iou", "iou", f"expected bbox or segm, got {iou_type!r}")
+    if iou_type not in ("bbox", "segm", "boundary"):
+        raise InputError("--iou", "iou", f"expected bbox, segm or boundary, got {iou_type!r}")
+    if iou_type == "boundary" and "pool" in protocols:
+        raise InputError(
+            "--protocol",
+            "protocol",
+            "AP-pool is not available with --iou boundary (the boundary engine keeps no per-image matches "
+            "to pool): use --protocol lvis or fixed, or AP-pool with --iou segm",
+        )
+    if not 0 < dilation < 1:
+        raise InputError("--dilation", "dilation", f"a fraction of the image diagonal in (0, 1), got {dilation}")
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise InputError("--protocol", "protocol", f"expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -274,12 +303,24 @@ def evaluate_protocols(
         raise InputError("--dets-per-class", "dets_per_class", f"must be >= 1, got {dets_per_class}")
     if lvis_rules is None:
         lvis_rules = is_lvis(gt)
-    if iou_type == "segm":
+    if iou_type != "bbox":
         for i, ann in enumerate(gt["annotations"]):
             if not ann.get("segmentation"):
-                raise InputError("<ground truth>", f"annotations[{i}].segmentation", "missing: cannot evaluate segm")
+                raise InputError(
+                    "<ground truth>", f"annotations[{i}].segmentation", f"missing: cannot evaluate {iou_type}"
+                )
     cat_ids = sorted(c["id"] for c in gt["categories"])
     out: dict[str, EvalResult] = {}
+    if iou_type == "boundary":
+        for protocol in protocols:
+            precision, kept = boundary_precision(gt, results, stats, lvis_rules, protocol, dets_per_class, dilation)
+            max_dets = per_image_cap(protocol, lvis_rules)
+            result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), kept)
+            result.protocol = protocol
+            result.dets_per_class = dets_per_class if protocol != "lvis" else None
+            result.dilation = dilation
+            out[protocol] = result
+        return out
     for run in [[p for p in protocols if p == "lvis"], [p for p in protocols if p != "lvis"]]:
         if not run:
             continue
@@ -334,6 +375,76 @@ def engine_eval(
         ev.params.max_dets = [per_pair] if lvis_rules or fixed else [1, 10, per_pair]
         ev.evaluate()
     return ev, kept
+
+
+def boundary_precision(
+    gt: dict[str, Any],
+    results: list[dict[str, Any]],
+    stats: list[CategoryStat],
+    lvis_rules: bool,
+    protocol: str,
+    dets_per_class: int,
+    dilation: float = BOUNDARY_DILATION,
+) -> tuple[np.ndarray, int]:
+    """Boundary-IoU precision ``[T, R, K, A]`` (as :func:`engine_eval`'s accumulated one) and the
+    number of detections matched, on faster-coco-eval (hotcoco has no boundary IoU).
+
+    Boundary IoU (Cheng et al. 2021, the official boundary-iou-api): the IoU of the two masks'
+    boundary bands (each mask minus its erosion by ``round(dilation * image diagonal)`` pixels,
+    zero outside the image), taken as ``min(mask IoU, band IoU)``; a crowd region keeps mask IoU.
+    The LVIS rules the engine does not apply as lvis-api does are applied here first, as lvis-api
+    applies them: the ``max_dets`` best detections per image (ties in results order), and only
+    classes in the image's ground truth or negatives (the engine ignores unmatched detections of
+    not-exhaustive classes itself). AP-fixed first keeps the ``dets_per_class`` best per class.
+    The inputs are not modified (the engine writes RLEs into what it is given: it gets copies).
+    """
+    from faster_coco_eval import COCO as FCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    fixed = protocol != "lvis"
+    max_dets = per_image_cap(protocol, lvis_rules)
+    given = cap_per_class(results, dets_per_class) if fixed else results
+    if lvis_rules:
+        given = [given[i] for i in lvis_kept(given, gt, max_dets)]
+    dets = [{k: d[k] for k in ("image_id", "category_id", "score", "segmentation")} for d in given]
+    engine_gt = _gt_for_engine(gt, stats)
+    engine_gt = {**engine_gt, "annotations": [dict(a) for a in engine_gt["annotations"]]}
+    with collector_paused():
+        coco_gt = FCOCO(engine_gt, print_function=lambda *a: None)
+        coco_dt = coco_gt.loadRes(dets) if dets else None
+        if coco_dt is None:  # nothing to match: every class with ground truth has AP 0
+            return _no_detections(gt, stats), 0
+        ev = COCOeval_faster(
+            coco_gt,
+            coco_dt,
+            "boundary",
+            lvis_style=lvis_rules,
+            print_function=lambda *a: None,
+            boundary_dilation_ratio=dilation,
+            boundary_cpu_count=1,
+        )
+        per_pair = dets_per_class if fixed else max_dets
+        ev.params.maxDets = [per_pair] if lvis_rules or fixed else [1, 10, per_pair]
+        ev.evaluate()
+        ev.accumulate()
+    return np.asarray(ev.eval["precision"])[..., -1], len(dets)
+
+
+def _no_detections(gt: dict[str, Any], stats: list[CategoryStat]) -> np.ndarray:
+    """Precision ``[T, R, K, A]`` without any detection: 0 where a category has ground truth in
+    the area range, -1 (undefined) where it has none."""
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    index = {c: k for k, c in enumerate(cat_ids)}
+    ranges = [(0, 1e10), (0, 32**2), (32**2, 96**2), (96**2, 1e10)]
+    has = np.zeros((len(cat_ids), 4), dtype=bool)
+    for a in gt["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        for r, (lo, hi) in enumerate(ranges):
+            if lo <= a.get("area", 0) < hi:
+                has[index[a["category_id"]], r] = True
+    out = np.where(has[None, None], 0.0, -1.0)
+    return np.broadcast_to(out, (10, 101, len(cat_ids), 4)).copy()
 
 
 def _pooled_precision(entries: list[dict[str, Any]], num_t: int, rec_thrs: np.ndarray) -> np.ndarray | None:
