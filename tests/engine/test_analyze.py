@@ -128,3 +128,23 @@ def test_errors_and_compare_from_the_cli(calibrated_run, tmp_path, capsys):
     assert compared["metrics"]["AP"]["b"] == pytest.approx(metrics["AP"], abs=1e-9)
     assert main(["compare", *split, "--heads", "orig"]) == 2
     assert "expected two heads A,B" in capsys.readouterr().err
+
+
+def test_errors_compare_and_confusion_of_top_k_predictions_are_ap_fixed(calibrated_run, tmp_path):
+    """Per-class top-k predictions (``val-first8-topk5``) are AP-fixed's: the diagnostics evaluate
+    them without LVIS's per-image cap, with their k per class, and say so."""
+    from tests.conftest import copy_run
+
+    run = copy_run(calibrated_run, tmp_path / "run")
+    argv = ["predict", "--run", str(run), "--head", "orig,dual", "--max-images", "8", "--topk-per-class", "5"]
+    assert main([*argv, "--no-progress"]) == 0
+    split = ["--run", str(run), "--split", "val-first8-topk5"]
+    assert main(["analyze", "errors", *split]) == 0
+    assert main(["analyze", "confusion", *split]) == 0
+    assert main(["compare", *split, "--heads", "orig,dual", "--bootstrap", "20"]) == 0
+    for tool in ("errors", "confusion", "compare"):
+        out = json.loads((run / "analysis" / f"{tool}.json").read_text())
+        assert (out["protocol"], out["dets_per_class"]) == ("fixed", 5), tool
+    compared = json.loads((run / "analysis" / "compare.json").read_text())
+    fixed = json.loads((run / "predictions" / "val-first8-topk5" / "dual" / "metrics_bbox_fixed.json").read_text())
+    assert compared["metrics"]["AP"]["b"] == pytest.approx(fixed["AP"], abs=1e-9)

@@ -92,3 +92,17 @@ def test_the_bins_intervals_come_from_the_same_bootstrap_samples(lt):
         ev_b, _ = engine_eval(gt, b, "bbox", groups)
         runs.append(hotcoco.compare(ev_a, ev_b, n_bootstrap=200, seed=3, confidence=0.9)["ci"]["AP"])
     assert runs[0] == runs[1]
+
+
+def test_the_diagnostics_follow_the_protocol():
+    """400 detections on one image: under LVIS rules the engine sees its 300 best, under AP-fixed
+    (no per-image cap) all 400; the calibration counts and the comparison say so."""
+    gt = _one_image()
+    stats = resolve_category_stats(gt, "gt")
+    dets = [_det(1 + i % 2, (10 + i % 50, 10, 20, 20), 0.9 - i / 1000) for i in range(400)]
+    lvis = diagnostics.errors(gt, dets, "bbox", stats)
+    fixed = diagnostics.errors(gt, dets, "bbox", stats, protocol="fixed", dets_per_class=10000)
+    assert lvis["calibration"]["num_detections"] == 300
+    assert fixed["calibration"]["num_detections"] == 400
+    capped = diagnostics.errors(gt, dets, "bbox", stats, protocol="fixed", dets_per_class=50)
+    assert capped["calibration"]["num_detections"] == 100  # 50 per class, two classes

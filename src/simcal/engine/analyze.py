@@ -38,7 +38,7 @@ from simcal.io import atomic_open, write_json
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import eval_proposal_counts, proposal_counts
 from simcal.report.plots import grouped_bars, line_plot, reliability_plot
-from simcal.run import DEFAULT_CALIBRATION, Run, resolve_split, split_annotations
+from simcal.run import DEFAULT_CALIBRATION, Run, parse_split, resolve_split, split_annotations
 
 DEFAULT_TS = (10, 20, 50, 100, 200, 300, 500, 1000)
 BIN_KEYS = ("AP1", "AP2", "AP3", "AP4")
@@ -296,15 +296,26 @@ def _predicted(
     return gt_json, stats, len(edges) + 1, out
 
 
+def _protocol(split: str) -> dict[str, Any]:
+    """How the predictions of ``split`` are evaluated: per-class top-k predictions
+    (``val-topk10000``) as AP-fixed with their k, the others under LVIS's per-image cap."""
+    topk = parse_split(split).topk
+    return {"protocol": "fixed", "dets_per_class": topk} if topk else {"protocol": "lvis"}
+
+
 def analyze_errors(
     run: Path, *, split: str = "val", gt_json: str | None = None, heads: list[str] | None = None, iou: str = "bbox"
 ) -> dict[str, Any]:
     """Per predicted head: the TIDE error breakdown (the AP each error type costs) and how well
     its scores are calibrated (ECE, reliability diagram), from ``RUN/predictions/<split>/``."""
     gt_json, stats, _, predicted = _predicted(run, split, gt_json, heads, iou)
-    out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "heads": {}}
+    protocol = _protocol(split)
+    out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), **protocol, "heads": {}}
     for head, (sub, results) in predicted.items():
-        out["heads"][head] = {"num_images": len(sub["images"]), **diagnostics.errors(sub, results, iou, stats)}
+        out["heads"][head] = {
+            "num_images": len(sub["images"]),
+            **diagnostics.errors(sub, results, iou, stats, **protocol),
+        }
     files = _analysis(run, "errors")
     write_json(files.json, out, indent=1)
     grouped_bars(
@@ -345,10 +356,20 @@ def compare_heads(
             f"{heads[0]} covers {len(sub_a['images'])} images, {heads[1]} {len(sub_b['images'])}: predict both "
             "on the same images",
         )
+    protocol = _protocol(split)
     out = diagnostics.compare(
-        sub_a, res_a, res_b, iou, stats, num_bins, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence
+        sub_a,
+        res_a,
+        res_b,
+        iou,
+        stats,
+        num_bins,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        confidence=confidence,
+        **protocol,
     )
-    out = {"heads": list(heads), "iou": iou, "split": split, "gt": str(gt_json), "seed": seed, **out}
+    out = {"heads": list(heads), "iou": iou, "split": split, "gt": str(gt_json), "seed": seed, **protocol, **out}
     files = _analysis(run, "compare")
     write_json(files.json, out, indent=1)
     return out
@@ -386,8 +407,9 @@ def analyze_confusion(
     ``neg_category_ids`` make it small. The middle evaluation shows the head classes without it.
     """
     gt_json, stats, _, predicted = _predicted(run, split, gt_json, heads, iou)
+    protocol = _protocol(split)
     group_of = {s.id: s.frequency for s in stats}
-    out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "score": score, "heads": {}}
+    out: dict[str, Any] = {"iou": iou, "split": split, "gt": str(gt_json), "score": score, **protocol, "heads": {}}
     for head, (sub, results) in predicted.items():
         on = other_object_groups(sub, results, group_of)
         counts = {g: {h: 0 for h in "rcf"} for g in "rcf"}
@@ -398,7 +420,7 @@ def analyze_confusion(
             "num_images": len(sub["images"]),
             "dets_on_other_objects": counts,  # [class group of the detection][group of the object]
             **{
-                name: _summary(evaluate(sub, [r for r, g in zip(results, on) if g not in drop], iou, stats))
+                name: _summary(evaluate(sub, [r for r, g in zip(results, on) if g not in drop], iou, stats, **protocol))
                 for name, drop in CONFUSION_VARIANTS.items()
             },
         }

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from simcal.choices import FIXED_DETS_PER_CLASS
 from simcal.data.stats import CategoryStat
 
 # the engine is imported where it runs: the report reads this module's names and tables only
@@ -35,9 +36,17 @@ COMPARED = ("AP", "AP50", "AP75", "APr", "APc", "APf")
 
 
 def errors(
-    gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, stats: list[CategoryStat], *, bins: int = 10
+    gt: dict[str, Any],
+    results: list[dict[str, Any]],
+    iou_type: str,
+    stats: list[CategoryStat],
+    *,
+    bins: int = 10,
+    protocol: str = "lvis",
+    dets_per_class: int = FIXED_DETS_PER_CLASS,
 ) -> dict[str, Any]:
-    """TIDE error breakdown and score calibration of one head's detections.
+    """TIDE error breakdown and score calibration of one head's detections (under ``protocol``:
+    ``fixed`` for per-class top-k predictions, whose images are not capped at 300).
 
     Returns ``{"tide": {"delta_ap": {type: AP gained if fixed}, "counts": {type: n}, "ap_base"},
     "calibration": {"ece", "mce", "bins": [{bin_lower, bin_upper, avg_confidence, avg_accuracy,
@@ -45,7 +54,7 @@ def errors(
     """
     from simcal.evaluation.lvis_eval import engine_eval
 
-    ev, _ = engine_eval(gt, results, iou_type, stats)
+    ev, _ = engine_eval(gt, results, iou_type, stats, protocol=protocol, dets_per_class=dets_per_class)
     tide = ev.tide_errors(pos_thr=0.5, bg_thr=0.1)
     cal = ev.calibration(n_bins=bins, iou_threshold=0.5)
     return {
@@ -79,8 +88,11 @@ def compare(
     n_bootstrap: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    protocol: str = "lvis",
+    dets_per_class: int = FIXED_DETS_PER_CLASS,
 ) -> dict[str, Any]:
-    """Metric deltas ``b - a`` with bootstrap confidence intervals over images (the engine's).
+    """Metric deltas ``b - a`` with bootstrap confidence intervals over images (the engine's),
+    under ``protocol`` (``fixed``: AP-fixed, for per-class top-k predictions).
 
     Returns ``{"num_images", "n_bootstrap", "confidence", "metrics": {key: {"a", "b", "delta",
     "lower", "upper", "prob_positive"}}}`` for :data:`COMPARED` and ``AP1..AP<num_bins>``; a key
@@ -92,8 +104,8 @@ def compare(
     from simcal.evaluation.lvis_eval import engine_eval
 
     def run(groups: list[CategoryStat]) -> dict[str, Any]:
-        ev_a, _ = engine_eval(gt, results_a, iou_type, groups)
-        ev_b, _ = engine_eval(gt, results_b, iou_type, groups)
+        ev_a, _ = engine_eval(gt, results_a, iou_type, groups, protocol=protocol, dets_per_class=dets_per_class)
+        ev_b, _ = engine_eval(gt, results_b, iou_type, groups, protocol=protocol, dets_per_class=dets_per_class)
         return hotcoco.compare(ev_a, ev_b, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
 
     def row(out: dict[str, Any], key: str) -> dict[str, float | None]:
