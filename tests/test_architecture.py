@@ -143,5 +143,6 @@ def test_cli_choices_are_the_names_in_simcal_choices():
     assert found[("calibrate", "sampler")] == choices.CALIBRATION_SAMPLERS
     assert found[("predict", "combine")] == choices.COMBINERS
     assert found[("analyze", "tool")] == choices.ANALYSES
-    assert found[("evaluate", "iou")] == found[("analyze", "iou")] == choices.IOU_TYPES
+    assert found[("evaluate", "iou")] == choices.EVAL_IOU_TYPES
+    assert found[("analyze", "iou")] == choices.IOU_TYPES
     assert found[("demo", "budget")] == choices.DEMO_BUDGETS
