@@ -4,6 +4,7 @@ definition written out here, and on a case worked by hand."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -172,18 +173,35 @@ def test_boundary_from_the_cli_and_its_refusals(gt, results, write_json, tmp_pat
         )
         == 0
     )
-    import json
-
     m = json.loads(out.read_text())
     assert m["iou_type"] == "boundary" and m["dilation"] == 0.05 and m["AP"] > 0
     narrow = evaluate(gt, results[:3000], "boundary", resolve_category_stats(gt, "gt"))
     assert narrow.dilation == 0.02 and narrow.metrics["AP"] < m["AP"]  # a wider band forgives more
-    capsys.readouterr()
-    assert (
-        main(["evaluate", "--gt", str(gt_path), "--results", str(res_path), "--iou", "boundary", "--protocol", "pool"])
-        == 2
-    )
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "AP-pool is not available with --iou boundary" in err
+    pool = tmp_path / "pool.json"
+    argv = ["evaluate", "--gt", str(gt_path), "--results", str(res_path), "--iou", "boundary"]
+    assert main([*argv, "--protocol", "pool", "--out", str(pool)]) == 0
+    assert json.loads(pool.read_text())["protocol"] == "pool"
     with pytest.raises(InputError, match="dilation"):
         evaluate(gt, results[:10], "boundary", resolve_category_stats(gt, "gt", edges=EDGES), EDGES, dilation=1.5)
+
+
+def test_pooling_by_virtual_images_is_ap_pool(gt, results):
+    """AP-pool for an engine without per-image matches: every (image, class) pair becomes an image
+    and the pool's classes one class. With mask IoU on faster-coco-eval it equals AP-pool from
+    hotcoco's per-image matches, every group key; with boundary IoU it is the boundary AP-pool."""
+    from simcal.evaluation.lvis_eval import cap_per_class, lvis_kept, pooled_by_virtual_images
+
+    stats = resolve_category_stats(gt, "gt", edges=EDGES)
+    pool = evaluate(gt, results, "segm", stats, EDGES, protocol="pool", dets_per_class=K)
+    fixed = cap_per_class(results, K)
+    keys = ("image_id", "category_id", "score", "segmentation")
+    dets = [{k: fixed[i][k] for k in keys} for i in lvis_kept(fixed, gt, -1)]
+    mine = pooled_by_virtual_images(gt, dets, stats, len(EDGES) + 1, "segm", True, K)
+    assert set(mine) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"}
+    for key, value in mine.items():
+        theirs = pool.metrics[key]
+        assert (value if value is not None else -1.0) == pytest.approx(theirs if theirs is not None else -1.0), key
+    b_pool = evaluate(gt, results, "boundary", stats, EDGES, protocol="pool", dets_per_class=K)
+    b_fixed = evaluate(gt, results, "boundary", stats, EDGES, protocol="fixed", dets_per_class=K)
+    assert [r["AP"] for r in b_pool.per_class] == [r["AP"] for r in b_fixed.per_class]  # per class: AP-fixed's
+    assert b_pool.metrics["AP"] != b_fixed.metrics["AP"] and b_pool.metrics["AP"] < pool.metrics["AP"]

@@ -287,13 +287,6 @@ def evaluate_protocols(
     share one run of the engine (the same detections and matches, accumulated two ways)."""
     if iou_type not in ("bbox", "segm", "boundary"):
         raise InputError("--iou", "iou", f"expected bbox, segm or boundary, got {iou_type!r}")
-    if iou_type == "boundary" and "pool" in protocols:
-        raise InputError(
-            "--protocol",
-            "protocol",
-            "AP-pool is not available with --iou boundary (the boundary engine keeps no per-image matches "
-            "to pool): use --protocol lvis or fixed, or AP-pool with --iou segm",
-        )
     if not 0 < dilation < 1:
         raise InputError("--dilation", "dilation", f"a fraction of the image diagonal in (0, 1), got {dilation}")
     for protocol in protocols:
@@ -313,12 +306,16 @@ def evaluate_protocols(
     out: dict[str, EvalResult] = {}
     if iou_type == "boundary":
         for protocol in protocols:
-            precision, kept = boundary_precision(gt, results, stats, lvis_rules, protocol, dets_per_class, dilation)
+            precision, kept, pooled = boundary_precision(
+                gt, results, stats, lvis_rules, protocol, dets_per_class, dilation, len(edges) + 1
+            )
             max_dets = per_image_cap(protocol, lvis_rules)
             result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, len(results), kept)
             result.protocol = protocol
             result.dets_per_class = dets_per_class if protocol != "lvis" else None
             result.dilation = dilation
+            if pooled is not None:
+                result.metrics.update({k: v for k, v in pooled.items() if k in result.metrics})
             out[protocol] = result
         return out
     for run in [[p for p in protocols if p == "lvis"], [p for p in protocols if p != "lvis"]]:
@@ -385,9 +382,12 @@ def boundary_precision(
     protocol: str,
     dets_per_class: int,
     dilation: float = BOUNDARY_DILATION,
-) -> tuple[np.ndarray, int]:
-    """Boundary-IoU precision ``[T, R, K, A]`` (as :func:`engine_eval`'s accumulated one) and the
-    number of detections matched, on faster-coco-eval (hotcoco has no boundary IoU).
+    num_bins: int = 0,
+) -> tuple[np.ndarray, int, dict[str, float | None] | None]:
+    """Boundary-IoU precision ``[T, R, K, A]`` (as :func:`engine_eval`'s accumulated one), the
+    number of detections matched, and for ``protocol="pool"`` the pooled group metrics
+    (:func:`pooled_by_virtual_images`, ``num_bins`` bins), on faster-coco-eval (hotcoco has no
+    boundary IoU).
 
     Boundary IoU (Cheng et al. 2021, the official boundary-iou-api): the IoU of the two masks'
     boundary bands (each mask minus its erosion by ``round(dilation * image diagonal)`` pixels,
@@ -398,39 +398,57 @@ def boundary_precision(
     not-exhaustive classes itself). AP-fixed first keeps the ``dets_per_class`` best per class.
     The inputs are not modified (the engine writes RLEs into what it is given: it gets copies).
     """
-    from faster_coco_eval import COCO as FCOCO
-    from faster_coco_eval import COCOeval_faster
-
     fixed = protocol != "lvis"
     max_dets = per_image_cap(protocol, lvis_rules)
     given = cap_per_class(results, dets_per_class) if fixed else results
     if lvis_rules:
         given = [given[i] for i in lvis_kept(given, gt, max_dets)]
     dets = [{k: d[k] for k in ("image_id", "category_id", "score", "segmentation")} for d in given]
+    per_pair = dets_per_class if fixed else max_dets
     engine_gt = _gt_for_engine(gt, stats)
+    precision = _fce_precision(engine_gt, dets, "boundary", lvis_rules, per_pair, fixed, dilation)
+    pooled = None
+    if protocol == "pool":
+        pooled = pooled_by_virtual_images(gt, dets, stats, num_bins, "boundary", lvis_rules, per_pair, dilation)
+    return precision, len(dets), pooled
+
+
+def _fce_precision(
+    engine_gt: dict[str, Any],
+    dets: list[dict[str, Any]],
+    iou_type: str,
+    lvis_rules: bool,
+    per_pair: int,
+    fixed: bool,
+    dilation: float,
+) -> np.ndarray:
+    """faster-coco-eval's precision ``[T, R, K, A]`` at its largest max-dets (``per_pair`` per
+    image and class), on copies of ``engine_gt`` and ``dets`` (fields as the engine reads them)."""
+    from faster_coco_eval import COCO as FCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    if not dets:  # nothing to match: every class with ground truth has AP 0
+        return _no_detections(engine_gt)
     engine_gt = {**engine_gt, "annotations": [dict(a) for a in engine_gt["annotations"]]}
     with collector_paused():
         coco_gt = FCOCO(engine_gt, print_function=lambda *a: None)
-        coco_dt = coco_gt.loadRes(dets) if dets else None
-        if coco_dt is None:  # nothing to match: every class with ground truth has AP 0
-            return _no_detections(gt, stats), 0
+        coco_dt = coco_gt.loadRes([dict(d) for d in dets])
         ev = COCOeval_faster(
             coco_gt,
             coco_dt,
-            "boundary",
+            iou_type,
             lvis_style=lvis_rules,
             print_function=lambda *a: None,
             boundary_dilation_ratio=dilation,
             boundary_cpu_count=1,
         )
-        per_pair = dets_per_class if fixed else max_dets
         ev.params.maxDets = [per_pair] if lvis_rules or fixed else [1, 10, per_pair]
         ev.evaluate()
         ev.accumulate()
-    return np.asarray(ev.eval["precision"])[..., -1], len(dets)
+    return np.asarray(ev.eval["precision"])[..., -1]
 
 
-def _no_detections(gt: dict[str, Any], stats: list[CategoryStat]) -> np.ndarray:
+def _no_detections(gt: dict[str, Any]) -> np.ndarray:
     """Precision ``[T, R, K, A]`` without any detection: 0 where a category has ground truth in
     the area range, -1 (undefined) where it has none."""
     cat_ids = sorted(c["id"] for c in gt["categories"])
@@ -445,6 +463,84 @@ def _no_detections(gt: dict[str, Any], stats: list[CategoryStat]) -> np.ndarray:
                 has[index[a["category_id"]], r] = True
     out = np.where(has[None, None], 0.0, -1.0)
     return np.broadcast_to(out, (10, 101, len(cat_ids), 4)).copy()
+
+
+def _virtual_pools(
+    gt: dict[str, Any], dets: list[dict[str, Any]], pool_of: dict[int, int], lvis_rules: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Ground truth and detections in which every (image, class) pair is an image of its own and
+    every class is relabelled ``pool_of[class]``: matching stays within a class (one class per
+    image), while the engine's accumulation of a pool id pools the true and false positives of
+    its classes over their images, which is AP-pool. The pair's image keeps its size; the image's
+    negative and not-exhaustive classes become their pairs' negative / not-exhaustive pool id."""
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    neg = {im["id"]: set(im.get("neg_category_ids", ())) for im in gt["images"]}
+    nel = {im["id"]: set(im.get("not_exhaustive_category_ids", ())) for im in gt["images"]}
+    pairs: dict[tuple[int, int], int] = {}
+
+    def pair(image_id: int, cat: int) -> int:
+        return pairs.setdefault((image_id, cat), len(pairs) + 1)
+
+    anns = [
+        {**a, "image_id": pair(a["image_id"], a["category_id"]), "category_id": pool_of[a["category_id"]]}
+        for a in gt["annotations"]
+    ]
+    for image_id, cats in neg.items():
+        for c in sorted(cats):
+            pair(image_id, c)
+    moved = [
+        {**d, "image_id": pair(d["image_id"], d["category_id"]), "category_id": pool_of[d["category_id"]]} for d in dets
+    ]
+    images = []
+    for (image_id, cat), vid in pairs.items():
+        h, w = sizes[image_id]
+        image: dict[str, Any] = {"id": vid, "height": h, "width": w}
+        if lvis_rules:
+            image["neg_category_ids"] = [pool_of[cat]] if cat in neg[image_id] else []
+            image["not_exhaustive_category_ids"] = [pool_of[cat]] if cat in nel[image_id] else []
+        images.append(image)
+    cats = [{"id": p, "name": f"pool {p}", "frequency": "f"} for p in sorted(set(pool_of.values()))]
+    return {"images": images, "annotations": anns, "categories": cats}, moved
+
+
+def pooled_by_virtual_images(
+    gt: dict[str, Any],
+    dets: list[dict[str, Any]],
+    stats: list[CategoryStat],
+    num_bins: int,
+    iou_type: str,
+    lvis_rules: bool,
+    per_pair: int,
+    dilation: float = BOUNDARY_DILATION,
+) -> dict[str, float | None]:
+    """AP-pool's group keys (as :func:`_pooled`'s) for an engine that keeps no per-image matches:
+    each partition of the classes (all; r/c/f; the bins) is one engine run on
+    :func:`_virtual_pools` data, whose per-pool AP is the pooled AP. ``dets``: AP-fixed's
+    detections with the LVIS rules applied (engine fields)."""
+    by_id = {s.id: s for s in stats}
+    out: dict[str, float | None] = {}
+
+    def run(pool_of: dict[int, int]) -> np.ndarray:
+        virtual_gt, moved = _virtual_pools(gt, dets, pool_of, lvis_rules)
+        return _fce_precision(virtual_gt, moved, iou_type, lvis_rules, per_pair, True, dilation)
+
+    def mean(p: np.ndarray) -> float | None:
+        return None if (p < 0).all() else float(p[p > -1].mean())
+
+    every = run({c: 1 for c in by_id})  # [T, R, 1, A]
+    out.update(AP=mean(every[..., 0, 0]), AP50=mean(every[0, :, 0, 0]), AP75=mean(every[5, :, 0, 0]))
+    for a, key in enumerate(("APs", "APm", "APl"), start=1):
+        out[key] = mean(every[..., 0, a])
+    for key, name, index in (("group", "AP{}", "rcf"), ("bin", "AP{}", range(num_bins))):
+        labels = list(index)
+        pool_of = {c: 1 + labels.index(s.frequency if key == "group" else s.bin) for c, s in by_id.items()}
+        present = sorted(set(pool_of.values()))
+        precision = run(pool_of)
+        for label in labels:
+            k = labels.index(label) + 1
+            value = mean(precision[..., present.index(k), 0]) if k in present else None
+            out[name.format(label if key == "group" else label + 1)] = value
+    return out
 
 
 def _pooled_precision(entries: list[dict[str, Any]], num_t: int, rec_thrs: np.ndarray) -> np.ndarray | None:
