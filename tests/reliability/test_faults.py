@@ -194,3 +194,39 @@ def test_a_loader_worker_that_dies_is_one_line(tiny_data, tmp_path, monkeypatch,
         ": the machine may be out of memory",  # "exited unexpectedly", as torch notices it first
     )
     assert not (run / "model_final.pth").exists() and not temporaries(run)
+
+
+class _SigtermInWorker(torch.utils.data.Dataset):
+    """Each item is whether SIGTERM has its default action in the process that loads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> bool:
+        return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_loader_workers_end_silently_on_sigterm(tmp_path):
+    """A worker forked from a command inherits its SIGTERM handler (which raises, for the command's
+    one line); when the loader, shutting down after the command stopped, terminates a worker slow
+    to join, that worker printed a traceback (seen once in CI under load). Workers get the default
+    action back: killed at once, silently. A worker_init_fn of the caller still runs."""
+    from simcal.data.dataset import data_loader
+    from simcal.errors import handle_sigterm
+
+    previous = handle_sigterm()
+    marker = tmp_path / "worker_init_ran"
+    try:
+        loader = data_loader(_SigtermInWorker(), batch_size=1, num_workers=1, collate_fn=lambda b: b[0])
+        assert list(loader) == [True, True]
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # the command's own handler stays
+        loader = data_loader(
+            _SigtermInWorker(),
+            batch_size=1,
+            num_workers=1,
+            collate_fn=lambda b: b[0],
+            worker_init_fn=lambda worker_id: marker.write_text(str(worker_id)),
+        )
+        assert list(loader) == [True, True] and marker.read_text() == "0"
+    finally:
+        signal.signal(signal.SIGTERM, previous)

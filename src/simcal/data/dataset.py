@@ -21,6 +21,7 @@ data-loader workers.
 from __future__ import annotations
 
 import operator
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -300,11 +301,28 @@ class _Loader:
             yield batch
 
 
+class _WorkerInit:
+    """A loader worker's start: SIGTERM back to its default (the worker ends at once, silently),
+    then the caller's ``worker_init_fn``. A forked worker inherits the command's SIGTERM handler
+    (:func:`simcal.errors.handle_sigterm`), which would print a traceback from the worker when
+    the loader, shutting down after the command stopped, terminates a worker slow to join."""
+
+    def __init__(self, then: Callable[[int], None] | None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 def data_loader(dataset: Any, *, collate_fn: Callable[[list[Any]], Any] = collate, **kwargs: Any) -> Iterable[Any]:
     """A torch ``DataLoader`` over ``dataset`` (``kwargs`` as DataLoader's) whose errors stay ours.
 
     A bad image or annotation raises its :class:`~simcal.errors.InputError` (file, field, what is
     wrong) from the loop in the main process, with any number of workers, where torch's own loader
-    would raise a worker traceback. Batches are ``collate_fn``'s (default :func:`collate`).
+    would raise a worker traceback. Batches are ``collate_fn``'s (default :func:`collate`). Workers
+    end silently on SIGTERM (:class:`_WorkerInit`).
     """
+    kwargs["worker_init_fn"] = _WorkerInit(kwargs.get("worker_init_fn"))
     return _Loader(torch.utils.data.DataLoader(_Guarded(dataset), collate_fn=_GuardedCollate(collate_fn), **kwargs))
