@@ -46,6 +46,8 @@ class ModelConfig:
     """Detector architecture and test-time settings (METHOD.md, LVIS test settings)."""
 
     arch: str = "resnet50_fpn"  # choices.ARCHS
+    roi_heads: str = "standard"  # choices.ROI_HEADS: standard (Mask R-CNN) | cascade (Cascade Mask R-CNN)
+    cascade_mean_probs: bool = False  # cascade test score: mean of the stages' probabilities, not logits
     class_agnostic: bool = False  # r50-ag: one box regressor and one mask channel for all classes
     weights: str | None = None  # torchvision detection weights name (e.g. COCO_V1) or a .pth path
     weights_backbone: str | None = None  # e.g. IMAGENET1K_V1 (the paper's) or a .pth path
@@ -445,6 +447,7 @@ NEW_RUN_RULES = ("must lie inside the schedule",)
 #: ``field -> (value getter, allowed names)``: every choice of the config, read from :mod:`simcal.choices`
 _CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "model.arch": (lambda cfg: cfg.model.arch, choices.ARCHS),
+    "model.roi_heads": (lambda cfg: cfg.model.roi_heads, choices.ROI_HEADS),
     "model.norm": (lambda cfg: cfg.model.norm, choices.NORMS),
     "train.optimizer": (lambda cfg: cfg.train.optimizer, choices.OPTIMIZERS),
     "train.loss": (lambda cfg: cfg.train.loss, tuple(choices.LOSSES)),

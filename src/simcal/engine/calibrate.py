@@ -476,6 +476,14 @@ def calibrate_head(
     """
     setup_torch(threads)
     device = device or default_device()
+    if getattr(model.roi_heads, "num_stages", 1) > 1:
+        raise InputError(
+            "model.roi_heads",
+            "roi_heads",
+            "SimCal on a cascade (a calibrated head per stage) is not available yet: calibrate a run with "
+            "model.roi_heads=standard; the cascade's original head and the post-hoc heads (norcal, logit-adj) "
+            "predict as usual",
+        )
     if _finished(files, c, resume):
         return load_head(files.head, model.roi_heads)[0].to(device).eval()
     label_map = dataset.label_map

@@ -149,7 +149,8 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     model = build_detector(cfg.model, label_map.num_classes)
     predictor = model.roi_heads.box_predictor
     try:
-        predictor.set_loss(build_classification_loss(t.loss, counts, activation=predictor.activation, **t.loss_kwargs))
+        loss = build_classification_loss(t.loss, counts, activation=predictor.activation, **t.loss_kwargs)
+        model.roi_heads.set_loss(loss)  # every stage's classifier on a cascade
     except ValueError as e:
         raise InputError("train.loss", "loss", str(e)) from None
     if world > 1 and device.type == "cuda" and cfg.model.norm == "bn":

@@ -279,7 +279,8 @@ def load_detector_weights(
             path,
             "model",
             f"{len(missing)} tensors missing and {len(unexpected)} unexpected ({first}): "
-            "the weights are of another architecture than the run's config (model.arch, model.class_agnostic)",
+            "the weights are of another architecture than the run's config (model.arch, model.roi_heads, "
+            "model.class_agnostic)",
         )
     for key, tensor in own.items():
         if tensor.shape != weights[key].shape:
@@ -484,6 +485,10 @@ def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | Non
     if cfg.arch not in ARCH_BUILDERS:
         raise InputError("model.arch", "arch", f"expected one of {', '.join(ARCH_BUILDERS)}, got {cfg.arch!r}")
     model = ARCH_BUILDERS[cfg.arch](cfg, common)
+    if cfg.roi_heads == "cascade":
+        from simcal.modeling.cascade import CascadeRoIHeads
+
+        model.roi_heads = CascadeRoIHeads.from_standard(model.roi_heads, mean_probs=cfg.cascade_mean_probs)
     if cfg.channels_last:
         # weights in NHWC make every convolution (and its output) NHWC; load_state_dict keeps the format
         model = model.to(memory_format=torch.channels_last)

@@ -120,7 +120,8 @@ class LongTailRoIHeads(RoIHeads):
         super().__init__(*args, **kwargs)
         if not isinstance(self.box_predictor, BoxPredictor):
             self.box_predictor = BoxPredictor.from_torchvision(self.box_predictor)
-        self.class_agnostic = class_agnostic
+        self.class_agnostic = class_agnostic  # one box regressor and one mask channel for all classes
+        self.box_agnostic = class_agnostic  # one box regressor (a cascade's stages always)
 
     @property
     def num_classes(self) -> int:
@@ -169,6 +170,10 @@ class LongTailRoIHeads(RoIHeads):
         pos, neg = self.fg_bg_sampler.sample([labels[0]], [seed])
         return boxes, labels[0], torch.where(pos[0].bool())[0], torch.where(neg[0].bool())[0]
 
+    def set_loss(self, loss: nn.Module) -> None:
+        """Train the classifier with ``loss`` (:meth:`BoxPredictor.set_loss`)."""
+        self.box_predictor.set_loss(loss)
+
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """``logits (R, K)``, ``labels (R,)`` with 0 = background -> scalar (the predictor's loss)."""
         return self.box_predictor.classification_loss(logits, labels)
@@ -178,7 +183,7 @@ class LongTailRoIHeads(RoIHeads):
         pos = torch.where(labels > 0)[0]
         n = deltas.shape[0]
         deltas = deltas.reshape(n, deltas.size(-1) // 4, 4)
-        channel = torch.zeros_like(labels[pos]) if self.class_agnostic else labels[pos]
+        channel = torch.zeros_like(labels[pos]) if self.box_agnostic else labels[pos]
         loss = F.smooth_l1_loss(deltas[pos, channel], targets[pos], beta=1 / 9, reduction="sum")
         return loss / max(labels.numel(), 1)
 
@@ -215,7 +220,7 @@ class LongTailRoIHeads(RoIHeads):
     def decode_boxes(self, deltas: Tensor, proposals: list[Tensor], num_classes: int) -> Tensor:
         """Boxes ``(R, C+1, 4)``; a class-agnostic regressor's one box is shared by every class."""
         boxes = self.box_coder.decode(deltas, proposals)
-        if self.class_agnostic:
+        if self.box_agnostic:
             boxes = boxes.expand(-1, num_classes, 4)
         return boxes
 
@@ -407,19 +412,34 @@ class LongTailRoIHeads(RoIHeads):
             "loss_box_reg": self.box_regression_loss(deltas, labels_cat, torch.cat(regression_targets)),
         }
         if self.has_mask():
-            mask_props, pos_idxs = [], []
-            for props, lab, idx in zip(proposals, labels, matched_idxs):
-                pos = torch.where(lab > 0)[0]
-                mask_props.append(props[pos])
-                pos_idxs.append(idx[pos])
-            x = self.mask_roi_pool(features, mask_props, image_shapes)
-            mask_logits = self.mask_predictor(self.mask_head(x))
-            gt_labels = [t["labels"] for t in targets]
-            if self.class_agnostic:
-                gt_labels = [torch.zeros_like(g) for g in gt_labels]
-            gt_masks = [t["masks"] for t in targets]
-            losses["loss_mask"] = self.mask_loss(mask_logits, mask_props, gt_masks, gt_labels, pos_idxs)
+            losses["loss_mask"] = self._mask_training_loss(
+                features, image_shapes, targets, proposals, matched_idxs, labels
+            )
         return [], losses
+
+    def _mask_training_loss(
+        self,
+        features: dict[str, Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        proposals: list[Tensor],
+        matched_idxs: list[Tensor],
+        labels: list[Tensor],
+    ) -> Tensor:
+        """The mask loss on the positive RoIs of the sampled ``proposals`` (their ``labels`` and
+        ``matched_idxs`` into the ground truth)."""
+        mask_props, pos_idxs = [], []
+        for props, lab, idx in zip(proposals, labels, matched_idxs):
+            pos = torch.where(lab > 0)[0]
+            mask_props.append(props[pos])
+            pos_idxs.append(idx[pos])
+        x = self.mask_roi_pool(features, mask_props, image_shapes)
+        mask_logits = self.mask_predictor(self.mask_head(x))
+        gt_labels = [t["labels"] for t in targets]
+        if self.class_agnostic:
+            gt_labels = [torch.zeros_like(g) for g in gt_labels]
+        gt_masks = [t["masks"] for t in targets]
+        return self.mask_loss(mask_logits, mask_props, gt_masks, gt_labels, pos_idxs)
 
 
 def selected_mask_logits(predictor: nn.Module, x: Tensor, labels: Tensor) -> Tensor:

@@ -1,0 +1,168 @@
+"""Cascade Mask R-CNN (``model.roi_heads=cascade``): stage labels, gradients, test scores, runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from simcal.cli import main
+from simcal.config import ModelConfig
+from simcal.io import load_checkpoint
+from simcal.modeling.cascade import CASCADE_BOX_WEIGHTS, CascadeRoIHeads, ScaleGradient
+from simcal.modeling.detector import build_detector
+from simcal.run import Run
+
+torch.set_num_threads(1)
+
+
+def _cascade(num_classes: int = 5, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        arch="small", norm="gn", min_size=64, max_size=64, roi_heads="cascade", box_batch_size_per_image=32, **kwargs
+    )
+    return build_detector(cfg, num_classes)
+
+
+def _images_and_targets(n: int = 2):
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(n)]
+    targets = []
+    for _ in range(n):
+        masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+        masks[0, 10:40, 12:44] = 1
+        targets.append({"boxes": torch.tensor([[12.0, 10.0, 44.0, 40.0]]), "labels": torch.tensor([2]), "masks": masks})
+    return images, targets
+
+
+def test_each_stage_labels_and_regresses_at_its_own_threshold_and_coder():
+    """Boxes overlapping the object at IoU 0.45 / 0.55 / 0.65 / 0.75: foreground at stage 1
+    (IoU >= 0.5) for three, at stage 2 (>= 0.6) for two, at stage 3 (>= 0.7) for one. The
+    regression target of a box shifted by dx is w_x * dx / width with the stage's coder weight
+    w_x (10, 20, 30)."""
+    heads = _cascade().roi_heads
+    assert isinstance(heads, CascadeRoIHeads) and heads.num_stages == 3 and heads.stage_ious == (0.5, 0.6, 0.7)
+    gt = {"boxes": torch.tensor([[0.0, 0.0, 100.0, 100.0]]), "labels": torch.tensor([3])}
+    boxes = [torch.tensor([[0.0, 0.0, w, 100.0] for w in (45.0, 55.0, 65.0, 75.0)] + [[10.0, 0.0, 110.0, 100.0]])]
+    expected = {0: [0, 3, 3, 3, 3], 1: [0, 0, 3, 3, 3], 2: [0, 0, 0, 3, 3]}  # the last: IoU 90/110 = 0.82
+    for k, want in expected.items():
+        labels, targets = heads.stage_targets(k, boxes, [gt])
+        assert labels[0].tolist() == want, k
+        # the shifted box (dx = 10 of width 100): target x = -w_x * 0.1, y = 0, log-ratios 0
+        torch.testing.assert_close(targets[0][4], torch.tensor([-CASCADE_BOX_WEIGHTS[k][0] * 0.1, 0.0, 0.0, 0.0]))
+    no_gt = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    labels, _ = heads.stage_targets(1, boxes, [no_gt])
+    assert labels[0].tolist() == [0] * 5
+
+
+def test_training_trains_every_stage_on_the_previous_stages_boxes(monkeypatch):
+    """One training step: three stages' losses plus the mask's; every parameter (each stage's
+    head and predictor, the shared backbone) gets a gradient; stage k+1's input boxes are stage
+    k's regression of its own (detached), labelled at stage k+1's threshold."""
+    model = _cascade()
+    heads = model.roi_heads
+    seen = []
+    real_refine, real_targets = heads.refine, heads.stage_targets
+
+    def refine(k, deltas, boxes, shapes):
+        out = real_refine(k, deltas, boxes, shapes)
+        seen.append(("refine", k, [b.clone() for b in out]))
+        assert not any(b.requires_grad for b in out)  # detached
+        return out
+
+    def stage_targets(k, boxes, targets):
+        assert all(torch.equal(a, b) for a, b in zip(boxes, seen[-1][2]))  # the refined boxes
+        out = real_targets(k, boxes, targets)
+        seen.append(("targets", k, out[0]))
+        return out
+
+    monkeypatch.setattr(heads, "refine", refine)
+    monkeypatch.setattr(heads, "stage_targets", stage_targets)
+    images, targets = _images_and_targets()
+    model.train()
+    losses = model(images, targets)
+    stage_keys = {"loss_classifier", "loss_box_reg", "loss_classifier_stage2", "loss_box_reg_stage2"}
+    assert stage_keys | {"loss_classifier_stage3", "loss_box_reg_stage3", "loss_mask"} <= set(losses)
+    assert [(s[0], s[1]) for s in seen] == [("refine", 0), ("targets", 1), ("refine", 1), ("targets", 2)]
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    for k in (0, 1, 2):
+        head, predictor = heads.stage_parts(k)
+        assert all(p.grad.abs().sum() > 0 for p in predictor.parameters()), k
+
+
+def test_the_gradient_to_the_shared_features_is_scaled_per_stage():
+    x = torch.ones(3, requires_grad=True)
+    ScaleGradient.apply(x, 1 / 3).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 1 / 3))
+
+
+@pytest.mark.parametrize("mean_probs", [False, True])
+def test_test_scores_are_the_stages_mean_and_boxes_the_last_stage(mean_probs):
+    model = _cascade(cascade_mean_probs=mean_probs).eval()
+    heads = model.roi_heads
+    images, _ = _images_and_targets(1)
+    with torch.no_grad():
+        batch_images, _ = model.transform(images)
+        features = model.backbone(batch_images.tensors)
+        proposals, _ = model.rpn(batch_images, features)
+        batch = heads.roi_batch(features, proposals, batch_images.image_sizes)
+        boxes, logits = proposals, []
+        for k in range(3):
+            _, _, z, deltas = heads.stage_forward(k, features, boxes, batch_images.image_sizes)
+            logits.append(z)
+            if k < 2:
+                boxes = heads.refine(k, deltas, boxes, batch_images.image_sizes)
+    probs = [torch.softmax(z, -1) for z in logits]
+    want = torch.stack(probs).mean(0) if mean_probs else torch.softmax(torch.stack(logits).mean(0), -1)
+    torch.testing.assert_close(batch.scores, want)
+    assert torch.equal(batch.proposals[0], boxes[0]) and torch.equal(batch.deltas, deltas)
+    # the stages disagree: the mean is not any one stage's score
+    assert not torch.allclose(probs[0], probs[2], atol=1e-3)
+
+
+def test_a_cascade_run_trains_resumes_exactly_predicts_and_refuses_calibration(tiny_config, tmp_path, capsys):
+    cfg = tiny_config(max_iter=4, checkpoint_period=2, steps=[])
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    over = ["model.roi_heads=cascade"]
+    assert main(["train", "--config", str(cfg), "--out", str(straight), "--no-progress", *over]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(resumed), "--no-progress", *over, "train.max_iter=2"]) == 0
+    assert main(["train", "--out", str(resumed), "--resume", "--no-progress", "train.max_iter=4"]) == 0
+    a, b = (load_checkpoint(Run(r).model_final)["model"] for r in (straight, resumed))
+    assert any(k.startswith("roi_heads.extra_heads.1.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (straight / "train_log.jsonl").read_text().splitlines()]
+    assert "loss_classifier_stage3" in log[-1]
+    assert main(["predict", "--run", str(straight), "--head", "orig,norcal", "--no-progress"]) == 0
+    metrics = json.loads((straight / "predictions" / "val" / "orig" / "metrics_bbox.json").read_text())
+    assert metrics["num_detections"] > 0
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(straight), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.roi_heads" in err and "cascade" in err
+
+
+def test_a_cascade_loads_a_torchvision_mask_rcnn_checkpoint(tmp_path):
+    """Users start from Mask R-CNN weights they have: the backbone, FPN, RPN, stage 1's box head
+    and the mask head load; stages 2 and 3 and the class-specific layers start fresh."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(3)
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    path = tmp_path / "tv.pth"
+    torch.save(tv, path)
+    cfg = ModelConfig(roi_heads="cascade", weights=str(path), channels_last=False)
+    own = build_detector(cfg, num_classes=4).state_dict()
+    same = [
+        "backbone.body.layer1.0.conv1.weight",
+        "backbone.fpn.inner_blocks.0.0.weight",
+        "rpn.head.conv.0.0.weight",
+        "roi_heads.box_head.fc6.weight",
+        "roi_heads.mask_head.0.0.weight",
+    ]
+    for key in same:
+        assert torch.equal(own[key], tv[key]), key
+    assert not torch.equal(own["roi_heads.extra_heads.0.fc6.weight"], tv["roi_heads.box_head.fc6.weight"])
+    assert own["roi_heads.box_predictor.bbox_pred.weight"].shape[0] == 4  # class-agnostic regression
