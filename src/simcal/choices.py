@@ -73,6 +73,8 @@ CALIBRATED_HEADS = ("3fc_ft", "2fc_rand", "3fc_rand", "ncm")
 LAYERS = ("all3", "last2", "last1")
 #: ``calibration.sampler``: SimCal's bi-level sampler, or image-centric ones (decoupled baselines).
 CALIBRATION_SAMPLERS = ("bilevel", "random", "repeat_factor")
+#: ``calibration.stages``: on a cascade, a calibrated head for every stage, or for the last one only
+CALIBRATION_STAGES = ("all", "last")
 
 # --------------------------------------------------------------------------- inference
 #: ``inference.combine``: how the dual head merges the original and calibrated scores

@@ -527,6 +527,12 @@ COMMANDS: tuple[Command, ...] = (
             opt("--classes-per-batch", type=_positive_int, alias="calibration.classes_per_batch", help="default 16"),
             opt("--loss", choices=tuple(choices.LOSSES), alias="calibration.loss", help="default ce"),
             opt("--sampler", choices=choices.CALIBRATION_SAMPLERS, alias="calibration.sampler", help="default bilevel"),
+            opt(
+                "--stages",
+                choices=choices.CALIBRATION_STAGES,
+                alias="calibration.stages",
+                help="a cascade's stages to calibrate (default all)",
+            ),
             opt("--lr", type=_number, alias="calibration.lr", help="default 0.01"),
             opt("--momentum", type=_number, alias="calibration.momentum", help="default 0.9 (released code: 0)"),
             opt("--weight-decay", type=_number, alias="calibration.weight_decay", help="default 0.0001"),

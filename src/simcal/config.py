@@ -116,6 +116,7 @@ class CalibrationConfig:
     loss: str = "ce"  # choices.LOSSES (decoupled baselines, Table 4)
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     sampler: str = "bilevel"  # choices.CALIBRATION_SAMPLERS (random, repeat_factor: decoupled baselines)
+    stages: str = "all"  # choices.CALIBRATION_STAGES: a cascade's stages calibrated (all, or the last)
     flip_prob: float = 0.5
     cache_mb: int = 4096  # frozen backbone/RPN outputs kept per (image, flip); 0 disables
     # cache misses of a step computed together, up to this many same-size images (a lone miss is
@@ -457,6 +458,7 @@ _CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "calibration.layers": (lambda cfg: cfg.calibration.layers, choices.LAYERS),
     "calibration.loss": (lambda cfg: cfg.calibration.loss, tuple(choices.LOSSES)),
     "calibration.sampler": (lambda cfg: cfg.calibration.sampler, choices.CALIBRATION_SAMPLERS),
+    "calibration.stages": (lambda cfg: cfg.calibration.stages, choices.CALIBRATION_STAGES),
     "inference.combine": (lambda cfg: cfg.inference.combine, choices.COMBINERS),
 }
 

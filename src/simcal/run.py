@@ -301,6 +301,7 @@ def calibration_name(c: CalibrationConfig) -> str:
     parts += [c.loss] if c.loss != "ce" else []
     parts += [f"{k}{v:g}" for k, v in sorted(c.loss_kwargs.items())]
     parts += [c.sampler] if c.sampler != "bilevel" else []
+    parts += [f"stages-{c.stages}"] if c.stages != "all" else []
     return "_".join(parts)
 
 

@@ -37,7 +37,7 @@ def test_detector_is_byte_identical_after_calibration(run, monkeypatch):
         return model, lm, cfg
 
     during = []
-    real_batch = cal_mod.calibration_batch
+    real_batch = cal_mod.calibration_batches
 
     def frozen_during(frozen, *a, **kw):  # the state of the detector while the head trains
         model = frozen.model
@@ -45,7 +45,7 @@ def test_detector_is_byte_identical_after_calibration(run, monkeypatch):
         return real_batch(frozen, *a, **kw)
 
     monkeypatch.setattr(cal_mod, "load_model", capture)
-    monkeypatch.setattr(cal_mod, "calibration_batch", frozen_during)
+    monkeypatch.setattr(cal_mod, "calibration_batches", frozen_during)
     file_hash = _sha(Run(run).model_final)
     head_path = calibrate(run, progress=False)
     after = captured["model"].state_dict()
@@ -149,7 +149,7 @@ def test_resume_and_cache_do_not_change_the_head(run, tmp_path, monkeypatch):
     nocache = calibrate(run, ["calibration.cache_mb=0"], name="nocache", progress=False)
 
     calls = {"n": 0}
-    real = cal_mod.calibration_batch
+    real = cal_mod.calibration_batches
 
     def interrupted(*a, **kw):
         calls["n"] += 1
@@ -157,10 +157,10 @@ def test_resume_and_cache_do_not_change_the_head(run, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(cal_mod, "calibration_batch", interrupted)
+    monkeypatch.setattr(cal_mod, "calibration_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         calibrate(run, name="resumed", progress=False)
-    monkeypatch.setattr(cal_mod, "calibration_batch", real)
+    monkeypatch.setattr(cal_mod, "calibration_batches", real)
     assert not (run / "calibration" / "resumed" / "head.pth").exists()
     resumed = calibrate(run, name="resumed", resume=True, progress=False)
 

@@ -139,9 +139,9 @@ def test_a_cascade_run_trains_resumes_exactly_predicts_and_refuses_calibration(t
     metrics = json.loads((straight / "predictions" / "val" / "orig" / "metrics_bbox.json").read_text())
     assert metrics["num_detections"] > 0
     capsys.readouterr()
-    assert main(["calibrate", "--run", str(straight), "--no-progress"]) == 2
+    assert main(["calibrate", "--run", str(straight), "--head", "ncm", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "model.roi_heads" in err and "cascade" in err
+    assert "\n" not in err and "calibration.head" in err and "cascade" in err
 
 
 def test_a_cascade_loads_a_torchvision_mask_rcnn_checkpoint(tmp_path):
@@ -166,3 +166,97 @@ def test_a_cascade_loads_a_torchvision_mask_rcnn_checkpoint(tmp_path):
         assert torch.equal(own[key], tv[key]), key
     assert not torch.equal(own["roi_heads.extra_heads.0.fc6.weight"], tv["roi_heads.box_head.fc6.weight"])
     assert own["roi_heads.box_predictor.bbox_pred.weight"].shape[0] == 4  # class-agnostic regression
+
+
+@pytest.mark.parametrize("mean_probs", [False, True])
+def test_a_staged_3fc_ft_head_starts_as_the_cascade_itself(mean_probs):
+    """Before any training a 3fc_ft head per stage (copies of each stage's layers), averaged as the
+    cascade averages its stages, scores exactly as the cascade's own classifier."""
+    from simcal.modeling.calibration import build_staged_head
+
+    model = _cascade(cascade_mean_probs=mean_probs).eval()
+    head = build_staged_head("3fc_ft", model.roi_heads)
+    assert head.stages == [0, 1, 2] and build_staged_head("3fc_ft", model.roi_heads, stages="last").stages == [2]
+    images, _ = _images_and_targets(1)
+    with torch.no_grad():
+        batch_images, _ = model.transform(images)
+        features = model.backbone(batch_images.tensors)
+        proposals, _ = model.rpn(batch_images, features)
+        batch = model.roi_heads.roi_batch(features, proposals, batch_images.image_sizes)
+        torch.testing.assert_close(head.batch_scores(batch), batch.scores)
+
+
+def test_each_stage_calibrates_on_its_own_rois(tiny_data):
+    """The bi-level batch of every stage: stage 1's RoIs are the sampled ones, stage k+1's the
+    frozen stage k's regression of stage k's; each stage's kept foregrounds are of the sampled
+    class and overlap its object at the stage's IoU threshold or more, its backgrounds less."""
+    from simcal.data.annotations import load_dataset
+    from simcal.data.dataset import DetectionDataset, LabelMap
+    from simcal.data.samplers import BiLevelSampler
+    from simcal.engine.calibrate import FrozenDetector, calibration_batches
+
+    train = load_dataset(tiny_data / "train.json")
+    label_map = LabelMap.from_dataset(train)
+    model = _cascade(num_classes=label_map.num_classes).eval()
+    ds = DetectionDataset(train, tiny_data / "images", label_map=label_map, with_masks=False)
+    frozen = FrozenDetector(model, ds, cache_mb=100, device=torch.device("cpu"))
+    draws = BiLevelSampler(train, classes_per_batch=6, seed=0).batch(0)
+    batches = calibration_batches(frozen, draws, [False] * 6, list(range(6)), label_map, 1, stages=3)
+    assert len(batches) == 3 and all(b is not None for b in batches)
+    from torchvision.ops import box_iou
+
+    for k, (batch, thr) in enumerate(zip(batches, (0.5, 0.6, 0.7))):
+        assert batch.fg == int((batch.labels > 0).sum()) and batch.bg == int((batch.labels == 0).sum())
+        for i, (index, cat) in enumerate(draws):
+            _, _, gt_boxes, gt_labels, _ = frozen.fetch([(index, False)])[0]
+            mine = batch.slot == i
+            fg = mine & (batch.labels > 0)
+            assert (batch.labels[fg] == label_map.to_label(cat)).all()
+            if fg.any():
+                best = box_iou(batch.boxes[fg], gt_boxes[gt_labels == label_map.to_label(cat)]).max(1).values
+                assert (best >= thr - 1e-6).all(), k
+            bg = mine & (batch.labels == 0)
+            if bg.any() and gt_boxes.numel():
+                assert (box_iou(batch.boxes[bg], gt_boxes).max(1).values < thr).all(), k
+    assert batches[0].fg > 0
+
+
+def test_simcal_on_a_cascade_run(tiny_config, tmp_path):
+    """calibrate on a cascade run: a head per stage (or the last only), the detector untouched,
+    an interrupted calibration resumes to the same heads; predict orig / cal / dual."""
+    import hashlib
+
+    from simcal.engine.predict import load_model
+    from simcal.modeling.calibration import StagedHead, load_head
+
+    cfg = tiny_config(max_iter=4, steps=[])
+    run = tmp_path / "run"
+    over = ["model.roi_heads=cascade"]
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress", *over]) == 0
+    weights = hashlib.sha256(Run(run).model_final.read_bytes()).hexdigest()
+    cal = ["calibrate", "--run", str(run), "--steps", "6", "--classes-per-batch", "4", "--no-progress"]
+    assert main([*cal, "calibration.checkpoint_period=3"]) == 0
+    assert main([*cal, "--stages", "last"]) == 0
+    assert hashlib.sha256(Run(run).model_final.read_bytes()).hexdigest() == weights
+    model, _, _ = load_model(run)
+    every, meta = load_head(run / "calibration" / "3fc_ft" / "head.pth", model.roi_heads)
+    last, _ = load_head(run / "calibration" / "3fc_ft_stages-last" / "head.pth", model.roi_heads)
+    assert isinstance(every, StagedHead) and every.stages == [0, 1, 2] and last.stages == [2]
+    assert meta["stages"] == [0, 1, 2] and meta["num_stages"] == 3
+    log = [json.loads(x) for x in (run / "calibration" / "3fc_ft" / "calibration_log.jsonl").read_text().splitlines()]
+    assert all(len(r["fg_stages"]) == 3 and r["fg_stages"][0] == r["fg"] for r in log)
+    # every stage's head trained: none is still the copy of its stage's classifier
+    for k, h in every.stage_heads():
+        assert not torch.equal(h.cls_score.weight, model.roi_heads.stage_parts(k)[1].cls_score.weight), k
+    # stopped after the step-3 checkpoint: resumes to the same heads
+    folder = run / "calibration" / "3fc_ft"
+    before = {k: v.clone() for k, v in every.state_dict().items()}
+    (folder / "head.pth").unlink()
+    (folder / "summary.json").unlink()
+    assert main([*cal, "calibration.checkpoint_period=3", "--resume"]) == 0
+    again, _ = load_head(folder / "head.pth", model.roi_heads)
+    assert all(torch.equal(before[k], v) for k, v in again.state_dict().items())
+    assert main(["predict", "--run", str(run), "--head", "orig,cal,dual", "--no-progress"]) == 0
+    for head in ("orig", "cal", "dual"):
+        m = json.loads((run / "predictions" / "val" / head / "metrics_bbox.json").read_text())
+        assert m["num_detections"] > 0, head

@@ -53,7 +53,14 @@ from simcal.engine.predict import load_model
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
 from simcal.io import append_line, load_checkpoint, rewrite_lines, save_checkpoint, write_json
-from simcal.modeling.calibration import CalibratedHead, build_calibrated_head, load_head, save_head
+from simcal.modeling.calibration import (
+    CalibratedHead,
+    StagedHead,
+    build_calibrated_head,
+    build_staged_head,
+    load_head,
+    save_head,
+)
 from simcal.modeling.detector import LongTailMaskRCNN, eval_mode, proposal_counts, training_proposal_counts
 from simcal.modeling.losses import build_classification_loss
 from simcal.run import CalibrationFiles, Run, calibration_name
@@ -246,14 +253,32 @@ def calibration_batch(
     box_feats: bool = False,
     mine: list[int] | None = None,
 ) -> CalibrationBatch | None:
-    """RoIs of one calibration step (``None`` when no RoI is kept, over every process).
+    """The RoIs of one calibration step for a one-stage detector (:func:`calibration_batches`'s only batch)."""
+    return calibration_batches(frozen, draws, flips, seeds, label_map, bg_seed, step, box_feats, mine)[0]
+
+
+def calibration_batches(
+    frozen: FrozenDetector,
+    draws: list[tuple[int, int | None]],
+    flips: list[bool],
+    seeds: list[int],
+    label_map: LabelMap,
+    bg_seed: int,
+    step: int | None = None,
+    box_feats: bool = False,
+    mine: list[int] | None = None,
+    stages: int = 1,
+) -> list[CalibrationBatch | None]:
+    """RoIs of one calibration step, per box stage (an entry is ``None`` when the stage keeps no RoI,
+    over every process).
 
     Args:
         draws: ``(image index, category id)`` per slot (bi-level), or ``(image index, None)``
             (image-centric: every sampled RoI kept, no 1:1 background balancing).
         flips: the horizontal flip of each slot.
         seeds: the RoI sub-sampling seed of each slot.
-        bg_seed: the seed that picks which background RoIs of the batch are kept (bi-level).
+        bg_seed: the seed that picks which background RoIs of the batch are kept (bi-level);
+            stage k uses ``bg_seed + k``.
         step: the step in ``frozen``'s schedule (for its planned cache), if it has one.
         box_feats: also run the frozen box head (only the NCM head needs its features).
         mine: the slots (positions in ``draws``) this process computes (default: all; under
@@ -261,20 +286,50 @@ def calibration_batch(
             batch). The per-slot RoI counts are summed over the processes, so the batch-wide 1:1
             background choice is the one process's: every process draws the same permutation
             over the batch's backgrounds and keeps those of its own slots.
+        stages: the detector's box stages (a cascade's 3). Stage 1's RoIs are the sampled ones;
+            stage k+1's are stage k's regression of stage k's (the frozen original stage), labelled
+            at stage k+1's IoU threshold: each stage's RoIs as that stage saw them in training
+            (METHOD.md, "Multi-stage models"). Each stage then keeps its sampled class's
+            foregrounds and, over the batch, as many backgrounds.
 
     ``slot`` in the result is the position in ``draws`` (global), whichever process holds it.
     """
     roi = frozen.model.roi_heads
     mine = list(range(len(draws))) if mine is None else mine
     items = frozen.fetch([(draws[p][0], flips[p]) for p in mine], step=step)
-    slots: dict[int, tuple[Any, ...]] = {}  # position -> (features, size, fg boxes, fg labels, bg boxes)
+    # per stage: position -> (features, size, fg boxes, fg labels, bg boxes)
+    per_stage: list[dict[int, tuple[Any, ...]]] = [{} for _ in range(stages)]
     for p, item in zip(mine, items):
         feats, props, gt_boxes, gt_labels, size = item
         boxes, labels, fg, bg = roi.sample_rois(props, gt_boxes, gt_labels, seeds[p])
         cat_id = draws[p][1]
-        if cat_id is not None:  # object level: only the sampled class; other foregrounds are dropped
-            fg = fg[labels[fg] == label_map.to_label(cat_id)]
-        slots[p] = (feats, size, boxes[fg], labels[fg], boxes[bg])
+        wanted = label_map.to_label(cat_id) if cat_id is not None else None
+        kept_fg = fg if wanted is None else fg[labels[fg] == wanted]  # object level: only the sampled class
+        per_stage[0][p] = (feats, size, boxes[kept_fg], labels[kept_fg], boxes[bg])
+        stage_boxes = boxes[torch.cat([fg, bg])]
+        for k in range(1, stages):
+            with torch.inference_mode():
+                _, _, _, deltas = roi.stage_forward(k - 1, feats, [stage_boxes], [size])
+                stage_boxes = roi.refine(k - 1, deltas, [stage_boxes], [size])[0]
+                lab = roi.stage_targets(k, [stage_boxes], [{"boxes": gt_boxes, "labels": gt_labels}])[0][0]
+            is_fg = lab > 0 if wanted is None else lab == wanted
+            per_stage[k][p] = (feats, size, stage_boxes[is_fg], lab[is_fg], stage_boxes[lab == 0])
+    return [
+        _kept_batch(frozen, slots, draws, bg_seed + k, box_feats, k if stages > 1 else None)
+        for k, slots in enumerate(per_stage)
+    ]
+
+
+def _kept_batch(
+    frozen: FrozenDetector,
+    slots: dict[int, tuple[Any, ...]],
+    draws: list[tuple[int, int | None]],
+    bg_seed: int,
+    box_feats: bool,
+    stage: int | None,
+) -> CalibrationBatch | None:
+    """One stage's batch from its slots' foregrounds and backgrounds (see :func:`calibration_batches`)."""
+    roi = frozen.model.roi_heads
     counts = torch.zeros(2, len(draws), dtype=torch.long)  # (fg, bg) per slot, summed over processes
     for p, s in slots.items():
         counts[0, p], counts[1, p] = s[2].shape[0], s[4].shape[0]
@@ -309,7 +364,8 @@ def calibration_batch(
             labels = [torch.zeros(0, dtype=torch.int64, device=frozen.device)]
             slot, boxes = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, 4, device=frozen.device)]
         pooled_t = torch.cat(pooled)
-        feats_t = roi.box_head(pooled_t).clone() if box_feats else None
+        box_head = roi.box_head if stage is None else roi.stage_parts(stage)[0]
+        feats_t = box_head(pooled_t).clone() if box_feats else None
     # inference tensors cannot enter autograd: clone into normal tensors for the head's training
     return CalibrationBatch(
         pooled_t.clone(),
@@ -476,13 +532,11 @@ def calibrate_head(
     """
     setup_torch(threads)
     device = device or default_device()
-    if getattr(model.roi_heads, "num_stages", 1) > 1:
+    if getattr(model.roi_heads, "num_stages", 1) > 1 and c.head == "ncm":
         raise InputError(
-            "model.roi_heads",
-            "roi_heads",
-            "SimCal on a cascade (a calibrated head per stage) is not available yet: calibrate a run with "
-            "model.roi_heads=standard; the cascade's original head and the post-hoc heads (norcal, logit-adj) "
-            "predict as usual",
+            "calibration.head",
+            "head",
+            "ncm is not available on a cascade yet (a class-mean head per stage): use 3fc_ft, 3fc_rand or 2fc_rand",
         )
     if _finished(files, c, resume):
         return load_head(files.head, model.roi_heads)[0].to(device).eval()
@@ -536,7 +590,13 @@ def _calibrate(
     main = rank == 0
     counts = class_instance_counts(train_json, label_map.category_ids, dataset.source)
     torch.manual_seed(c.seed)
-    head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed).to(device)
+    stages = getattr(model.roi_heads, "num_stages", 1)
+    if stages > 1:  # a cascade: one calibrated head per stage (calibration.stages: all or the last)
+        head: CalibratedHead | StagedHead = build_staged_head(
+            c.head, model.roi_heads, layers=c.layers, seed=c.seed, stages=c.stages
+        ).to(device)
+    else:
+        head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed).to(device)
     params = list(head.trainable_parameters()) if c.head != "ncm" else []
     optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay) if params else None
     try:
@@ -590,7 +650,7 @@ def _calibrate(
         lr = c.lr * 0.1 ** sum(step >= s for s in decay_steps)
         draws, flips = draws_all[step], flips_of[step]
         seeds = [streams.slot_seed(c.seed, step, p) for p in range(len(draws))]
-        batch = calibration_batch(
+        batches = calibration_batches(
             frozen,
             draws,
             flips,
@@ -600,22 +660,31 @@ def _calibrate(
             step=step,
             box_feats=c.head == "ncm",
             mine=mine_of[step],
+            stages=stages,
         )
         record: dict[str, Any] = {"step": step + 1, "lr": lr, "fg": 0, "bg": 0}
-        if batch is not None:
-            record.update(fg=batch.fg, bg=batch.bg)
-            if c.head == "ncm":
-                head.ncm_accumulate(batch.box_feats, batch.labels)
-            else:
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                loss = loss_fn(head(batch.pooled), batch.labels)
+        first = batches[0]
+        if first is not None:
+            record.update(fg=first.fg, bg=first.bg)
+        if stages > 1:  # per stage: stage k keeps the RoIs still foreground at its own threshold
+            record.update(fg_stages=[b.fg if b else 0 for b in batches], bg_stages=[b.bg if b else 0 for b in batches])
+        work = [(h, batches[k]) for k, h in head.stage_heads() if batches[k] is not None]
+        if work and c.head == "ncm":
+            for h, batch in work:
+                h.ncm_accumulate(batch.box_feats, batch.labels)
+        elif work:
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss = torch.zeros((), device=device)
+            for h, batch in work:  # the stages' heads are separate: their losses add up
+                stage_loss = loss_fn(h(batch.pooled), batch.labels)
                 if world > 1:  # this process's RoIs' share of the step's mean over every process
-                    loss = loss * (batch.labels.numel() / batch.total)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                record["loss"] = _sum_gradients(params, loss) if world > 1 else float(loss.detach())
-                optimizer.step()
+                    stage_loss = stage_loss * (batch.labels.numel() / batch.total)
+                loss = loss + stage_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            record["loss"] = _sum_gradients(params, loss) if world > 1 else float(loss.detach())
+            optimizer.step()
         done = step + 1
         bar.update(1)
         if done % c.log_period == 0 or done == c.steps:

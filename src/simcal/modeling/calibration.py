@@ -72,11 +72,22 @@ def _check_choice(kind: str, layers: str) -> None:
         raise InputError("calibration.layers", "layers", f"expected one of {', '.join(choices.LAYERS)}, got {layers!r}")
 
 
-def _source_layers(roi_heads: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """The trained ``(fc6, fc7, cls_score)`` of a torchvision-style RoIHeads, shapes checked."""
+def _stage_parts(roi_heads: nn.Module, stage: int) -> tuple[nn.Module, nn.Module]:
+    """``(box head, box predictor)`` of a cascade's ``stage``, or of the one stage of a standard head."""
+    if stage == 0 and not hasattr(roi_heads, "stage_parts"):
+        return roi_heads.box_head, roi_heads.box_predictor
+    if not hasattr(roi_heads, "stage_parts") or stage >= roi_heads.num_stages:
+        raise TypeError(f"the detector has no box stage {stage + 1}")
+    return roi_heads.stage_parts(stage)
+
+
+def _source_layers(roi_heads: nn.Module, stage: int = 0) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """The trained ``(fc6, fc7, cls_score)`` of a torchvision-style RoIHeads (of its box ``stage``
+    on a cascade), shapes checked."""
+    box_head, box_predictor = _stage_parts(roi_heads, stage)
     try:
-        fc6, fc7 = roi_heads.box_head.fc6, roi_heads.box_head.fc7
-        cls = roi_heads.box_predictor.cls_score
+        fc6, fc7 = box_head.fc6, box_head.fc7
+        cls = box_predictor.cls_score
     except AttributeError:
         raise TypeError("roi_heads needs box_head.fc6, box_head.fc7 (TwoMLPHead) and box_predictor.cls_score") from None
     if not all(isinstance(m, nn.Linear) for m in (fc6, fc7, cls)):
@@ -211,6 +222,14 @@ class CalibratedHead(nn.Module):
         """Pooled RoI features -> class scores ``(R, C+1)``, column 0 background (the activation of the logits)."""
         return self.activation(self(x))
 
+    def batch_scores(self, batch: Any) -> Tensor:
+        """Scores ``(R, C+1)`` of an inference :class:`~simcal.modeling.roi_heads.RoIBatch` (its pooled features)."""
+        return self.scores(batch.pooled)
+
+    def stage_heads(self) -> list[tuple[int, CalibratedHead]]:
+        """``[(box stage, head)]``: this head calibrates the one stage of a standard detector."""
+        return [(0, self)]
+
     # ------------------------------------------------------------------ NCM
     def _require_ncm(self, what: str) -> None:
         if self.kind != "ncm":
@@ -254,8 +273,75 @@ class CalibratedHead(nn.Module):
         self.ncm_valid.copy_(self.ncm_counts > 0)
 
 
-def build_calibrated_head(kind: str, roi_heads: nn.Module, *, layers: str = "all3", seed: int = 0) -> CalibratedHead:
-    """The calibrated head of ``kind`` for the detector whose RoI heads are ``roi_heads``.
+class StagedHead(nn.Module):
+    """SimCal on a cascade: a :class:`CalibratedHead` for each calibrated box stage.
+
+    Scores of an inference batch (:meth:`batch_scores`): every stage's logits on that stage's own
+    input boxes (the calibrated head's on the stage's pooled features, the original classifier's
+    for a stage not calibrated), averaged as the cascade averages them (logits, or probabilities
+    with ``mean_probs``), then the activation: the calibrated counterpart of the cascade's score,
+    so ``dual`` picks between the two averaged score vectors (METHOD.md, "Multi-stage models").
+
+    Attributes:
+        stages: the calibrated stages (0-based), ``heads``: their heads (``nn.ModuleList``, aligned).
+        num_stages: the cascade's stages; mean_probs: the cascade's averaging.
+        kind, layers, seed, in_features, representation_size, num_outputs: the stage heads' (equal).
+    """
+
+    def __init__(self, heads: list[CalibratedHead], stages: list[int], num_stages: int, mean_probs: bool) -> None:
+        super().__init__()
+        if not heads or len(heads) != len(stages):
+            raise ValueError("one head per calibrated stage")
+        self.heads = nn.ModuleList(heads)
+        self.stages = list(stages)
+        self.num_stages = num_stages
+        self.mean_probs = mean_probs
+        first = heads[0]
+        self.kind, self.layers, self.seed = first.kind, first.layers, first.seed
+        self.in_features, self.representation_size = first.in_features, first.representation_size
+        self.num_outputs, self.activation = first.num_outputs, first.activation
+
+    def extra_repr(self) -> str:
+        return f"stages={[s + 1 for s in self.stages]} of {self.num_stages}"
+
+    def stage_heads(self) -> list[tuple[int, CalibratedHead]]:
+        """``[(box stage, its calibrated head)]``."""
+        return list(zip(self.stages, self.heads))  # type: ignore[arg-type]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for h in self.heads for p in h.trainable_parameters()]  # type: ignore[attr-defined]
+
+    def batch_scores(self, batch: Any) -> Tensor:
+        """Scores ``(R, C+1)`` of a cascade's :class:`~simcal.modeling.roi_heads.RoIBatch`
+        (``stage_pooled`` / ``stage_logits``: per stage ``(R, C_fpn, 7, 7)`` / ``(R, K)``)."""
+        if batch.stage_pooled is None or len(batch.stage_pooled) != self.num_stages:
+            raise ValueError(f"a {self.num_stages}-stage head needs a cascade's per-stage RoI features")
+        mine = dict(zip(self.stages, self.heads))
+        logits = [
+            mine[k](batch.stage_pooled[k]) if k in mine else batch.stage_logits[k] for k in range(self.num_stages)
+        ]
+        if self.mean_probs:
+            return torch.stack([self.activation(z) for z in logits]).mean(0)
+        return self.activation(torch.stack(logits).mean(0))
+
+
+def build_staged_head(
+    kind: str, roi_heads: nn.Module, *, layers: str = "all3", seed: int = 0, stages: str | list[int] = "all"
+) -> StagedHead:
+    """A :class:`StagedHead` for a cascade: one :func:`build_calibrated_head` per stage of
+    ``stages`` (``all``, ``last`` or a list of 0-based stages; stage k's random kinds seeded
+    ``seed + k``)."""
+    n = roi_heads.num_stages
+    chosen = list(range(n)) if stages == "all" else [n - 1] if stages == "last" else sorted(stages)  # type: ignore[arg-type]
+    heads = [build_calibrated_head(kind, roi_heads, layers=layers, seed=seed + k, stage=k) for k in chosen]
+    return StagedHead(heads, chosen, n, bool(getattr(roi_heads, "mean_probs", False)))
+
+
+def build_calibrated_head(
+    kind: str, roi_heads: nn.Module, *, layers: str = "all3", seed: int = 0, stage: int = 0
+) -> CalibratedHead:
+    """The calibrated head of ``kind`` for the detector whose RoI heads are ``roi_heads`` (for its
+    box ``stage`` on a cascade).
 
     Shapes come from the trained ``box_head.fc6`` (``C_fpn*49 -> D``) and ``box_predictor.cls_score``
     (``D -> K``); ``3fc_ft`` and ``ncm`` copy their weights (never share them), random kinds are
@@ -263,8 +349,8 @@ def build_calibrated_head(kind: str, roi_heads: nn.Module, *, layers: str = "all
     device and dtype of the trained layers.
     """
     _check_choice(kind, layers)
-    fc6, fc7, cls = _source_layers(roi_heads)
-    predictor = roi_heads.box_predictor
+    fc6, fc7, cls = _source_layers(roi_heads, stage)
+    predictor = _stage_parts(roi_heads, stage)[1]
     return CalibratedHead(
         kind,
         in_features=fc6.in_features,
@@ -277,7 +363,7 @@ def build_calibrated_head(kind: str, roi_heads: nn.Module, *, layers: str = "all
     )
 
 
-def save_head(head: CalibratedHead, path: str | os.PathLike[str], meta: Mapping[str, Any]) -> None:
+def save_head(head: CalibratedHead | StagedHead, path: str | os.PathLike[str], meta: Mapping[str, Any]) -> None:
     """Write ``head`` atomically with ``meta`` (any picklable fields: steps, config, ...).
 
     The file holds ``{"format", "version", "meta", "state_dict"}``; ``meta`` gets the head's
@@ -292,6 +378,8 @@ def save_head(head: CalibratedHead, path: str | os.PathLike[str], meta: Mapping[
         "representation_size": head.representation_size,
         "num_outputs": head.num_outputs,
     }
+    if isinstance(head, StagedHead):  # a cascade's: which stages, of how many
+        record.update(stages=list(head.stages), num_stages=head.num_stages)
     for key in ("kind", "layers"):
         if key in meta and meta[key] != record[key]:
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} but the head's is {record[key]!r}")
@@ -304,7 +392,7 @@ def save_head(head: CalibratedHead, path: str | os.PathLike[str], meta: Mapping[
     save_checkpoint(path, state)
 
 
-def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[CalibratedHead, dict[str, Any]]:
+def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[CalibratedHead | StagedHead, dict[str, Any]]:
     """Read a head written by :func:`save_head` for the detector whose RoI heads are ``roi_heads``.
 
     Returns ``(head, meta)``: the head rebuilt with the saved kind and layers (and their freezing),
@@ -328,7 +416,19 @@ def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[Calib
     if layers not in choices.LAYERS:
         raise InputError(path, "meta.layers", f"expected one of {', '.join(choices.LAYERS)}, got {layers!r}")
     seed = meta.get("seed", 0)
-    head = build_calibrated_head(kind, roi_heads, layers=layers, seed=seed if isinstance(seed, int) else 0)
+    seed = seed if isinstance(seed, int) else 0
+    stages, detector_stages = meta.get("stages"), getattr(roi_heads, "num_stages", 1)
+    if stages is not None or detector_stages > 1:
+        if stages is None or meta.get("num_stages") != detector_stages:
+            made = f"a {meta.get('num_stages')}-stage cascade" if stages is not None else "a one-stage detector"
+            raise InputError(
+                path, "meta.stages", f"a head calibrated for {made}, this detector has {detector_stages} box stages"
+            )
+        head: CalibratedHead | StagedHead = build_staged_head(
+            kind, roi_heads, layers=layers, seed=seed, stages=[int(k) for k in stages]
+        )
+    else:
+        head = build_calibrated_head(kind, roi_heads, layers=layers, seed=seed)
     for key in ("in_features", "representation_size", "num_outputs"):
         if key in meta and meta[key] != getattr(head, key):
             raise InputError(path, f"meta.{key}", f"the file has {meta[key]!r}, this detector {getattr(head, key)!r}")

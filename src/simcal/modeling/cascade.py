@@ -217,10 +217,11 @@ class CascadeRoIHeads(LongTailRoIHeads):
         deltas the last stage's, its logits the stages' mean (``mean_probs``: the log of their
         mean probabilities, whose softmax is that mean)."""
         boxes = proposals
-        logits_all = []
+        logits_all, pooled_all = [], []
         for k in range(self.num_stages):
             pooled, feats, logits, deltas = self.stage_forward(k, features, boxes, image_shapes)
             logits_all.append(logits)
+            pooled_all.append(pooled)
             if k < self.num_stages - 1:
                 boxes = self.refine(k, deltas, boxes, image_shapes)
         if self.mean_probs:
@@ -228,7 +229,9 @@ class CascadeRoIHeads(LongTailRoIHeads):
             mean = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
         else:
             mean = torch.stack(logits_all).mean(0)
-        return RoIBatch(boxes, image_shapes, pooled, feats, mean, deltas, self.box_predictor, targets)
+        return RoIBatch(
+            boxes, image_shapes, pooled, feats, mean, deltas, self.box_predictor, targets, pooled_all, logits_all
+        )
 
     # ------------------------------------------------------------------ training
     def forward(  # type: ignore[override]

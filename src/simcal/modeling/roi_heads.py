@@ -56,6 +56,10 @@ class RoIBatch:
         deltas: box deltas ``(R, 4 * (C+1))`` or ``(R, 4)``.
         predictor: the original :class:`BoxPredictor` (its activation turns logits into scores).
         targets: per image ``{"boxes", "labels"}`` in the resized frame, when given (the oracle).
+        stage_pooled, stage_logits: a cascade's per-stage pooled features ``(R, C_fpn, 7, 7)`` and
+            logits ``(R, K)``, each stage on its own input boxes (``None`` for one stage); then
+            ``proposals``/``pooled``/``box_feats``/``deltas`` are the last stage's and ``logits``
+            the stages' mean.
     """
 
     proposals: list[Tensor]
@@ -66,6 +70,8 @@ class RoIBatch:
     deltas: Tensor
     predictor: BoxPredictor
     targets: list[dict[str, Tensor]] | None = None
+    stage_pooled: list[Tensor] | None = None
+    stage_logits: list[Tensor] | None = None
     _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
     def memo(self, key: Any, compute: Callable[[], Tensor]) -> Tensor:

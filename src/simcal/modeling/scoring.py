@@ -33,8 +33,10 @@ from simcal.modeling.roi_heads import RoIBatch, Scorer, original_scores
 
 
 def calibrated_scores(head: nn.Module, batch: RoIBatch) -> Tensor:
-    """A calibrated head's scores ``(R, C+1)`` on the batch's pooled features, once per batch."""
-    return batch.memo(("cal", id(head)), lambda: head.scores(batch.pooled))
+    """A calibrated head's scores ``(R, C+1)`` on the batch's pooled features (a cascade's: every
+    stage's, :class:`~simcal.modeling.calibration.StagedHead`), once per batch."""
+    score = head.batch_scores if hasattr(head, "batch_scores") else lambda b: head.scores(b.pooled)
+    return batch.memo(("cal", id(head)), lambda: score(batch))
 
 
 @dataclass(frozen=True, eq=False)
