@@ -140,3 +140,21 @@ def test_aggregate_median_mean_std():
     assert agg["mean"]["h"]["bbox"]["AP"] == pytest.approx(0.2)
     assert agg["std"]["h"]["bbox"]["AP"] == pytest.approx(0.1)
     assert agg["median"]["h"]["bbox"]["APr"] is None  # a seed without the group: no aggregate
+
+
+def test_demo_on_a_cascade(tiny_budget, tmp_path, capsys):
+    """`simcal demo --roi-heads cascade`: the same job on Cascade Mask R-CNN, every stage calibrated
+    (one head per stage), the analyses and the report included."""
+    import torch
+
+    from simcal.run import Run
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--budget", "quick", "--roi-heads", "cascade", "--out", str(out), "--no-progress"]) == 0
+    assert "dual head (SimCal)" in capsys.readouterr().out
+    run = Run(out / "run")
+    assert "roi_heads: cascade" in run.config.read_text()
+    head = torch.load(run.calibration("3fc_ft").head, weights_only=False)
+    assert head["meta"]["stages"] == [0, 1, 2]
+    assert (out / "run" / "report" / "index.html").is_file()
+    assert (out / "run" / "analysis" / "dynamics.json").is_file()

@@ -409,6 +409,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         compare=args.compare,
         progress=not args.no_progress,
+        roi_heads=args.roi_heads,
     )
     return 0
 
@@ -633,6 +634,12 @@ COMMANDS: tuple[Command, ...] = (
             opt("--budget", choices=choices.DEMO_BUDGETS, default="full", help="quick: a ~3 min smoke run"),
             opt("--seeds", type=_positive_int, default=1, help="training seeds; >1 adds median and mean +- std"),
             opt("--compare", action="store_true", help="also calibrate the decoupled baselines LR/FL/CM/IS (Table 4)"),
+            opt(
+                "--roi-heads",
+                choices=choices.ROI_HEADS,
+                default="standard",
+                help="cascade: Cascade Mask R-CNN, every stage calibrated (default %(default)s)",
+            ),
             NO_PROGRESS,
             opt("--seed", type=_non_negative_int, default=0, help="seed of the data and of the first training run"),
         ),

@@ -290,8 +290,10 @@ def run_demo(
     seeds: int = 1,
     compare: bool = False,
     progress: bool = True,
+    roi_heads: str = "standard",
 ) -> dict[str, Any]:
-    """Run (or resume) the demo in ``out``; print and return the tables' metrics (fractions)."""
+    """Run (or resume) the demo in ``out``; print and return the tables' metrics (fractions).
+    ``roi_heads``: ``cascade`` runs it on Cascade Mask R-CNN (SimCal calibrating every stage)."""
     if not PRESET.is_file():
         raise InputError(PRESET, "(file)", "the demo runs from a simcal checkout (configs/synthetic_cpu.yaml)")
     spec = BUDGETS[budget]
@@ -315,6 +317,7 @@ def run_demo(
             f"train.seed={s}",
             f"calibration.seed={s}",
             *spec["overrides"],
+            *([f"model.roi_heads={roi_heads}"] if roi_heads != "standard" else []),
         ]
         t = time.perf_counter()
         _train(run, overrides, tag, progress)

@@ -24,10 +24,11 @@ from simcal.run import Run
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def test_two_gloo_processes_match_one(tiny_config, tmp_path):
+@pytest.mark.parametrize("roi_heads", ["standard", "cascade"])
+def test_two_gloo_processes_match_one(tiny_config, tmp_path, roi_heads):
     # GroupNorm: BatchNorm statistics are per process by design; SGD: Adam would magnify noise
     cfg = tiny_config(max_iter=2, batch_size=4, optimizer="sgd", base_lr=0.02, reference_batch_size=4, log_period=1)
-    overrides = ["model.norm=gn"]
+    overrides = ["model.norm=gn", f"model.roi_heads={roi_heads}"]
     single = tmp_path / "single"
     assert main(["train", "--config", str(cfg), "--out", str(single), "--no-progress", *overrides]) == 0
 
@@ -59,7 +60,10 @@ def test_two_gloo_processes_match_one(tiny_config, tmp_path):
     logs = [[json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()] for d in (single, double)]
     assert [r["iteration"] for r in logs[0]] == [r["iteration"] for r in logs[1]] == [1, 2]
     for r1, r2 in zip(*logs):
-        for key in ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"):
+        keys = ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"]
+        if roi_heads == "cascade":  # every stage's losses
+            keys += [f"{loss}_stage{k}" for loss in ("loss_classifier", "loss_box_reg") for k in (2, 3)]
+        for key in keys:
             assert r1[key] == pytest.approx(r2[key], rel=1e-6), key
     a, b = load_checkpoint(Run(single).model_final)["model"], load_checkpoint(Run(double).model_final)["model"]
     assert a.keys() == b.keys()
