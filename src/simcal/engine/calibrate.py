@@ -532,12 +532,6 @@ def calibrate_head(
     """
     setup_torch(threads)
     device = device or default_device()
-    if getattr(model.roi_heads, "num_stages", 1) > 1 and c.head == "ncm":
-        raise InputError(
-            "calibration.head",
-            "head",
-            "ncm is not available on a cascade yet (a class-mean head per stage): use 3fc_ft, 3fc_rand or 2fc_rand",
-        )
     if _finished(files, c, resume):
         return load_head(files.head, model.roi_heads)[0].to(device).eval()
     label_map = dataset.label_map
@@ -615,8 +609,9 @@ def _calibrate(
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
         if c.head == "ncm" and not main:  # rank 0's checkpoint holds every process's sums so far
-            head.ncm_sums.zero_()
-            head.ncm_counts.zero_()
+            for _, h in head.stage_heads():
+                h.ncm_sums.zero_()
+                h.ncm_counts.zero_()
         start = int(ckpt["step"])
         if main:
             rewrite_lines(files.log, lambda line: json.loads(line)["step"] <= start)
@@ -702,7 +697,8 @@ def _calibrate(
             save_head(head, files.snapshot(done), {**meta, "step": done})
         if files is not None and done % c.checkpoint_period == 0 and done != c.steps:
             if c.head == "ncm":
-                _gather_ncm(head, keep_on_rank0=True)
+                for _, h in head.stage_heads():
+                    _gather_ncm(h, keep_on_rank0=True)
             if main:
                 save_checkpoint(
                     files.checkpoint,
@@ -715,8 +711,9 @@ def _calibrate(
                 )
     bar.close()
     if c.head == "ncm":
-        _gather_ncm(head, keep_on_rank0=False)
-        head.ncm_finalize()
+        for _, h in head.stage_heads():
+            _gather_ncm(h, keep_on_rank0=False)
+            h.ncm_finalize()
     elapsed = time.perf_counter() - t0
     hits, misses = dist_utils.all_reduce_sum(torch.tensor([frozen.hits, frozen.misses])).tolist()
     if writes:
