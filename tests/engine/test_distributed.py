@@ -226,3 +226,22 @@ def test_calibrate_under_torchrun_equals_one_process_and_resumes(trained_run, tm
     c = _head(run, "ncm2")
     assert torch.equal(b["ncm_counts"], c["ncm_counts"])
     torch.testing.assert_close(b["ncm_sums"], c["ncm_sums"], rtol=1e-12, atol=1e-12)  # float64 sums, other order
+
+
+def test_calibrating_a_cascade_under_torchrun_equals_one_process(tiny_config, tmp_path):
+    """Each stage's 1:1 background choice is made over the whole batch under torchrun too: the
+    per-stage RoI counts equal one process's and so do the three stage heads (to float rounding)."""
+    cfg = tiny_config(max_iter=2, steps=[], threads=1)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress", "model.roi_heads=cascade"]) == 0
+    flags = ["--steps", "4", "--classes-per-batch", "4", "--no-progress"]
+    assert main(["calibrate", "--run", str(run), "--name", "one", *flags]) == 0
+    p = _torchrun("calibrate", "--run-dir", str(run), "--name", "two", *flags)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = _head(run, "one"), _head(run, "two")
+    assert any(k.startswith("heads.2.") for k in one)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6, msg=k)
+    log1, log2 = _log(run, "one"), _log(run, "two")
+    assert [r["fg_stages"] for r in log1] == [r["fg_stages"] for r in log2]
+    assert all(len(r["fg_stages"]) == 3 for r in log1)
