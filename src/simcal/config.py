@@ -39,6 +39,11 @@ class DataConfig:
     val_json: str = ""
     val_images: str = ""
     num_workers: int = 2
+    # multi-scale training: each training image's short edge drawn uniformly from [lo, hi] (a pair;
+    # HTC's [400, 1400]), its long edge at most train_max_size (default model.max_size); test and
+    # calibration keep model.min_size / model.max_size
+    train_scales: list[int] | None = None
+    train_max_size: int | None = None
 
 
 @dataclass
@@ -379,6 +384,17 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
     budget, unit = (t.max_iter, "train.max_iter") if t.max_iter is not None else (t.epochs, "train.epochs")
     return [
         ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
+        (
+            "data.train_scales",
+            d.train_scales is None
+            or (
+                len(d.train_scales) == 2
+                and all(isinstance(v, (int, float)) and float(v).is_integer() and v > 0 for v in d.train_scales)
+                and d.train_scales[0] <= d.train_scales[1]
+            ),
+            "must be [lo, hi], whole pixels with 0 < lo <= hi (or null)",
+        ),
+        ("data.train_max_size", d.train_max_size is None or d.train_max_size > 0, "must be > 0 (or null)"),
         (
             "model.trainable_backbone_layers",
             m.trainable_backbone_layers in (None, 0, 1, 2, 3, 4, 5),

@@ -16,6 +16,7 @@ from simcal.config import load_config
 from simcal.engine.train import learning_rate, schedule, train
 from simcal.errors import InputError
 from simcal.io import load_checkpoint
+from simcal.run import Run
 
 FINAL, LAST = "model_final.pth", "checkpoint_last.pth"
 
@@ -191,3 +192,39 @@ def test_negative_optimizer_settings_are_refused(key):
         load_config(None, [f"{key}=-0.1"])
     section, field = key.split(".")
     assert getattr(getattr(load_config(None, [f"{key}=0"]), section), field) == 0  # zero is allowed
+
+
+def test_multi_scale_training_draws_each_images_short_edge_and_resumes_exactly(tiny_config, tmp_path, capsys):
+    """`data.train_scales=[lo, hi]`: in training each image's short edge is drawn from [lo, hi]
+    (several sizes appear), the long edge at most `data.train_max_size`; a model built for test keeps
+    `model.min_size`; an interrupted multi-scale run resumes to the same weights; a bad pair is one line."""
+    from simcal.modeling.detector import build_detector, train_scales
+
+    cfg = tiny_config(max_iter=4, checkpoint_period=2, steps=[])
+    over = ["data.train_scales=[40, 72]", "data.train_max_size=80"]
+    model = build_detector(load_config(cfg, over).model, 6)
+    train_scales(model, [40, 72], 80)
+    model.transform.train()
+    torch.manual_seed(0)
+    sizes = set()
+    for _ in range(30):
+        batch, _ = model.transform([torch.rand(3, 64, 96)])
+        h, w = batch.image_sizes[0]
+        assert 40 <= min(h, w) <= 72 and max(h, w) <= 80
+        sizes.add(min(h, w))
+    assert len(sizes) >= 5
+    test_model = build_detector(load_config(cfg, over).model, 6).eval()
+    batch, _ = test_model.transform([torch.rand(3, 50, 50)])
+    assert batch.image_sizes[0] == (64, 64)  # model.min_size / max_size of the tiny config
+
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--config", str(cfg), "--out", str(straight), "--no-progress", *over]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(resumed), "--no-progress", *over, "train.max_iter=2"]) == 0
+    assert main(["train", "--out", str(resumed), "--resume", "--no-progress", "train.max_iter=4"]) == 0
+    a, b = (load_checkpoint(Run(r).model_final)["model"] for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    bad = ["train", "--config", str(cfg), "--out", str(tmp_path / "c"), "--no-progress", "data.train_scales=[80, 40]"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.train_scales" in err

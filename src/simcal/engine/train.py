@@ -31,7 +31,7 @@ from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import seed_everything, setup_torch
 from simcal.errors import InputError, TrainingError
 from simcal.io import append_line, rewrite_lines, save_checkpoint
-from simcal.modeling.detector import build_detector, load_detector_weights
+from simcal.modeling.detector import build_detector, load_detector_weights, train_scales
 from simcal.modeling.losses import build_classification_loss
 from simcal.modeling.sampling import sampling_seeds
 from simcal.run import Run
@@ -147,6 +147,7 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     seed_everything(t.seed)
     counts = class_instance_counts(train_json, label_map.category_ids)
     model = build_detector(cfg.model, label_map.num_classes)
+    train_scales(model, cfg.data.train_scales, cfg.data.train_max_size)  # multi-scale training, when asked
     predictor = model.roi_heads.box_predictor
     try:
         loss = build_classification_loss(t.loss, counts, activation=predictor.activation, **t.loss_kwargs)

@@ -463,6 +463,18 @@ ARCH_BUILDERS: dict[str, Callable[[ModelConfig, dict[str, Any]], LongTailMaskRCN
 }
 
 
+def train_scales(model: GeneralizedRCNN, scales: list[int] | None, max_size: int | None) -> None:
+    """Multi-scale training: in training mode each image's short edge is drawn uniformly from the
+    whole pixels of ``scales`` = ``[lo, hi]`` (torchvision's transform draws one per image from
+    its ``min_size`` tuple, with the global generator: seeded, and restored on resume), the long
+    edge at most ``max_size``. Only for the training loop's model: torchvision's eval mode would
+    take the largest of the scales, so a model for test or calibration is built without them."""
+    if scales:
+        model.transform.min_size = tuple(range(int(scales[0]), int(scales[1]) + 1))
+    if max_size:
+        model.transform.max_size = int(max_size)
+
+
 def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | None = None) -> LongTailMaskRCNN:
     """The detector a config describes, with the test preset applied (score, NMS, detections)."""
     common = dict(
