@@ -267,3 +267,23 @@ def test_simcal_on_a_cascade_run(tiny_config, tmp_path):
     for head in ("orig", "cal", "dual"):
         m = json.loads((run / "predictions" / "val" / head / "metrics_bbox.json").read_text())
         assert m["num_detections"] > 0, head
+
+
+def test_the_resnext101_64x4d_fpn_arch_builds_trains_and_cascades():
+    """`model.arch=resnext101_64x4d_fpn` (the paper's HTC body) is a choice orthogonal to
+    `model.roi_heads`: ResNeXt-101 64x4d (64 groups of width 4: its 3x3 convs are grouped) in an FPN,
+    here with a cascade on top; one training step runs and reaches every stage."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        arch="resnext101_64x4d_fpn", roi_heads="cascade", min_size=64, max_size=64, box_batch_size_per_image=16
+    )
+    model = build_detector(cfg, 3).train()
+    body = model.backbone.body
+    assert body.layer1[0].conv2.groups == 64 and body.layer4[0].conv2.in_channels == 64 * 4 * 8
+    assert isinstance(model.roi_heads, CascadeRoIHeads)
+    images, targets = _images_and_targets(1)
+    targets[0]["labels"] = torch.tensor([1])
+    losses = model(images, targets)
+    assert {"loss_classifier_stage3", "loss_mask"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(Exception, match="model.weights"):
+        build_detector(ModelConfig(arch="resnext101_64x4d_fpn", weights="COCO_V1"), 3)

@@ -451,6 +451,52 @@ def maskrcnn_small(
     return long_tail_model(model, class_agnostic, cls_loss)
 
 
+def maskrcnn_resnext101_64x4d_fpn(
+    *,
+    num_classes: int,
+    norm: str = "frozen_bn",
+    weights: str | None = None,
+    weights_backbone: str | None = None,
+    trainable_backbone_layers: int | None = None,
+    class_agnostic: bool = False,
+    cls_loss: nn.Module | None = None,
+    **kwargs: Any,
+) -> LongTailMaskRCNN:
+    """Mask R-CNN with a ResNeXt-101 64x4d FPN body (the paper's HTC backbone, Sec. 5.5), torchvision's
+    ``resnext101_64x4d`` through ``resnet_fpn_backbone``, R50-FPN's heads otherwise.
+
+    Args:
+        weights: a local ``.pth`` of a whole detector of this architecture (torchvision has no
+            detection weights for it); layers that do not fit ``num_classes`` stay fresh.
+        weights_backbone: ``ResNeXt101_64X4D_Weights`` name (``IMAGENET1K_V1``) or a local ``.pth``.
+        trainable_backbone_layers: 0-5 (default 3, as torchvision's, with pretrained weights; all 5
+            from scratch).
+    """
+    from torchvision.models import ResNeXt101_64X4D_Weights
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    wb = _resolve_weights(weights_backbone, ResNeXt101_64X4D_Weights, "model.weights_backbone")
+    layers = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if wb is not None else 5)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnext101_64x4d",
+        weights=None if isinstance(wb, str) else wb,
+        norm_layer=norm_layer(norm),
+        trainable_layers=layers,
+    )
+    if isinstance(wb, str):
+        load_matching(backbone.body, torch.load(wb, map_location="cpu", weights_only=True))
+    model = MaskRCNN(backbone, num_classes=num_classes + 1, **kwargs)
+    if class_agnostic:
+        _class_agnostic_predictors(model, num_classes)
+    if weights is not None:
+        if not os.path.exists(weights):
+            raise InputError(
+                "model.weights", "weights", f"{weights!r}: no torchvision detection weights for this arch, give a file"
+            )
+        load_matching(model, torch.load(weights, map_location="cpu", weights_only=True))
+    return long_tail_model(model, class_agnostic, cls_loss)
+
+
 #: ``model.arch`` -> builder ``(model config, common torchvision kwargs) -> model`` (:data:`simcal.choices.ARCHS`)
 ARCH_BUILDERS: dict[str, Callable[[ModelConfig, dict[str, Any]], LongTailMaskRCNN]] = {
     "resnet50_fpn": lambda cfg, common: maskrcnn_resnet50_fpn(
@@ -460,6 +506,13 @@ ARCH_BUILDERS: dict[str, Callable[[ModelConfig, dict[str, Any]], LongTailMaskRCN
         **common,
     ),
     "small": lambda cfg, common: maskrcnn_small(norm=cfg.norm, weights_backbone=cfg.weights_backbone, **common),
+    "resnext101_64x4d_fpn": lambda cfg, common: maskrcnn_resnext101_64x4d_fpn(
+        norm=cfg.norm,
+        weights=cfg.weights,
+        weights_backbone=cfg.weights_backbone,
+        trainable_backbone_layers=cfg.trainable_backbone_layers,
+        **common,
+    ),
 }
 
 
