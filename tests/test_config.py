@@ -67,6 +67,10 @@ RANGE_CASES = [
     (["calibration.seed=-1"], "calibration.seed", "must be >= 0"),
     (["inference.T=-5"], "inference.T", "must be >= 0"),
     (["inference.param=-1"], "inference.param", "must be >= 0"),
+    (["data.train_scales=[80, 40]"], "data.train_scales", "must be [lo, hi]"),
+    (["data.train_scales=[40]"], "data.train_scales", "must be [lo, hi]"),
+    (["data.train_scales=[40.5, 80]"], "data.train_scales", "whole pixels"),
+    (["data.train_max_size=0"], "data.train_max_size", "must be > 0"),
 ]
 
 CHOICE_CASES = [
@@ -81,6 +85,8 @@ CHOICE_CASES = [
     ("calibration.loss", "hinge", tuple(choices.LOSSES)),
     ("calibration.sampler", "balanced", choices.CALIBRATION_SAMPLERS),
     ("inference.combine", "nope", choices.COMBINERS),
+    ("model.roi_heads", "htc2", choices.ROI_HEADS),
+    ("calibration.stages", "first", choices.CALIBRATION_STAGES),
 ]
 
 TYPE_CASES = [

@@ -123,21 +123,11 @@ class CascadeRoIHeads(LongTailRoIHeads):
                     predictor.cls_loss,
                 ).to(predictor.cls_score.weight.device)
             )
-        out = cls(
-            old.box_roi_pool,
-            old.box_head,
-            predictor,
-            old.proposal_matcher.high_threshold,
-            old.proposal_matcher.low_threshold,
-            old.fg_bg_sampler.batch_size_per_image,
-            old.fg_bg_sampler.positive_fraction,
-            old.box_coder.weights,
-            old.score_thresh,
-            old.nms_thresh,
-            old.detections_per_img,
-            mask_roi_pool=old.mask_roi_pool,
-            mask_head=old.mask_head,
-            mask_predictor=old.mask_predictor,
+        from simcal.modeling.detector import rebuild_roi_heads  # detector builds cascades: imported here
+
+        out = rebuild_roi_heads(
+            old,
+            cls,
             class_agnostic=old.class_agnostic,
             extra_heads=heads,
             extra_predictors=predictors,
