@@ -125,31 +125,36 @@ def tiny_data(tmp_path_factory):
     yield from _read_only(out, "tiny_data")
 
 
+def tiny_config_dict(data: Path, **train_overrides) -> dict:
+    """The config of :func:`tiny_config` (synthetic_cpu shrunk to 64 px, 6 iterations) as a dict."""
+    cfg = {
+        "_base_": str(REPO / "configs" / "synthetic_cpu.yaml"),
+        "data": data_section(data),
+        "model": {"min_size": 64, "max_size": 64, "box_batch_size_per_image": 32},
+        "train": {
+            "batch_size": 2,
+            "max_iter": 6,
+            "steps": [4],
+            "warmup_iters": 2,
+            "checkpoint_period": 2,
+            "log_period": 2,
+            "threads": 1,
+            **train_overrides,
+        },
+    }
+    budget = cfg["train"]["max_iter"]
+    if budget is not None and "steps" not in train_overrides:
+        cfg["train"]["steps"] = [s for s in cfg["train"]["steps"] if s < budget]  # inside the schedule
+    return cfg
+
+
 @pytest.fixture
 def tiny_config(tiny_data, tmp_path):
     """Write a config (synthetic_cpu preset shrunk to 64 px, 6 iterations) and return its path."""
 
     def make(**train_overrides) -> Path:
-        cfg = {
-            "_base_": str(REPO / "configs" / "synthetic_cpu.yaml"),
-            "data": data_section(tiny_data),
-            "model": {"min_size": 64, "max_size": 64, "box_batch_size_per_image": 32},
-            "train": {
-                "batch_size": 2,
-                "max_iter": 6,
-                "steps": [4],
-                "warmup_iters": 2,
-                "checkpoint_period": 2,
-                "log_period": 2,
-                "threads": 1,
-                **train_overrides,
-            },
-        }
-        budget = cfg["train"]["max_iter"]
-        if budget is not None and "steps" not in train_overrides:
-            cfg["train"]["steps"] = [s for s in cfg["train"]["steps"] if s < budget]  # inside the schedule
         path = tmp_path / f"cfg_{len(list(tmp_path.glob('cfg_*.yaml')))}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
+        path.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, **train_overrides)))
         return path
 
     return make

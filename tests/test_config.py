@@ -249,3 +249,16 @@ def test_a_stored_run_config_is_not_held_to_the_new_run_rules():
     raw["train"]["flip_prob"] = 7.0
     with pytest.raises(InputError, match="run/config.yaml: train.flip_prob: must lie in"):
         config_from_dict(raw, "run/config.yaml")
+
+
+def test_the_htc_preset_is_the_papers_table_6_setting():
+    cfg = load_config(REPO / "configs" / "lvis_v0.5_htc_x101.yaml")
+    assert (cfg.model.arch, cfg.model.roi_heads, cfg.model.weights_backbone) == (
+        "resnext101_64x4d_fpn",
+        "htc",
+        "IMAGENET1K_V1",
+    )
+    assert cfg.train.epochs == 20 and cfg.train.steps == [16.0, 19.0] and cfg.train.base_lr == 0.01
+    assert cfg.data.train_scales == [400, 1400] and cfg.data.train_max_size == 1600
+    assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
+    assert cfg.data.train_json.endswith("lvis_v0.5_train.json")

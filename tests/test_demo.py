@@ -142,19 +142,23 @@ def test_aggregate_median_mean_std():
     assert agg["median"]["h"]["bbox"]["APr"] is None  # a seed without the group: no aggregate
 
 
-def test_demo_on_a_cascade(tiny_budget, tmp_path, capsys):
-    """`simcal demo --roi-heads cascade`: the same job on Cascade Mask R-CNN, every stage calibrated
+@pytest.mark.parametrize("roi_heads", ["cascade", "htc"])
+def test_demo_on_a_cascade(roi_heads, tiny_budget, tmp_path, capsys):
+    """`simcal demo --roi-heads cascade|htc`: the same job on Cascade Mask R-CNN or HTC, every stage calibrated
     (one head per stage), the analyses and the report included."""
     import torch
 
     from simcal.run import Run
 
     out = tmp_path / "demo"
-    assert main(["demo", "--budget", "quick", "--roi-heads", "cascade", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--budget", "quick", "--roi-heads", roi_heads, "--out", str(out), "--no-progress"]) == 0
     assert "dual head (SimCal)" in capsys.readouterr().out
     run = Run(out / "run")
-    assert "roi_heads: cascade" in run.config.read_text()
+    assert f"roi_heads: {roi_heads}" in run.config.read_text()
     head = torch.load(run.calibration("3fc_ft").head, weights_only=False)
     assert head["meta"]["stages"] == [0, 1, 2]
+    for name in ("orig", "cal", "dual"):  # HTC's masks are the mean of its three mask heads'
+        segm = json.loads((out / "run" / "predictions" / "val" / name / "metrics_segm.json").read_text())
+        assert segm["num_detections"] > 0, name
     assert (out / "run" / "report" / "index.html").is_file()
     assert (out / "run" / "analysis" / "dynamics.json").is_file()

@@ -45,8 +45,9 @@ NON_NEGATIVE = Range(0.0)
 # --------------------------------------------------------------------------- model
 #: ``model.arch``: the backbone body of the Mask R-CNN (:func:`simcal.modeling.detector.build_detector`).
 ARCHS = ("resnet50_fpn", "small", "resnext101_64x4d_fpn")
-#: ``model.roi_heads``: one box stage (Mask R-CNN) or Cascade Mask R-CNN's three (IoU 0.5 / 0.6 / 0.7)
-ROI_HEADS = ("standard", "cascade")
+#: ``model.roi_heads``: one box stage (Mask R-CNN), Cascade Mask R-CNN's three (IoU 0.5 / 0.6 / 0.7),
+#: or Hybrid Task Cascade's (the cascade's box stages, a mask head per stage, interleaved, mask flow)
+ROI_HEADS = ("standard", "cascade", "htc")
 #: ``model.norm``: the backbone's normalisation layer.
 NORMS = ("frozen_bn", "bn", "gn")
 

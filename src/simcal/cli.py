@@ -638,7 +638,7 @@ COMMANDS: tuple[Command, ...] = (
                 "--roi-heads",
                 choices=choices.ROI_HEADS,
                 default="standard",
-                help="cascade: Cascade Mask R-CNN, every stage calibrated (default %(default)s)",
+                help="cascade: Cascade Mask R-CNN, htc: Hybrid Task Cascade; all stages calibrated (default: standard)",
             ),
             NO_PROGRESS,
             opt("--seed", type=_non_negative_int, default=0, help="seed of the data and of the first training run"),

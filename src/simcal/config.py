@@ -51,7 +51,7 @@ class ModelConfig:
     """Detector architecture and test-time settings (METHOD.md, LVIS test settings)."""
 
     arch: str = "resnet50_fpn"  # choices.ARCHS
-    roi_heads: str = "standard"  # choices.ROI_HEADS: standard (Mask R-CNN) | cascade (Cascade Mask R-CNN)
+    roi_heads: str = "standard"  # choices.ROI_HEADS: standard (Mask R-CNN) | cascade (Cascade Mask R-CNN) | htc
     cascade_mean_probs: bool = False  # cascade test score: mean of the stages' probabilities, not logits
     class_agnostic: bool = False  # r50-ag: one box regressor and one mask channel for all classes
     weights: str | None = None  # torchvision detection weights name (e.g. COCO_V1) or a .pth path

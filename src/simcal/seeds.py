@@ -23,6 +23,8 @@ CALIBRATION_BACKGROUND = 10**6
 #: per image, the RPN's anchor sampling and the RoI heads' RoI sampling draw from two streams of
 #: the image's slot seed: ``2 * seed + stage``
 RPN_SAMPLING, ROI_SAMPLING = 0, 1
+#: stream id of HTC's per-stage re-sampling: ``SeedSequence([roi_seed, stage, 5])``
+HTC_RESAMPLING = 5
 
 
 def data_order(seed: int, index: int) -> np.random.Generator:
@@ -43,3 +45,9 @@ def flips(seed: int, step: int, stream: int, n: int, prob: float) -> list[bool]:
 def sampler_seed(image_seed: int, stage: int) -> int:
     """The seed the RPN (``stage = RPN_SAMPLING``) or the RoI heads (``ROI_SAMPLING``) sample with."""
     return image_seed * 2 + stage
+
+
+def stage_resampling_seed(roi_seed: int, stage: int) -> int:
+    """The seed with which HTC re-samples an image's RoIs at box ``stage`` (0-based) for
+    that stage's mask head, from the image's RoI-sampling seed (:func:`sampler_seed`)."""
+    return int(np.random.SeedSequence([roi_seed, stage, HTC_RESAMPLING]).generate_state(1)[0])

@@ -13,8 +13,22 @@ from simcal.io import load_checkpoint
 from simcal.modeling.cascade import CASCADE_BOX_WEIGHTS, CascadeRoIHeads, ScaleGradient
 from simcal.modeling.detector import build_detector
 from simcal.run import Run
+from tests.conftest import copy_run, tiny_config_dict
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cascade_run(tiny_data, tmp_path_factory):
+    """A tiny cascade run (4 iterations, checkpoints every 2) shared by this module: copy it to change it."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("cascade")
+    cfg = tiny_config_dict(tiny_data, max_iter=4, checkpoint_period=2, steps=[])
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    over = ["model.roi_heads=cascade"]
+    assert main(["train", "--config", str(tmp / "cfg.yaml"), "--out", str(tmp / "run"), "--no-progress", *over]) == 0
+    return tmp / "run"
 
 
 def _cascade(num_classes: int = 5, **kwargs) -> torch.nn.Module:
@@ -123,11 +137,10 @@ def test_test_scores_are_the_stages_mean_and_boxes_the_last_stage(mean_probs):
     assert not torch.allclose(probs[0], probs[2], atol=1e-3)
 
 
-def test_a_cascade_run_trains_resumes_exactly_predicts_and_takes_an_ncm_head(tiny_config, tmp_path):
+def test_a_cascade_run_trains_resumes_exactly_predicts_and_takes_an_ncm_head(cascade_run, tiny_config, tmp_path):
     cfg = tiny_config(max_iter=4, checkpoint_period=2, steps=[])
-    straight, resumed = tmp_path / "a", tmp_path / "b"
+    straight, resumed = copy_run(cascade_run, tmp_path / "a"), tmp_path / "b"
     over = ["model.roi_heads=cascade"]
-    assert main(["train", "--config", str(cfg), "--out", str(straight), "--no-progress", *over]) == 0
     assert main(["train", "--config", str(cfg), "--out", str(resumed), "--no-progress", *over, "train.max_iter=2"]) == 0
     assert main(["train", "--out", str(resumed), "--resume", "--no-progress", "train.max_iter=4"]) == 0
     a, b = (load_checkpoint(Run(r).model_final)["model"] for r in (straight, resumed))
@@ -228,7 +241,7 @@ def test_each_stage_calibrates_on_its_own_rois(tiny_data):
     assert batches[0].fg > 0
 
 
-def test_simcal_on_a_cascade_run(tiny_config, tmp_path):
+def test_simcal_on_a_cascade_run(cascade_run, tmp_path):
     """calibrate on a cascade run: a head per stage (or the last only), the detector untouched,
     an interrupted calibration resumes to the same heads; predict orig / cal / dual."""
     import hashlib
@@ -236,10 +249,7 @@ def test_simcal_on_a_cascade_run(tiny_config, tmp_path):
     from simcal.engine.predict import load_model
     from simcal.modeling.calibration import StagedHead, load_head
 
-    cfg = tiny_config(max_iter=4, steps=[])
-    run = tmp_path / "run"
-    over = ["model.roi_heads=cascade"]
-    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress", *over]) == 0
+    run = copy_run(cascade_run, tmp_path / "run")
     weights = hashlib.sha256(Run(run).model_final.read_bytes()).hexdigest()
     cal = ["calibrate", "--run", str(run), "--steps", "6", "--classes-per-batch", "4", "--no-progress"]
     assert main([*cal, "calibration.checkpoint_period=3"]) == 0

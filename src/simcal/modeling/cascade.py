@@ -1,4 +1,4 @@
-"""Cascade Mask R-CNN on torchvision parts (METHOD.md, "Multi-stage models").
+"""Cascade Mask R-CNN and Hybrid Task Cascade on torchvision parts (METHOD.md, "Multi-stage models").
 
 :class:`CascadeRoIHeads` is :class:`~simcal.modeling.roi_heads.LongTailRoIHeads` with three box
 stages instead of one, as detectron2's ``CascadeROIHeads`` builds them:
@@ -23,6 +23,9 @@ and 3 are ``extra_heads.<k>`` / ``extra_predictors.<k>``.
 Inference is :meth:`LongTailRoIHeads.detect` unchanged: :meth:`CascadeRoIHeads.roi_batch` runs
 the stages and hands the scorers one :class:`RoIBatch` whose logits are the stages' mean, so the
 original head and the post-hoc scorers work on cascade runs as on standard ones.
+
+:class:`HybridTaskCascadeRoIHeads` (``model.roi_heads=htc``) is the cascade with a mask head per
+stage, interleaved box and mask training and the mask information flow (its docstring).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import boxes as box_ops
 
 from simcal.modeling.predictors import BoxPredictor
-from simcal.modeling.roi_heads import LongTailRoIHeads, RoIBatch
+from simcal.modeling.roi_heads import LongTailRoIHeads, RoIBatch, selected_mask_logits
+from simcal.seeds import stage_resampling_seed
 
 #: per stage: the IoU threshold, the box coder's weights, the weight of the stage's losses
 CASCADE_IOUS = (0.5, 0.6, 0.7)
@@ -108,11 +112,7 @@ class CascadeRoIHeads(LongTailRoIHeads):
             predictor.bbox_pred = nn.Linear(predictor.bbox_pred.in_features, 4).to(predictor.bbox_pred.weight.device)
         heads, predictors = [], []
         for _ in range(stages - 1):
-            head = copy.deepcopy(old.box_head)
-            for m in head.modules():
-                if hasattr(m, "reset_parameters") and m is not head:
-                    m.reset_parameters()
-            heads.append(head)
+            heads.append(_reinitialised(old.box_head))
             d = predictor.cls_score.in_features
             predictors.append(
                 BoxPredictor(
@@ -254,3 +254,177 @@ class CascadeRoIHeads(LongTailRoIHeads):
         if self.has_mask():
             losses["loss_mask"] = self._mask_training_loss(features, image_shapes, targets, *stage1)
         return [], losses
+
+
+#: HTC's stage loss weights (mmdetection's ``htc_without_semantic``): box and mask losses of stage k
+HTC_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
+
+
+class HybridTaskCascadeRoIHeads(CascadeRoIHeads):
+    """Hybrid Task Cascade without the semantic branch (METHOD.md, "Multi-stage models"), as
+    mmdetection's ``htc_without_semantic`` builds it: the cascade's three box stages, and a mask head
+    per stage (torchvision's: 4 convs, then deconv + 1x1 logits), with
+
+    - interleaved execution: at stage k, after the box branch, stage k's regressed boxes (detached,
+      ground truth appended) are re-labelled at stage k's IoU threshold and re-sampled (the RoI
+      batch and positive fraction, seeded per image and stage) and stage k's mask head trains on
+      their positives; the next box stage takes the regressed boxes as the cascade does;
+    - the mask information flow: stage k's mask head adds to its RoI features ``x`` the features of
+      the mask heads before it on the same RoIs, each through a 1x1 conv + ReLU
+      (``x_k = x + flow_k(f_{k-1})``, ``f_k = mask_head_k(x_k)``, ``f_{-1}`` absent);
+    - stage loss weights 1 / 0.5 / 0.25 on box and mask losses;
+    - test: masks are the mean of the stages' mask probabilities (with the flow) on the final boxes.
+
+    Stage 1's mask head keeps torchvision's keys (``mask_head``, ``mask_predictor``); stages 2.. are
+    ``extra_mask_heads.<k>`` / ``extra_mask_predictors.<k>`` / ``mask_flows.<k>``. Scores, boxes and
+    calibration are the cascade's (the box stages are the same).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        extra_mask_heads: list[nn.Module],
+        extra_mask_predictors: list[nn.Module],
+        mask_flows: list[nn.Module],
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("stage_loss_weights", HTC_LOSS_WEIGHTS)
+        super().__init__(*args, **kwargs)
+        if not self.has_mask():
+            raise ValueError("a Hybrid Task Cascade needs a mask head")
+        if not (len(extra_mask_heads) == len(extra_mask_predictors) == len(mask_flows) == self.num_stages - 1):
+            raise ValueError("one mask head, mask predictor and flow conv per stage after the first")
+        self.extra_mask_heads = nn.ModuleList(extra_mask_heads)
+        self.extra_mask_predictors = nn.ModuleList(extra_mask_predictors)
+        self.mask_flows = nn.ModuleList(mask_flows)
+
+    @classmethod
+    def from_standard(cls, old: LongTailRoIHeads, stages: int = 3, **kwargs: Any) -> HybridTaskCascadeRoIHeads:  # type: ignore[override]
+        """The cascade of :meth:`CascadeRoIHeads.from_standard`, plus mask heads and predictors for
+        stages 2.. (fresh copies of ``old``'s, re-initialised) and their 1x1 flow convs."""
+        if old.mask_head is None or old.mask_predictor is None:
+            raise ValueError("a Hybrid Task Cascade needs a mask head")
+        conv_in = next(m for m in old.mask_head.modules() if isinstance(m, nn.Conv2d))
+        conv_out = [m for m in old.mask_head.modules() if isinstance(m, nn.Conv2d)][-1]
+        heads, predictors, flows = [], [], []
+        for _ in range(stages - 1):
+            heads.append(_reinitialised(old.mask_head))
+            predictors.append(_reinitialised(old.mask_predictor))
+            flow = nn.Sequential(nn.Conv2d(conv_out.out_channels, conv_in.in_channels, 1), nn.ReLU(inplace=True))
+            nn.init.kaiming_normal_(flow[0].weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(flow[0].bias)
+            flows.append(flow.to(conv_in.weight.device))
+        return super().from_standard(  # type: ignore[return-value]
+            old, stages, extra_mask_heads=heads, extra_mask_predictors=predictors, mask_flows=flows, **kwargs
+        )
+
+    def mask_stage_parts(self, k: int) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+        """``(mask head, mask predictor, flow conv or None)`` of stage ``k`` (0-based)."""
+        if k == 0:
+            return self.mask_head, self.mask_predictor, None
+        return self.extra_mask_heads[k - 1], self.extra_mask_predictors[k - 1], self.mask_flows[k - 1]
+
+    def mask_features(self, x: Tensor, upto: int) -> list[Tensor]:
+        """The mask heads' features ``[(N, D, M/2, M/2)]`` of stages ``0..upto`` on RoI features
+        ``x`` ``(N, C_fpn, M/2, M/2)``, each stage with the flow of the one before."""
+        feats: list[Tensor] = []
+        for k in range(upto + 1):
+            head, _, flow = self.mask_stage_parts(k)
+            feats.append(head(x if flow is None else x + flow(feats[-1])))
+        return feats
+
+    def mask_logits(self, x: Tensor, stage: int = 0) -> Tensor:
+        """Stage ``stage``'s mask logits ``(N, K_mask, M, M)`` (with the flow from the stages before)."""
+        return self.mask_stage_parts(stage)[1](self.mask_features(x, stage)[-1])
+
+    def mask_probs(self, x: Tensor, labels: Tensor) -> Tensor:
+        """The mean over the stages of each RoI's class mask probability: ``(N, M, M)``."""
+        feats = self.mask_features(x, self.num_stages - 1)
+        probs = [selected_mask_logits(self.mask_stage_parts(k)[1], f, labels).sigmoid() for k, f in enumerate(feats)]
+        return torch.stack(probs).mean(0)
+
+    def resample(
+        self, k: int, boxes: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Interleaved execution: ``boxes`` (per image ``(R_i, 4)``, stage ``k``'s regressed RoIs)
+        with the ground truth appended, labelled at stage ``k``'s IoU threshold and sub-sampled as
+        training samples RoIs (seeded per image and stage when the sampler is seeded).
+
+        Returns:
+            per image the sampled boxes ``(S_i, 4)``, their matched ground-truth indices ``(S_i,)``
+            and labels ``(S_i,)`` (0 background).
+        """
+        all_boxes, matched, labels = [], [], []
+        for b, t in zip(boxes, targets):
+            gt_boxes, gt_labels = t["boxes"], t["labels"]
+            b = torch.cat([b, gt_boxes])
+            if gt_boxes.numel() == 0:
+                idx = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
+                lab = torch.zeros_like(idx)
+            else:
+                m = self.stage_matchers[k](box_ops.box_iou(gt_boxes, b))
+                idx = m.clamp(min=0)
+                lab = gt_labels[idx].to(torch.int64)
+                lab[m < 0] = 0
+            all_boxes.append(b)
+            matched.append(idx)
+            labels.append(lab)
+        sampler = self.fg_bg_sampler
+        seeds = getattr(sampler, "seeds", None)
+        if seeds is None:
+            pos, neg = sampler(labels)
+        else:
+            pos, neg = sampler.sample(labels, [stage_resampling_seed(s, k) for s in seeds])
+        keep = [torch.where(p.bool() | n.bool())[0] for p, n in zip(pos, neg)]
+        return (
+            [b[i] for b, i in zip(all_boxes, keep)],
+            [m[i] for m, i in zip(matched, keep)],
+            [lab[i] for lab, i in zip(labels, keep)],
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        if targets is None:
+            raise ValueError("targets are needed in training mode")
+        boxes, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        losses: dict[str, Tensor] = {}
+        for k in range(self.num_stages):
+            if k > 0:
+                labels, regression_targets = self.stage_targets(k, boxes, targets)
+            _, _, logits, deltas = self.stage_forward(k, features, boxes, image_shapes)
+            labels_cat = torch.cat(labels)
+            suffix = "" if k == 0 else f"_stage{k + 1}"
+            w = self.stage_loss_weights[k]
+            losses["loss_classifier" + suffix] = w * self.stage_parts(k)[1].classification_loss(logits, labels_cat)
+            losses["loss_box_reg" + suffix] = w * self.box_regression_loss(
+                deltas, labels_cat, torch.cat(regression_targets)
+            )
+            boxes = self.refine(k, deltas, boxes, image_shapes)  # stage k+1's input, and stage k's mask RoIs
+            mask_boxes, mask_matched, mask_labels = self.resample(k, boxes, targets)
+            losses["loss_mask" + suffix] = w * self._mask_training_loss(
+                features, image_shapes, targets, mask_boxes, mask_matched, mask_labels, stage=k
+            )
+        return [], losses
+
+
+def _reinitialised(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with fresh parameters, initialised as torchvision initialises its
+    heads: convolutions (and deconvolutions) Kaiming-normal (fan out, ReLU) with zero bias (its
+    mask head and predictor), every other layer by its own ``reset_parameters`` (the box head's
+    linear layers, norms)."""
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif m is not out and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return out

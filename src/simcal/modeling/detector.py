@@ -550,10 +550,11 @@ def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | Non
     if cfg.arch not in ARCH_BUILDERS:
         raise InputError("model.arch", "arch", f"expected one of {', '.join(ARCH_BUILDERS)}, got {cfg.arch!r}")
     model = ARCH_BUILDERS[cfg.arch](cfg, common)
-    if cfg.roi_heads == "cascade":
-        from simcal.modeling.cascade import CascadeRoIHeads
+    if cfg.roi_heads in ("cascade", "htc"):
+        from simcal.modeling.cascade import CascadeRoIHeads, HybridTaskCascadeRoIHeads
 
-        model.roi_heads = CascadeRoIHeads.from_standard(model.roi_heads, mean_probs=cfg.cascade_mean_probs)
+        cls = CascadeRoIHeads if cfg.roi_heads == "cascade" else HybridTaskCascadeRoIHeads
+        model.roi_heads = cls.from_standard(model.roi_heads, mean_probs=cfg.cascade_mean_probs)
     if cfg.channels_last:
         # weights in NHWC make every convolution (and its output) NHWC; load_state_dict keeps the format
         model = model.to(memory_format=torch.channels_last)

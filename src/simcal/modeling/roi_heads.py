@@ -310,11 +310,21 @@ class LongTailRoIHeads(RoIHeads):
             cut = [(min(max(s - o, 0), n), min(max(e - o, 0), n)) for o, n in zip(starts, counts)]
             x = self.mask_roi_pool(features, [b[a:z] for b, (a, z) in zip(boxes, cut)], image_shapes)
             chunk_labels = [lab[a:z] for lab, (a, z) in zip(labels, cut)]
-            probs = selected_mask_logits(self.mask_predictor, self.mask_head(x), torch.cat(chunk_labels)).sigmoid()
+            probs = self.mask_probs(x, torch.cat(chunk_labels))
             for i, m in enumerate(probs[:, None].split([len(lab) for lab in chunk_labels])):
                 parts[i].append(m)
         for r, p in zip(result, parts):
             r["masks"] = p[0] if len(p) == 1 else torch.cat(p)
+
+    def mask_probs(self, x: Tensor, labels: Tensor) -> Tensor:
+        """Mask probabilities ``(N, M, M)`` of each RoI's class ``labels`` ``(N,)`` from its
+        RoI-aligned features ``x`` ``(N, C_fpn, M/2, M/2)`` (HTC: the mean over its stages)."""
+        return selected_mask_logits(self.mask_predictor, self.mask_head(x), labels).sigmoid()
+
+    def mask_logits(self, x: Tensor, stage: int = 0) -> Tensor:
+        """Every class's mask logits ``(N, K_mask, M, M)`` of the mask head of ``stage`` (one here)
+        on RoI-aligned features ``x`` ``(N, C_fpn, M/2, M/2)``: what the mask loss trains."""
+        return self.mask_predictor(self.mask_head(x))
 
     def _shared_masks(
         self, features: dict[str, Tensor], out: dict[str, list[dict[str, Tensor]]], image_shapes: list
@@ -431,16 +441,17 @@ class LongTailRoIHeads(RoIHeads):
         proposals: list[Tensor],
         matched_idxs: list[Tensor],
         labels: list[Tensor],
+        stage: int = 0,
     ) -> Tensor:
-        """The mask loss on the positive RoIs of the sampled ``proposals`` (their ``labels`` and
-        ``matched_idxs`` into the ground truth)."""
+        """The mask loss of ``stage``'s mask head (:meth:`mask_logits`) on the positive RoIs of the
+        sampled ``proposals`` (their ``labels`` and ``matched_idxs`` into the ground truth)."""
         mask_props, pos_idxs = [], []
         for props, lab, idx in zip(proposals, labels, matched_idxs):
             pos = torch.where(lab > 0)[0]
             mask_props.append(props[pos])
             pos_idxs.append(idx[pos])
         x = self.mask_roi_pool(features, mask_props, image_shapes)
-        mask_logits = self.mask_predictor(self.mask_head(x))
+        mask_logits = self.mask_logits(x, stage)
         gt_labels = [t["labels"] for t in targets]
         if self.class_agnostic:
             gt_labels = [torch.zeros_like(g) for g in gt_labels]
