@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from simcal import choices
 from simcal.cli import main
 from simcal.config import ModelConfig
 from simcal.io import load_checkpoint
@@ -206,6 +207,40 @@ def test_a_staged_3fc_ft_head_starts_as_the_cascade_itself(mean_probs):
         torch.testing.assert_close(head.batch_scores(batch), batch.scores)
 
 
+def test_every_scorer_and_combiner_runs_on_a_cascade_and_dual_selects_between_the_stage_means():
+    """predict's scorers on a cascade's one RoI pass: every combiner, the post-hoc methods and the
+    oracle give detections; `sel` picks per class between the original stages' mean and the
+    calibrated stages' mean (Eq. 2 on the averaged vectors), before NMS."""
+    from simcal.modeling.calibration import build_staged_head
+    from simcal.modeling.combine import combine
+    from simcal.modeling.scoring import build_scorer
+
+    model = _cascade().eval()
+    head = build_staged_head("3fc_ft", model.roi_heads)
+    with torch.no_grad():
+        for _, h in head.stage_heads():  # a calibrated head that differs from the original
+            h.cls_score.weight.add_(torch.randn_like(h.cls_score.weight))
+    counts = torch.tensor([1000.0, 5.0, 400.0, 2.0, 50.0])
+    scorers = {f"dual-{c}": build_scorer("dual", head=head, counts=counts, combine=c) for c in choices.COMBINERS}
+    scorers.update({k: build_scorer(k, head=head, counts=counts) for k in ("orig", "cal", *choices.POSTHOC)})
+    scorers["oracle"] = build_scorer("oracle")
+    images, targets = _images_and_targets(1)
+    with torch.no_grad():
+        batch_images, tg = model.transform(images, targets)
+        features = model.backbone(batch_images.tensors)
+        proposals, _ = model.rpn(batch_images, features)
+        out = model.roi_heads.detect(features, proposals, batch_images.image_sizes, scorers, targets=tg)
+        batch = model.roi_heads.roi_batch(features, proposals, batch_images.image_sizes)
+        p_cal = head.batch_scores(batch)
+    assert set(out) == set(scorers) and all(len(v[0]["scores"]) > 0 for v in out.values())
+    assert not torch.allclose(p_cal, batch.scores, atol=1e-3)
+    want = combine("sel", batch.scores, p_cal, counts, 300.0)
+    torch.testing.assert_close(scorers["dual-sel"](batch), want)
+    tail = counts <= 300
+    torch.testing.assert_close(want[:, 1:][:, tail], p_cal[:, 1:][:, tail])
+    torch.testing.assert_close(want[:, 1:][:, ~tail], batch.scores[:, 1:][:, ~tail])
+
+
 def test_each_stage_calibrates_on_its_own_rois(tiny_data):
     """The bi-level batch of every stage: stage 1's RoIs are the sampled ones, stage k+1's the
     frozen stage k's regression of stage k's; each stage's kept foregrounds are of the sampled
@@ -277,6 +312,15 @@ def test_simcal_on_a_cascade_run(cascade_run, tmp_path):
     for head in ("orig", "cal", "dual"):
         m = json.loads((run / "predictions" / "val" / head / "metrics_bbox.json").read_text())
         assert m["num_detections"] > 0, head
+    # the decoupled baselines (Table 4) calibrate every stage through the same path
+    short = ["calibrate", "--run", str(run), "--steps", "2", "--no-progress"]
+    assert main([*short, "--loss", "focal", "--sampler", "random", "--name", "fl"]) == 0
+    assert main([*short, "--head", "2fc_rand", "--sampler", "repeat_factor", "--name", "rand_is"]) == 0
+    for name in ("fl", "rand_is"):
+        h, meta = load_head(run / "calibration" / name / "head.pth", model.roi_heads)
+        assert isinstance(h, StagedHead) and h.stages == [0, 1, 2], name
+        log = (run / "calibration" / name / "calibration_log.jsonl").read_text().splitlines()
+        assert len(json.loads(log[-1])["fg_stages"]) == 3, name
 
 
 def test_the_resnext101_64x4d_fpn_arch_builds_trains_and_cascades():
