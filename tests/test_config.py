@@ -71,6 +71,9 @@ RANGE_CASES = [
     (["data.train_scales=[40]"], "data.train_scales", "must be [lo, hi]"),
     (["data.train_scales=[40.5, 80]"], "data.train_scales", "whole pixels"),
     (["data.train_max_size=0"], "data.train_max_size", "must be > 0"),
+    (["train.loss=seesaw", "model.classifier=softmax"], "model.classifier", "trains a seesaw classifier"),
+    (["train.loss=focal", "model.classifier=sigmoid"], "model.classifier", "trains a softmax classifier"),
+    (["calibration.loss=bags"], "calibration.loss", "trains the last layer only"),
 ]
 
 CHOICE_CASES = [
@@ -87,6 +90,8 @@ CHOICE_CASES = [
     ("inference.combine", "nope", choices.COMBINERS),
     ("model.roi_heads", "htc2", choices.ROI_HEADS),
     ("calibration.stages", "first", choices.CALIBRATION_STAGES),
+    ("model.classifier", "tanh", choices.CLASSIFIERS),
+    ("model.cls_head", "cosine", choices.CLS_HEADS),
 ]
 
 TYPE_CASES = [
@@ -110,6 +115,9 @@ LOSS_KWARG_CASES = [
     (["train.loss=cm", "train.loss_kwargs={c: -6}"], "train.loss_kwargs.c", "must be >= 0"),
     (["calibration.loss=lr", "calibration.loss_kwargs={n: 0}"], "calibration.loss_kwargs.n", "must be > 0"),
     (["calibration.loss=focal", "calibration.loss_kwargs={gamma: x}"], "calibration.loss_kwargs.gamma", "got 'x'"),
+    (["train.loss=seesaw", "train.loss_kwargs={p: -1}"], "train.loss_kwargs.p", "must be >= 0"),
+    (["train.loss=fed", "train.loss_kwargs={num_classes: 0}"], "train.loss_kwargs.num_classes", "must be >= 1"),
+    (["train.loss=bags", "train.loss_kwargs={beta: 0}"], "train.loss_kwargs.beta", "must be > 0"),
 ]
 
 
@@ -131,6 +139,7 @@ def test_every_choice_comes_from_simcal_choices(field, bad, allowed):
     assert _error([f"{field}={bad}"]) == f"{COMMAND_LINE}: {field}: expected one of {', '.join(allowed)}, got {bad!r}"
     for good in allowed:  # every listed name is accepted
         extra = ["train.steps=[]"] if field == "train.sampler" else []
+        extra += ["calibration.layers=last1"] if (field, good) == ("calibration.loss", "bags") else []
         load_config(None, [f"{field}={good}", *extra])
 
 
@@ -144,7 +153,8 @@ def test_every_rule_has_a_case():
 def test_loss_kwargs_accept_their_documented_keys(loss):
     kwargs = {key: 2.0 for key in choices.LOSSES[loss]}
     flow = "{" + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + "}"
-    cfg = load_config(None, [f"train.loss={loss}", f"train.loss_kwargs={flow}", f"calibration.loss={loss}"])
+    last1 = ["calibration.layers=last1"] if loss == "bags" else []
+    cfg = load_config(None, [f"train.loss={loss}", f"train.loss_kwargs={flow}", f"calibration.loss={loss}", *last1])
     assert cfg.train.loss_kwargs == kwargs
 
 

@@ -65,7 +65,18 @@ LOSSES: dict[str, dict[str, Range]] = {
     "lr": {"n": POSITIVE, "lo": POSITIVE, "hi": POSITIVE},
     "focal": {"gamma": NON_NEGATIVE, "alpha": POSITIVE},
     "cm": {"c": NON_NEGATIVE},
+    # beyond the paper (METHOD.md): each needs its own classifier (LOSS_CLASSIFIERS)
+    "seesaw": {"p": NON_NEGATIVE, "q": NON_NEGATIVE, "eps": POSITIVE},
+    "eqlv2": {"gamma": POSITIVE, "mu": NON_NEGATIVE, "alpha": NON_NEGATIVE},
+    "fed": {"num_classes": Range(1.0), "power": NON_NEGATIVE},
+    "bags": {"beta": POSITIVE},
 }
+#: the classifier (logits -> scores, :mod:`simcal.modeling.predictors`) each loss trains; others: softmax
+LOSS_CLASSIFIERS = {"seesaw": "seesaw", "eqlv2": "sigmoid", "fed": "sigmoid", "bags": "group_softmax"}
+#: ``model.classifier``: ``auto`` takes train.loss's (LOSS_CLASSIFIERS, else softmax)
+CLASSIFIERS = ("auto", "softmax", "sigmoid", "seesaw", "group_softmax")
+#: ``model.cls_head``: the class-score layer: plain linear, or normalised (cosine, temperature 20)
+CLS_HEADS = ("linear", "normed")
 
 # --------------------------------------------------------------------------- calibration
 #: ``calibration.head``: calibrated-head kinds (Table 10; :mod:`simcal.modeling.calibration`).
@@ -100,7 +111,7 @@ FIXED_DETS_PER_CLASS = 10000
 ANALYSES = ("recall", "oracle", "sweep-T", "dynamics", "confusion", "errors")
 MASK_FORMATS = ("polygon", "rle")
 IMAGE_FORMATS = ("png", "jpg")
-DEMO_BUDGETS = ("quick", "full")
+DEMO_BUDGETS = ("quick", "full", "leaderboard")
 
 #: ``simcal synth`` defaults (here so that ``simcal --help`` needs no image library).
 SYNTH_CLASSES = 80

@@ -54,6 +54,10 @@ class ModelConfig:
     roi_heads: str = "standard"  # choices.ROI_HEADS: standard (Mask R-CNN) | cascade (Cascade Mask R-CNN) | htc
     cascade_mean_probs: bool = False  # cascade test score: mean of the stages' probabilities, not logits
     class_agnostic: bool = False  # r50-ag: one box regressor and one mask channel for all classes
+    # choices.CLASSIFIERS: the classifier's outputs and scores; auto: the one train.loss trains
+    # (choices.LOSS_CLASSIFIERS: seesaw C+2, eqlv2 / fed sigmoid, bags group softmax; else softmax)
+    classifier: str = "auto"
+    cls_head: str = "linear"  # choices.CLS_HEADS: linear, or normed (cosine, temperature 20; Seesaw's)
     weights: str | None = None  # torchvision detection weights name (e.g. COCO_V1) or a .pth path
     weights_backbone: str | None = None  # e.g. IMAGENET1K_V1 (the paper's) or a .pth path
     trainable_backbone_layers: int | None = None
@@ -453,6 +457,16 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("calibration.checkpoint_period", c.checkpoint_period > 0, positive),
         ("calibration.log_period", c.log_period > 0, positive),
         ("calibration.seed", c.seed >= 0, "must be >= 0"),
+        (
+            "model.classifier",
+            t.loss == "ce" or m.classifier in ("auto", choices.LOSS_CLASSIFIERS.get(t.loss, "softmax")),
+            f"train.loss={t.loss} trains a {choices.LOSS_CLASSIFIERS.get(t.loss, 'softmax')} classifier",
+        ),
+        (
+            "calibration.loss",
+            c.loss != "bags" or c.layers == "last1",
+            "bags trains the last layer only, as its authors did: add calibration.layers=last1 (--layers last1)",
+        ),
         ("inference.T", i.T >= 0, "must be >= 0 (training instances)"),
         ("inference.param", i.param >= 0, "must be >= 0"),
     ]
@@ -466,6 +480,8 @@ _CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "model.arch": (lambda cfg: cfg.model.arch, choices.ARCHS),
     "model.roi_heads": (lambda cfg: cfg.model.roi_heads, choices.ROI_HEADS),
     "model.norm": (lambda cfg: cfg.model.norm, choices.NORMS),
+    "model.classifier": (lambda cfg: cfg.model.classifier, choices.CLASSIFIERS),
+    "model.cls_head": (lambda cfg: cfg.model.cls_head, choices.CLS_HEADS),
     "train.optimizer": (lambda cfg: cfg.train.optimizer, choices.OPTIMIZERS),
     "train.loss": (lambda cfg: cfg.train.loss, tuple(choices.LOSSES)),
     "train.sampler": (lambda cfg: cfg.train.sampler, choices.TRAIN_SAMPLERS),
@@ -477,6 +493,14 @@ _CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "calibration.stages": (lambda cfg: cfg.calibration.stages, choices.CALIBRATION_STAGES),
     "inference.combine": (lambda cfg: cfg.inference.combine, choices.COMBINERS),
 }
+
+
+def classifier_of(cfg: Config) -> str:
+    """The run's classifier (:data:`simcal.choices.CLASSIFIERS` but ``auto``): ``model.classifier``,
+    or for ``auto`` the one ``train.loss`` trains (:data:`simcal.choices.LOSS_CLASSIFIERS`, else softmax)."""
+    if cfg.model.classifier != "auto":
+        return cfg.model.classifier
+    return choices.LOSS_CLASSIFIERS.get(cfg.train.loss, "softmax")
 
 
 def validate_config(cfg: Config, source: str | Origins, stored: bool = False) -> None:

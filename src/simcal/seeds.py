@@ -25,6 +25,9 @@ CALIBRATION_BACKGROUND = 10**6
 RPN_SAMPLING, ROI_SAMPLING = 0, 1
 #: stream id of HTC's per-stage re-sampling: ``SeedSequence([roi_seed, stage, 5])``
 HTC_RESAMPLING = 5
+#: stream ids of the losses' own draws (the federated class subset, BAGS's "others"), keyed by the
+#: loss's call counter: ``SeedSequence([stream, call])``
+FED_CLASSES, BAGS_OTHERS = 11, 12
 
 
 def data_order(seed: int, index: int) -> np.random.Generator:
@@ -51,3 +54,8 @@ def stage_resampling_seed(roi_seed: int, stage: int) -> int:
     """The seed with which HTC re-samples an image's RoIs at box ``stage`` (0-based) for
     that stage's mask head, from the image's RoI-sampling seed (:func:`sampler_seed`)."""
     return int(np.random.SeedSequence([roi_seed, stage, HTC_RESAMPLING]).generate_state(1)[0])
+
+
+def loss_draw_seed(stream: int, call: int) -> int:
+    """The seed of a loss's ``call``-th random draw from ``stream`` (:data:`FED_CLASSES`, :data:`BAGS_OTHERS`)."""
+    return int(np.random.SeedSequence([stream, call]).generate_state(1)[0])

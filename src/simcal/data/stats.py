@@ -117,6 +117,18 @@ def class_instance_counts(
     (read from ``source``) has no category for is an :class:`InputError`: the label map and the
     annotations are from different datasets.
     """
+    return [n for n, _ in _per_label(dataset, category_ids, source)]
+
+
+def class_image_counts(
+    dataset: dict[str, Any], category_ids: Sequence[int], source: str = "<annotations>"
+) -> list[int]:
+    """Training image count per category of ``category_ids`` (the federated loss's weights), as
+    :func:`class_instance_counts`."""
+    return [n for _, n in _per_label(dataset, category_ids, source)]
+
+
+def _per_label(dataset: dict[str, Any], category_ids: Sequence[int], source: str) -> list[tuple[int, int]]:
     counts = count_instances(dataset)
     missing = [cid for cid in category_ids if cid not in counts]
     if missing:
@@ -126,7 +138,7 @@ def class_instance_counts(
             f"no category with id {missing[0]} ({len(missing)} of the label map's {len(category_ids)} ids are "
             "missing): the run's label_map.json and these annotations are from different datasets",
         )
-    return [counts[cid][0] for cid in category_ids]
+    return [counts[cid] for cid in category_ids]
 
 
 def category_stats(train: dict[str, Any], edges: Sequence[float] = BIN_PRESETS["lvis"]) -> list[CategoryStat]:

@@ -30,6 +30,7 @@ Deterministic and resumable: every draw is a pure function of (seed, step).
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import time
 from collections import OrderedDict
@@ -47,7 +48,7 @@ from simcal.config import CalibrationConfig, Config, apply_overrides
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap
 from simcal.data.samplers import BatchStream, BiLevelSampler, RepeatFactorSampler, TrainingSampler, repeat_factors
-from simcal.data.stats import class_instance_counts
+from simcal.data.stats import class_image_counts, class_instance_counts
 from simcal.engine import distributed as dist_utils
 from simcal.engine.predict import load_model
 from simcal.engine.runtime import default_device, setup_torch
@@ -58,6 +59,7 @@ from simcal.modeling.calibration import (
     StagedHead,
     build_calibrated_head,
     build_staged_head,
+    decoupled_classifier,
     load_head,
     save_head,
 )
@@ -585,18 +587,25 @@ def _calibrate(
     counts = class_instance_counts(train_json, label_map.category_ids, dataset.source)
     torch.manual_seed(c.seed)
     stages = getattr(model.roi_heads, "num_stages", 1)
+    classifier = decoupled_classifier(c.loss, counts)
     if stages > 1:  # a cascade: one calibrated head per stage (calibration.stages: all or the last)
         head: CalibratedHead | StagedHead = build_staged_head(
-            c.head, model.roi_heads, layers=c.layers, seed=c.seed, stages=c.stages
+            c.head, model.roi_heads, layers=c.layers, seed=c.seed, stages=c.stages, classifier=classifier
         ).to(device)
     else:
-        head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed).to(device)
+        head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed, classifier=classifier)
+        head = head.to(device)
     params = list(head.trainable_parameters()) if c.head != "ncm" else []
     optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay) if params else None
+    images = class_image_counts(train_json, label_map.category_ids, dataset.source) if c.loss == "fed" else None
     try:
-        loss_fn = build_classification_loss(c.loss, counts, activation=head.activation, **c.loss_kwargs).to(device)
+        loss_fn = build_classification_loss(
+            c.loss, counts, activation=head.activation, image_counts=images, **c.loss_kwargs
+        ).to(device)
     except ValueError as e:
         raise InputError("calibration.loss", "loss", str(e)) from None
+    # one loss per stage head: a loss with state (Seesaw's counts, EQLv2's statistics) keeps it per stage
+    loss_fns = {k: loss_fn if i == 0 else copy.deepcopy(loss_fn) for i, (k, _) in enumerate(head.stage_heads())}
     decay_steps = [int(round(f * c.steps)) for f in c.decay]
 
     start = 0
@@ -606,6 +615,8 @@ def _calibrate(
             raise InputError(files.checkpoint, "head", "not a calibration checkpoint: remove it to start over")
         _check_resume(files.checkpoint, c, files, ckpt.get("calibration"))
         head.load_state_dict(ckpt["head"])
+        for k, state in (ckpt.get("loss") or {}).items():  # the losses' state (absent before it existed)
+            loss_fns[int(k)].load_state_dict(state)
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
         if c.head == "ncm" and not main:  # rank 0's checkpoint holds every process's sums so far
@@ -663,16 +674,16 @@ def _calibrate(
             record.update(fg=first.fg, bg=first.bg)
         if stages > 1:  # per stage: stage k keeps the RoIs still foreground at its own threshold
             record.update(fg_stages=[b.fg if b else 0 for b in batches], bg_stages=[b.bg if b else 0 for b in batches])
-        work = [(h, batches[k]) for k, h in head.stage_heads() if batches[k] is not None]
+        work = [(k, h, batches[k]) for k, h in head.stage_heads() if batches[k] is not None]
         if work and c.head == "ncm":
-            for h, batch in work:
+            for _, h, batch in work:
                 h.ncm_accumulate(batch.box_feats, batch.labels)
         elif work:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss = torch.zeros((), device=device)
-            for h, batch in work:  # the stages' heads are separate: their losses add up
-                stage_loss = loss_fn(h(batch.pooled), batch.labels)
+            for k, h, batch in work:  # the stages' heads are separate: their losses add up
+                stage_loss = loss_fns[k](h(batch.pooled), batch.labels)
                 if world > 1:  # this process's RoIs' share of the step's mean over every process
                     stage_loss = stage_loss * (batch.labels.numel() / batch.total)
                 loss = loss + stage_loss
@@ -706,6 +717,7 @@ def _calibrate(
                         "head": head.state_dict(),
                         "step": done,
                         "optimizer": optimizer.state_dict() if optimizer else None,
+                        "loss": {k: f.state_dict() for k, f in loss_fns.items()},
                         "calibration": vars(c).copy(),
                     },
                 )

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from simcal import choices
-from simcal.config import Config, InferenceConfig, apply_overrides
+from simcal.config import Config, InferenceConfig, apply_overrides, classifier_of
 from simcal.data.annotations import first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import class_instance_counts, declared_bins
@@ -328,7 +328,15 @@ def load_model(run: str | os.PathLike[str], checkpoint: str | None = None, cfg: 
     r = Run(run)
     cfg = cfg or r.load_config()
     label_map = LabelMap.load(r.label_map)
-    model = build_detector(cfg.model, label_map.num_classes)
+    classifier = classifier_of(cfg)
+    counts = None
+    if classifier == "group_softmax":  # its class groups come from the training counts
+        if not cfg.data.train_json or not os.path.exists(cfg.data.train_json):
+            raise InputError(
+                r.config, "data.train_json", "the group softmax classifier needs the training annotations (its groups)"
+            )
+        counts = class_instance_counts(load_dataset(cfg.data.train_json), label_map.category_ids, cfg.data.train_json)
+    model = build_detector(cfg.model, label_map.num_classes, classifier=classifier, instance_counts=counts)
     load_detector_weights(model, Path(checkpoint) if checkpoint else r.model_final, r.label_map)
     return model.eval(), label_map, cfg
 

@@ -22,11 +22,11 @@ from torch import nn
 from tqdm import tqdm
 
 from simcal import seeds as streams
-from simcal.config import Config, save_config
+from simcal.config import Config, classifier_of, save_config
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.samplers import BatchStream, RepeatFactorSampler, TrainingSampler, repeat_factors
-from simcal.data.stats import class_instance_counts
+from simcal.data.stats import class_image_counts, class_instance_counts
 from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import seed_everything, setup_torch
 from simcal.errors import InputError, TrainingError
@@ -146,11 +146,14 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
 
     seed_everything(t.seed)
     counts = class_instance_counts(train_json, label_map.category_ids)
-    model = build_detector(cfg.model, label_map.num_classes)
+    model = build_detector(cfg.model, label_map.num_classes, classifier=classifier_of(cfg), instance_counts=counts)
     train_scales(model, cfg.data.train_scales, cfg.data.train_max_size)  # multi-scale training, when asked
     predictor = model.roi_heads.box_predictor
     try:
-        loss = build_classification_loss(t.loss, counts, activation=predictor.activation, **t.loss_kwargs)
+        images = class_image_counts(train_json, label_map.category_ids) if t.loss == "fed" else None
+        loss = build_classification_loss(
+            t.loss, counts, activation=predictor.activation, image_counts=images, **t.loss_kwargs
+        )
         model.roi_heads.set_loss(loss)  # every stage's classifier on a cascade
     except ValueError as e:
         raise InputError("train.loss", "loss", str(e)) from None

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from simcal import choices
 from simcal.errors import InputError
 from simcal.io import load_checkpoint, save_checkpoint
-from simcal.modeling.predictors import Activation, Softmax
+from simcal.modeling.predictors import ACTIVATIONS, Activation, GroupSoftmax, Softmax, build_activation
 
 #: Temperature of the NCM cosine logits: ``logit = NCM_SCALE * cos`` lies in ``[-16, 16]``, enough for
 #: a softmax over the C+1 columns to be peaked, as in cosine classifiers with a fixed scale.
@@ -326,19 +326,34 @@ class StagedHead(nn.Module):
 
 
 def build_staged_head(
-    kind: str, roi_heads: nn.Module, *, layers: str = "all3", seed: int = 0, stages: str | list[int] = "all"
+    kind: str,
+    roi_heads: nn.Module,
+    *,
+    layers: str = "all3",
+    seed: int = 0,
+    stages: str | list[int] = "all",
+    classifier: Activation | None = None,
 ) -> StagedHead:
     """A :class:`StagedHead` for a cascade: one :func:`build_calibrated_head` per stage of
     ``stages`` (``all``, ``last`` or a list of 0-based stages; stage k's random kinds seeded
     ``seed + k``)."""
     n = roi_heads.num_stages
     chosen = list(range(n)) if stages == "all" else [n - 1] if stages == "last" else sorted(stages)  # type: ignore[arg-type]
-    heads = [build_calibrated_head(kind, roi_heads, layers=layers, seed=seed + k, stage=k) for k in chosen]
+    heads = [
+        build_calibrated_head(kind, roi_heads, layers=layers, seed=seed + k, stage=k, classifier=classifier)
+        for k in chosen
+    ]
     return StagedHead(heads, chosen, n, bool(getattr(roi_heads, "mean_probs", False)))
 
 
 def build_calibrated_head(
-    kind: str, roi_heads: nn.Module, *, layers: str = "all3", seed: int = 0, stage: int = 0
+    kind: str,
+    roi_heads: nn.Module,
+    *,
+    layers: str = "all3",
+    seed: int = 0,
+    stage: int = 0,
+    classifier: Activation | None = None,
 ) -> CalibratedHead:
     """The calibrated head of ``kind`` for the detector whose RoI heads are ``roi_heads`` (for its
     box ``stage`` on a cascade).
@@ -347,20 +362,64 @@ def build_calibrated_head(
     (``D -> K``); ``3fc_ft`` and ``ncm`` copy their weights (never share them), random kinds are
     seeded by ``seed``. The head scores with the box predictor's activation, and lives on the
     device and dtype of the trained layers.
+
+    ``classifier``: a decoupled loss's own classifier (Seesaw's C+2, a sigmoid one, BAGS's group
+    softmax) when it is not the detector's: the head's class-score layer then has that
+    classifier's K outputs; for ``3fc_ft`` each label's row (and the background's, where both
+    classifiers have one) is copied from the trained layer (:meth:`Activation.label_rows`), the
+    rest (objectness, "others") start fresh, seeded by ``seed``.
     """
     _check_choice(kind, layers)
     fc6, fc7, cls = _source_layers(roi_heads, stage)
     predictor = _stage_parts(roi_heads, stage)[1]
-    return CalibratedHead(
+    own = predictor.activation
+    if classifier is None or kind == "ncm" or _same_classifier(classifier, own):
+        classifier = own
+    head = CalibratedHead(
         kind,
         in_features=fc6.in_features,
         representation_size=fc6.out_features,
-        num_outputs=predictor.num_classes + 1 if kind == "ncm" else cls.out_features,
+        num_outputs=predictor.num_classes + 1 if kind == "ncm" else classifier.num_logits(predictor.num_classes),
         layers=layers,
         seed=seed,
         source=(fc6, fc7, cls),
-        activation=predictor.activation,
+        activation=classifier,
     )
+    if classifier is not own and kind == "3fc_ft":
+        head.cls_score = _transplanted(cls, own, classifier, predictor.num_classes, seed)
+        head.cls_score.requires_grad_(True)
+    return head
+
+
+def decoupled_classifier(loss: str, instance_counts: list[int]) -> Activation | None:
+    """The classifier a calibration ``loss`` trains on the frozen detector: the detector's own for
+    ``ce`` (None), the loss's for the methods beyond the paper (:data:`simcal.choices.LOSS_CLASSIFIERS`:
+    Seesaw's C+2, a sigmoid one, BAGS's group softmax over ``instance_counts``), else softmax."""
+    if loss == "ce":
+        return None
+    return build_activation(choices.LOSS_CLASSIFIERS.get(loss, "softmax"), list(instance_counts))
+
+
+def _same_classifier(a: Activation, b: Activation) -> bool:
+    return a.name == b.name and getattr(a, "groups", None) == getattr(b, "groups", None)
+
+
+def _transplanted(cls: nn.Linear, own: Activation, new: Activation, num_classes: int, seed: int) -> nn.Linear:
+    """A class-score layer for ``new`` (same kind of layer as ``cls``): seeded fresh rows, then each
+    label's row copied from ``cls`` (scored by ``own``) where both classifiers have one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = type(cls)(cls.in_features, new.num_logits(num_classes))
+    layer = layer.to(device=cls.weight.device, dtype=cls.weight.dtype)
+    with torch.no_grad():
+        for src, dst in zip(own.label_rows(num_classes), new.label_rows(num_classes)):
+            if src is not None and dst is not None:
+                layer.weight[dst] = cls.weight[src]
+                layer.bias[dst] = cls.bias[src]
+    for attr in ("temperature", "eps"):  # a normalised layer keeps its settings
+        if hasattr(cls, attr):
+            setattr(layer, attr, getattr(cls, attr))
+    return layer
 
 
 def save_head(head: CalibratedHead | StagedHead, path: str | os.PathLike[str], meta: Mapping[str, Any]) -> None:
@@ -380,6 +439,9 @@ def save_head(head: CalibratedHead | StagedHead, path: str | os.PathLike[str], m
     }
     if isinstance(head, StagedHead):  # a cascade's: which stages, of how many
         record.update(stages=list(head.stages), num_stages=head.num_stages)
+    record["classifier"] = head.activation.name  # a decoupled loss's own classifier, or the detector's
+    if getattr(head.activation, "groups", None) is not None:
+        record["classifier_groups"] = list(head.activation.groups)
     for key in ("kind", "layers"):
         if key in meta and meta[key] != record[key]:
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} but the head's is {record[key]!r}")
@@ -417,6 +479,12 @@ def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[Calib
         raise InputError(path, "meta.layers", f"expected one of {', '.join(choices.LAYERS)}, got {layers!r}")
     seed = meta.get("seed", 0)
     seed = seed if isinstance(seed, int) else 0
+    classifier = None
+    if meta.get("classifier") is not None:  # heads from before decoupled classifiers: the detector's
+        name, groups = meta["classifier"], meta.get("classifier_groups")
+        if name not in ACTIVATIONS or (name == "group_softmax" and not isinstance(groups, list)):
+            raise InputError(path, "meta.classifier", f"unknown classifier {name!r} (or its groups are missing)")
+        classifier = GroupSoftmax(groups) if name == "group_softmax" else ACTIVATIONS[name]()
     stages, detector_stages = meta.get("stages"), getattr(roi_heads, "num_stages", 1)
     if stages is not None or detector_stages > 1:
         if stages is None or meta.get("num_stages") != detector_stages:
@@ -425,10 +493,10 @@ def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[Calib
                 path, "meta.stages", f"a head calibrated for {made}, this detector has {detector_stages} box stages"
             )
         head: CalibratedHead | StagedHead = build_staged_head(
-            kind, roi_heads, layers=layers, seed=seed, stages=[int(k) for k in stages]
+            kind, roi_heads, layers=layers, seed=seed, stages=[int(k) for k in stages], classifier=classifier
         )
     else:
-        head = build_calibrated_head(kind, roi_heads, layers=layers, seed=seed)
+        head = build_calibrated_head(kind, roi_heads, layers=layers, seed=seed, classifier=classifier)
     for key in ("in_features", "representation_size", "num_outputs"):
         if key in meta and meta[key] != getattr(head, key):
             raise InputError(path, f"meta.{key}", f"the file has {meta[key]!r}, this detector {getattr(head, key)!r}")

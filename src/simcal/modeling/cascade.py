@@ -116,7 +116,7 @@ class CascadeRoIHeads(LongTailRoIHeads):
             d = predictor.cls_score.in_features
             predictors.append(
                 BoxPredictor(
-                    nn.Linear(d, predictor.cls_score.out_features),
+                    _reinitialised(predictor.cls_score),  # the same kind of layer (linear or normalised)
                     nn.Linear(d, 4),
                     predictor.num_classes,
                     predictor.activation,
@@ -149,9 +149,10 @@ class CascadeRoIHeads(LongTailRoIHeads):
         return self.extra_heads[k - 1], self.extra_predictors[k - 1]
 
     def set_loss(self, loss: nn.Module) -> None:
-        """Every stage's predictor trains with ``loss``."""
+        """Every stage's predictor trains with ``loss``, each with its own copy (a loss with state,
+        Seesaw's counts or EQLv2's gradient statistics, keeps it per stage, as mmdetection's)."""
         for k in range(self.num_stages):
-            self.stage_parts(k)[1].set_loss(loss)
+            self.stage_parts(k)[1].set_loss(loss if k == 0 else copy.deepcopy(loss))
 
     def stage_forward(
         self, k: int, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]

@@ -18,7 +18,7 @@ nothing outside this module touches torchvision's private attributes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -263,6 +263,9 @@ def load_detector_weights(
             path, "model", "not simcal detector weights (no 'model' state dict): use a run's model_final.pth"
         )
     own = model.state_dict()
+    # a stateful loss's training state (Seesaw's counts, EQLv2's statistics: ``...cls_loss.*``) is
+    # restored on resume; a detector built for inference has no loss state and skips it
+    weights = {k: v for k, v in weights.items() if k in own or ".cls_loss." not in k}
     if _CLASSIFIER in own and _CLASSIFIER in weights and own[_CLASSIFIER].shape != weights[_CLASSIFIER].shape:
         built = f" (from {label_map})" if label_map is not None else ""
         raise InputError(
@@ -528,8 +531,20 @@ def train_scales(model: GeneralizedRCNN, scales: list[int] | None, max_size: int
         model.transform.max_size = int(max_size)
 
 
-def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | None = None) -> LongTailMaskRCNN:
-    """The detector a config describes, with the test preset applied (score, NMS, detections)."""
+def build_detector(
+    cfg: ModelConfig,
+    num_classes: int,
+    cls_loss: nn.Module | None = None,
+    classifier: str | None = None,
+    instance_counts: Sequence[int] | None = None,
+) -> LongTailMaskRCNN:
+    """The detector a config describes, with the test preset applied (score, NMS, detections).
+
+    Args:
+        classifier: the classifier's activation (:data:`simcal.choices.CLASSIFIERS`, resolved:
+            :func:`simcal.config.classifier_of`); default ``cfg.classifier``, softmax for ``auto``.
+        instance_counts: ``(C,)`` training instance counts (the group softmax groups classes by them).
+    """
     common = dict(
         num_classes=num_classes,
         class_agnostic=cfg.class_agnostic,
@@ -550,6 +565,16 @@ def build_detector(cfg: ModelConfig, num_classes: int, cls_loss: nn.Module | Non
     if cfg.arch not in ARCH_BUILDERS:
         raise InputError("model.arch", "arch", f"expected one of {', '.join(ARCH_BUILDERS)}, got {cfg.arch!r}")
     model = ARCH_BUILDERS[cfg.arch](cfg, common)
+    classifier = classifier or (cfg.classifier if cfg.classifier != "auto" else "softmax")
+    if classifier != "softmax" or cfg.cls_head != "linear":
+        try:
+            counts = None if instance_counts is None else list(instance_counts)
+            activation = predictors.build_activation(classifier, counts)
+        except ValueError as e:
+            raise InputError("model.classifier", "classifier", str(e)) from None
+        model.roi_heads.box_predictor.set_classifier(activation, normed=cfg.cls_head == "normed")
+        if cls_loss is not None:
+            model.roi_heads.set_loss(cls_loss)
     if cfg.roi_heads in ("cascade", "htc"):
         from simcal.modeling.cascade import CascadeRoIHeads, HybridTaskCascadeRoIHeads
 

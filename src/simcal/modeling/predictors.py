@@ -19,12 +19,23 @@ How logits become scores belongs to the classifier, as an :class:`Activation`:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from simcal.modeling.losses import ClassificationLoss, CrossEntropy, loss_fits
+from simcal.modeling.losses import (
+    ClassificationLoss,
+    CrossEntropy,
+    GroupSoftmaxLoss,
+    ObjectnessCrossEntropy,
+    SigmoidCrossEntropy,
+    group_of_counts,
+    group_softmax_layout,
+    loss_fits,
+)
 
 
 class Activation:
@@ -53,6 +64,12 @@ class Activation:
     def __call__(self, logits: Tensor) -> Tensor:
         return self.forward(logits)
 
+    def label_rows(self, num_classes: int) -> list[int | None]:
+        """The logit (row of the class-score layer) of each label ``0..C`` (0 the background), or
+        None where the classifier has none of its own: how a classifier of another kind is
+        initialised from this one (a decoupled loss on a trained detector)."""
+        return list(range(num_classes + 1))
+
     def log_scores(self, logits: Tensor) -> Tensor:
         """``log`` of the scores ``(R, C+1)``, without underflow where the activation allows
         (the post-hoc calibrations reweight in log space). Default: the log of :meth:`forward`."""
@@ -79,11 +96,132 @@ class Softmax(Activation):
         return F.log_softmax(logits, -1)
 
 
-def build_activation(name: str = "softmax") -> Activation:
-    """The activation of the classifier called ``name`` (``softmax``)."""
-    if name != "softmax":
-        raise ValueError(f"unknown classifier activation {name!r}; built in: softmax")
-    return Softmax()
+class Sigmoid(Activation):
+    """``K = C`` logits, one independent sigmoid per class (EQLv2, the federated loss).
+
+    Foreground scores are the sigmoids; the background column (never a detection) is the
+    probability that no class fires, ``prod_j (1 - p_j)``. Rows do not sum to 1.
+    """
+
+    name = "sigmoid"
+    cross_entropy_loss = SigmoidCrossEntropy
+    normalized = False
+
+    def num_logits(self, num_classes: int) -> int:
+        return num_classes
+
+    def label_rows(self, num_classes: int) -> list[int | None]:
+        return [None, *range(num_classes)]
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return self.log_scores(logits).exp()
+
+    def log_scores(self, logits: Tensor) -> Tensor:
+        return torch.cat([F.logsigmoid(-logits).sum(1, keepdim=True), F.logsigmoid(logits)], dim=1)
+
+
+class Objectness(Activation):
+    """``K = C + 2`` logits (Seesaw's classifier): C class logits, then objectness ``(object,
+    background)``. Score of class j = P(object) x softmax over the classes; background = P(background)."""
+
+    name = "seesaw"
+    cross_entropy_loss = ObjectnessCrossEntropy
+
+    def num_logits(self, num_classes: int) -> int:
+        return num_classes + 2
+
+    def label_rows(self, num_classes: int) -> list[int | None]:
+        return [num_classes + 1, *range(num_classes)]
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return self.log_scores(logits).exp()
+
+    def log_scores(self, logits: Tensor) -> Tensor:
+        obj = F.log_softmax(logits[:, -2:], dim=1)
+        return torch.cat([obj[:, 1:], obj[:, :1] + F.log_softmax(logits[:, :-2], dim=1)], dim=1)
+
+
+class GroupSoftmax(Activation):
+    """BAGS's balanced group softmax: ``K = C + G + 2`` logits in groups of classes by training
+    instance count (:func:`~simcal.modeling.losses.group_softmax_layout`), each with an "others"
+    column, plus the background group ``(others, background)``. Score of class j = its group's
+    softmax at j x P(object) of the background group; background = the background group's P(background).
+
+    Args:
+        groups: ``(C,)`` the group of each class in label order
+            (:func:`~simcal.modeling.losses.group_of_counts` of the training instance counts).
+    """
+
+    name = "group_softmax"
+    normalized = False
+
+    def __init__(self, groups: list[int], num_groups: int = 4) -> None:
+        self.groups, self.num_groups = [int(g) for g in groups], num_groups
+        self._members, self._column = group_softmax_layout(self.groups, num_groups)
+        self.cross_entropy_loss = functools.partial(GroupSoftmaxLoss, self.groups, num_groups)
+
+    def num_logits(self, num_classes: int) -> int:
+        if num_classes != len(self.groups):
+            raise ValueError(f"{num_classes} classes, {len(self.groups)} class groups")
+        return num_classes + self.num_groups + 2
+
+    def label_rows(self, num_classes: int) -> list[int | None]:
+        return [int(c) for c in self._column]
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return self.log_scores(logits).exp()
+
+    def log_scores(self, logits: Tensor) -> Tensor:
+        parts, start = [], 0
+        for members in self._members:
+            parts.append(F.log_softmax(logits[:, start : start + 1 + len(members)], dim=1))
+            start += 1 + len(members)
+        bg = F.log_softmax(logits[:, start : start + 2], dim=1)
+        per_column = torch.cat([*parts, bg], dim=1)  # log softmax within each group, in the logits' layout
+        out = per_column[:, self._column.to(logits.device)]
+        return torch.cat([out[:, :1], out[:, 1:] + bg[:, :1]], dim=1)
+
+    def __repr__(self) -> str:
+        return f"GroupSoftmax(groups={[self.groups.count(g) for g in range(self.num_groups)]})"
+
+
+#: ``model.classifier`` -> its :class:`Activation` (GroupSoftmax needs the training counts)
+ACTIVATIONS = {"softmax": Softmax, "sigmoid": Sigmoid, "seesaw": Objectness, "group_softmax": GroupSoftmax}
+
+
+def build_activation(name: str = "softmax", instance_counts: list[int] | None = None) -> Activation:
+    """The activation of the classifier called ``name`` (:data:`ACTIVATIONS`); ``group_softmax``
+    groups its classes by ``instance_counts`` ``(C,)`` (label order)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown classifier {name!r}; built in: {', '.join(ACTIVATIONS)}")
+    if name == "group_softmax":
+        if instance_counts is None:
+            raise ValueError("the group_softmax classifier needs the training instance counts")
+        return GroupSoftmax(group_of_counts(instance_counts))
+    return ACTIVATIONS[name]()
+
+
+class NormedLinear(nn.Linear):
+    """The normalised (cosine) class-score layer (mmdetection's ``NormedLinear``, Seesaw's configs):
+    ``logits = temperature * (x / |x|) (W / |W|)^T + b``, rows normalised with ``eps`` added.
+    Its parameters are ``nn.Linear``'s (``weight``, ``bias``), so checkpoints keep their keys."""
+
+    def __init__(self, in_features: int, out_features: int, temperature: float = 20.0, eps: float = 1e-6) -> None:
+        super().__init__(in_features, out_features)
+        self.temperature, self.eps = float(temperature), float(eps)
+
+    def reset_parameters(self) -> None:
+        """mmdetection's init of the class-score layer: weights N(0, 0.01), bias 0."""
+        nn.init.normal_(self.weight, mean=0, std=0.01)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight / (self.weight.norm(dim=1, keepdim=True) + self.eps)
+        x = x / (x.norm(dim=1, keepdim=True) + self.eps)
+        return F.linear(self.temperature * x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, temperature={self.temperature}"
 
 
 class BoxPredictor(nn.Module):
@@ -133,6 +271,18 @@ class BoxPredictor(nn.Module):
             cls_score = nn.Linear(cls_score.in_features, k).to(cls_score.weight.device)
         return cls(cls_score, predictor.bbox_pred, num_classes, activation, cls_loss)
 
+    def set_classifier(self, activation: Activation, normed: bool = False) -> None:
+        """Score with ``activation`` from now on, through a fresh class-score layer of its K outputs
+        (:class:`NormedLinear` when ``normed``; the current layer is kept when it already is the
+        right kind and size), trained with the activation's cross-entropy until :meth:`set_loss`."""
+        k = activation.num_logits(self.num_classes)
+        kind = NormedLinear if normed else nn.Linear
+        if type(self.cls_score) is not kind or self.cls_score.out_features != k:
+            w = self.cls_score.weight
+            self.cls_score = kind(self.cls_score.in_features, k).to(device=w.device, dtype=w.dtype)
+        self.activation = activation
+        self.set_loss(activation.cross_entropy_loss())
+
     # ------------------------------------------------------------------ loss
     def set_loss(self, loss: nn.Module) -> None:
         """Train with ``loss``: ``(logits (R, K), labels (R,)) -> scalar``, made for this activation.
@@ -170,4 +320,15 @@ class BoxPredictor(nn.Module):
         return self.activation(logits)
 
 
-__all__ = ["Activation", "BoxPredictor", "ClassificationLoss", "Softmax", "build_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "BoxPredictor",
+    "ClassificationLoss",
+    "GroupSoftmax",
+    "NormedLinear",
+    "Objectness",
+    "Sigmoid",
+    "Softmax",
+    "build_activation",
+]
