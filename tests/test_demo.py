@@ -131,6 +131,31 @@ def test_demo_seeds_and_compare(tiny_budget, tmp_path, capsys):
     page = (out / "run" / "report" / "index.html").read_text()
     assert "mean ± std over 2 seeds" in page and "LR (re-weighting) + dual" in page
     assert "Table 3, median of 2 seeds" in page
+    # the leaderboard: every method end to end (its own detector per seed) and decoupled (+ dual),
+    # SimCal, NorCal, logit adjustment; median and mean +- std of 2 seeds, box and mask
+    board = json.loads((out / "leaderboard.json").read_text())
+    names = list(board["rows"].values())
+    for method in ("seesaw", "eqlv2", "fed", "bags"):
+        for seed in (0, 1):
+            assert (out / "e2e" / f"{method}_seed{seed}" / "model_final.pth").exists()
+    assert names[:5] == [
+        "cross-entropy, no remedy (end to end)",
+        "Seesaw, end to end (normed classifier)",
+        "EQLv2, end to end",
+        "federated loss, end to end",
+        "BAGS, end to end",
+    ]
+    assert {"Seesaw, decoupled", "Seesaw, decoupled + dual", "BAGS, decoupled (last layer) + dual"} <= set(names)
+    assert {"NorCal, post hoc", "logit adjustment, post hoc", "SimCal + dual head"} <= set(names)
+    assert len(board["per_seed"]) == 2 and board["seeds"] == [0, 1]
+    assert set(board["per_seed"][0]) == set(board["rows"]) and set(board["commands"]) == set(board["rows"])
+    e2e = [s["e2e:seesaw"]["segm"]["AP"] for s in board["per_seed"]]
+    assert board["median"]["e2e:seesaw"]["segm"]["AP"] == pytest.approx(statistics.median(e2e))
+    assert "train.loss=seesaw" in board["commands"]["e2e:seesaw"]
+    lb_md = (out / "leaderboard.md").read_text()
+    assert lb_md.count("| Seesaw, decoupled + dual | mask |") == 2  # median, then mean +- std
+    assert (out / "leaderboard_apr_apf.png").stat().st_size > 0
+    assert "APr against APf (mask) per method" in page and "Long-tail leaderboard" in printed
 
 
 def test_aggregate_median_mean_std():

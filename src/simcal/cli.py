@@ -631,9 +631,19 @@ COMMANDS: tuple[Command, ...] = (
         cmd_demo,
         (
             opt("--out", default="runs/demo", help="working directory (default %(default)s)"),
-            opt("--budget", choices=choices.DEMO_BUDGETS, default="full", help="quick: a ~3 min smoke run"),
+            opt(
+                "--budget",
+                choices=choices.DEMO_BUDGETS,
+                default="full",
+                help="quick: a ~3 min smoke run; leaderboard: short trainings for --compare",
+            ),
             opt("--seeds", type=_positive_int, default=1, help="training seeds; >1 adds median and mean +- std"),
-            opt("--compare", action="store_true", help="also calibrate the decoupled baselines LR/FL/CM/IS (Table 4)"),
+            opt(
+                "--compare",
+                action="store_true",
+                help="the leaderboard: Table 4's decoupled baselines, Seesaw / EQLv2 / federated / BAGS end to end "
+                "and decoupled, NorCal, logit adjustment, SimCal (with --seeds 3 --budget leaderboard: ~1 h)",
+            ),
             opt(
                 "--roi-heads",
                 choices=choices.ROI_HEADS,

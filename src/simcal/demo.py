@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simcal import choices
+from simcal import leaderboard as lb
 from simcal.config import load_config
 from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.errors import InputError
@@ -53,6 +55,19 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "synth": dict(val_images=300),
         "overrides": ["train.max_iter=450", "train.steps=[340, 415]"],
         "analysis_images": None,  # all of val
+    },
+    # `simcal demo --compare --seeds 3 --budget leaderboard`: 5 detectors per seed (the plain one and
+    # four trained end to end), 9 calibrations on each plain one, sized to about an hour on 2 cores
+    "leaderboard": {
+        "synth": dict(val_images=200),
+        "overrides": [
+            "train.max_iter=120",
+            "train.steps=[90, 110]",
+            "train.checkpoint_period=40",
+            "calibration.steps=150",
+            "calibration.checkpoint_period=50",
+        ],
+        "analysis_images": 100,
     },
 }
 TABLE_KEYS = ("AP1", "AP2", "AP3", "AP4", "APr", "APc", "APf", "AP")
@@ -190,8 +205,18 @@ def _calibrate(run: Path, overrides: list[str], label: str, tag: str, progress: 
     return name
 
 
-def _predict(run: Path, baselines: dict[str, str], tag: str, progress: bool) -> dict[str, dict[str, dict]]:
-    """orig / cal / dual (+ the baselines' dual heads) in one pass; metrics per head tag."""
+def _predict(
+    run: Path,
+    baselines: dict[str, str],
+    tag: str,
+    progress: bool,
+    decoupled: tuple[str, ...] = (),
+    posthoc: bool = False,
+    simcal: bool = True,
+) -> dict[str, dict[str, dict]]:
+    """orig / cal / dual (+ the baselines' dual heads; the ``decoupled`` calibrations' cal and dual
+    heads; the post-hoc heads) in one pass; metrics per head tag. ``simcal=False``: orig alone (an
+    end-to-end run of the leaderboard)."""
     from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
     from simcal.run import DEFAULT_CALIBRATION
 
@@ -199,16 +224,22 @@ def _predict(run: Path, baselines: dict[str, str], tag: str, progress: bool) -> 
     pred = r.predictions("val")
     cfg = r.load_config()
     inference = cfg.inference
-    specs = [HeadSpec("orig"), HeadSpec("cal"), HeadSpec("dual", inference.combine, inference.T)]
+    specs = [HeadSpec("orig")]
+    if simcal:
+        specs += [HeadSpec("cal"), HeadSpec("dual", inference.combine, inference.T)]
     specs += [HeadSpec("dual", inference.combine, inference.T, cal=n) for n in baselines.values()]
+    for n in decoupled:
+        specs += [HeadSpec("cal", cal=n), HeadSpec("dual", inference.combine, inference.T, cal=n)]
+    if posthoc:
+        specs += [HeadSpec(kind, param=inference.param) for kind in choices.POSTHOC]
     tags = [s.tag for s in specs]
     if all(pred.head(t).metrics(iou).exists() for t in tags for iou in ("bbox", "segm")):
         print(f"[{tag} predict] {pred.root} (exists)")
     else:
-        print(f"[{tag} predict] simcal predict --head orig,cal,dual{' + baselines' if baselines else ''} (one pass)")
+        print(f"[{tag} predict] simcal predict --head {','.join(tags)} (one pass)")
         model, label_map, cfg = load_model(run)  # only when there is something to predict
-        cal_heads = {"": load_calibrated_head(run, DEFAULT_CALIBRATION, model)}
-        cal_heads.update({n: load_calibrated_head(run, n, model) for n in baselines.values()})
+        cal_heads = {"": load_calibrated_head(run, DEFAULT_CALIBRATION, model)} if simcal else {}
+        cal_heads.update({n: load_calibrated_head(run, n, model) for n in (*baselines.values(), *decoupled)})
         predict_split(model, label_map, cfg, specs, cal_heads, "val", pred, progress=progress, verbose=False)
     return {t: {iou: read_json(pred.head(t).metrics(iou)) for iou in ("bbox", "segm")} for t in tags}
 
@@ -304,7 +335,9 @@ def run_demo(
 
     per_seed: list[dict[str, dict[str, dict[str, float | None]]]] = []
     per_seed_confusion: list[dict[str, dict[str, dict[str, float | None]]]] = []
+    per_seed_board: list[dict[str, dict[str, dict[str, float | None]]]] = []
     compare_names: dict[str, str] = {}
+    board_rows: dict[str, str] = {}
     for k in range(seeds):
         s = seed + k
         run = _run_dir(out, k, s)
@@ -324,17 +357,32 @@ def run_demo(
         times[f"train seed {s}"] = time.perf_counter() - t
         t = time.perf_counter()
         _calibrate(run, [], "SimCal (bi-level sampling, frozen detector)", tag, progress, snapshots=True)
-        baselines = {}
+        baselines, decoupled = {}, {}
         if compare:
             for label, calibration in BASELINES:
                 baselines[label] = _calibrate(run, calibration, label, tag, progress, False)
+            for method, (label, calibration) in lb.DECOUPLED.items():
+                decoupled[method] = _calibrate(run, calibration, label, tag, progress, False)
         times[f"calibrate seed {s}"] = time.perf_counter() - t
         t = time.perf_counter()
-        metrics = _predict(run, baselines, tag, progress)
+        metrics = _predict(run, baselines, tag, progress, tuple(decoupled.values()), posthoc=compare)
         per_seed_confusion.append(_confusion(run, tag))
         times[f"predict seed {s}"] = time.perf_counter() - t
         compare_names = {f"dual@{n}": f"{label} + dual" for label, n in baselines.items()}
-        per_seed.append({h: {iou: {key: m[iou][key] for key in TABLE_KEYS} for iou in m} for h, m in metrics.items()})
+        table = {h: {iou: {key: m[iou][key] for key in TABLE_KEYS} for iou in m} for h, m in metrics.items()}
+        per_seed.append(table)
+        if compare:  # the leaderboard: the newer methods also trained end to end, on the same data
+            t = time.perf_counter()
+            board = dict(table)
+            for method, (_, train_over) in lb.E2E.items():
+                e2e = lb.e2e_run_dir(out, method, s)
+                _train(e2e, [*overrides, *train_over], f"{tag} {method}", progress)
+                m = _predict(e2e, {}, f"{tag} {method}", progress, simcal=False)["orig"]
+                board[f"e2e:{method}"] = {iou: {key: m[iou][key] for key in TABLE_KEYS} for iou in m}
+            param = Run(run).load_config().inference.param
+            board_rows = lb.row_names(baselines, decoupled, param)
+            per_seed_board.append({key: board[key] for key in board_rows})
+            times[f"leaderboard seed {s}"] = time.perf_counter() - t
         if k == 0:
             t = time.perf_counter()
             protocols = _predict_topk(run, tag, progress)
@@ -368,6 +416,17 @@ def run_demo(
         )
     # the report's own table is this run's (seed ``seed``); add the aggregates and the baselines
     extra = "".join(f"<h2>{html.escape(title)}</h2>{html_table(HEADER, r)}" for title, r in texts[(0 if agg else 1) :])
+    board_md = ""
+    if compare:
+        paper = {baselines[label]: over for label, over in BASELINES}  # the names are the same every seed
+        meta = {
+            "budget": budget,
+            "seeds": [seed + k for k in range(seeds)],
+            "commands": lb.commands(board_rows, paper, decoupled),
+            "seconds": {k: round(v, 1) for k, v in times.items() if k.startswith(("train", "leaderboard"))},
+        }
+        board_md, board_html = lb.write_leaderboard(out, per_seed_board, board_rows, meta)
+        extra += board_html
     from simcal.evaluation.diagnostics import ERROR_TYPES, comparison_rows
     from simcal.report.html import protocol_header
 
@@ -419,6 +478,7 @@ def run_demo(
     md = "\n\n".join(
         [f"### {title}\n\n{markdown_table(r)}" for title, r in texts]
         + [f"### {title}\n\n{markdown_table(r, header)}" for title, header, r in diag]
+        + ([board_md] if board_md else [])
     )
     with atomic_open(out / "demo_results.md", "w") as f:
         f.write(md + "\n")
@@ -431,6 +491,8 @@ def run_demo(
         print(f"\n{title}\n{markdown_table(r)}")
     for title, header, r in diag:
         print(f"\n{title}\n{markdown_table(r, header)}")
+    if board_md:
+        print("\n" + board_md.replace("### ", ""))
     stage = ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items() if k != "total")
     print(f"\nwall time {times['total'] / 60:.1f} min ({stage}); report: {report}")
     return json.loads(json.dumps(summary))

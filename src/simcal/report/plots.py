@@ -147,3 +147,28 @@ def per_class_scatter(
     ax.set(title=title, xlabel="training instances of the class", ylabel="AP (%)")
     ax.grid(alpha=0.3)
     _save(fig, ax, path)
+
+
+def method_scatter(
+    path: str | os.PathLike[str],
+    points: dict[str, tuple[float, float, float, float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> None:
+    """One labelled point per method at ``(x, y)`` with error bars ``(x_err, y_err)`` (e.g. APf against
+    APr, mean +- std over seeds): where a method trades head-class AP for tail-class AP."""
+    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=110)
+    for k, (name, (x, y, dx, dy)) in enumerate(points.items()):
+        ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="os^Dv<>ph"[k % 9], ms=6, capsize=2, label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize=7, loc="best", ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no method has both APr and APf", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
