@@ -59,7 +59,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # `simcal demo --compare --seeds 3 --budget leaderboard`: 5 detectors per seed (the plain one and
     # four trained end to end), 9 calibrations on each plain one, sized to about an hour on 2 cores
     "leaderboard": {
-        "synth": dict(val_images=200),
+        "synth": dict(val_images=300),  # the fewest that hold 20 instances of each of the 80 classes
         "overrides": [
             "train.max_iter=120",
             "train.steps=[90, 110]",
