@@ -147,6 +147,9 @@ RUN_OPTION = opt("--run", "--run-dir", required=True, type=Path, help=f"run dire
 def cmd_synth(args: argparse.Namespace) -> int:
     from simcal.data.synthetic import generate_synthetic
 
+    held = [name for name in ("train.json", "val.json") if (Path(args.out) / name).exists()]
+    if held:  # its images and annotations would be replaced in place, under any run trained on them
+        raise InputError(args.out, held[0], "already holds a dataset: choose another --out (or remove it first)")
     try:
         summary = generate_synthetic(
             args.out,

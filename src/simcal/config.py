@@ -28,6 +28,7 @@ import yaml
 
 from simcal import choices
 from simcal.errors import InputError
+from simcal.io import require_file
 
 
 @dataclass
@@ -180,6 +181,10 @@ class Origins:
                 self.set_all(value, source, name + ".")
             else:
                 self.fields[name] = source
+                parts = name.split(".")  # a leaf under an earlier leaf (train.max_iter.x=3) replaced it
+                for above in (".".join(parts[:n]) for n in range(1, len(parts))):
+                    if above in self.fields:
+                        self.fields[above] = source
 
     def of(self, name: str) -> str:
         """The source of ``name``, of the nearest enclosing field that has one, or of a field inside it."""
@@ -199,16 +204,39 @@ def _merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error
+    (PyYAML keeps the last one silently: a second ``train:`` section would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if (key.tag, key.value) in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key.value!r} given twice in one mapping", key.start_mark
+                    )
+                seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, missing: str = "no such config file") -> Any:
+    """The content of a YAML file; a missing file, bad YAML, text that is not UTF-8 or a key given
+    twice is an :class:`InputError` naming the file."""
+    require_file(path, missing)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except yaml.YAMLError as e:
+        raise InputError(path, "(yaml)", " ".join(str(e).split())) from None
+    except UnicodeDecodeError:
+        raise InputError(path, "(yaml)", "not UTF-8 text") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
     path = path.resolve()
     if path in seen:
         raise InputError(path, "_base_", "circular inheritance")
-    if not path.is_file():
-        raise InputError(path, "(file)", "no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InputError(path, "(yaml)", " ".join(str(e).split())) from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise InputError(path, "(top level)", "expected a mapping")
     # resolve relative data paths against the file that names them

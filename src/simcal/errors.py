@@ -102,8 +102,9 @@ def loader_worker_died(e: BaseException) -> str | None:
 
 
 def debug_requested() -> bool:
-    """Whether ``SIMCAL_DEBUG`` asks for tracebacks behind one-line errors."""
-    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    """Whether ``SIMCAL_DEBUG`` asks for tracebacks behind one-line errors (unset, empty, ``0``,
+    ``false``, ``no`` and ``off`` do not)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 _TERMINATED = {"received": False}

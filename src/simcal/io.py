@@ -110,11 +110,20 @@ def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None
         json.dump(obj, f, indent=indent)
 
 
+def require_file(path: Path, missing: str = "no such file") -> None:
+    """An :class:`InputError` unless ``path`` is a regular file: ``missing`` when nothing is there,
+    else what is there instead (a directory, a device or a pipe)."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise InputError(path, "(file)", "is a directory, a file was expected")
+    raise InputError(path, "(file)", "not a regular file" if path.exists() else missing)
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file, turning a missing file or a syntax error into an :class:`InputError`."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "(file)", "no such file")
+    require_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -122,6 +131,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise InputError(path, "(json)", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError:
         raise InputError(path, "(json)", "not UTF-8 text") from None
+    except RecursionError:
+        raise InputError(path, "(json)", "nested too deeply to read (not an annotation or results file)") from None
 
 
 _SPACE = re.compile(r"[ \t\r\n]*")
@@ -222,8 +233,7 @@ def iter_json_list(
     ``FILE: (top level): <not_a_list>, got <type>``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "(file)", "no such file")
+    require_file(path)
     yielded = 0
     for parse, size in ((_line_list, block), (_stream_list, chunk)):
         try:
@@ -233,7 +243,7 @@ def iter_json_list(
                         yield item
                         yielded += 1
             return
-        except (_NotAList, UnicodeDecodeError):
+        except (_NotAList, UnicodeDecodeError, RecursionError):
             pass
     whole = read_json(path)  # raises the exact error of a malformed file
     if not isinstance(whole, list):
@@ -253,6 +263,20 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
         if e.filename is None:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+
+
+def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a jsonl log, in order; a line that is not a JSON object (one cut short when
+    the disk filled) is dropped, as :func:`rewrite_lines` drops it on resume."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def rewrite_lines(path: str | os.PathLike[str], keep: Any) -> None:
@@ -293,8 +317,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "(file)", "no such checkpoint")
+    require_file(path, "no such checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file

@@ -196,6 +196,14 @@ class ReportFiles:
         return self.root / f"{name}.png"
 
 
+def _folder_name(name: str, flag: str, field: str) -> str:
+    """``name`` when it names one folder inside the run (a calibration, a split), else an
+    :class:`InputError`: ``..`` or a ``/`` would put files outside the run or between its folders."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise InputError(flag, field, f"{name!r} is not a plain folder name (no '/', not '.' or '..')")
+    return name
+
+
 class Run:
     """A run directory. Paths only: nothing is read or created until asked."""
 
@@ -235,8 +243,9 @@ class Run:
         return self.checkpoint_last.exists() or self.model_final.exists()
 
     # ------------------------------------------------------------------ calibration
-    def calibration(self, name: str) -> CalibrationFiles:
-        return CalibrationFiles(self.root / "calibration" / name)
+    def calibration(self, name: str, flag: str = "--name") -> CalibrationFiles:
+        """The files of calibration ``name`` (``flag``: the option that named it, for an error)."""
+        return CalibrationFiles(self.root / "calibration" / _folder_name(name, flag, "calibration"))
 
     def calibrations(self) -> list[str]:
         """Names of the finished calibrations (those with a head), sorted."""
@@ -262,7 +271,7 @@ class Run:
 
     # ------------------------------------------------------------------ predictions, analyses, report
     def predictions(self, split: str) -> PredictionFiles:
-        return PredictionFiles(self.root / "predictions" / split)
+        return PredictionFiles(self.root / "predictions" / _folder_name(split, "--split", "split"))
 
     @property
     def analysis_dir(self) -> Path:
@@ -279,16 +288,9 @@ class Run:
     # ------------------------------------------------------------------ reading
     def load_config(self) -> Config:
         """The run's resolved ``config.yaml``; a clear error when this is not a run directory."""
-        import yaml
+        from simcal.config import config_from_dict, read_yaml
 
-        from simcal.config import config_from_dict
-
-        if not self.config.is_file():
-            raise InputError(self.config, "(file)", "not a simcal run directory (no config.yaml)")
-        try:
-            raw = yaml.safe_load(self.config.read_text())
-        except yaml.YAMLError as e:
-            raise InputError(self.config, "(yaml)", " ".join(str(e).split())) from None
+        raw = read_yaml(self.config, "not a simcal run directory (no config.yaml)")
         if not isinstance(raw, dict):
             raise InputError(self.config, "(top level)", "expected a mapping")
         return config_from_dict(raw, str(self.config))

@@ -9,14 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from simcal import cli
 from simcal.cli import main
-from tests.conftest import copy_run, tiny_lvis
-from tests.reliability.conftest import one_line, temporaries, write_config
+from tests.conftest import REPO, copy_run, tiny_lvis
+from tests.reliability.conftest import one_line, snapshot, temporaries, write_config
 
 torch.set_num_threads(1)
 
@@ -248,3 +250,205 @@ def test_more_bad_inputs_found_by_trying(trained_run, tmp_path, capsys):
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     for line in (run / "train_log.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+# ---------------------------------------------------------------------------- more bad inputs, tried
+def test_a_json_that_is_no_file_or_nested_too_deeply(trained_run, tmp_path, capsys):
+    """A folder, a device or a json nested past Python's recursion limit, where a json, a config or
+    a checkpoint is read: one line saying what is there (it is not "no such file")."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    cases = {
+        deep: "(json): nested too deeply to read",
+        folder: "(file): is a directory, a file was expected",
+        Path(os.devnull): "(file): not a regular file",
+    }
+    for path, says in cases.items():
+        assert main(["stats", str(path)]) == 2
+        one_line(capsys.readouterr().err, f"{path}: {says}")
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(tiny_lvis()))
+    assert main(["evaluate", "--gt", str(gt), "--results", str(deep), "--iou", "bbox"]) == 2  # streamed
+    one_line(capsys.readouterr().err, f"{deep}: (json): nested too deeply to read")
+    assert main(["train", "--config", str(folder), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    one_line(capsys.readouterr().err, f"{folder}: (file): is a directory, a file was expected")
+    run = copy_run(trained_run, tmp_path / "run")
+    assert main(["predict", "--run", str(run), "--checkpoint", str(folder), "--no-progress"]) == 2
+    one_line(capsys.readouterr().err, f"{folder}: (file): is a directory, a file was expected")
+    assert not (run / "predictions").exists()
+
+
+def test_an_rle_whose_counts_do_not_fit_its_image_in_a_loader_worker(data_copy, tmp_path, capsys):
+    """RLE counts that pycocotools cannot decode (garbage, or more pixels than the image has) raise
+    pycocotools' ValueError where the mask is decoded, in a loader worker: one line naming the
+    annotation instead."""
+    path = data_copy / "train.json"
+    train = json.loads(path.read_text())
+    for i, ann in enumerate(train["annotations"]):
+        counts = "garbage!!~~" if i % 2 else [5000, 10]
+        ann["segmentation"] = {"size": [64, 64], "counts": counts}
+    path.write_text(json.dumps(train))
+    cfg = write_config(tmp_path / "cfg.yaml", data_copy)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2
+    one_line(capsys.readouterr().err, f"{path}: annotations[id=", "].segmentation.counts: not a valid RLE of image")
+    assert not (run / "checkpoint_last.pth").exists() and not temporaries(run)
+
+
+def test_a_training_set_with_nothing_to_train_on(data_copy, tmp_path, capsys):
+    """No images, no annotations, only crowd regions, only boxes under 1 px (which the dataset
+    drops): refused before a run directory is made (an empty image list was a sampler traceback)."""
+    path = data_copy / "train.json"
+    train = json.loads(path.read_text())
+
+    def no_images(d):
+        d["images"], d["annotations"] = [], []
+
+    edits = {
+        "images: no images: nothing to train on": no_images,
+        "annotations: no annotation outside crowd regions": lambda d: d.update(annotations=[]),
+        "annotations: no annotation outside crowd": lambda d: [a.update(iscrowd=1) for a in d["annotations"]],
+        "annotations: no annotation outside crowd regions with a box": lambda d: [
+            a.update(bbox=[1, 1, 0.5, 3]) for a in d["annotations"]
+        ],
+    }
+    cfg = write_config(tmp_path / "cfg.yaml", data_copy)
+    for says, edit in edits.items():
+        broken = json.loads(json.dumps(train))
+        edit(broken)
+        path.write_text(json.dumps(broken))
+        assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+        one_line(capsys.readouterr().err, f"{path}: {says}")
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_16_bit_greyscale_image_is_read_by_its_high_byte(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit greyscale PNG at 255: the image was silently white."""
+    from simcal.data.dataset import DetectionDataset
+
+    grey = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode == "I;16"
+    data = tiny_lvis()
+    data["images"] = [{**data["images"][0], "width": 40, "height": 30}]
+    data["annotations"] = []
+    image = DetectionDataset(data, tmp_path).load_image(0)
+    expected = torch.from_numpy((grey >> 8).astype(np.float32) / 255.0)
+    assert image.shape == (3, 30, 40) and torch.allclose(image, expected.expand(3, -1, -1))
+
+
+def test_a_config_that_is_not_utf8_or_gives_a_key_twice(trained_run, tmp_path, capsys):
+    """A second ``train:`` section silently replaced the first (PyYAML keeps the last key); a
+    config that is not text was a UnicodeDecodeError traceback, in --config and in a run."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(f"_base_: {REPO / 'configs' / 'synthetic_cpu.yaml'}\ntrain:\n  max_iter: 3\ntrain:\n  steps: []\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00train")
+    cases = {twice: "(yaml): key 'train' given twice in one mapping", binary: "(yaml): not UTF-8 text"}
+    for path, says in cases.items():
+        assert main(["train", "--config", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        one_line(capsys.readouterr().err, f"{path}: {says}")
+    assert not (tmp_path / "out").exists()
+    run = copy_run(trained_run, tmp_path / "run")
+    (run / "config.yaml").write_bytes(b"\xff\xfe")
+    assert main(["predict", "--run", str(run), "--no-progress"]) == 2
+    one_line(capsys.readouterr().err, f"{run / 'config.yaml'}: (yaml): not UTF-8 text")
+
+
+def test_calibration_and_split_names_stay_inside_the_run(trained_run, tiny_data, tmp_path, capsys):
+    """--name ../../x wrote a calibration outside the run, --name . into RUN/calibration itself,
+    --split ../../x predictions outside the run: a name is one plain folder name."""
+    run = copy_run(trained_run, tmp_path / "a" / "run")
+    before = snapshot(run)
+    for name in ("../../evil", ".", "a/b", ".."):
+        assert main(["calibrate", "--run", str(run), "--name", name, "--no-progress"]) == 2
+        one_line(capsys.readouterr().err, f"--name: calibration: {name!r} is not a plain folder name")
+    gt = ["--gt", str(tiny_data / "val.json"), "--images", str(tiny_data / "images")]
+    assert main(["predict", "--run", str(run), "--split", "../../evil", *gt, "--no-progress"]) == 2
+    one_line(capsys.readouterr().err, "--split: split: '../../evil' is not a plain folder name")
+    assert main(["analyze", "dynamics", "--run", str(run), "--calibration", "../x", "--no-progress"]) == 2
+    one_line(capsys.readouterr().err, "--calibration: calibration: '../x' is not a plain folder name")
+    assert snapshot(run) == before and sorted(p.name for p in (tmp_path / "a").iterdir()) == ["run"]
+
+
+def test_an_rle_whose_size_is_not_its_images(tmp_path, capsys):
+    """pycocotools compares masks of different sizes without a word (AP silently wrong): the
+    ground truth's and the results' RLE sizes are checked against the image's."""
+    from pycocotools import mask as mask_utils
+
+    small = mask_utils.encode(np.asfortranarray(np.ones((40, 50), dtype=np.uint8)))
+    rle = {"size": [40, 50], "counts": small["counts"].decode("ascii")}
+    gt = tiny_lvis()
+    gt["annotations"][0]["segmentation"] = rle
+    bad_gt, good_gt = tmp_path / "bad_gt.json", tmp_path / "gt.json"
+    bad_gt.write_text(json.dumps(gt))
+    good_gt.write_text(json.dumps(tiny_lvis()))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": rle}]))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main(["evaluate", "--gt", str(bad_gt), "--results", str(empty), "--iou", "segm"]) == 2
+    says = "RLE size [40, 50] differs from its image's [height, width] [80, 100]"
+    one_line(capsys.readouterr().err, f"{bad_gt}: annotations[0].segmentation.size: {says}")
+    assert main(["evaluate", "--gt", str(good_gt), "--results", str(results), "--iou", "segm"]) == 2
+    one_line(capsys.readouterr().err, f"{results}: [0].segmentation.size: {says}")
+
+
+def test_report_on_damaged_run_files(calibrated_run, data_copy, tmp_path, capsys):
+    """A log line cut short (the disk filled) or an empty log is dropped as resume drops it; a
+    damaged results file or an unreadable gallery image is one line naming it (all were tracebacks)."""
+    run = copy_run(calibrated_run, tmp_path / "run")
+    argv = ["predict", "--run", str(run), "--head", "orig,cal,dual", "--max-images", "2", "--no-progress"]
+    assert main(argv) == 0
+    report = ["report", "--run", str(run), "--split", "val-first2", "--gallery", "2"]
+    with open(run / "calibration" / "3fc_ft" / "calibration_log.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    with open(run / "train_log.jsonl", "a") as f:
+        f.write('{"iteration": 4, "lo')
+    assert main(report) == 0
+    (run / "train_log.jsonl").write_text("")
+    assert main(report) == 0
+    capsys.readouterr()
+    dual = run / "predictions" / "val-first2" / "dual" / "results.json"
+    kept = dual.read_text()
+    dual.write_text('[{"image_id": 1')
+    assert main(report) == 2
+    one_line(capsys.readouterr().err, f"{dual}: (json): invalid JSON")
+    dual.write_text(kept)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["val_images"] = str(data_copy / "images")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for image in (data_copy / "images" / "val").iterdir():
+        image.write_bytes(b"not a png")
+    assert main(report) == 2
+    err = capsys.readouterr().err
+    one_line(err, str(data_copy / "images" / "val"), ".file_name: cannot read image: cannot identify")
+
+
+def test_synth_does_not_replace_a_dataset(tmp_path, capsys):
+    """synth into a folder holding a dataset replaced its json and images in place (a run trained
+    on them silently got other data): refused, nothing changed."""
+    argv = ["synth", "--out", str(tmp_path / "set"), "--classes", "3", "--train-images", "10", "--val-images", "10"]
+    assert main([*argv, "--size", "64"]) == 0
+    before = snapshot(tmp_path / "set")
+    capsys.readouterr()
+    assert main([*argv, "--size", "96", "--seed", "1"]) == 2
+    one_line(capsys.readouterr().err, f"{tmp_path / 'set'}: train.json: already holds a dataset: choose another --out")
+    assert snapshot(tmp_path / "set") == before
+
+
+@pytest.mark.parametrize("value", ["false", "no", "OFF"])
+def test_debug_variable_values_that_mean_off(value, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SIMCAL_DEBUG", value)
+    assert main(["predict", "--run", str(tmp_path / "none")]) == 2
+    one_line(capsys.readouterr().err, "not a simcal run directory")
+
+
+def test_an_override_under_a_value_of_the_config_file_is_the_command_lines(tiny_data, tmp_path, capsys):
+    """``train.max_iter.x=3`` replaces the file's max_iter by a mapping: the error was blamed on the file."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data)
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "train.max_iter.x=3"]) == 2
+    line = one_line(capsys.readouterr().err, "simcal: error: (command line): train.max_iter: expected an integer")
+    assert str(cfg) not in line and not (tmp_path / "run").exists()

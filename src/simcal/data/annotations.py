@@ -139,6 +139,7 @@ def validate_dataset(data: Any, source: str | os.PathLike[str] = "<dataset>") ->
         _check_bbox(src, f"{field}.bbox", ann["bbox"])
         if "segmentation" in ann:
             _check_segmentation(src, f"{field}.segmentation", ann["segmentation"])
+            _check_rle_size(src, f"{field}.segmentation", ann["segmentation"], images[ann["image_id"]])
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             ann["area"] = annotation_area(ann, images[ann["image_id"]])
@@ -211,12 +212,30 @@ def validate_results(
         raise InputError("--iou", "iou", f"expected bbox, segm or boundary, got {iou_type!r}")
     image_ids = {img["id"] for img in dataset["images"]}
     cat_ids = {cat["id"] for cat in dataset["categories"]}
+    sizes = {img["id"]: [img["height"], img["width"]] for img in dataset["images"]} if iou_type != "bbox" else None
     for i, det in enumerate(results):
-        _check_detection(src, i, det, image_ids, cat_ids, iou_type)
+        _check_detection(src, i, det, image_ids, cat_ids, iou_type, sizes)
     return results
 
 
-def _check_detection(src: str, i: int, det: Any, image_ids: set[int], cat_ids: set[int], iou_type: str) -> None:
+def _check_rle_size(src: str, field: str, seg: Any, image: dict[str, Any] | list[int]) -> None:
+    """An RLE's ``size`` must be its image's ``[height, width]`` (pycocotools would compare masks
+    of different sizes without a word)."""
+    hw = [image["height"], image["width"]] if isinstance(image, dict) else image
+    if isinstance(seg, dict) and list(seg["size"]) != hw:
+        size = list(seg["size"])
+        raise InputError(src, f"{field}.size", f"RLE size {size} differs from its image's [height, width] {hw}")
+
+
+def _check_detection(
+    src: str,
+    i: int,
+    det: Any,
+    image_ids: set[int],
+    cat_ids: set[int],
+    iou_type: str,
+    sizes: dict[int, list[int]] | None = None,
+) -> None:
     field = f"[{i}]"
     if not isinstance(det, dict):
         raise InputError(src, field, "expected an object")
@@ -235,6 +254,8 @@ def _check_detection(src: str, i: int, det: Any, image_ids: set[int], cat_ids: s
         if seg is None:
             raise InputError(src, f"{field}.segmentation", f"missing (needed for --iou {iou_type})")
         _check_segmentation(src, f"{field}.segmentation", seg)
+        if sizes is not None:
+            _check_rle_size(src, f"{field}.segmentation", seg, sizes[det["image_id"]])
 
 
 @dataclass(frozen=True)

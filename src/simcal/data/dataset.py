@@ -40,9 +40,12 @@ __all__ = ["DetectionDataset", "LabelMap", "collate", "data_loader"]
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB (alpha dropped, palette expanded, greyscale replicated)."""
+    """Any PIL mode as 8-bit RGB (alpha dropped, palette expanded, greyscale replicated; 16-bit
+    greyscale by its high byte, where ``convert`` would clip every value above 255 to white)."""
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -183,7 +186,14 @@ class DetectionDataset(torch.utils.data.Dataset):
                     f"{self._images[index]['id']}'s [height, width] [{h}, {w}]",
                 )
             rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
-        return mask_utils.decode(rle).astype(np.uint8, copy=False)
+        try:
+            return mask_utils.decode(rle).astype(np.uint8, copy=False)
+        except ValueError:  # pycocotools: "Invalid RLE mask representation"
+            raise InputError(
+                self.source,
+                f"annotations[id={ann.get('id')}].segmentation.counts",
+                f"not a valid RLE of image {self._images[index]['id']}'s {h}x{w} pixels (height x width)",
+            ) from None
 
     def __getitem__(self, key: int | tuple[int, bool]) -> tuple[Tensor, dict[str, Any]]:
         """``(image (3, H, W) float32, target)`` of ``key``: ``index`` or ``(index, flip)``."""

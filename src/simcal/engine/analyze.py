@@ -224,7 +224,7 @@ def analyze_dynamics(
     """AP per bin of the calibrated and dual heads at each saved calibration snapshot."""
     model, label_map, cfg = load_model(run)
     calibration = calibration or DEFAULT_CALIBRATION
-    cal_files = Run(run).calibration(calibration)
+    cal_files = Run(run).calibration(calibration, "--calibration")
     snaps = cal_files.snapshots()
     if not snaps:
         raise InputError(cal_files.snapshot_dir, "(snapshots)", "none: run simcal calibrate --snapshot-every K first")

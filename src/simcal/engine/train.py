@@ -130,6 +130,12 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     train_json = load_dataset(cfg.data.train_json) if cfg.data.train_json else None
     if train_json is None:
         raise InputError("data.train_json", "train_json", "no training annotations given")
+    if not train_json["images"]:
+        raise InputError(cfg.data.train_json, "images", "no images: nothing to train on")
+    if not any(not a.get("iscrowd", 0) and min(a["bbox"][2:]) >= 1 for a in train_json["annotations"]):
+        # the dataset drops crowd regions and boxes under 1 px: the detector would see background only
+        why = "no annotation outside crowd regions with a box of at least 1x1 px"
+        raise InputError(cfg.data.train_json, "annotations", f"{why}: nothing to train on")
     label_map = LabelMap.from_dataset(train_json)
     dataset = DetectionDataset(train_json, cfg.data.train_images, label_map=label_map, source=cfg.data.train_json)
     if t.sampler == "repeat_factor":

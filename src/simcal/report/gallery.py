@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pycocotools import mask as mask_utils
 
 from simcal.data.annotations import image_path
+from simcal.errors import InputError
 from simcal.io import atomic_open
 
 GOOD, BAD, TRUTH = (40, 200, 60), (230, 40, 40), (250, 250, 250)
@@ -149,6 +150,21 @@ def draw_panel(
     return canvas
 
 
+def _open_image(info: dict[str, Any], root: str | os.PathLike[str]) -> Image.Image:
+    """Image ``info`` of the split, read whole; one that is missing or unreadable is an
+    :class:`InputError` naming the file and its json entry, as in training and predict."""
+    path = image_path(info, root)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        reason = "no such file"
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        reason = str(e) or type(e).__name__
+    raise InputError(path, f"images[id={info.get('id')}].file_name", f"cannot read image: {reason}")
+
+
 def gallery(
     path: str | os.PathLike[str],
     gt: dict[str, Any],
@@ -173,7 +189,7 @@ def gallery(
     anns = by_image(gt)
     rows, info = [], []
     for image_id, cat in picks:
-        im = Image.open(image_path(images[image_id], images_root))
+        im = _open_image(images[image_id], images_root)
         truth = anns.get(image_id, [])
         panels = [draw_panel(im, truth, names, None, f"ground truth ({names[cat]} is rare)", size)]
         row_info: dict[str, Any] = {"image_id": image_id, "rare_class": names[cat], "heads": {}}

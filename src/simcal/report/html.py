@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +21,7 @@ from simcal.data.annotations import load_dataset
 from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.errors import InputError
 from simcal.evaluation.diagnostics import ERROR_TYPES, comparison_rows
-from simcal.io import atomic_open, read_json, write_json
+from simcal.io import atomic_open, iter_json_list, read_json, read_log, write_json
 from simcal.report import plots
 from simcal.report.gallery import gallery, pick_images, rare_hits, spread
 from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, ReportFiles, Run, resolve_split
@@ -53,22 +52,14 @@ def _pct(v: float | None) -> str:
 def read_results(path: Path, image_ids: Iterable[int]) -> dict[int, list[dict[str, Any]]]:
     """The detections of ``image_ids`` in an LVIS results file, per image id.
 
-    simcal's own files hold one detection per line and are read line by line (bounded memory on
-    LVIS-size files); any other json list is loaded whole.
+    The file is read a part at a time (:func:`simcal.io.iter_json_list`: bounded memory on
+    LVIS-size files); a malformed one is an :class:`InputError` naming it.
     """
     wanted = set(image_ids)
     out: dict[int, list[dict[str, Any]]] = {i: [] for i in wanted}
-    with open(path) as f:
-        first = f.readline()
-        if first.strip() == "[":
-            for line in f:
-                line = line.strip().rstrip(",")
-                if line.startswith("{"):
-                    r = json.loads(line)
-                    if r["image_id"] in wanted:
-                        out[r["image_id"]].append(r)
-            return out
-    for r in json.loads(path.read_text()):
+    for i, r in enumerate(iter_json_list(path, "results must be a list of detections")):
+        if not isinstance(r, dict) or "image_id" not in r:
+            raise InputError(path, f"[{i}]", "expected a detection with an image_id")
         if r["image_id"] in wanted:
             out[r["image_id"]].append(r)
     return out
@@ -190,8 +181,9 @@ def build_report(
     groups = {g: sum(s.frequency == g for s in stats) for g in "rcf"}
     log = r.train_log
     train_info = ""
-    if log.exists():
-        last = json.loads(log.read_text().splitlines()[-1])
+    records = read_log(log) if log.exists() else []
+    if records:
+        last = records[-1]
         train_info = (
             f"{last['iteration']} iterations, batch {cfg.train.batch_size}, "
             f"{last['iteration'] * last.get('sec_per_iter', 0) / 60:.1f} min"
@@ -301,7 +293,7 @@ def build_report(
     # --- where the classification errors land
     confusion = r.analysis("confusion")
     if confusion.png.exists():
-        conf = json.loads(confusion.json.read_text())
+        conf = read_json(confusion.json)
         copied = _copy(confusion.png, files, figures, "confusion")
         counts = "; ".join(
             f"{h}: {sum(r['dets_on_other_objects']['f'][g] for g in 'rc')}" for h, r in conf["heads"].items()
@@ -366,8 +358,7 @@ def build_report(
         imgs.append(_img(_copy(dyn, files, figures, "dynamics"), "calibration dynamics"))
     calib_log = r.calibration(cal_name).log if cal_name else None
     if calib_log is not None and calib_log.exists():
-        recs = [json.loads(x) for x in calib_log.read_text().splitlines() if x.strip()]
-        recs = [r for r in recs if "loss" in r]
+        recs = [r for r in read_log(calib_log) if "loss" in r]
         if recs:
             p = files.figure("calibration_loss")
             plots.line_plot(
