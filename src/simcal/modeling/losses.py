@@ -16,9 +16,23 @@ float64.
 * :func:`class_margin_cross_entropy` + :func:`cm_margins`: CM, class-aware margin
   ``Delta_j = C / N_j^(1/4)`` subtracted from the true-class logit (training only).
 
+Beyond the paper (METHOD.md, "Long-tail methods beyond the paper"), each on its own classifier
+(:data:`simcal.choices.LOSS_CLASSIFIERS`, :mod:`simcal.modeling.predictors`), so their logits are
+not ``(R, C+1)`` softmax logits:
+
+* :func:`seesaw_loss` + :func:`seesaw_factors` (:class:`SeesawLoss`): ``(R, C+2)`` logits, C
+  classes then objectness (object, background);
+* :class:`EQLv2` and :class:`FederatedLoss` (:func:`eqlv2_weights`, :func:`federated_classes`):
+  :func:`sigmoid_cross_entropy` on ``(R, C)`` logits;
+* :func:`group_softmax_loss` (:class:`GroupSoftmaxLoss`, BAGS): ``(R, C + G + 2)`` logits laid out
+  by :func:`group_softmax_layout`.
+
 :func:`build_classification_loss` turns a config name into a small :class:`torch.nn.Module`
 whose weights / margins are non-persistent buffers: they follow ``.to(device)`` and stay out of
-the ``state_dict`` (so checkpoints do not depend on the loss).
+the ``state_dict`` (so checkpoints do not depend on the loss). The state of the newer losses
+(Seesaw's cumulative counts, EQLv2's gradient statistics, the draw counters of the federated
+subset and of BAGS's "others") is in persistent buffers: it is saved with the model (training) or
+the calibration checkpoint, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
