@@ -281,9 +281,10 @@ def test_a_json_that_is_no_file_or_nested_too_deeply(trained_run, tmp_path, caps
 
 
 def test_an_rle_whose_counts_do_not_fit_its_image_in_a_loader_worker(data_copy, tmp_path, capsys):
-    """RLE counts that pycocotools cannot decode (garbage, or more pixels than the image has) raise
-    pycocotools' ValueError where the mask is decoded, in a loader worker: one line naming the
-    annotation instead."""
+    """RLE counts that pycocotools cannot decode (garbage, or more pixels than the image has) raised
+    pycocotools' ValueError where the mask is decoded, in a loader worker. The annotations' RLEs are
+    now decoded when the json is read, so this is one line naming the annotation before training
+    starts; the worker's own guard (the dataset's mask decoding) is checked directly below."""
     path = data_copy / "train.json"
     train = json.loads(path.read_text())
     for i, ann in enumerate(train["annotations"]):
@@ -293,8 +294,16 @@ def test_an_rle_whose_counts_do_not_fit_its_image_in_a_loader_worker(data_copy, 
     cfg = write_config(tmp_path / "cfg.yaml", data_copy)
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2
-    one_line(capsys.readouterr().err, f"{path}: annotations[id=", "].segmentation.counts: not a valid RLE of image")
+    one_line(capsys.readouterr().err, f"{path}: annotations[0].segmentation.counts: the run lengths sum to 5010")
     assert not (run / "checkpoint_last.pth").exists() and not temporaries(run)
+    # the dataset's guard, for annotations that reach it unvalidated: one error naming the annotation
+    from simcal.data.dataset import DetectionDataset, LabelMap
+    from simcal.errors import InputError
+
+    ds = DetectionDataset(train, data_copy / "images", label_map=LabelMap.from_dataset(train), source=str(path))
+    with pytest.raises(InputError, match=r"annotations\[id=.*\]\.segmentation\.counts: not a valid RLE of image"):
+        for i in range(len(ds)):
+            ds[i]
 
 
 def test_a_training_set_with_nothing_to_train_on(data_copy, tmp_path, capsys):
@@ -394,6 +403,16 @@ def test_an_rle_whose_size_is_not_its_images(tmp_path, capsys):
     one_line(capsys.readouterr().err, f"{bad_gt}: annotations[0].segmentation.size: {says}")
     assert main(["evaluate", "--gt", str(good_gt), "--results", str(results), "--iou", "segm"]) == 2
     one_line(capsys.readouterr().err, f"{results}: [0].segmentation.size: {says}")
+    # the ground truth's RLE counts are decoded: garbage of the right size, or run lengths that do
+    # not add up to its pixels, would have been scored silently
+    for counts, says in (("garbage!!~~", "not a valid compressed RLE of 80x100 pixels"), ([10, 20], "sum to 30")):
+        gt = tiny_lvis()
+        gt["annotations"][0]["segmentation"] = {"size": [80, 100], "counts": counts}
+        bad_gt.write_text(json.dumps(gt))
+        assert main(["evaluate", "--gt", str(bad_gt), "--results", str(empty), "--iou", "segm"]) == 2
+        err = capsys.readouterr().err
+        one_line(err, f"{bad_gt}: annotations[0].segmentation.counts: ")
+        assert says in err
 
 
 def test_report_on_damaged_run_files(calibrated_run, data_copy, tmp_path, capsys):

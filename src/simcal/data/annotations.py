@@ -140,6 +140,7 @@ def validate_dataset(data: Any, source: str | os.PathLike[str] = "<dataset>") ->
         if "segmentation" in ann:
             _check_segmentation(src, f"{field}.segmentation", ann["segmentation"])
             _check_rle_size(src, f"{field}.segmentation", ann["segmentation"], images[ann["image_id"]])
+            _check_rle_counts(src, f"{field}.segmentation", ann["segmentation"])
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             ann["area"] = annotation_area(ann, images[ann["image_id"]])
@@ -225,6 +226,26 @@ def _check_rle_size(src: str, field: str, seg: Any, image: dict[str, Any] | list
     if isinstance(seg, dict) and list(seg["size"]) != hw:
         size = list(seg["size"])
         raise InputError(src, f"{field}.size", f"RLE size {size} differs from its image's [height, width] {hw}")
+
+
+def _check_rle_counts(src: str, field: str, seg: Any) -> None:
+    """A ground-truth RLE must decode to its ``size``: counts that sum to another pixel count, or a
+    compressed string that is not an RLE, would be scored silently (AP 0) by pycocotools' IoU.
+    Only the ground truth's RLEs are decoded here (few: COCO's crowd regions; LVIS has polygons);
+    a results file's are not, since that would decode every predicted mask."""
+    if not isinstance(seg, dict):
+        return
+    h, w = (int(v) for v in seg["size"])
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        if sum(counts) != h * w:
+            why = f"the run lengths sum to {sum(counts)}, its size {h}x{w} has {h * w} pixels"
+            raise InputError(src, f"{field}.counts", why)
+        return
+    try:
+        mask_utils.decode({"size": [h, w], "counts": counts})
+    except (ValueError, TypeError):
+        raise InputError(src, f"{field}.counts", f"not a valid compressed RLE of {h}x{w} pixels") from None
 
 
 def _check_detection(
