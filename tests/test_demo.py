@@ -99,7 +99,13 @@ def test_demo_tiny_budget_table_report_and_resume(tiny_budget, tmp_path, capsys)
     assert "\n".join(table) in again
 
 
-def test_demo_seeds_and_compare(tiny_budget, tmp_path, capsys):
+def test_demo_seeds_and_compare(tiny_budget, tmp_path, capsys, monkeypatch):
+    # two of the four newer methods keep the test short: each method's own path (train end to end,
+    # calibrate decoupled, predict) is tested in tests/modeling/test_longtail_losses.py
+    import simcal.leaderboard as lb
+
+    monkeypatch.setattr(lb, "E2E", {m: lb.E2E[m] for m in ("seesaw", "bags")})
+    monkeypatch.setattr(lb, "DECOUPLED", {m: lb.DECOUPLED[m] for m in ("seesaw", "bags")})
     out = tmp_path / "demo"
     assert main(["demo", "--budget", "quick", "--out", str(out), "--seeds", "2", "--compare", "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -135,16 +141,11 @@ def test_demo_seeds_and_compare(tiny_budget, tmp_path, capsys):
     # SimCal, NorCal, logit adjustment; median and mean +- std of 2 seeds, box and mask
     board = json.loads((out / "leaderboard.json").read_text())
     names = list(board["rows"].values())
-    for method in ("seesaw", "eqlv2", "fed", "bags"):
+    for method in ("seesaw", "bags"):
         for seed in (0, 1):
             assert (out / "e2e" / f"{method}_seed{seed}" / "model_final.pth").exists()
-    assert names[:5] == [
-        "cross-entropy, no remedy (end to end)",
-        "Seesaw, end to end (normed classifier)",
-        "EQLv2, end to end",
-        "federated loss, end to end",
-        "BAGS, end to end",
-    ]
+    first = ["cross-entropy, no remedy (end to end)", "Seesaw, end to end (normed classifier)", "BAGS, end to end"]
+    assert names[:3] == first
     assert {"Seesaw, decoupled", "Seesaw, decoupled + dual", "BAGS, decoupled (last layer) + dual"} <= set(names)
     assert {"NorCal, post hoc", "logit adjustment, post hoc", "SimCal + dual head"} <= set(names)
     assert len(board["per_seed"]) == 2 and board["seeds"] == [0, 1]
@@ -167,7 +168,7 @@ def test_aggregate_median_mean_std():
     assert agg["median"]["h"]["bbox"]["APr"] is None  # a seed without the group: no aggregate
 
 
-@pytest.mark.parametrize("roi_heads", ["cascade", "htc"])
+@pytest.mark.parametrize("roi_heads", ["htc"])  # HTC runs every cascade code path, plus its mask heads
 def test_demo_on_a_cascade(roi_heads, tiny_budget, tmp_path, capsys):
     """`simcal demo --roi-heads cascade|htc`: the same job on Cascade Mask R-CNN or HTC, every stage calibrated
     (one head per stage), the analyses and the report included."""
