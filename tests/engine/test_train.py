@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from simcal import choices
 from simcal.cli import main
 from simcal.config import load_config
 from simcal.engine.train import learning_rate, schedule, train
@@ -180,7 +181,7 @@ def test_bad_config_is_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert (
         capsys.readouterr().err.strip()
-        == f"simcal: error: {bad}: train.loss: expected one of ce, lr, focal, cm, got 'hinge'"
+        == f"simcal: error: {bad}: train.loss: expected one of {', '.join(choices.LOSSES)}, got 'hinge'"
     )
     with pytest.raises(InputError, match="unknown key"):
         load_config(None, ["train.lr=3"])

@@ -70,7 +70,10 @@ def test_classwise_checkpoint_loads_into_plain_torchvision_and_predicts_the_same
     torch.testing.assert_close(a["boxes"], b["boxes"])
     torch.testing.assert_close(a["scores"], b["scores"])
     assert torch.equal(a["labels"], b["labels"])
-    torch.testing.assert_close(a["masks"], b["masks"])
+    # ours applies each detection's own row of the 1x1 mask layer (an einsum), torchvision the whole
+    # conv: the same values up to float rounding, which on some CPUs' kernels reaches 1.1e-5 in a
+    # pasted mask probability (measured: 2 of 204,800 pixels on this session's Xeon)
+    torch.testing.assert_close(a["masks"], b["masks"], rtol=1e-4, atol=5e-5)
 
 
 def test_classification_loss_hook_is_used():

@@ -480,7 +480,9 @@ def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[Calib
     seed = meta.get("seed", 0)
     seed = seed if isinstance(seed, int) else 0
     classifier = None
-    if meta.get("classifier") is not None:  # heads from before decoupled classifiers: the detector's
+    own = _stage_parts(roi_heads, 0)[1].activation
+    # None (a head from before decoupled classifiers) or the detector's own: built from the detector
+    if meta.get("classifier") not in (None, own.name):
         name, groups = meta["classifier"], meta.get("classifier_groups")
         if name not in ACTIVATIONS or (name == "group_softmax" and not isinstance(groups, list)):
             raise InputError(path, "meta.classifier", f"unknown classifier {name!r} (or its groups are missing)")
