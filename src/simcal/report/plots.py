@@ -159,13 +159,13 @@ def method_scatter(
 ) -> None:
     """One labelled point per method at ``(x, y)`` with error bars ``(x_err, y_err)`` (e.g. APf against
     APr, mean +- std over seeds): where a method trades head-class AP for tail-class AP."""
-    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.0, 5.0), dpi=110)
     for k, (name, (x, y, dx, dy)) in enumerate(points.items()):
         ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="os^Dv<>ph"[k % 9], ms=6, capsize=2, label=name)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    if points:
-        ax.legend(fontsize=7, loc="best", ncol=2)
+    if points:  # beside the axes: a legend inside would hide the points
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     else:
         ax.text(0.5, 0.5, "no method has both APr and APf", ha="center", transform=ax.transAxes)
     fig.tight_layout()
