@@ -57,7 +57,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "analysis_images": None,  # all of val
     },
     # `simcal demo --compare --seeds 3 --budget leaderboard`: 5 detectors per seed (the plain one and
-    # four trained end to end), 9 calibrations on each plain one, sized to about an hour on 2 cores
+    # four trained end to end), 9 calibrations on each plain one: about an hour per seed on 2 cores
     "leaderboard": {
         "synth": dict(val_images=300),  # the fewest that hold 20 instances of each of the 80 classes
         "overrides": [
