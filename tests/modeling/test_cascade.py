@@ -32,10 +32,10 @@ def cascade_run(tiny_data, tmp_path_factory):
     return tmp / "run"
 
 
-def _cascade(num_classes: int = 5, **kwargs) -> torch.nn.Module:
+def _cascade(num_classes: int = 5, roi_heads: str = "cascade", **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        arch="small", norm="gn", min_size=64, max_size=64, roi_heads="cascade", box_batch_size_per_image=32, **kwargs
+        arch="small", norm="gn", min_size=64, max_size=64, roi_heads=roi_heads, box_batch_size_per_image=32, **kwargs
     )
     return build_detector(cfg, num_classes)
 

@@ -16,27 +16,13 @@ from simcal.modeling.cascade import HTC_LOSS_WEIGHTS, CascadeRoIHeads, HybridTas
 from simcal.modeling.detector import build_detector
 from simcal.modeling.sampling import sampling_seeds
 from simcal.run import Run
+from tests.modeling.test_cascade import _cascade, _images_and_targets
 
 torch.set_num_threads(1)
 
 
 def _htc(num_classes: int = 5, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch="small", norm="gn", min_size=64, max_size=64, roi_heads="htc", box_batch_size_per_image=32, **kwargs
-    )
-    return build_detector(cfg, num_classes)
-
-
-def _images_and_targets(n: int = 2):
-    g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 64, 64, generator=g) for _ in range(n)]
-    targets = []
-    for _ in range(n):
-        masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
-        masks[0, 10:40, 12:44] = 1
-        targets.append({"boxes": torch.tensor([[12.0, 10.0, 44.0, 40.0]]), "labels": torch.tensor([2]), "masks": masks})
-    return images, targets
+    return _cascade(num_classes, roi_heads="htc", **kwargs)
 
 
 def test_htc_is_the_cascade_with_a_mask_head_and_flow_per_stage():

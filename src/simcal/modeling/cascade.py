@@ -239,10 +239,8 @@ class CascadeRoIHeads(LongTailRoIHeads):
         boxes, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         stage1 = (boxes, matched_idxs, labels)
         losses: dict[str, Tensor] = {}
-        deltas = torch.zeros(0, 4)  # stage k's, refined into stage k+1's boxes
         for k in range(self.num_stages):
             if k > 0:
-                boxes = self.refine(k - 1, deltas, boxes, image_shapes)
                 labels, regression_targets = self.stage_targets(k, boxes, targets)
             _, _, logits, deltas = self.stage_forward(k, features, boxes, image_shapes)
             labels_cat = torch.cat(labels)
@@ -252,9 +250,27 @@ class CascadeRoIHeads(LongTailRoIHeads):
             losses["loss_box_reg" + suffix] = w * self.box_regression_loss(
                 deltas, labels_cat, torch.cat(regression_targets)
             )
-        if self.has_mask():
+            if k < self.num_stages - 1 or self.interleaved:
+                boxes = self.refine(k, deltas, boxes, image_shapes)  # stage k+1's input (HTC: stage k's mask RoIs)
+            if self.interleaved:
+                losses["loss_mask" + suffix] = w * self.stage_mask_loss(k, features, image_shapes, targets, boxes)
+        if self.has_mask() and not self.interleaved:
             losses["loss_mask"] = self._mask_training_loss(features, image_shapes, targets, *stage1)
         return [], losses
+
+    #: HTC's interleaved execution: each stage's mask head trains on that stage's regressed boxes
+    interleaved = False
+
+    def stage_mask_loss(
+        self,
+        k: int,
+        features: dict[str, Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        boxes: list[Tensor],
+    ) -> Tensor:  # pragma: no cover - only interleaved heads (HTC) train a mask head per stage
+        """Stage ``k``'s mask loss on its regressed ``boxes`` (interleaved heads only)."""
+        raise NotImplementedError
 
 
 #: HTC's stage loss weights (mmdetection's ``htc_without_semantic``): box and mask losses of stage k
@@ -383,36 +399,20 @@ class HybridTaskCascadeRoIHeads(CascadeRoIHeads):
             [lab[i] for lab, i in zip(labels, keep)],
         )
 
-    def forward(  # type: ignore[override]
+    interleaved = True
+
+    def stage_mask_loss(
         self,
+        k: int,
         features: dict[str, Tensor],
-        proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
-        targets: list[dict[str, Tensor]] | None = None,
-    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        if not self.training:
-            return super().forward(features, proposals, image_shapes, targets)
-        if targets is None:
-            raise ValueError("targets are needed in training mode")
-        boxes, _, labels, regression_targets = self.select_training_samples(proposals, targets)
-        losses: dict[str, Tensor] = {}
-        for k in range(self.num_stages):
-            if k > 0:
-                labels, regression_targets = self.stage_targets(k, boxes, targets)
-            _, _, logits, deltas = self.stage_forward(k, features, boxes, image_shapes)
-            labels_cat = torch.cat(labels)
-            suffix = "" if k == 0 else f"_stage{k + 1}"
-            w = self.stage_loss_weights[k]
-            losses["loss_classifier" + suffix] = w * self.stage_parts(k)[1].classification_loss(logits, labels_cat)
-            losses["loss_box_reg" + suffix] = w * self.box_regression_loss(
-                deltas, labels_cat, torch.cat(regression_targets)
-            )
-            boxes = self.refine(k, deltas, boxes, image_shapes)  # stage k+1's input, and stage k's mask RoIs
-            mask_boxes, mask_matched, mask_labels = self.resample(k, boxes, targets)
-            losses["loss_mask" + suffix] = w * self._mask_training_loss(
-                features, image_shapes, targets, mask_boxes, mask_matched, mask_labels, stage=k
-            )
-        return [], losses
+        targets: list[dict[str, Tensor]],
+        boxes: list[Tensor],
+    ) -> Tensor:
+        """Interleaved execution: stage ``k``'s regressed ``boxes`` re-sampled at its threshold
+        (:meth:`resample`), stage ``k``'s mask head (with the flow) trained on their positives."""
+        mask_boxes, mask_matched, mask_labels = self.resample(k, boxes, targets)
+        return self._mask_training_loss(features, image_shapes, targets, mask_boxes, mask_matched, mask_labels, stage=k)
 
 
 def _reinitialised(module: nn.Module) -> nn.Module:
