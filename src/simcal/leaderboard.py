@@ -102,26 +102,12 @@ def commands(rows: dict[str, str], paper: dict[str, list[str]], decoupled: dict[
     return out
 
 
-def _cell(stat: dict[str, Any], key: str, iou: str, k: str) -> float | None:
-    return stat[key][iou][k]
-
-
 def table_rows(agg: dict[str, Any], rows: dict[str, str], form: str = "median") -> list[list[str]]:
     """Markdown / HTML rows: per IoU type (box, mask) and row, the median (``form="median"``) or
-    ``mean ± std`` of each column, in percent."""
-    out = []
-    for iou, label in (("bbox", "box"), ("segm", "mask")):
-        for key, name in rows.items():
-            cells = []
-            for k in KEYS:
-                if form == "median":
-                    v = _cell(agg["median"], key, iou, k)
-                    cells.append("-" if v is None else f"{100 * v:.1f}")
-                else:
-                    m, s = _cell(agg["mean"], key, iou, k), _cell(agg["std"], key, iou, k)
-                    cells.append("-" if m is None else f"{100 * m:.1f} ± {100 * s:.1f}")
-            out.append([name, label, *cells])
-    return out
+    ``mean ± std`` of each column, in percent (the demo's Table-3 rows)."""
+    from simcal.demo import mean_std_rows, results_rows
+
+    return results_rows(agg["median"], rows) if form == "median" else mean_std_rows(agg, rows)
 
 
 def write_leaderboard(
