@@ -644,8 +644,8 @@ COMMANDS: tuple[Command, ...] = (
             opt(
                 "--compare",
                 action="store_true",
-                help="the leaderboard: Table 4's decoupled baselines, Seesaw / EQLv2 / federated / BAGS end to end "
-                "and decoupled, NorCal, logit adjustment, SimCal (--budget leaderboard: ~1 h per seed on 2 cores)",
+                help="the leaderboard: Table 4's decoupled baselines, Seesaw / EQLv2 / federated / BAGS end to end and "
+                "decoupled, NorCal, logit adjustment, SimCal (--seeds 3 --budget leaderboard: ~1 hour on 2 cores)",
             ),
             opt(
                 "--roi-heads",
