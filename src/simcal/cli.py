@@ -645,7 +645,7 @@ COMMANDS: tuple[Command, ...] = (
                 "--compare",
                 action="store_true",
                 help="the leaderboard: Table 4's decoupled baselines, Seesaw / EQLv2 / federated / BAGS end to end and "
-                "decoupled, NorCal, logit adjustment, SimCal (--seeds 3 --budget leaderboard: ~1 hour on 2 cores)",
+                "decoupled, NorCal, logit adjustment, SimCal (--seeds 3 --budget leaderboard: ~75 min on 2 cores)",
             ),
             opt(
                 "--roi-heads",
