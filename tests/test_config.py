@@ -73,6 +73,8 @@ RANGE_CASES = [
     (["data.train_max_size=0"], "data.train_max_size", "must be > 0"),
     (["train.loss=seesaw", "model.classifier=softmax"], "model.classifier", "trains a seesaw classifier"),
     (["train.loss=focal", "model.classifier=sigmoid"], "model.classifier", "trains a softmax classifier"),
+    (["train.loss=fed", "model.cls_prior_prob=1"], "model.cls_prior_prob", "must lie in [0, 1)"),
+    (["model.cls_prior_prob=0.01"], "model.cls_prior_prob", "needs train.loss=eqlv2|fed"),
     (["calibration.loss=bags"], "calibration.loss", "trains the last layer only"),
 ]
 

@@ -59,6 +59,9 @@ class ModelConfig:
     # (choices.LOSS_CLASSIFIERS: seesaw C+2, eqlv2 / fed sigmoid, bags group softmax; else softmax)
     classifier: str = "auto"
     cls_head: str = "linear"  # choices.CLS_HEADS: linear, or normed (cosine, temperature 20; Seesaw's)
+    # a sigmoid classifier's starting probability: its fresh bias is -log((1 - p) / p) (detectron2's
+    # PRIOR_PROB 0.01 with the federated loss); 0: the layer's own init, bias near 0 (mmdetection's, EQLv2's)
+    cls_prior_prob: float = 0.0
     weights: str | None = None  # torchvision detection weights name (e.g. COCO_V1) or a .pth path
     weights_backbone: str | None = None  # e.g. IMAGENET1K_V1 (the paper's) or a .pth path
     trainable_backbone_layers: int | None = None
@@ -489,6 +492,12 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
             "model.classifier",
             t.loss == "ce" or m.classifier in ("auto", choices.LOSS_CLASSIFIERS.get(t.loss, "softmax")),
             f"train.loss={t.loss} trains a {choices.LOSS_CLASSIFIERS.get(t.loss, 'softmax')} classifier",
+        ),
+        ("model.cls_prior_prob", 0 <= m.cls_prior_prob < 1, "must lie in [0, 1) (0: the layer's own init)"),
+        (
+            "model.cls_prior_prob",
+            m.cls_prior_prob == 0 or classifier_of(cfg) == "sigmoid",
+            "sets a sigmoid classifier's starting bias: needs train.loss=eqlv2|fed or model.classifier=sigmoid",
         ),
         (
             "calibration.loss",

@@ -256,6 +256,28 @@ def test_normed_linear_is_a_scaled_cosine():
     assert NormedLinear(3, 2).weight.std() < 0.05  # mmdetection's N(0, 0.01) init
 
 
+def test_prior_prob_starts_a_sigmoid_classifier_at_p():
+    from torch import nn
+
+    from simcal.modeling.predictors import BoxPredictor
+
+    def predictor() -> BoxPredictor:
+        torch.manual_seed(0)
+        return BoxPredictor(nn.Linear(8, 5), nn.Linear(8, 20), num_classes=4)
+
+    p = predictor()
+    p.set_classifier(Sigmoid(), prior_prob=0.01)
+    torch.testing.assert_close(p.cls_score.bias, torch.full((4,), -math.log(99)))
+    logits, _ = p(torch.zeros(1, 8))  # no evidence: every class at 0.01, the background at 0.99 ** 4
+    torch.testing.assert_close(p.activation(logits), torch.tensor([[0.99**4] + [0.01] * 4]))
+    default = predictor()
+    default.set_classifier(Sigmoid())  # the layer's own init: a small bias of both signs
+    assert default.cls_score.bias.abs().max() < 1 and (default.cls_score.bias > 0).any()
+    assert (default.cls_score.bias < 0).any()
+    with pytest.raises(ValueError, match="sigmoid"):
+        predictor().set_classifier(build_activation("seesaw", [5, 50, 500, 5000]), prior_prob=0.01)
+
+
 def test_each_loss_needs_its_classifier():
     counts = [5, 50, 500]
     with pytest.raises(ValueError, match="trains a seesaw classifier"):

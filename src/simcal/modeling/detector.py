@@ -572,7 +572,9 @@ def build_detector(
             activation = predictors.build_activation(classifier, counts)
         except ValueError as e:
             raise InputError("model.classifier", "classifier", str(e)) from None
-        model.roi_heads.box_predictor.set_classifier(activation, normed=cfg.cls_head == "normed")
+        model.roi_heads.box_predictor.set_classifier(
+            activation, normed=cfg.cls_head == "normed", prior_prob=cfg.cls_prior_prob
+        )
         if cls_loss is not None:
             model.roi_heads.set_loss(cls_loss)
     if cfg.roi_heads in ("cascade", "htc"):

@@ -20,6 +20,7 @@ How logits become scores belongs to the classifier, as an :class:`Activation`:
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -271,15 +272,27 @@ class BoxPredictor(nn.Module):
             cls_score = nn.Linear(cls_score.in_features, k).to(cls_score.weight.device)
         return cls(cls_score, predictor.bbox_pred, num_classes, activation, cls_loss)
 
-    def set_classifier(self, activation: Activation, normed: bool = False) -> None:
+    def set_classifier(self, activation: Activation, normed: bool = False, prior_prob: float = 0.0) -> None:
         """Score with ``activation`` from now on, through a fresh class-score layer of its K outputs
         (:class:`NormedLinear` when ``normed``; the current layer is kept when it already is the
-        right kind and size), trained with the activation's cross-entropy until :meth:`set_loss`."""
+        right kind and size), trained with the activation's cross-entropy until :meth:`set_loss`.
+
+        ``prior_prob`` in (0, 1): a sigmoid classifier starts scoring every class at that probability,
+        its bias set to ``-log((1 - p) / p)`` (detectron2's ``PRIOR_PROB``); 0 keeps the layer's init.
+
+        Raises:
+            ValueError: ``prior_prob`` for a classifier that is not a sigmoid one.
+        """
+        if prior_prob and activation.name != "sigmoid":
+            raise ValueError(f"prior_prob sets a sigmoid classifier's bias, this classifier is {activation.name}")
         k = activation.num_logits(self.num_classes)
         kind = NormedLinear if normed else nn.Linear
         if type(self.cls_score) is not kind or self.cls_score.out_features != k:
             w = self.cls_score.weight
             self.cls_score = kind(self.cls_score.in_features, k).to(device=w.device, dtype=w.dtype)
+        if prior_prob:
+            with torch.no_grad():
+                self.cls_score.bias.fill_(-math.log((1 - prior_prob) / prior_prob))
         self.activation = activation
         self.set_loss(activation.cross_entropy_loss())
 
