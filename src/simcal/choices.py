@@ -73,6 +73,9 @@ LOSSES: dict[str, dict[str, Range]] = {
 }
 #: the classifier (logits -> scores, :mod:`simcal.modeling.predictors`) each loss trains; others: softmax
 LOSS_CLASSIFIERS = {"seesaw": "seesaw", "eqlv2": "sigmoid", "fed": "sigmoid", "bags": "group_softmax"}
+#: ``model.cls_prior_prob`` unset: the starting class probability of the loss's reference code, where it
+#: sets one (the federated loss's CenterNet2 / Detic ``PRIOR_PROB``); others keep the layer's own init
+LOSS_PRIOR_PROB = {"fed": 0.01}
 #: ``model.classifier``: ``auto`` takes train.loss's (LOSS_CLASSIFIERS, else softmax)
 CLASSIFIERS = ("auto", "softmax", "sigmoid", "seesaw", "group_softmax")
 #: ``model.cls_head``: the class-score layer: plain linear, or normalised (cosine, temperature 20)

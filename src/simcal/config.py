@@ -59,9 +59,10 @@ class ModelConfig:
     # (choices.LOSS_CLASSIFIERS: seesaw C+2, eqlv2 / fed sigmoid, bags group softmax; else softmax)
     classifier: str = "auto"
     cls_head: str = "linear"  # choices.CLS_HEADS: linear, or normed (cosine, temperature 20; Seesaw's)
-    # a sigmoid classifier's starting probability: its fresh bias is -log((1 - p) / p) (detectron2's
-    # PRIOR_PROB 0.01 with the federated loss); 0: the layer's own init, bias near 0 (mmdetection's, EQLv2's)
-    cls_prior_prob: float = 0.0
+    # a sigmoid classifier's starting class probability p: its fresh bias is -log((1 - p) / p); 0: the layer's
+    # own init (bias near 0, p near 0.5: mmdetection's, EQLv2's); unset: train.loss's (choices.LOSS_PRIOR_PROB:
+    # fed 0.01, CenterNet2 / Detic's PRIOR_PROB; else 0)
+    cls_prior_prob: float | None = None
     weights: str | None = None  # torchvision detection weights name (e.g. COCO_V1) or a .pth path
     weights_backbone: str | None = None  # e.g. IMAGENET1K_V1 (the paper's) or a .pth path
     trainable_backbone_layers: int | None = None
@@ -493,10 +494,14 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
             t.loss == "ce" or m.classifier in ("auto", choices.LOSS_CLASSIFIERS.get(t.loss, "softmax")),
             f"train.loss={t.loss} trains a {choices.LOSS_CLASSIFIERS.get(t.loss, 'softmax')} classifier",
         ),
-        ("model.cls_prior_prob", 0 <= m.cls_prior_prob < 1, "must lie in [0, 1) (0: the layer's own init)"),
         (
             "model.cls_prior_prob",
-            m.cls_prior_prob == 0 or classifier_of(cfg) == "sigmoid",
+            m.cls_prior_prob is None or 0 <= m.cls_prior_prob < 1,
+            "must lie in [0, 1) (0: the layer's own init)",
+        ),
+        (
+            "model.cls_prior_prob",
+            not m.cls_prior_prob or classifier_of(cfg) == "sigmoid",
             "sets a sigmoid classifier's starting bias: needs train.loss=eqlv2|fed or model.classifier=sigmoid",
         ),
         (
@@ -538,6 +543,14 @@ def classifier_of(cfg: Config) -> str:
     if cfg.model.classifier != "auto":
         return cfg.model.classifier
     return choices.LOSS_CLASSIFIERS.get(cfg.train.loss, "softmax")
+
+
+def prior_prob_of(cfg: Config) -> float:
+    """The starting class probability of the run's sigmoid classifier: ``model.cls_prior_prob``, or unset
+    the one ``train.loss``'s reference code uses (:data:`simcal.choices.LOSS_PRIOR_PROB`); 0: the layer's init."""
+    if cfg.model.cls_prior_prob is not None:
+        return cfg.model.cls_prior_prob
+    return choices.LOSS_PRIOR_PROB.get(cfg.train.loss, 0.0) if classifier_of(cfg) == "sigmoid" else 0.0
 
 
 def validate_config(cfg: Config, source: str | Origins, stored: bool = False) -> None:

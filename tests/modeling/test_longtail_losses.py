@@ -278,6 +278,31 @@ def test_prior_prob_starts_a_sigmoid_classifier_at_p():
         predictor().set_classifier(build_activation("seesaw", [5, 50, 500, 5000]), prior_prob=0.01)
 
 
+@pytest.mark.parametrize(
+    "overrides, p",
+    [
+        (["train.loss=fed"], 0.01),  # its reference code's PRIOR_PROB
+        (["train.loss=fed", "model.cls_prior_prob=0"], 0.0),
+        (["train.loss=eqlv2"], 0.0),  # mmdetection's init
+        (["train.loss=eqlv2", "model.cls_prior_prob=0.05"], 0.05),
+        (["model.classifier=sigmoid"], 0.0),
+        ([], 0.0),
+    ],
+)
+def test_the_detector_a_run_trains_starts_at_its_prior_prob(overrides, p):
+    from simcal.config import Config, ModelConfig, apply_overrides, prior_prob_of
+    from simcal.modeling.detector import build_detector
+
+    cfg = apply_overrides(Config(), overrides, "test")
+    assert prior_prob_of(cfg) == p
+    if not p:
+        return
+    small = ModelConfig(arch="small", norm="gn", min_size=64, max_size=64)
+    model = build_detector(small, 4, classifier="sigmoid", prior_prob=prior_prob_of(cfg))
+    bias = model.roi_heads.box_predictor.cls_score.bias
+    torch.testing.assert_close(bias, torch.full((4,), -math.log((1 - p) / p)))
+
+
 def test_each_loss_needs_its_classifier():
     counts = [5, 50, 500]
     with pytest.raises(ValueError, match="trains a seesaw classifier"):

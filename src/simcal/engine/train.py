@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from simcal import seeds as streams
-from simcal.config import Config, classifier_of, save_config
+from simcal.config import Config, classifier_of, prior_prob_of, save_config
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.samplers import BatchStream, RepeatFactorSampler, TrainingSampler, repeat_factors
@@ -152,7 +152,13 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
 
     seed_everything(t.seed)
     counts = class_instance_counts(train_json, label_map.category_ids)
-    model = build_detector(cfg.model, label_map.num_classes, classifier=classifier_of(cfg), instance_counts=counts)
+    model = build_detector(
+        cfg.model,
+        label_map.num_classes,
+        classifier=classifier_of(cfg),
+        instance_counts=counts,
+        prior_prob=prior_prob_of(cfg),
+    )
     train_scales(model, cfg.data.train_scales, cfg.data.train_max_size)  # multi-scale training, when asked
     predictor = model.roi_heads.box_predictor
     try:

@@ -537,6 +537,7 @@ def build_detector(
     cls_loss: nn.Module | None = None,
     classifier: str | None = None,
     instance_counts: Sequence[int] | None = None,
+    prior_prob: float = 0.0,
 ) -> LongTailMaskRCNN:
     """The detector a config describes, with the test preset applied (score, NMS, detections).
 
@@ -544,6 +545,8 @@ def build_detector(
         classifier: the classifier's activation (:data:`simcal.choices.CLASSIFIERS`, resolved:
             :func:`simcal.config.classifier_of`); default ``cfg.classifier``, softmax for ``auto``.
         instance_counts: ``(C,)`` training instance counts (the group softmax groups classes by them).
+        prior_prob: a sigmoid classifier's starting class probability (resolved:
+            :func:`simcal.config.prior_prob_of`); 0 keeps the fresh layer's init.
     """
     common = dict(
         num_classes=num_classes,
@@ -572,9 +575,7 @@ def build_detector(
             activation = predictors.build_activation(classifier, counts)
         except ValueError as e:
             raise InputError("model.classifier", "classifier", str(e)) from None
-        model.roi_heads.box_predictor.set_classifier(
-            activation, normed=cfg.cls_head == "normed", prior_prob=cfg.cls_prior_prob
-        )
+        model.roi_heads.box_predictor.set_classifier(activation, normed=cfg.cls_head == "normed", prior_prob=prior_prob)
         if cls_loss is not None:
             model.roi_heads.set_loss(cls_loss)
     if cfg.roi_heads in ("cascade", "htc"):

@@ -160,8 +160,9 @@ def method_scatter(
     """One labelled point per method at ``(x, y)`` with error bars ``(x_err, y_err)`` (e.g. APf against
     APr, mean +- std over seeds): where a method trades head-class AP for tail-class AP."""
     fig, ax = plt.subplots(figsize=(10.0, 5.0), dpi=110)
+    colors = plt.get_cmap("tab20").colors  # 20 colours, 9 markers: 21 methods stay apart
     for k, (name, (x, y, dx, dy)) in enumerate(points.items()):
-        ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="os^Dv<>ph"[k % 9], ms=6, capsize=2, label=name)
+        ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="os^Dv<>ph"[k % 9], color=colors[k % 20], ms=6, capsize=2, label=name)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if points:  # beside the axes: a legend inside would hide the points
