@@ -550,7 +550,7 @@ def prior_prob_of(cfg: Config) -> float:
     the one ``train.loss``'s reference code uses (:data:`simcal.choices.LOSS_PRIOR_PROB`); 0: the layer's init."""
     if cfg.model.cls_prior_prob is not None:
         return cfg.model.cls_prior_prob
-    return choices.LOSS_PRIOR_PROB.get(cfg.train.loss, 0.0) if classifier_of(cfg) == "sigmoid" else 0.0
+    return choices.LOSS_PRIOR_PROB.get(cfg.train.loss, 0.0)  # a loss in it trains a sigmoid classifier (_checks)
 
 
 def validate_config(cfg: Config, source: str | Origins, stored: bool = False) -> None:
