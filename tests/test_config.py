@@ -31,6 +31,11 @@ RANGE_CASES = [
     (["model.score_thresh=-0.1"], "model.score_thresh", "must lie in [0, 1]"),
     (["model.nms_thresh=2"], "model.nms_thresh", "must lie in [0, 1]"),
     (["model.detections_per_img=0"], "model.detections_per_img", "must be > 0"),
+    (["model.pixel_mean=[1, 2]"], "model.pixel_mean", "must be 3 numbers"),
+    (["model.pixel_std=[1, 0, 1]"], "model.pixel_std", "must be 3 numbers > 0"),
+    (["model.min_box_size=-1"], "model.min_box_size", "must be >= 0"),
+    (["model.cascade_box_weights=[[10, 10, 5, 5]]"], "model.cascade_box_weights", "3 stages"),
+    (["model.cascade_box_weights=[[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]"], "model.cascade_box_weights", "> 0"),
     (["train.batch_size=0"], "train.batch_size", "must be > 0"),
     (["train.base_lr=0"], "train.base_lr", "must be > 0"),
     (["train.reference_batch_size=0"], "train.reference_batch_size", "must be > 0"),
@@ -94,6 +99,11 @@ CHOICE_CASES = [
     ("calibration.stages", "first", choices.CALIBRATION_STAGES),
     ("model.classifier", "tanh", choices.CLASSIFIERS),
     ("model.cls_head", "cosine", choices.CLS_HEADS),
+    ("model.pixel_format", "rgba", choices.PIXEL_FORMATS),
+    ("model.resize", "cv2", choices.RESIZES),
+    ("model.anchors", "rounded", choices.ANCHORS),
+    ("model.proposals", "mmdet1", choices.PROPOSAL_RULES),
+    ("model.roi_align", "legacy", choices.ROI_ALIGNS),
 ]
 
 TYPE_CASES = [
@@ -107,6 +117,7 @@ TYPE_CASES = [
     (["train.lr=3"], "train.lr", "unknown key (known: "),
     (["optim.lr=3"], "optim", "unknown key (known: calibration, data, inference, model, train)"),
     (["model.min_size=null"], "model.min_size", "may not be null"),
+    (["model.cascade_box_weights=[1, 2]"], "model.cascade_box_weights", "expected a list of lists of numbers"),
 ]
 
 LOSS_KWARG_CASES = [

@@ -152,6 +152,23 @@ def _resume_settings(run: Any, build: Any, config: Any) -> None:
         print(f"resume: {changes} (written to {run.config})")
 
 
+def import_detector(
+    framework: str,
+    checkpoint: PathLike,
+    out: PathLike,
+    *,
+    framework_config: PathLike | None = None,
+    overrides: Sequence[str] = (),
+    verbose: bool = True,
+) -> Path:
+    """A detector trained in another framework (``framework``: :data:`simcal.choices.IMPORT_FRAMEWORKS`)
+    as the run directory ``out``, which every other function takes as if simcal had trained it
+    (as ``simcal import``; :func:`simcal.engine.importer.import_checkpoint`). Returns ``out``."""
+    from simcal.engine.importer import import_checkpoint
+
+    return import_checkpoint(framework, checkpoint, out, framework_config, overrides, verbose=verbose)
+
+
 def _adopt(model: nn.Module, categories: dict[str, Any], source: str) -> tuple[Any, Any]:
     """``(LongTailMaskRCNN, LabelMap)`` for a detector object and the categories it was trained on."""
     from simcal.data.label_map import LabelMap

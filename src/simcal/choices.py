@@ -44,12 +44,37 @@ NON_NEGATIVE = Range(0.0)
 
 # --------------------------------------------------------------------------- model
 #: ``model.arch``: the backbone body of the Mask R-CNN (:func:`simcal.modeling.detector.build_detector`).
-ARCHS = ("resnet50_fpn", "small", "resnext101_64x4d_fpn")
+ARCHS = (
+    "resnet50_fpn",
+    "small",
+    "resnext101_64x4d_fpn",
+    "resnet101_fpn",
+    "resnet152_fpn",
+    "resnext50_32x4d_fpn",
+    "resnext101_32x8d_fpn",
+)
 #: ``model.roi_heads``: one box stage (Mask R-CNN), Cascade Mask R-CNN's three (IoU 0.5 / 0.6 / 0.7),
 #: or Hybrid Task Cascade's (the cascade's box stages, a mask head per stage, interleaved, mask flow)
 ROI_HEADS = ("standard", "cascade", "htc")
 #: ``model.norm``: the backbone's normalisation layer.
 NORMS = ("frozen_bn", "bn", "gn")
+#: the home frameworks' math (:mod:`simcal.modeling.conventions`, docs/import.md); the first of each is torchvision's
+#: ``model.pixel_format``: the channel order the first conv expects (detectron2's MSRA weights: bgr)
+PIXEL_FORMATS = ("rgb", "bgr")
+#: ``model.resize``: torchvision (floored size, float interpolation) | detectron2 (rounded size, the uint8
+#: image resized by PIL, detections clipped to the original image)
+RESIZES = ("torchvision", "detectron2")
+#: ``model.anchors``: torchvision (rounded cells, strides from the padded size) | exact (detectron2, mmdetection 2+)
+ANCHORS = ("torchvision", "exact")
+#: ``model.proposals``: the RPN's filtering: NMS on sigmoid scores, sides >= 1e-3 (torchvision); on logits, non-empty
+#: boxes (detectron2); on sorted sigmoid scores, non-empty boxes (mmdetection)
+PROPOSAL_RULES = ("torchvision", "detectron2", "mmdet")
+#: ``model.roi_align``: torchvision's MultiScaleRoIAlign (not aligned, 2 samples per bin) | aligned with an adaptive
+#: sampling ratio and detectron2's or mmdetection's level mapping
+ROI_ALIGNS = ("torchvision", "detectron2", "mmdet")
+
+#: ``simcal import --from``: frameworks whose checkpoints become simcal runs (:mod:`simcal.modeling.importers`)
+IMPORT_FRAMEWORKS = ("detectron2",)
 
 # --------------------------------------------------------------------------- training
 OPTIMIZERS = ("sgd", "adamw")

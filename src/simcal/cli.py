@@ -245,6 +245,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from simcal import api
+
+    checkpoint, *overrides = args.checkpoint  # CHECKPOINT [section.key=value ...], options anywhere
+    api.import_detector(
+        args.framework, checkpoint, args.out, framework_config=args.framework_config, overrides=overrides
+    )
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from simcal import api
 
@@ -517,6 +527,36 @@ COMMANDS: tuple[Command, ...] = (
         overrides="section.key=value, e.g. train.loss=focal train.sampler=repeat_factor",
     ),
     Command(
+        "import",
+        "a detector trained in detectron2 as a simcal run (same detections as detectron2): calibrate it, predict, ...",
+        cmd_import,
+        (
+            opt(
+                "--from",
+                dest="framework",
+                required=True,
+                choices=choices.IMPORT_FRAMEWORKS,
+                help="the framework that trained it",
+            ),
+            opt(
+                "checkpoint",
+                nargs="+",
+                metavar="CHECKPOINT [section.key=value ...]",
+                help="its weights (a model zoo .pkl, a run's model_final.pth), then overrides for what the "
+                "checkpoint cannot say; the class order needs data.train_json (calibration needs it too), e.g. "
+                "data.train_json=lvis_v0.5_train.json data.train_images=coco/train2017 data.val_json=... "
+                "data.val_images=...",
+            ),
+            opt("--out", required=True, type=Path, help="the run directory to write (new or empty)"),
+            opt(
+                "--framework-config",
+                type=Path,
+                help="the model's config file in its framework (detectron2 YAML; _BASE_ followed); "
+                "default: the model zoo's settings, printed",
+            ),
+        ),
+    ),
+    Command(
         "calibrate",
         "SimCal: bi-level calibration of the classification head on the frozen detector "
         "(under torchrun each step's slots are shared by the processes)",
@@ -690,7 +730,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``SIMCAL_DEBUG=1``) re-raises the one-line errors with their traceback.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `simcal import CHECKPOINT --out RUN section.key=value`: positionals after options (argparse
+        # stops at the first option); any other leftover is argparse's own error
+        if args.command == "import" and not any(e.startswith("-") for e in extra):
+            args.checkpoint += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or debug_requested()
     previous = handle_sigterm() if threading.current_thread() is threading.main_thread() else None
     try:

@@ -84,6 +84,19 @@ class ModelConfig:
     detections_per_img: int = 300
     # NHWC convolutions: same results up to rounding; inference 1.5x faster on CPU (mask head)
     channels_last: bool = True
+    # The home framework's math (simcal.modeling.conventions, docs/import.md), set by `simcal import`;
+    # the defaults are torchvision's. Pixel mean / std in 0-255 units, in pixel_format's channel order.
+    pixel_format: str = "rgb"  # choices.PIXEL_FORMATS (detectron2's MSRA weights: bgr)
+    pixel_mean: list[float] | None = None  # null: torchvision's ImageNet mean
+    pixel_std: list[float] | None = None  # null: torchvision's ImageNet std (detectron2's MSRA weights: [1, 1, 1])
+    resize: str = "torchvision"  # choices.RESIZES
+    stride_in_1x1: bool = False  # ResNet stage strides on the 1x1 conv (MSRA / caffe weights), not the 3x3
+    anchors: str = "torchvision"  # choices.ANCHORS
+    proposals: str = "torchvision"  # choices.PROPOSAL_RULES
+    roi_align: str = "torchvision"  # choices.ROI_ALIGNS
+    min_box_size: float = 0.01  # detections narrower or shorter (px) are dropped before NMS; 0 keeps all
+    # a cascade's box-coder weights per stage; null: (10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)
+    cascade_box_weights: list[list[float]] | None = None
 
 
 @dataclass
@@ -310,6 +323,13 @@ def _coerce(value: Any, default: Any, type_str: Any, source: str, name: str) -> 
         if not isinstance(value, str):
             raise InputError(source, name, f"expected a string, got {value!r}")
         return value
+    if t.startswith("list[list"):
+        rows_ok = isinstance(value, list) and all(
+            isinstance(row, list) and all(_is_number(v) and math.isfinite(v) for v in row) for row in value
+        )
+        if not rows_ok:
+            raise InputError(source, name, f"expected a list of lists of numbers, got {value!r}")
+        return [[float(v) for v in row] for row in value]
     if t.startswith("list"):
         if not isinstance(value, list) or not all(_is_number(v) and math.isfinite(v) for v in value):
             raise InputError(source, name, f"expected a list of numbers, got {value!r}")
@@ -448,6 +468,19 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.score_thresh", 0 <= m.score_thresh <= 1, probability),
         ("model.nms_thresh", 0 <= m.nms_thresh <= 1, probability),
         ("model.detections_per_img", m.detections_per_img > 0, positive),
+        ("model.pixel_mean", m.pixel_mean is None or len(m.pixel_mean) == 3, "must be 3 numbers (or null)"),
+        (
+            "model.pixel_std",
+            m.pixel_std is None or (len(m.pixel_std) == 3 and all(v > 0 for v in m.pixel_std)),
+            "must be 3 numbers > 0 (or null)",
+        ),
+        ("model.min_box_size", m.min_box_size >= 0, "must be >= 0 (0: no detection is too small)"),
+        (
+            "model.cascade_box_weights",
+            m.cascade_box_weights is None
+            or (len(m.cascade_box_weights) == 3 and all(len(r) == 4 and min(r) > 0 for r in m.cascade_box_weights)),
+            "must be one row of 4 numbers > 0 per stage, 3 stages (or null)",
+        ),
         ("train.batch_size", t.batch_size > 0, positive),
         ("train.base_lr", t.base_lr > 0, positive),
         ("train.reference_batch_size", t.reference_batch_size > 0, positive),
@@ -522,6 +555,11 @@ _CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "model.arch": (lambda cfg: cfg.model.arch, choices.ARCHS),
     "model.roi_heads": (lambda cfg: cfg.model.roi_heads, choices.ROI_HEADS),
     "model.norm": (lambda cfg: cfg.model.norm, choices.NORMS),
+    "model.pixel_format": (lambda cfg: cfg.model.pixel_format, choices.PIXEL_FORMATS),
+    "model.resize": (lambda cfg: cfg.model.resize, choices.RESIZES),
+    "model.anchors": (lambda cfg: cfg.model.anchors, choices.ANCHORS),
+    "model.proposals": (lambda cfg: cfg.model.proposals, choices.PROPOSAL_RULES),
+    "model.roi_align": (lambda cfg: cfg.model.roi_align, choices.ROI_ALIGNS),
     "model.classifier": (lambda cfg: cfg.model.classifier, choices.CLASSIFIERS),
     "model.cls_head": (lambda cfg: cfg.model.cls_head, choices.CLS_HEADS),
     "train.optimizer": (lambda cfg: cfg.train.optimizer, choices.OPTIMIZERS),
@@ -608,6 +646,7 @@ RESUME_SAFE = (
     "model.detections_per_img",
     "model.rpn_pre_nms_top_n_test",
     "model.rpn_post_nms_top_n_test",
+    "model.min_box_size",
     "calibration.",
     "inference.",
 )

@@ -6,7 +6,8 @@ A run directory is what ``simcal train`` writes and every later command reads an
       config.yaml                 the resolved config (all sections)
       label_map.json              category id <-> contiguous label (background 0)
       checkpoint_last.pth         written every train.checkpoint_period iterations (resume)
-      model_final.pth             the trained detector
+      model_final.pth             the trained detector (or the imported one: simcal import)
+      import.json                 an imported detector's provenance (source file, sha256, framework)
       train_log.jsonl  tb/        training log (and TensorBoard scalars when installed)
       calibration/<name>/         one SimCal calibration: head.pth, checkpoint.pth (resume),
                                   calibration_log.jsonl, summary.json, snapshots/head_<step>.pth
@@ -229,6 +230,12 @@ class Run:
     @property
     def model_final(self) -> Path:
         return self.root / "model_final.pth"
+
+    @property
+    def provenance(self) -> Path:
+        """``import.json``: where an imported detector came from (``simcal import``: the source file,
+        its sha256, the framework, its config file and the settings read)."""
+        return self.root / "import.json"
 
     @property
     def train_log(self) -> Path:

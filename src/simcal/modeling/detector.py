@@ -42,6 +42,14 @@ from simcal.config import ModelConfig
 from simcal.errors import InputError
 from simcal.io import load_checkpoint
 from simcal.modeling import predictors
+from simcal.modeling.conventions import (
+    ExactAnchorGenerator,
+    FrameworkRPN,
+    FrameworkTransform,
+    LevelRoIAlign,
+    put_stride_in_1x1,
+    rescale_detections,
+)
 from simcal.modeling.predictors import BoxPredictor
 from simcal.modeling.roi_heads import LongTailRoIHeads, Scorer
 from simcal.modeling.sampling import SeededBalancedSampler, install_seeded_samplers
@@ -157,10 +165,12 @@ class LongTailMaskRCNN(GeneralizedRCNN):
             min_scores=min_scores,
             per_class=per_class,
         )
+        clip = bool(getattr(self.transform, "clip_to_original", False))
         for result in out.values():
-            for r, resized, (h, w) in zip(result, batch.image_sizes, sizes):
+            for i, (resized, (h, w)) in enumerate(zip(batch.image_sizes, sizes)):
+                r = result[i]
                 r.pop("roi", None)
-                r["boxes"] = resize_boxes(r["boxes"], resized, (h, w))
+                r = result[i] = rescale_detections(r, resized, (h, w), clip)
                 if "masks" in r and paste:
                     r["masks"] = paste_masks(r["masks"][:, 0], r["boxes"], int(h), int(w))
         return out
@@ -376,6 +386,7 @@ def maskrcnn_resnet50_fpn(
     trainable_backbone_layers: int | None = None,
     class_agnostic: bool = False,
     cls_loss: nn.Module | None = None,
+    norm: str | None = None,
     **kwargs: Any,
 ) -> LongTailMaskRCNN:
     """The paper's Mask R-CNN R50-FPN (torchvision's), for ``num_classes`` foreground classes.
@@ -384,8 +395,24 @@ def maskrcnn_resnet50_fpn(
         weights: torchvision ``MaskRCNN_ResNet50_FPN_Weights`` name (``COCO_V1``) or a checkpoint
             path; the class-specific predictor layers are re-initialised for ``num_classes``.
         weights_backbone: ``ResNet50_Weights`` name (``IMAGENET1K_V1``, the paper's) or a path.
+        norm: the backbone's normalisation (:data:`NORM_LAYERS`); None: torchvision's rule (frozen
+            with pretrained weights, BatchNorm without). Where it is torchvision's choice anyway,
+            torchvision's builder makes the model; else :func:`maskrcnn_resnet_fpn`.
         kwargs: passed to torchvision's ``MaskRCNN`` (``min_size``, ``box_score_thresh``, ...).
     """
+    pretrained = weights is not None or weights_backbone is not None
+    if norm is not None and norm != ("frozen_bn" if pretrained else "bn"):
+        return maskrcnn_resnet_fpn(
+            "resnet50",
+            num_classes=num_classes,
+            norm=norm,
+            weights=weights,
+            weights_backbone=weights_backbone,
+            trainable_backbone_layers=trainable_backbone_layers,
+            class_agnostic=class_agnostic,
+            cls_loss=cls_loss,
+            **kwargs,
+        )
     w = _resolve_weights(weights, MaskRCNN_ResNet50_FPN_Weights, "model.weights")
     wb = _resolve_weights(weights_backbone, ResNet50_Weights, "model.weights_backbone")
     model = tv_maskrcnn_resnet50_fpn(
@@ -454,7 +481,8 @@ def maskrcnn_small(
     return long_tail_model(model, class_agnostic, cls_loss)
 
 
-def maskrcnn_resnext101_64x4d_fpn(
+def maskrcnn_resnet_fpn(
+    body: str,
     *,
     num_classes: int,
     norm: str = "frozen_bn",
@@ -465,23 +493,25 @@ def maskrcnn_resnext101_64x4d_fpn(
     cls_loss: nn.Module | None = None,
     **kwargs: Any,
 ) -> LongTailMaskRCNN:
-    """Mask R-CNN with a ResNeXt-101 64x4d FPN body (the paper's HTC backbone, Sec. 5.5), torchvision's
-    ``resnext101_64x4d`` through ``resnet_fpn_backbone``, R50-FPN's heads otherwise.
+    """Mask R-CNN with a torchvision ResNet / ResNeXt ``body`` (``resnet101``, ``resnext101_32x8d``,
+    ``resnext101_64x4d``: the paper's HTC backbone, Sec. 5.5) in an FPN, through torchvision's
+    ``resnet_fpn_backbone``, and R50-FPN's heads.
 
     Args:
+        norm: the backbone's normalisation (:data:`NORM_LAYERS`).
         weights: a local ``.pth`` of a whole detector of this architecture (torchvision has no
             detection weights for it); layers that do not fit ``num_classes`` stay fresh.
-        weights_backbone: ``ResNeXt101_64X4D_Weights`` name (``IMAGENET1K_V1``) or a local ``.pth``.
+        weights_backbone: the body's torchvision weights name (``IMAGENET1K_V1``) or a local ``.pth``.
         trainable_backbone_layers: 0-5 (default 3, as torchvision's, with pretrained weights; all 5
             from scratch).
     """
-    from torchvision.models import ResNeXt101_64X4D_Weights
+    from torchvision.models import get_model_weights
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-    wb = _resolve_weights(weights_backbone, ResNeXt101_64X4D_Weights, "model.weights_backbone")
+    wb = _resolve_weights(weights_backbone, get_model_weights(body), "model.weights_backbone")
     layers = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if wb is not None else 5)
     backbone = resnet_fpn_backbone(
-        backbone_name="resnext101_64x4d",
+        backbone_name=body,
         weights=None if isinstance(wb, str) else wb,
         norm_layer=norm_layer(norm),
         trainable_layers=layers,
@@ -492,12 +522,35 @@ def maskrcnn_resnext101_64x4d_fpn(
     if class_agnostic:
         _class_agnostic_predictors(model, num_classes)
     if weights is not None:
-        if not os.path.exists(weights):
+        if body == "resnet50" and not os.path.exists(weights):
+            state = _resolve_weights(weights, MaskRCNN_ResNet50_FPN_Weights, "model.weights").get_state_dict(
+                progress=True
+            )
+        elif not os.path.exists(weights):
             raise InputError(
                 "model.weights", "weights", f"{weights!r}: no torchvision detection weights for this arch, give a file"
             )
-        load_matching(model, torch.load(weights, map_location="cpu", weights_only=True))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        load_matching(model, state)
     return long_tail_model(model, class_agnostic, cls_loss)
+
+
+def maskrcnn_resnext101_64x4d_fpn(**kwargs: Any) -> LongTailMaskRCNN:
+    """Mask R-CNN with a ResNeXt-101 64x4d FPN body (the paper's HTC backbone): :func:`maskrcnn_resnet_fpn`."""
+    return maskrcnn_resnet_fpn("resnext101_64x4d", **kwargs)
+
+
+def _resnet_fpn_arch(body: str) -> Callable[[ModelConfig, dict[str, Any]], LongTailMaskRCNN]:
+    """The :data:`ARCH_BUILDERS` entry of a torchvision ResNet / ResNeXt body in an FPN."""
+    return lambda cfg, common: maskrcnn_resnet_fpn(
+        body,
+        norm=cfg.norm,
+        weights=cfg.weights,
+        weights_backbone=cfg.weights_backbone,
+        trainable_backbone_layers=cfg.trainable_backbone_layers,
+        **common,
+    )
 
 
 #: ``model.arch`` -> builder ``(model config, common torchvision kwargs) -> model`` (:data:`simcal.choices.ARCHS`)
@@ -506,16 +559,15 @@ ARCH_BUILDERS: dict[str, Callable[[ModelConfig, dict[str, Any]], LongTailMaskRCN
         weights=cfg.weights,
         weights_backbone=cfg.weights_backbone,
         trainable_backbone_layers=cfg.trainable_backbone_layers,
+        norm=cfg.norm,
         **common,
     ),
     "small": lambda cfg, common: maskrcnn_small(norm=cfg.norm, weights_backbone=cfg.weights_backbone, **common),
-    "resnext101_64x4d_fpn": lambda cfg, common: maskrcnn_resnext101_64x4d_fpn(
-        norm=cfg.norm,
-        weights=cfg.weights,
-        weights_backbone=cfg.weights_backbone,
-        trainable_backbone_layers=cfg.trainable_backbone_layers,
-        **common,
-    ),
+    "resnext101_64x4d_fpn": _resnet_fpn_arch("resnext101_64x4d"),
+    "resnet101_fpn": _resnet_fpn_arch("resnet101"),
+    "resnet152_fpn": _resnet_fpn_arch("resnet152"),
+    "resnext50_32x4d_fpn": _resnet_fpn_arch("resnext50_32x4d"),
+    "resnext101_32x8d_fpn": _resnet_fpn_arch("resnext101_32x8d"),
 }
 
 
@@ -529,6 +581,37 @@ def train_scales(model: GeneralizedRCNN, scales: list[int] | None, max_size: int
         model.transform.min_size = tuple(range(int(scales[0]), int(scales[1]) + 1))
     if max_size:
         model.transform.max_size = int(max_size)
+
+
+def apply_conventions(model: LongTailMaskRCNN, cfg: ModelConfig) -> None:
+    """Give ``model`` the home framework's math that ``cfg`` names (:mod:`simcal.modeling.conventions`).
+    At the defaults (torchvision's) nothing is replaced: the model is the one torchvision builds."""
+    if (
+        cfg.pixel_format != "rgb"
+        or cfg.pixel_mean is not None
+        or cfg.pixel_std is not None
+        or cfg.resize != "torchvision"
+    ):
+        model.transform = FrameworkTransform.from_transform(
+            model.transform,
+            pixel_format=cfg.pixel_format,
+            pixel_mean=cfg.pixel_mean,
+            pixel_std=cfg.pixel_std,
+            resize=cfg.resize,
+        )
+    if cfg.stride_in_1x1:
+        put_stride_in_1x1(model.backbone.body)
+    if cfg.anchors == "exact":
+        old = model.rpn.anchor_generator
+        strides = [4 * 2**i for i in range(len(old.sizes))]  # P2.. of an FPN with its max-pooled P6
+        model.rpn.anchor_generator = ExactAnchorGenerator(old.sizes, old.aspect_ratios, strides)
+    FrameworkRPN.adopt(model.rpn, cfg.proposals)
+    roi = model.roi_heads
+    if cfg.roi_align != "torchvision":
+        roi.box_roi_pool = LevelRoIAlign.from_pooler(roi.box_roi_pool, cfg.roi_align)
+        if roi.mask_roi_pool is not None:
+            roi.mask_roi_pool = LevelRoIAlign.from_pooler(roi.mask_roi_pool, cfg.roi_align)
+    roi.min_box_size = cfg.min_box_size
 
 
 def build_detector(
@@ -582,7 +665,11 @@ def build_detector(
         from simcal.modeling.cascade import CascadeRoIHeads, HybridTaskCascadeRoIHeads
 
         cls = CascadeRoIHeads if cfg.roi_heads == "cascade" else HybridTaskCascadeRoIHeads
-        model.roi_heads = cls.from_standard(model.roi_heads, mean_probs=cfg.cascade_mean_probs)
+        extra: dict[str, Any] = {}
+        if cfg.cascade_box_weights is not None:
+            extra["stage_box_weights"] = tuple(tuple(row) for row in cfg.cascade_box_weights)
+        model.roi_heads = cls.from_standard(model.roi_heads, mean_probs=cfg.cascade_mean_probs, **extra)
+    apply_conventions(model, cfg)
     if cfg.channels_last:
         # weights in NHWC make every convolution (and its output) NHWC; load_state_dict keeps the format
         model = model.to(memory_format=torch.channels_last)

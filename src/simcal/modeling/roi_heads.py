@@ -121,6 +121,9 @@ class LongTailRoIHeads(RoIHeads):
     """torchvision RoIHeads whose box predictor owns scoring and loss; a multi-scorer inference API."""
 
     box_predictor: BoxPredictor
+    #: detections narrower or shorter than this (px, resized frame) are dropped before NMS
+    #: (torchvision's 1e-2; 0 keeps them all, as detectron2 and mmdetection do: ``model.min_box_size``)
+    min_box_size: float = 1e-2
 
     def __init__(self, *args: Any, class_agnostic: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -239,7 +242,7 @@ class LongTailRoIHeads(RoIHeads):
         return_roi_index: bool = False,
         min_scores: Tensor | None = None,
     ) -> tuple[list[Tensor], ...]:
-        """Per image: threshold, remove tiny boxes, class-wise NMS, keep the top detections
+        """Per image: threshold, remove tiny boxes (:attr:`min_box_size`), class-wise NMS, keep the top detections
         (``detections_per_img`` of them; every survivor when it is 0 or less).
 
         Args:
@@ -268,7 +271,8 @@ class LongTailRoIHeads(RoIHeads):
             if min_scores is not None:
                 above &= sc >= min_scores.to(sc.device)[labels]
             keep = torch.where(above)[0]
-            keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
+            if self.min_box_size > 0:
+                keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=self.min_box_size)]
             keep = keep[top_batched_nms(boxes[keep], sc[keep], labels[keep], self.nms_thresh, self.detections_per_img)]
             out_boxes.append(boxes[keep])
             out_scores.append(sc[keep])
@@ -466,10 +470,12 @@ def selected_mask_logits(predictor: nn.Module, x: Tensor, labels: Tensor) -> Ten
     torchvision's predictor (``conv5_mask``, ReLU, a 1x1 ``mask_fcn_logits`` to C+1 channels)
     computes every class's mask and inference keeps one: at LVIS's 1,204 channels that last
     layer was 88 % of inference time on the CPU. Here it is applied with each detection's own
-    row of weights (the same values up to float rounding); another predictor runs whole.
+    row of weights (the same values up to float rounding); another predictor runs whole, and so does
+    a last layer of another kind than a plain ``nn.Conv2d`` (a subclass, e.g. a normalised conv,
+    does not compute with its raw weights).
     """
     last = getattr(predictor, "mask_fcn_logits", None)
-    if not isinstance(last, nn.Conv2d) or last.kernel_size != (1, 1) or not hasattr(predictor, "conv5_mask"):
+    if type(last) is not nn.Conv2d or last.kernel_size != (1, 1) or not hasattr(predictor, "conv5_mask"):
         logits = predictor(x)
         return logits[torch.arange(labels.numel(), device=labels.device), labels]
     hidden = F.relu(predictor.conv5_mask(x))
