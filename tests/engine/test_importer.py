@@ -244,3 +244,218 @@ def test_every_stage_matches_detectron2(imported, model_name, image):
         ours = out["masks"][: shape[0]].numpy()
         differ = (ours != bits).reshape(shape[0], -1).sum(1)
         assert (differ <= 1e-3 * bits[0].size).all(), differ.tolist()
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("model_name", [LVIS, CASCADE])
+def test_import_calibrate_predict_report_from_the_cli(d2_checkpoints, tmp_path, capsys, model_name):
+    """The imported detectors go through every later command as runs simcal trained (smaller
+    images and fewer detections than the reference settings, to keep the CPU time small)."""
+    run = import_run(tmp_path, model_name, d2_checkpoints[model_name], "model.min_size=320", "model.max_size=533")
+    printed = capsys.readouterr().out
+    assert "model.stride_in_1x1 = True" in printed and "MODEL.RESNETS.STRIDE_IN_1X1" in printed
+    provenance = json.loads((run / "import.json").read_text())
+    assert provenance["framework"] == "detectron2" and len(provenance["sha256"]) == 64
+    assert provenance["num_classes"] == (1230 if model_name == LVIS else 80)
+    steps = ["--steps", "2", "calibration.classes_per_batch=4"]
+    assert main(["calibrate", "--run", str(run), *steps, "--no-progress"]) == 0
+    heads = "orig,cal,dual"
+    predict = ["predict", "--run", str(run), "--head", heads, "--no-progress", "model.detections_per_img=20"]
+    assert main(predict) == 0
+    assert main(["report", "--run", str(run), "--gallery", "1"]) == 0
+    for head in heads.split(","):
+        results = json.loads((run / "predictions" / "val" / head / "results.json").read_text())
+        per_image = [sum(r["image_id"] == i for r in results) for i in (1, 2)]
+        assert all(0 < n <= 20 for n in per_image), per_image  # the cascade's threshold 0.05 leaves fewer
+        assert (run / "predictions" / "val" / head / "metrics_segm.json").exists()
+    assert "dual" in (run / "report" / "index.html").read_text()
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def lvis_weights(d2_checkpoints) -> dict[str, np.ndarray]:
+    with open(d2_checkpoints[LVIS], "rb") as f:
+        return pickle.load(f)["model"]
+
+
+class _Exploit:  # a pickle that would run a command when loaded
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def _pickle(path: Path, obj) -> Path:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
+    return path
+
+
+def _edited(weights, drop=(), add=None, change=None):
+    w = {k: v for k, v in weights.items() if k not in drop}
+    w.update(add or {})
+    for k, fn in (change or {}).items():
+        w[k] = fn(w[k])
+    return {"model": w}
+
+
+def _nan(a):
+    a = a.copy()
+    a.flat[7] = np.nan
+    return a
+
+
+BAD_CHECKPOINTS = {
+    "an unknown key": (
+        lambda w: _edited(w, add={"roi_heads.attention.weight": np.zeros((2, 2), np.float32)}),
+        "roi_heads.attention.weight: a key of no detectron2 R-CNN layout known to simcal",
+    ),
+    "a missing tensor": (
+        lambda w: _edited(w, drop={"roi_heads.mask_head.deconv.weight"}),
+        "roi_heads.mask_head.deconv.weight: missing",
+    ),
+    "an extra tensor": (
+        lambda w: _edited(w, add={"roi_heads.box_head.1.fc1.weight": w["roi_heads.box_head.fc1.weight"]}),
+        "roi_heads.box_head.1.fc1.weight: a tensor the architecture has no place for",
+    ),
+    "a shape that contradicts the others": (
+        lambda w: _edited(w, change={"roi_heads.box_predictor.bbox_pred.weight": lambda a: a[:-4]}),
+        "roi_heads.box_predictor.bbox_pred.weight: shape [4916, 1024] contradicts the other tensors",
+    ),
+    "a fc shape that contradicts the others": (
+        lambda w: _edited(w, change={"roi_heads.box_head.fc2.weight": lambda a: a[:-1]}),
+        "roi_heads.box_head.fc2.weight: shape [1023, 1024]",
+    ),
+    "non-finite weights": (
+        lambda w: _edited(w, change={"backbone.fpn_output3.weight": _nan}),
+        "backbone.fpn_output3.weight: 1 of 589824 values are not finite",
+    ),
+    "a pickle that is not a dict": (lambda w: [1, 2, 3], "(checkpoint): holds a list, not a dict of weights"),
+    "a pickle that runs code": (
+        lambda w: {"model": _Exploit()},
+        "(checkpoint): refused: the pickle names posix.system; only arrays",
+    ),
+    "another layout": (
+        lambda w: {"model": {"backbone.res2.0.conv1.weight": np.zeros((1,), np.float32)}},
+        "backbone.res2.0.conv1.weight: not a detectron2 ResNet-FPN R-CNN checkpoint (no backbone.bottom_up.res2)",
+    ),
+    "deformable convolutions": (
+        lambda w: _edited(
+            w, add={"backbone.bottom_up.res3.0.conv2_offset.weight": np.zeros((18, 128, 3, 3), np.float32)}
+        ),
+        "backbone.bottom_up.res3.0.conv2_offset.weight: deformable convolutions (DEFORM_ON_PER_STAGE) are not supported",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_is_one_line_and_nothing_is_written(lvis_weights, tmp_path, capsys, case):
+    make, message = BAD_CHECKPOINTS[case]
+    ckpt = _pickle(tmp_path / "bad.pkl", make(lvis_weights))
+    gt = categories_json(tmp_path / "lvis.json", list(range(1, 1231)))
+    out = tmp_path / "run"
+    code = main(["import", "--from", "detectron2", str(ckpt), "--out", str(out), f"data.train_json={gt}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"simcal: error: {ckpt}: {message}" in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
+
+
+def test_bad_settings_are_one_line(lvis_weights, d2_checkpoints, tmp_path, capsys):
+    ckpt = d2_checkpoints[LVIS]
+    gt80 = categories_json(tmp_path / "coco.json", COCO_IDS)
+    gt = categories_json(tmp_path / "lvis.json", list(range(1, 1231)))
+    base = ["import", "--from", "detectron2", str(ckpt), "--out"]
+
+    def error(*argv: str) -> str:
+        assert main([*base, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        return err.strip()
+
+    # the json's class count against the checkpoint's, naming both and the file
+    assert error(str(tmp_path / "a"), f"data.train_json={gt80}") == (
+        f"simcal: error: {gt80}: categories: 80 categories, but the checkpoint {ckpt} classifies 1230 classes "
+        "(data.train_json: the json its classes come from)"
+    )
+    assert "data.train_json: needed to map the checkpoint's classes" in error(str(tmp_path / "b"))
+    # settings of the config file that simcal cannot compute as detectron2 does
+    zoo = str(FIXTURE / "configs" / f"{LVIS}.yaml")
+    deform = {"_BASE_": zoo, "MODEL": {"RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True]}}}
+    cfg = yaml_file(tmp_path / "deform.yaml", deform)
+    err = error(str(tmp_path / "c"), "--framework-config", str(cfg), f"data.train_json={gt}")
+    assert f"{cfg}: MODEL.RESNETS.DEFORM_ON_PER_STAGE: [False, True, True, True]: deformable convolutions" in err
+    cfg = yaml_file(tmp_path / "classes.yaml", {"_BASE_": "base.yaml"})
+    yaml_file(tmp_path / "base.yaml", {"_BASE_": zoo, "MODEL": {"ROI_HEADS": {"NUM_CLASSES": 1203}}})
+    err = error(str(tmp_path / "d"), "--framework-config", str(cfg), f"data.train_json={gt}")
+    assert f"{cfg}: MODEL.ROI_HEADS.NUM_CLASSES: 1203 classes, but {ckpt} classifies 1230" in err  # _BASE_ read
+    # an --out that holds something
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert "--out: already holds files" in error(str(tmp_path / "taken"), f"data.train_json={gt}")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(ckpt.read_bytes()[:1000])
+    assert main(["import", "--from", "detectron2", str(truncated), "--out", str(tmp_path / "e")]) == 2
+    assert f"simcal: error: {truncated}: (checkpoint): cannot read as a checkpoint" in capsys.readouterr().err
+    for name in "abcde":
+        assert not (tmp_path / name).exists()
+
+
+def yaml_file(path: Path, obj) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(obj))
+    return path
+
+
+def test_a_training_checkpoint_gives_its_weights_and_says_so(lvis_weights, tmp_path, capsys):
+    """detectron2's own checkpoints of a run (``torch.save``: model, optimizer, scheduler, iteration)."""
+    state = {k: torch.from_numpy(v) for k, v in lvis_weights.items()}
+    ckpt = tmp_path / "model_0004999.pth"
+    torch.save(
+        {"model": state, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "iteration": 4999}, ckpt
+    )
+    gt = categories_json(tmp_path / "lvis.json", list(range(1, 1231)))
+    out = tmp_path / "run"
+    assert main(["import", "--from", "detectron2", str(ckpt), "--out", str(out), f"data.train_json={gt}"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "note: a training checkpoint at iteration 4999 (iteration, optimizer, scheduler beside the weights)" in printed
+    )
+    assert "no --framework-config: the detectron2 model zoo's settings are assumed" in printed
+    saved = torch.load(out / "model_final.pth", weights_only=False)["model"]
+    rows = torch.from_numpy(lvis_weights["roi_heads.box_predictor.cls_score.weight"])
+    assert torch.equal(saved["roi_heads.box_predictor.cls_score.weight"], torch.cat([rows[-1:], rows[:-1]]))
+    assert "MODEL.ROI_HEADS.SCORE_THRESH_TEST (detectron2 model zoo default)" in printed
+
+
+def test_sigmoid_classifier_and_a_class_agnostic_box_regressor_beside_class_specific_masks(lvis_weights, tmp_path):
+    """detectron2's ``USE_SIGMOID_CE`` (federated-loss models: C+1 rows, the last never scored) and
+    ``CLS_AGNOSTIC_BBOX_REG`` with class-specific masks, against values computed from the
+    detectron2 weights directly."""
+    from simcal.engine.predict import load_model
+
+    w = dict(lvis_weights)
+    w["roi_heads.box_predictor.bbox_pred.weight"] = lvis_weights["roi_heads.box_predictor.bbox_pred.weight"][4:8]
+    w["roi_heads.box_predictor.bbox_pred.bias"] = lvis_weights["roi_heads.box_predictor.bbox_pred.bias"][4:8]
+    ckpt = _pickle(tmp_path / "sigmoid.pkl", {"model": w})
+    zoo = str(FIXTURE / "configs" / f"{LVIS}.yaml")
+    over = {"MODEL": {"ROI_BOX_HEAD": {"USE_SIGMOID_CE": True, "CLS_AGNOSTIC_BBOX_REG": True}}}
+    cfg = yaml_file(tmp_path / "sigmoid.yaml", {"_BASE_": zoo, **over})
+    gt = categories_json(tmp_path / "lvis.json", list(range(1, 1231)))
+    out = tmp_path / "run"
+    argv = ["import", "--from", "detectron2", str(ckpt), "--out", str(out), "--framework-config", str(cfg)]
+    assert main([*argv, f"data.train_json={gt}"]) == 0
+    model, _, cfg_run = load_model(out)
+    assert cfg_run.model.classifier == "sigmoid" and cfg_run.model.class_agnostic is False
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(5, 1024, generator=g)
+    logits, deltas = model.roi_heads.box_predictor(feats)
+    scores = model.roi_heads.box_predictor.scores(logits)
+    d2_logits = feats @ torch.from_numpy(lvis_weights["roi_heads.box_predictor.cls_score.weight"]).T
+    d2_logits += torch.from_numpy(lvis_weights["roi_heads.box_predictor.cls_score.bias"])
+    torch.testing.assert_close(scores[:, 1:], torch.sigmoid(d2_logits[:, :1230]))  # label k+1 = detectron2 class k
+    agnostic = feats @ torch.from_numpy(w["roi_heads.box_predictor.bbox_pred.weight"]).T
+    agnostic += torch.from_numpy(w["roi_heads.box_predictor.bbox_pred.bias"])
+    torch.testing.assert_close(deltas.reshape(5, 1231, 4), agnostic[:, None].expand(5, 1231, 4))  # every label's box

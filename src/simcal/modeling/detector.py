@@ -276,6 +276,9 @@ def load_detector_weights(
     # a stateful loss's training state (Seesaw's counts, EQLv2's statistics: ``...cls_loss.*``) is
     # restored on resume; a detector built for inference has no loss state and skips it
     weights = {k: v for k, v in weights.items() if k in own or ".cls_loss." not in k}
+    # a BatchNorm's step counter where the detector has a frozen BN (a resnet50_fpn trained from scratch
+    # before model.norm applied to it: in eval mode the two compute the same)
+    weights = {k: v for k, v in weights.items() if k in own or not k.endswith(".num_batches_tracked")}
     if _CLASSIFIER in own and _CLASSIFIER in weights and own[_CLASSIFIER].shape != weights[_CLASSIFIER].shape:
         built = f" (from {label_map})" if label_map is not None else ""
         raise InputError(

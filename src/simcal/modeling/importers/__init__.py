@@ -63,6 +63,10 @@ _SAFE_GLOBALS = {
 }
 
 
+class _Unsafe(pickle.UnpicklingError):
+    """A pickle that names something other than arrays and containers (its name is the message)."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """An unpickler that builds numpy arrays and containers, and nothing else (a checkpoint from
     the internet must not run code)."""
@@ -72,7 +76,11 @@ class _ArrayUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "numpy.dtypes":  # numpy 2's dtype classes
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"names {module}.{name} (only arrays and plain containers are read)")
+        raise _Unsafe(f"{module}.{name}")
+
+
+#: the first object of a checkpoint in torch's legacy (pre-1.6, non-zip) format
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
@@ -87,13 +95,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
         with open(path, "rb") as f:
             data = f.read()
-        try:
-            return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
-        except pickle.UnpicklingError:
-            # torch's legacy (pre-1.6) format starts with a pickled magic number: torch reads it
+        obj = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+        if obj == _TORCH_LEGACY_MAGIC:  # torch's pre-1.6 format starts with this number: torch reads it
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return obj
     except InputError:
         raise
+    except _Unsafe as e:
+        raise InputError(
+            path, "(checkpoint)", f"refused: the pickle names {e}; only arrays and plain containers are read"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any failure to read means a bad or unsafe file
         first = str(e).split("\n")[0].split(". ")[0].strip()
         raise InputError(path, "(checkpoint)", f"cannot read as a checkpoint: {type(e).__name__}: {first}") from None

@@ -243,6 +243,9 @@ def _architecture(w: dict[str, Tensor], source: str) -> dict[str, Any]:
     if not blocks[0]:
         first = next(iter(w))
         raise InputError(source, first, "not a detectron2 ResNet-FPN R-CNN checkpoint (no backbone.bottom_up.res2)")
+    deform = next((k for k in w if ".conv2_offset." in k), None)
+    if deform is not None:
+        raise InputError(source, deform, "deformable convolutions (DEFORM_ON_PER_STAGE) are not supported")
     depth = DEPTHS.get(tuple(blocks))
     if depth is None:
         raise InputError(source, "backbone.bottom_up", f"ResNet stages of {blocks} blocks: not ResNet-50/101/152")
