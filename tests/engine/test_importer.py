@@ -343,7 +343,7 @@ BAD_CHECKPOINTS = {
         lambda w: _edited(
             w, add={"backbone.bottom_up.res3.0.conv2_offset.weight": np.zeros((18, 128, 3, 3), np.float32)}
         ),
-        "backbone.bottom_up.res3.0.conv2_offset.weight: deformable convolutions (DEFORM_ON_PER_STAGE) are not supported",
+        "backbone.bottom_up.res3.0.conv2_offset.weight: deformable convolutions (DEFORM_ON_PER_STAGE) are not",
     ),
 }
 
