@@ -130,6 +130,21 @@ def _close(ours: torch.Tensor, ref: np.ndarray, atol: float, what: str) -> None:
     assert worst <= atol, f"{what}: {worst:.3g} > {atol:.3g}"
 
 
+def _swaps(order: list[int]) -> int:
+    """Pairs out of order (inversions) in ``order``."""
+    return sum(a > b for i, a in enumerate(order) for b in order[i + 1 : i + 50])
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """The reference was computed with 2 threads: the float rounding of the convolutions, and so
+    the near-ties of the RPN, depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _d2_order(scores: torch.Tensor) -> torch.Tensor:
     """simcal's scores ``(R, C+1)`` (background first) in detectron2's column order (background last)."""
     return torch.cat([scores[:, 1:], scores[:, :1]], 1)
@@ -138,6 +153,7 @@ def _d2_order(scores: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("image", IMAGES)
 @pytest.mark.parametrize("model_name", [LVIS, CASCADE])
 def test_every_stage_matches_detectron2(imported, model_name, image):
+    from simcal.modeling.conventions import rescale_detections
     from simcal.modeling.roi_heads import original_scores, selected_mask_logits
 
     run, model, label_map = imported[model_name]
@@ -184,15 +200,17 @@ def test_every_stage_matches_detectron2(imported, model_name, image):
                 _close(lg, shared[f"rpn_head_logits_{lv}"], 5e-5, f"RPN logits {lv}")
                 _close(dl, shared[f"rpn_head_deltas_{lv}"], 5e-5, f"RPN deltas {lv}")
 
-        # proposals: in detectron2's order but for a few swaps of near-tied logits, the same set,
-        # coordinates within 1e-2 px
+        # proposals: the same set within 1e-2 px, in detectron2's order but for swaps of near-tied
+        # logits (about 20 of the 1000 gaps are under 1e-5)
         props = model.rpn(batch, feats)[0][0]
         ref_props = torch.from_numpy(ref["rpn_boxes"])
         assert props.shape == ref_props.shape
-        in_order = ((props - ref_props).abs().max(1).values < 1e-2).sum()
-        assert in_order >= 990, int(in_order)
-        nearest = torch.cdist(ref_props, props, p=float("inf")).min(1).values
-        assert float(nearest.max()) < 1e-2
+        # (with 2 threads, as the reference was run, all 1000 on this project's CPU; another CPU's
+        # rounding may resolve a near-tie at a level's top-1000 cut or in NMS otherwise: with 1
+        # thread here 998 of 1000 match)
+        distance, match = torch.cdist(ref_props, props, p=float("inf")).min(1)
+        found = match[distance < 1e-2].tolist()
+        assert len(found) >= 995 and len(set(found)) == len(found) and _swaps(found) <= 5, len(found)
 
         # RoIAlign: the level of each of the first 100 proposals, the pooled features
         first = ref_props[:100]
@@ -223,15 +241,35 @@ def test_every_stage_matches_detectron2(imported, model_name, image):
             mean = rh.box_predictor.scores(torch.stack(probs).mean(0).log())
             _close(_d2_order(mean), ref["cascade_mean_probs"], 1e-5, "cascade mean probabilities")
 
-        # the final instances, end to end: same classes in the same order, boxes 1e-3 px, scores 1e-5
-        out = model.detect([img], {"orig": original_scores})["orig"][0]
-        n = len(ref["det_scores"])
-        assert out["scores"].shape[0] == n
-        classes = [label_map.to_category(int(c)) for c in out["labels"]]
+        # the final instances from detectron2's proposals: same classes in the same order, boxes
+        # within 1e-3 px, scores within 1e-5
+        size = tuple(img.shape[-2:])
+        dets = rh.detect(feats, [ref_props], batch.image_sizes, {"orig": original_scores}, with_masks=False)
+        dets = rescale_detections(dets["orig"][0], batch.image_sizes[0], size, model.transform.clip_to_original)
         ids = label_map.category_ids
-        assert classes == [ids[int(k)] for k in ref["det_classes"]]  # detectron2 class k is category ids[k]
-        _close(out["boxes"], ref["det_boxes"], 1e-3, "final boxes")
-        _close(out["scores"], ref["det_scores"], 1e-5, "final scores")
+        expected_ids = [ids[int(k)] for k in ref["det_classes"]]  # detectron2 class k is category ids[k]
+        assert [label_map.to_category(int(c)) for c in dets["labels"]] == expected_ids
+        _close(dets["boxes"], ref["det_boxes"], 1e-3, "final boxes")
+        _close(dets["scores"], ref["det_scores"], 1e-5, "final scores")
+
+        # ... and end to end from the image: each of detectron2's detections found among simcal's
+        # (same class, box within 1e-3 px, score within 1e-5), in the same order. With the
+        # reference's 2 threads on this project's CPU all of them, at the same positions; another
+        # CPU's rounding may resolve a near-tie of the RPN otherwise (1 thread here: 2 of the 1000
+        # proposals differ, and 1 of 300 LVIS detections and 3 of 100 cascade ones), so 5 % may be missing
+        out = model.detect([img], {"orig": original_scores})["orig"][0]
+        ours = [label_map.to_category(int(c)) for c in out["labels"]]
+        found = []
+        for cat, box, score in zip(expected_ids, torch.from_numpy(ref["det_boxes"]), ref["det_scores"]):
+            hit = [
+                j
+                for j in range(len(ours))
+                if ours[j] == cat
+                and float((out["boxes"][j] - box).abs().max()) <= 1e-3
+                and abs(float(out["scores"][j]) - float(score)) <= 1e-5
+            ]
+            found += hit[:1]
+        assert len(found) >= 0.95 * len(expected_ids) and found == sorted(found), (len(found), len(expected_ids))
 
         # mask logits on detectron2's final boxes (1e-5 relative), pasted masks (0.1 % of pixels)
         boxes_in = torch.from_numpy(ref["det_boxes_input"][:20])

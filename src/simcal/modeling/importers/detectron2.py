@@ -24,6 +24,7 @@ What is converted (detectron2 at commit 02b5c4e; docs/import.md has the table):
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from collections.abc import Callable
@@ -141,12 +142,19 @@ def read_config(path: str | os.PathLike[str], seen: tuple[Path, ...] = ()) -> di
 
 
 def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"MODEL.RESNETS.DEPTH": 50, ...}``; a Python literal written as a string (``(640, 672)``, as
+    the zoo's files write tuples) is read as detectron2's yacs reads it."""
     out: dict[str, Any] = {}
     for k, v in cfg.items():
         name = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flat(v, name + "."))
         else:
+            if isinstance(v, str) and v.strip()[:1] in ("(", "["):
+                try:
+                    v = ast.literal_eval(v)
+                except (ValueError, SyntaxError):
+                    pass
             out[name] = v
     return out
 
