@@ -154,6 +154,7 @@ def _d2_order(scores: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("model_name", [LVIS, CASCADE])
 def test_every_stage_matches_detectron2(imported, model_name, image):
     from simcal.modeling.conventions import rescale_detections
+    from simcal.modeling.detector import paste_masks
     from simcal.modeling.roi_heads import original_scores, selected_mask_logits
 
     run, model, label_map = imported[model_name]
@@ -257,7 +258,9 @@ def test_every_stage_matches_detectron2(imported, model_name, image):
         # reference's 2 threads on this project's CPU all of them, at the same positions; another
         # CPU's rounding may resolve a near-tie of the RPN otherwise (1 thread here: 2 of the 1000
         # proposals differ, and 1 of 300 LVIS detections and 3 of 100 cascade ones), so 5 % may be missing
-        out = model.detect([img], {"orig": original_scores})["orig"][0]
+        out = rh.detect(feats, [props], batch.image_sizes, {"orig": original_scores})["orig"][0]  # = model.detect
+        out = rescale_detections(out, batch.image_sizes[0], size, model.transform.clip_to_original)
+        out["masks"] = paste_masks(out["masks"][:, 0], out["boxes"], *size)
         ours = [label_map.to_category(int(c)) for c in out["labels"]]
         found = []
         for cat, box, score in zip(expected_ids, torch.from_numpy(ref["det_boxes"]), ref["det_scores"]):
