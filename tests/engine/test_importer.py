@@ -304,6 +304,10 @@ def test_import_calibrate_predict_report_from_the_cli(d2_checkpoints, tmp_path, 
     predict = ["predict", "--run", str(run), "--head", heads, "--no-progress", "model.detections_per_img=20"]
     assert main(predict) == 0
     assert main(["report", "--run", str(run), "--gallery", "1"]) == 0
+    if model_name == LVIS:  # the analyses and the comparison read imported runs as trained ones
+        assert main(["analyze", "recall", "--run", str(run), "--no-progress"]) == 0
+        assert main(["compare", "--run", str(run), "--heads", "orig,dual", "--bootstrap", "20"]) == 0
+        assert (run / "analysis" / "recall.json").exists() and (run / "analysis" / "compare.json").exists()
     for head in heads.split(","):
         results = json.loads((run / "predictions" / "val" / head / "results.json").read_text())
         per_image = [sum(r["image_id"] == i for r in results) for i in (1, 2)]
