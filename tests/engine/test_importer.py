@@ -504,3 +504,29 @@ def test_sigmoid_classifier_and_a_class_agnostic_box_regressor_beside_class_spec
     agnostic = feats @ torch.from_numpy(w["roi_heads.box_predictor.bbox_pred.weight"]).T
     agnostic += torch.from_numpy(w["roi_heads.box_predictor.bbox_pred.bias"])
     torch.testing.assert_close(deltas.reshape(5, 1231, 4), agnostic[:, None].expand(5, 1231, 4))  # every label's box
+
+
+def test_the_body_from_block_counts_and_grouped_convs():
+    """ResNet depth from the stages' block counts, ResNeXt groups and width from the 3x3 convs."""
+    from simcal.modeling.importers.detectron2 import _architecture
+
+    def weights(blocks, conv2_shape):
+        w = {"backbone.fpn_lateral2.weight": torch.zeros(1)}
+        for s, n in zip(range(2, 6), blocks):
+            for b in range(n):
+                w[f"backbone.bottom_up.res{s}.{b}.conv1.weight"] = torch.zeros(1)
+        w["backbone.bottom_up.res2.0.conv2.weight"] = torch.zeros(conv2_shape)
+        w["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(4, 8)
+        w["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(12, 8)
+        w["roi_heads.mask_head.predictor.weight"] = torch.zeros(3, 8, 1, 1)
+        return w
+
+    assert _architecture(weights((3, 4, 6, 3), (64, 64, 3, 3)), "x")["body"] == "resnet50"
+    assert _architecture(weights((3, 4, 23, 3), (256, 8, 3, 3)), "x")["body"] == "resnext101_32x8d"
+    assert _architecture(weights((3, 8, 36, 3), (64, 64, 3, 3)), "x")["body"] == "resnet152"
+    from simcal.errors import InputError
+
+    with pytest.raises(InputError, match=r"ResNet stages of \[3, 4, 5, 3\] blocks"):
+        _architecture(weights((3, 4, 5, 3), (64, 64, 3, 3)), "x")
+    with pytest.raises(InputError, match="a resnext50_16x4d body: not one torchvision builds"):
+        _architecture(weights((3, 4, 6, 3), (64, 4, 3, 3)), "x")
