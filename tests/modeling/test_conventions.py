@@ -234,3 +234,25 @@ def test_the_mask_fast_path_never_takes_the_raw_weights_of_a_conv_subclass():
 def test_resnet50_fpn_honours_model_norm(norm):
     model = build_detector(ModelConfig(arch="resnet50_fpn", norm=norm), 3)
     assert type(model.backbone.body.bn1).__name__ == {"frozen_bn": "FrozenBatchNorm2d", "bn": "BatchNorm2d"}[norm]
+
+
+def test_a_run_stored_before_the_options_existed_builds_the_same_modules():
+    from simcal.config import Config, config_from_dict
+
+    raw = Config().to_dict()
+    for key in ("pixel_format", "pixel_mean", "pixel_std", "resize", "stride_in_1x1", "anchors", "proposals"):
+        del raw["model"][key]
+    for key in ("roi_align", "min_box_size", "cascade_box_weights"):
+        del raw["model"][key]
+    raw["model"].update(arch="small", norm="bn")
+    cfg = config_from_dict(raw, "old/config.yaml")
+    assert cfg.model == ModelConfig(arch="small", norm="bn")
+    torch.manual_seed(0)
+    old = build_detector(cfg.model, 3).eval()
+    torch.manual_seed(0)
+    plain = build_detector(ModelConfig(arch="small", norm="bn"), 3).eval()
+    assert type(old.transform) is GeneralizedRCNNTransform and type(old.rpn) is RegionProposalNetwork
+    images = [_uint8_image(64, 80)]
+    with torch.no_grad():
+        a, b = old(images)[0], plain(images)[0]
+    assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels", "masks"))
