@@ -62,8 +62,11 @@ NORMS = ("frozen_bn", "bn", "gn")
 #: ``model.pixel_format``: the channel order the first conv expects (detectron2's MSRA weights: bgr)
 PIXEL_FORMATS = ("rgb", "bgr")
 #: ``model.resize``: torchvision (floored size, float interpolation) | detectron2 (rounded size, the uint8
-#: image resized by PIL, detections clipped to the original image)
-RESIZES = ("torchvision", "detectron2")
+#: image resized by PIL, detections clipped to the original image) | mmdet (rounded size, the uint8 image
+#: resized by OpenCV's bilinear, mmcv's ``imrescale``)
+RESIZES = ("torchvision", "detectron2", "mmdet")
+#: ``model.mask_head``: the mask head's last 1x1 conv, plain or normalised (mmdetection's "normed mask")
+MASK_HEADS = ("standard", "normed")
 #: ``model.anchors``: torchvision (rounded cells, strides from the padded size) | exact (detectron2, mmdetection 2+)
 ANCHORS = ("torchvision", "exact")
 #: ``model.proposals``: the RPN's filtering: NMS on sigmoid scores, sides >= 1e-3 (torchvision); on logits, non-empty
@@ -74,7 +77,7 @@ PROPOSAL_RULES = ("torchvision", "detectron2", "mmdet")
 ROI_ALIGNS = ("torchvision", "detectron2", "mmdet")
 
 #: ``simcal import --from``: frameworks whose checkpoints become simcal runs (:mod:`simcal.modeling.importers`)
-IMPORT_FRAMEWORKS = ("detectron2",)
+IMPORT_FRAMEWORKS = ("detectron2", "mmdet")
 
 # --------------------------------------------------------------------------- training
 OPTIMIZERS = ("sgd", "adamw")

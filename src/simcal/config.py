@@ -54,6 +54,9 @@ class ModelConfig:
     arch: str = "resnet50_fpn"  # choices.ARCHS
     roi_heads: str = "standard"  # choices.ROI_HEADS: standard (Mask R-CNN) | cascade (Cascade Mask R-CNN) | htc
     cascade_mean_probs: bool = False  # cascade test score: mean of the stages' probabilities, not logits
+    # htc: the mask information flow between the stages' mask heads; false: each alone (mmdetection's Cascade
+    # Mask R-CNN, a mask head per stage, test masks their mean)
+    mask_flow: bool = True
     class_agnostic: bool = False  # r50-ag: one box regressor and one mask channel for all classes
     # choices.CLASSIFIERS: the classifier's outputs and scores; auto: the one train.loss trains
     # (choices.LOSS_CLASSIFIERS: seesaw C+2, eqlv2 / fed sigmoid, bags group softmax; else softmax)
@@ -95,6 +98,7 @@ class ModelConfig:
     proposals: str = "torchvision"  # choices.PROPOSAL_RULES
     roi_align: str = "torchvision"  # choices.ROI_ALIGNS
     min_box_size: float = 0.01  # detections narrower or shorter (px) are dropped before NMS; 0 keeps all
+    mask_head: str = "standard"  # choices.MASK_HEADS: normed: cosine mask logits, temperature 20 (mmdetection)
     # a cascade's box-coder weights per stage; null: (10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)
     cascade_box_weights: list[list[float]] | None = None
 
@@ -560,6 +564,7 @@ _CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "model.anchors": (lambda cfg: cfg.model.anchors, choices.ANCHORS),
     "model.proposals": (lambda cfg: cfg.model.proposals, choices.PROPOSAL_RULES),
     "model.roi_align": (lambda cfg: cfg.model.roi_align, choices.ROI_ALIGNS),
+    "model.mask_head": (lambda cfg: cfg.model.mask_head, choices.MASK_HEADS),
     "model.classifier": (lambda cfg: cfg.model.classifier, choices.CLASSIFIERS),
     "model.cls_head": (lambda cfg: cfg.model.cls_head, choices.CLS_HEADS),
     "train.optimizer": (lambda cfg: cfg.train.optimizer, choices.OPTIMIZERS),

@@ -256,3 +256,21 @@ def test_a_run_stored_before_the_options_existed_builds_the_same_modules():
     with torch.no_grad():
         a, b = old(images)[0], plain(images)[0]
     assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels", "masks"))
+
+
+def test_mmdet_resize_is_mmcvs_rescale_with_opencvs_bilinear():
+    cv2 = pytest.importorskip("cv2")
+    from simcal.modeling.conventions import mmdet_output_size
+
+    # mmcv's rescale_size: one factor min(1333 / long, 800 / short), each side int(side * factor + 0.5)
+    assert mmdet_output_size(480, 640, 800, 1333) == (800, 1067)
+    assert mmdet_output_size(100, 1000, 800, 1333) == (133, 1333)
+    image = _uint8_image(48, 64, seed=2)
+    t = FrameworkTransform(80, 1333, pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3, resize="mmdet").eval()
+    batch, _ = t([image])
+    assert batch.image_sizes[0] == (80, 107) and not t.clip_to_original
+    pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    expected = cv2.resize(pixels, (107, 80), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    assert torch.equal(batch.tensors[0, :, :80, :107], torch.from_numpy(expected).permute(2, 0, 1))
+    pil = np.asarray(Image.fromarray(pixels).resize((107, 80), Image.BILINEAR)).astype(np.float32)
+    assert not np.array_equal(pil, expected)  # PIL's bilinear (detectron2's) is another filter

@@ -36,9 +36,12 @@ PROVENANCE_FORMAT = "simcal.import"
 
 def _converters() -> dict[str, tuple[Callable[..., Imported], Callable[[str, dict[str, str]], str], tuple[str, ...]]]:
     """framework -> (convert, name of a simcal key in the framework, where its weights sit in the file)."""
-    from simcal.modeling.importers import detectron2
+    from simcal.modeling.importers import detectron2, mmdet
 
-    return {"detectron2": (detectron2.convert, detectron2.source_key, ("model",))}
+    return {
+        "detectron2": (detectron2.convert, detectron2.source_key, ("model",)),
+        "mmdet": (mmdet.convert, mmdet.source_key, ("state_dict",)),
+    }
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
@@ -83,8 +86,10 @@ def import_checkpoint(
     convert, source_key, nested = _converters()[framework]
     if framework_config is not None and not os.path.isfile(framework_config):
         raise InputError(framework_config, "--framework-config", "no such file")
-    weights, notes = model_weights(read_checkpoint(checkpoint), source, nested)
-    imported = convert(weights, source, None if framework_config is None else str(framework_config))
+    obj = read_checkpoint(checkpoint)
+    weights, notes = model_weights(obj, source, nested)
+    meta = obj.get("meta") if isinstance(obj, dict) else None  # mmdetection's: its config and class names
+    imported = convert(weights, source, None if framework_config is None else str(framework_config), meta)
     notes = notes + imported.notes
 
     base = Config().to_dict()

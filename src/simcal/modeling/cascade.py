@@ -309,16 +309,22 @@ class HybridTaskCascadeRoIHeads(CascadeRoIHeads):
         super().__init__(*args, **kwargs)
         if not self.has_mask():
             raise ValueError("a Hybrid Task Cascade needs a mask head")
-        if not (len(extra_mask_heads) == len(extra_mask_predictors) == len(mask_flows) == self.num_stages - 1):
-            raise ValueError("one mask head, mask predictor and flow conv per stage after the first")
+        if not (len(extra_mask_heads) == len(extra_mask_predictors) == self.num_stages - 1):
+            raise ValueError("one mask head and mask predictor per stage after the first")
+        if len(mask_flows) not in (0, self.num_stages - 1):
+            raise ValueError("one flow conv per stage after the first, or none (no mask information flow)")
         self.extra_mask_heads = nn.ModuleList(extra_mask_heads)
         self.extra_mask_predictors = nn.ModuleList(extra_mask_predictors)
         self.mask_flows = nn.ModuleList(mask_flows)
 
     @classmethod
-    def from_standard(cls, old: LongTailRoIHeads, stages: int = 3, **kwargs: Any) -> HybridTaskCascadeRoIHeads:  # type: ignore[override]
+    def from_standard(  # type: ignore[override]
+        cls, old: LongTailRoIHeads, stages: int = 3, mask_flow: bool = True, **kwargs: Any
+    ) -> HybridTaskCascadeRoIHeads:
         """The cascade of :meth:`CascadeRoIHeads.from_standard`, plus mask heads and predictors for
-        stages 2.. (fresh copies of ``old``'s, re-initialised) and their 1x1 flow convs."""
+        stages 2.. (fresh copies of ``old``'s, re-initialised) and their 1x1 flow convs (none
+        without ``mask_flow``: each stage's mask head sees the RoI features alone, as in
+        mmdetection's Cascade Mask R-CNN, whose test masks are the stages' mean too)."""
         if old.mask_head is None or old.mask_predictor is None:
             raise ValueError("a Hybrid Task Cascade needs a mask head")
         conv_in = next(m for m in old.mask_head.modules() if isinstance(m, nn.Conv2d))
@@ -331,6 +337,8 @@ class HybridTaskCascadeRoIHeads(CascadeRoIHeads):
             nn.init.kaiming_normal_(flow[0].weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(flow[0].bias)
             flows.append(flow.to(conv_in.weight.device))
+        if not mask_flow:
+            flows = []
         return super().from_standard(  # type: ignore[return-value]
             old, stages, extra_mask_heads=heads, extra_mask_predictors=predictors, mask_flows=flows, **kwargs
         )
@@ -339,7 +347,8 @@ class HybridTaskCascadeRoIHeads(CascadeRoIHeads):
         """``(mask head, mask predictor, flow conv or None)`` of stage ``k`` (0-based)."""
         if k == 0:
             return self.mask_head, self.mask_predictor, None
-        return self.extra_mask_heads[k - 1], self.extra_mask_predictors[k - 1], self.mask_flows[k - 1]
+        flow = self.mask_flows[k - 1] if len(self.mask_flows) else None
+        return self.extra_mask_heads[k - 1], self.extra_mask_predictors[k - 1], flow
 
     def mask_features(self, x: Tensor, upto: int) -> list[Tensor]:
         """The mask heads' features ``[(N, D, M/2, M/2)]`` of stages ``0..upto`` on RoI features

@@ -10,7 +10,10 @@ same modules, the same code path):
   ImageNet mean, std 1): :class:`FrameworkTransform`.
 - ``model.resize``: ``detectron2`` rounds the output size (``int(x + 0.5)``) and resizes the uint8
   image with PIL's bilinear filter, then maps boxes back clipped to the original image, dropping
-  empty ones (``detector_postprocess``); torchvision floors the size and interpolates floats.
+  empty ones (``detector_postprocess``); ``mmdet`` rounds mmcv's way and resizes with OpenCV's
+  bilinear filter; torchvision floors the size and interpolates floats.
+- ``model.mask_head``: ``normed``: the mask logits of a normalised 1x1 conv (mmdetection's
+  ``NormedConv2d``, temperature 20): :class:`simcal.modeling.predictors.NormedConv2d`.
 - ``model.stride_in_1x1``: the stride of a ResNet stage's first block on its 1x1 conv (MSRA /
   caffe weights) instead of the 3x3 (torchvision, PyTorch-style weights): :func:`put_stride_in_1x1`.
 - ``model.anchors``: ``exact`` cells (``w = sqrt(s^2 / r)``, ``h = r w``, not rounded) at the true
@@ -51,6 +54,13 @@ TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
 
 
+def mmdet_output_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """mmcv's ``rescale_size``: one scale factor, ``min(max_size / long, short / short side)``, each
+    side ``int(side * factor + 0.5)``."""
+    scale = min(max_size / max(h, w), short / min(h, w))
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
 def detectron2_output_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     """detectron2's ``ResizeShortestEdge.get_output_shape``: the short side to ``short``, the long
     side at most ``max_size``, each rounded as ``int(x + 0.5)`` (torchvision floors)."""
@@ -88,8 +98,10 @@ class FrameworkTransform(GeneralizedRCNNTransform):
         super().__init__(min_size, max_size, mean, std, **kwargs)  # type: ignore[arg-type]
         if pixel_format not in ("rgb", "bgr"):
             raise ValueError(f"pixel_format must be rgb or bgr, got {pixel_format!r}")
-        if resize not in ("torchvision", "detectron2"):
-            raise ValueError(f"resize must be torchvision or detectron2, got {resize!r}")
+        if resize not in ("torchvision", "detectron2", "mmdet"):
+            raise ValueError(f"resize must be torchvision, detectron2 or mmdet, got {resize!r}")
+        if resize == "mmdet":
+            _cv2()  # a missing OpenCV is said when the model is built, not at the first image
         self.pixel_format = pixel_format
         self.resize_rule = resize
 
@@ -114,7 +126,7 @@ class FrameworkTransform(GeneralizedRCNNTransform):
     def normalize(self, image: Tensor) -> Tensor:
         if not image.is_floating_point():
             raise TypeError(f"expected float images in [0, 1], got {image.dtype}")
-        if self.resize_rule == "detectron2":
+        if self.resize_rule != "torchvision":
             return image  # resized first, as the uint8 image it was read as: see resize()
         return self._normalize_255(image * 255)
 
@@ -123,11 +135,17 @@ class FrameworkTransform(GeneralizedRCNNTransform):
             return super().resize(image, target)
         h, w = image.shape[-2:]
         short = self.torch_choice(list(self.min_size)) if self.training else self.min_size[-1]
-        newh, neww = detectron2_output_size(int(h), int(w), int(short), int(self.max_size))
-        # the uint8 image simcal read (its floats are k / 255), resized by PIL as detectron2 does
+        size = detectron2_output_size if self.resize_rule == "detectron2" else mmdet_output_size
+        newh, neww = size(int(h), int(w), int(short), int(self.max_size))
+        # the uint8 image simcal read (its floats are k / 255), resized as the framework resizes it:
+        # PIL's bilinear filter (detectron2) or OpenCV's (mmcv's imrescale)
         pixels = (image * 255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        resized = Image.fromarray(pixels).resize((neww, newh), Image.BILINEAR)
-        out = torch.from_numpy(np.asarray(resized).astype(np.float32)).permute(2, 0, 1).to(image.device)
+        if self.resize_rule == "detectron2":
+            resized = np.asarray(Image.fromarray(pixels).resize((neww, newh), Image.BILINEAR))
+        else:
+            cv2 = _cv2()
+            resized = cv2.resize(np.ascontiguousarray(pixels), (neww, newh), interpolation=cv2.INTER_LINEAR)
+        out = torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1).to(image.device)
         out = self._normalize_255(out.contiguous())
         if target is None:
             return out, target
@@ -136,6 +154,20 @@ class FrameworkTransform(GeneralizedRCNNTransform):
             masks = target["masks"][:, None].float()
             target["masks"] = nn.functional.interpolate(masks, size=(newh, neww))[:, 0].byte()
         return out, target
+
+
+def _cv2():  # noqa: ANN202 - the module
+    """OpenCV, which mmdetection resizes with (``pip install opencv-python-headless``, or simcal's
+    ``[mmdet]`` extra)."""
+    try:
+        import cv2
+    except ImportError:
+        from simcal.errors import InputError
+
+        raise InputError(
+            "model.resize", "resize", "mmdet resizes with OpenCV: pip install opencv-python-headless"
+        ) from None
+    return cv2
 
 
 def rescale_detections(

@@ -610,6 +610,11 @@ def apply_conventions(model: LongTailMaskRCNN, cfg: ModelConfig) -> None:
         model.rpn.anchor_generator = ExactAnchorGenerator(old.sizes, old.aspect_ratios, strides)
     FrameworkRPN.adopt(model.rpn, cfg.proposals)
     roi = model.roi_heads
+    if cfg.mask_head == "normed" and roi.mask_predictor is not None:
+        for owner in [roi.mask_predictor, *getattr(roi, "extra_mask_predictors", [])]:
+            old_conv = owner.mask_fcn_logits
+            conv = predictors.NormedConv2d(old_conv.in_channels, old_conv.out_channels, 1)
+            owner.mask_fcn_logits = conv.to(old_conv.weight.device)
     if cfg.roi_align != "torchvision":
         roi.box_roi_pool = LevelRoIAlign.from_pooler(roi.box_roi_pool, cfg.roi_align)
         if roi.mask_roi_pool is not None:
@@ -671,6 +676,8 @@ def build_detector(
         extra: dict[str, Any] = {}
         if cfg.cascade_box_weights is not None:
             extra["stage_box_weights"] = tuple(tuple(row) for row in cfg.cascade_box_weights)
+        if cfg.roi_heads == "htc" and not cfg.mask_flow:
+            extra["mask_flow"] = False
         model.roi_heads = cls.from_standard(model.roi_heads, mean_probs=cfg.cascade_mean_probs, **extra)
     apply_conventions(model, cfg)
     if cfg.channels_last:

@@ -225,6 +225,25 @@ class NormedLinear(nn.Linear):
         return f"{super().extra_repr()}, temperature={self.temperature}"
 
 
+class NormedConv2d(nn.Conv2d):
+    """The normalised mask-logits conv (mmdetection's ``NormedConv2d``, its Seesaw "normed mask"
+    models): ``temperature * conv(x / |x|, W / |W|) + b``, ``x`` normalised over its channels at each
+    pixel and each filter over its input channels (``eps`` added). ``nn.Conv2d``'s parameters, so
+    checkpoints keep their keys."""
+
+    def __init__(self, *args: object, temperature: float = 20.0, eps: float = 1e-6, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.temperature, self.eps = float(temperature), float(eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight / (self.weight.norm(dim=1, keepdim=True) + self.eps)
+        x = x / (x.norm(dim=1, keepdim=True) + self.eps)
+        return self._conv_forward(self.temperature * x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, temperature={self.temperature}"
+
+
 class BoxPredictor(nn.Module):
     """Class logits, class scores and box deltas from the box head's features.
 

@@ -15,7 +15,7 @@ import io
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,3 +163,68 @@ def model_weights(
 def shape_error(source: str, key: str, shape: Any, expected: Any, why: str) -> InputError:
     """The one-line error of a tensor whose shape contradicts the others."""
     return InputError(source, key, f"shape {list(shape)} contradicts the other tensors ({why}: {expected})")
+
+
+def renamed(
+    weights: dict[str, Tensor], rename: Callable[[str], str | None], source: str, framework: str
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(state, source_keys)``: every tensor under its simcal name (``rename``), float32; the first
+    key ``rename`` does not know is an :class:`InputError` naming it."""
+    state: dict[str, Tensor] = {}
+    source_keys: dict[str, str] = {}
+    for key, value in weights.items():
+        new = rename(key)
+        if new is None:
+            raise InputError(
+                source, key, f"a key of no {framework} R-CNN layout known to simcal (the first not understood)"
+            )
+        if new in state:
+            raise InputError(source, key, f"two tensors for {new}")
+        state[new] = value.detach().to(torch.float32).contiguous()
+        source_keys[new] = key
+    return state, source_keys
+
+
+#: how a framework's class-score rows map onto simcal's (:func:`class_layout`)
+CLASS_ROWS = ("background_last", "drop_last", "as_is")
+
+
+def class_layout(
+    key: str,
+    value: Tensor,
+    num_classes: int,
+    rows: str,
+    box_agnostic: bool,
+    mask_agnostic: bool,
+    cascade: bool,
+) -> Tensor:
+    """A framework's class layout -> simcal's, for one tensor of the RoI heads (simcal ``key``).
+
+    ``rows``: the class-score layer's rows: ``background_last`` (softmax, class k at row k,
+    background at row C: detectron2, mmdetection 2+) become background first; ``drop_last``
+    (detectron2's sigmoid classifier: C + 1 rows, the last never scored) keep the C class rows;
+    ``as_is`` (mmdetection's sigmoid C rows, Seesaw's C + 2) stay. Class-specific box deltas 4C and
+    mask channels C get zeros for the background in front (4(C+1), C+1). A cascade's class-agnostic
+    box regressors stay one box; on a one-stage head whose mask is class-specific, a class-agnostic
+    box regressor (or, the other way round, mask channel) is repeated for each label: the same
+    outputs with simcal's single ``class_agnostic`` switch."""
+    c = num_classes
+    class_agnostic = mask_agnostic and (box_agnostic or cascade)
+    if not key.startswith("roi_heads."):
+        return value
+    if key.endswith(("cls_score.weight", "cls_score.bias")):
+        if rows == "drop_last":
+            return value[:c].clone()
+        if rows == "background_last":
+            return torch.cat([value[c:], value[:c]])
+        return value
+    repeat = (c + 1, *[1] * (value.dim() - 1))
+    if key.endswith(("bbox_pred.weight", "bbox_pred.bias")):
+        if box_agnostic:
+            return value if class_agnostic or cascade else value.repeat(*repeat)
+        return torch.cat([torch.zeros_like(value[:4]), value])
+    if key.endswith(("mask_fcn_logits.weight", "mask_fcn_logits.bias")):
+        if mask_agnostic:
+            return value if class_agnostic else value.repeat(*repeat)
+        return torch.cat([torch.zeros_like(value[:1]), value])
+    return value

@@ -31,12 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from simcal import choices
 from simcal.errors import InputError
-from simcal.modeling.importers import Imported, shape_error
+from simcal.modeling.importers import Imported, class_layout, renamed, shape_error
 
 # --------------------------------------------------------------------------- the config file
 #: detectron2's defaults (``config/defaults.py``) of every key read or checked here
@@ -308,9 +307,12 @@ def _check(settings: dict[str, Any], key: str, ok: bool, what: str, source: str)
         raise InputError(source, key, f"{settings[key]!r}: {what}")
 
 
-def convert(weights: dict[str, Tensor], source: str, config_path: str | None = None) -> Imported:
+def convert(
+    weights: dict[str, Tensor], source: str, config_path: str | None = None, meta: dict[str, Any] | None = None
+) -> Imported:
     """A detectron2 state dict (``{key: tensor}``, from :func:`simcal.modeling.importers.model_weights`)
-    as simcal's; ``config_path``: the run's detectron2 YAML (else the model zoo's defaults)."""
+    as simcal's; ``config_path``: the run's detectron2 YAML (else the model zoo's defaults);
+    ``meta``: unused (detectron2's files hold no config)."""
     w = {k: v for k, v in weights.items() if not IGNORED.search(k)}
     arch = _architecture(w, source)
     given = _flat(read_config(config_path)) if config_path else {}
@@ -428,20 +430,10 @@ def convert(weights: dict[str, Tensor], source: str, config_path: str | None = N
     mask_agnostic = mask_rows == 1
     class_agnostic = mask_agnostic and (box_agnostic or cascade)
 
-    state: dict[str, Tensor] = {}
-    source_keys: dict[str, str] = {}
-    for key, value in w.items():
-        new = rename(key)
-        if new is None:
-            raise InputError(
-                source, key, "a key of no detectron2 R-CNN layout known to simcal (the first not understood)"
-            )
-        if new in state:
-            raise InputError(source, key, f"two tensors for {new}")
-        state[new] = value.detach().to(torch.float32).contiguous()
-        source_keys[new] = key
+    state, source_keys = renamed(w, rename, source, "detectron2")
+    rows = "drop_last" if sigmoid else "background_last"
     for key, value in list(state.items()):
-        state[key] = _layout(key, value, num_classes, sigmoid, box_agnostic, mask_agnostic, class_agnostic, cascade)
+        state[key] = class_layout(key, value, num_classes, rows, box_agnostic, mask_agnostic, cascade)
 
     model: dict[str, Any] = {
         "arch": f"{arch['body']}_fpn",
@@ -497,38 +489,6 @@ def convert(weights: dict[str, Tensor], source: str, config_path: str | None = N
             + (" (its LVIS test settings for this class count)" if cls_rows - 1 in LVIS_CLASS_COUNTS else "")
         )
     return Imported(state, model, num_classes, settings_out, notes, source_keys)
-
-
-def _layout(
-    key: str,
-    value: Tensor,
-    num_classes: int,
-    sigmoid: bool,
-    box_agnostic: bool,
-    mask_agnostic: bool,
-    class_agnostic: bool,
-    cascade: bool,
-) -> Tensor:
-    """detectron2's class layout -> simcal's (background first, C+1 box / mask outputs). A cascade's
-    class-agnostic box regressors stay one box; on a one-stage head whose mask is class-specific,
-    a class-agnostic box regressor (or, the other way round, mask channel) is repeated for each
-    label, which computes the same outputs with simcal's single ``class_agnostic`` switch."""
-    c = num_classes
-    if not key.startswith("roi_heads."):
-        return value
-    if key.endswith(("cls_score.weight", "cls_score.bias")):
-        if sigmoid:  # C class rows; detectron2's extra (background) row is never scored
-            return value[:c].clone()
-        return torch.cat([value[c:], value[:c]])
-    if key.endswith(("bbox_pred.weight", "bbox_pred.bias")):
-        if box_agnostic:
-            return value if class_agnostic or cascade else value.repeat(c + 1, *[1] * (value.dim() - 1))
-        return torch.cat([torch.zeros_like(value[:4]), value])
-    if key.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
-        if mask_agnostic:
-            return value if class_agnostic else value.repeat(c + 1, *[1] * (value.dim() - 1))
-        return torch.cat([torch.zeros_like(value[:1]), value])
-    return value
 
 
 def source_key(key: str, source_keys: dict[str, str]) -> str:
