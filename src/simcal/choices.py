@@ -63,21 +63,22 @@ NORMS = ("frozen_bn", "bn", "gn")
 PIXEL_FORMATS = ("rgb", "bgr")
 #: ``model.resize``: torchvision (floored size, float interpolation) | detectron2 (rounded size, the uint8
 #: image resized by PIL, detections clipped to the original image) | mmdet (rounded size, the uint8 image
-#: resized by OpenCV's bilinear, mmcv's ``imrescale``)
-RESIZES = ("torchvision", "detectron2", "mmdet")
+#: resized by OpenCV's bilinear, mmcv's ``imrescale``) | mmdet_v1 (the same, boxes mapped back by its one scale factor)
+RESIZES = ("torchvision", "detectron2", "mmdet", "mmdet_v1")
 #: ``model.mask_head``: the mask head's last 1x1 conv, plain or normalised (mmdetection's "normed mask")
 MASK_HEADS = ("standard", "normed")
 #: ``model.anchors``: torchvision (rounded cells, strides from the padded size) | exact (detectron2, mmdetection 2+)
-ANCHORS = ("torchvision", "exact")
+#: | mmdet_v1 (cells centred at (stride - 1) / 2, corners -+ (w - 1) / 2, rounded)
+ANCHORS = ("torchvision", "exact", "mmdet_v1")
 #: ``model.proposals``: the RPN's filtering: NMS on sigmoid scores, sides >= 1e-3 (torchvision); on logits, non-empty
-#: boxes (detectron2); on sorted sigmoid scores, non-empty boxes (mmdetection)
-PROPOSAL_RULES = ("torchvision", "detectron2", "mmdet")
+#: boxes (detectron2); on sorted sigmoid scores, non-empty boxes (mmdetection); per level with +1 widths (mmdet_v1)
+PROPOSAL_RULES = ("torchvision", "detectron2", "mmdet", "mmdet_v1")
 #: ``model.roi_align``: torchvision's MultiScaleRoIAlign (not aligned, 2 samples per bin) | aligned with an adaptive
 #: sampling ratio and detectron2's or mmdetection's level mapping
-ROI_ALIGNS = ("torchvision", "detectron2", "mmdet")
+ROI_ALIGNS = ("torchvision", "detectron2", "mmdet", "mmdet_v1")
 
 #: ``simcal import --from``: frameworks whose checkpoints become simcal runs (:mod:`simcal.modeling.importers`)
-IMPORT_FRAMEWORKS = ("detectron2", "mmdet")
+IMPORT_FRAMEWORKS = ("detectron2", "mmdet", "simcal-v1")
 
 # --------------------------------------------------------------------------- training
 OPTIMIZERS = ("sgd", "adamw")

@@ -99,6 +99,9 @@ class ModelConfig:
     roi_align: str = "torchvision"  # choices.ROI_ALIGNS
     min_box_size: float = 0.01  # detections narrower or shorter (px) are dropped before NMS; 0 keeps all
     mask_head: str = "standard"  # choices.MASK_HEADS: normed: cosine mask logits, temperature 20 (mmdetection)
+    # mmdetection v1's legacy box convention (the SimCal release): widths x2 - x1 + 1 in the box coder and NMS,
+    # boxes clipped to size - 1, masks pasted at integer corners (OpenCV resize)
+    box_plus_one: bool = False
     # a cascade's box-coder weights per stage; null: (10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)
     cascade_box_weights: list[list[float]] | None = None
 

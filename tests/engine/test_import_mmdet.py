@@ -382,3 +382,96 @@ def test_the_checkpoints_own_config_is_read_and_predict_runs(d2_weights, tmp_pat
     assert main(["predict", "--run", str(out), "--no-progress", "--no-eval", "model.detections_per_img=10"]) == 0
     results = json.loads((out / "predictions" / "val" / "orig" / "results.json").read_text())
     assert len(results) == 20 and all(len(r["bbox"]) == 4 for r in results)
+
+
+# --------------------------------------------------------------------------- the SimCal release (mmdetection v1)
+#: the release's v1 config (configs/mask_rcnn_r50_fpn_1x_lvis.py), the lines read, written out for the test
+RELEASE_CONFIG = """
+model = dict(
+    type='MaskRCNN', pretrained='modelzoo://resnet50',
+    backbone=dict(type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1, style='pytorch'),
+    neck=dict(type='FPN', in_channels=[256, 512, 1024, 2048], out_channels=256, num_outs=5),
+    rpn_head=dict(type='RPNHead', in_channels=256, feat_channels=256, anchor_scales=[8], anchor_ratios=[0.5, 1.0, 2.0],
+                  anchor_strides=[4, 8, 16, 32, 64], target_means=[.0, .0, .0, .0], target_stds=[1.0, 1.0, 1.0, 1.0]),
+    bbox_roi_extractor=dict(type='SingleRoIExtractor', roi_layer=dict(type='RoIAlign', out_size=7, sample_num=2),
+                            out_channels=256, featmap_strides=[4, 8, 16, 32]),
+    bbox_head=dict(type='SharedFCBBoxHead', num_fcs=2, in_channels=256, fc_out_channels=1024, roi_feat_size=7,
+                   num_classes=1231, target_means=[0., 0., 0., 0.], target_stds=[0.1, 0.1, 0.2, 0.2],
+                   reg_class_agnostic=False),
+    mask_roi_extractor=dict(type='SingleRoIExtractor', roi_layer=dict(type='RoIAlign', out_size=14, sample_num=2),
+                            out_channels=256, featmap_strides=[4, 8, 16, 32]),
+    mask_head=dict(type='FCNMaskHead', num_convs=4, in_channels=256, conv_out_channels=256, num_classes=1231))
+train_cfg = dict(rpn_proposal=dict(nms_across_levels=False, nms_pre=2000, nms_post=2000, max_num=2000, nms_thr=0.7,
+                                   min_bbox_size=0),
+                 rcnn=dict(sampler=dict(type='RandomSampler', num=512, pos_fraction=0.25)))
+test_cfg = dict(
+    rpn=dict(nms_across_levels=False, nms_pre=1000, nms_post=1000, max_num=1000, nms_thr=0.7, min_bbox_size=0),
+    rcnn=dict(score_thr=0.00, nms=dict(type='nms', iou_thr=0.5), max_per_img=300, mask_thr_binary=0.5))
+img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+data = dict(test=dict(type='LvisDataset', img_scale=(1333, 800), img_norm_cfg=img_norm_cfg, size_divisor=32))
+work_dir = './work_dirs/mask_rcnn_r50_fpn_1x_protonet'
+"""
+
+
+def to_v1(d2: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """detectron2's fixture weights as an mmdetection v1 checkpoint holds them: mmdetection's names
+    without ``roi_head.``, background first in the classifier, box deltas and mask channels for
+    C + 1 classes (the background's zeros)."""
+    out = {}
+    for key, value in to_mmdet(d2).items():
+        key = key.removeprefix("roi_head.")
+        if key.startswith("bbox_head.fc_cls."):
+            value = torch.cat([value[-1:], value[:-1]])  # background last -> first
+        elif key.startswith("bbox_head.fc_reg."):
+            value = torch.cat([torch.zeros_like(value[:4]), value])
+        elif key.startswith("mask_head.conv_logits."):
+            value = torch.cat([torch.zeros_like(value[:1]), value])
+        out[key] = value
+    return out
+
+
+def test_the_simcal_release_imports_with_the_legacy_conventions_and_predicts(d2_weights, tmp_path, capsys):
+    cfg = tmp_path / "mask_rcnn_r50_fpn_1x_lvis.py"
+    cfg.write_text(RELEASE_CONFIG)
+    ckpt = tmp_path / "epoch_12.pth"
+    meta = {"mmdet_version": "1.0rc0+d3ca926", "CLASSES": [f"c{i}" for i in range(1230)]}
+    torch.save({"meta": meta, "state_dict": to_v1(d2_weights[LVIS]), "optimizer": {"state": {}}}, ckpt)
+    gt = categories_json(tmp_path / "lvis.json", list(range(1, 1231)))
+    import pickle
+
+    d2_pkl = tmp_path / "d2.pkl"
+    d2_pkl.write_bytes(pickle.dumps({"model": d2_weights[LVIS]}))
+    ours = _state(_import(tmp_path, "simcal-v1", ckpt, gt, str(cfg), out="v1"))
+    theirs = _state(_import(tmp_path, "detectron2", d2_pkl, gt, out="d2"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    m = __import__("yaml").safe_load((tmp_path / "v1" / "config.yaml").read_text())["model"]
+    expected = dict(
+        box_plus_one=True, anchors="mmdet_v1", proposals="mmdet_v1", roi_align="mmdet_v1", resize="mmdet_v1",
+        pixel_format="rgb", stride_in_1x1=False, score_thresh=0.0, detections_per_img=300, nms_thresh=0.5,
+        rpn_post_nms_top_n_train=2000, min_size=800, max_size=1333, class_agnostic=False,
+    )  # fmt: skip
+    assert {k: m[k] for k in expected} == expected
+    # the whole legacy pipeline from the CLI (smaller images, fewer detections)
+    out = tmp_path / "run"
+    argv = ["import", "--from", "simcal-v1", str(ckpt), "--out", str(out), "--framework-config", str(cfg)]
+    argv += [f"data.val_json={gt}", f"data.val_images={FIXTURE / 'images'}", f"data.train_json={gt}"]
+    assert main([*argv, "model.min_size=320", "model.max_size=533"]) == 0
+    assert "training checkpoint" in capsys.readouterr().out
+    assert main(["predict", "--run", str(out), "--no-progress", "model.detections_per_img=10"]) == 0
+    results = json.loads((out / "predictions" / "val" / "orig" / "results.json").read_text())
+    assert len(results) == 20 and all(r["segmentation"]["counts"] for r in results)
+    for r in results:  # boxes inside the image's last pixel (clipped to size - 1, mapped back by one factor)
+        x, y, w, h = r["bbox"]
+        size = {1: (480, 640), 2: (427, 555)}[r["image_id"]]
+        assert x >= 0 and y >= 0 and x + w <= size[1] - 1 + 1e-3 and y + h <= size[0] - 1 + 1e-3
+
+
+def test_an_mmdet2_checkpoint_given_as_the_release_is_named(d2_weights, tmp_path, capsys):
+    ckpt = tmp_path / "v2.pth"
+    torch.save({"state_dict": to_mmdet(d2_weights[LVIS])}, ckpt)
+    gt = categories_json(tmp_path / "lvis.json", list(range(1, 1231)))
+    assert (
+        main(["import", "--from", "simcal-v1", str(ckpt), "--out", str(tmp_path / "r"), f"data.train_json={gt}"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "an mmdetection 2+ checkpoint: use --from mmdet" in err and err.count("\n") == 1

@@ -274,3 +274,99 @@ def test_mmdet_resize_is_mmcvs_rescale_with_opencvs_bilinear():
     assert torch.equal(batch.tensors[0, :, :80, :107], torch.from_numpy(expected).permute(2, 0, 1))
     pil = np.asarray(Image.fromarray(pixels).resize((107, 80), Image.BILINEAR)).astype(np.float32)
     assert not np.array_equal(pil, expected)  # PIL's bilinear (detectron2's) is another filter
+
+
+# --------------------------------------------------------------------------- mmdetection v1 (the SimCal release)
+def test_mmdet_v1_anchors_are_detectron1s_rounded_cells():
+    from simcal.modeling.conventions import LegacyAnchorGenerator
+
+    gen = LegacyAnchorGenerator([8.0], [(0.5, 1.0, 2.0)] * 5, [4, 8, 16, 32, 64])
+    # stride 4, size 32: centre 1.5; ratio 1: 1.5 -+ 15.5; ratio 0.5: w 45.25, h 22.63 -> -20.63 -> -21 ...
+    assert gen.cell_anchors[0].tolist() == [
+        [-21.0, -9.0, 24.0, 12.0],
+        [-14.0, -14.0, 17.0, 17.0],
+        [-9.0, -21.0, 12.0, 24.0],
+    ]
+    assert gen.cell_anchors[2][1].tolist() == [-56.0, -56.0, 71.0, 71.0]  # Detectron's 128-px anchor at stride 16
+    images = ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)])
+    levels = [torch.zeros(1, 1, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
+    anchors = gen(images, levels)[0]
+    assert anchors[3].tolist() == [-17.0, -9.0, 28.0, 12.0]  # the next column: + 4 px
+
+
+def test_legacy_box_coder_counts_widths_plus_one():
+    from simcal.modeling.conventions import LegacyBoxCoder
+
+    coder = LegacyBoxCoder((1.0, 1.0, 1.0, 1.0))
+    box = torch.tensor([[10.0, 20.0, 29.0, 59.0]])  # 20 x 40 pixels: centre (19.5, 39.5)
+    zero = coder.decode_single(torch.zeros(1, 4), box)
+    assert zero.tolist() == box.tolist()
+    moved = coder.decode_single(torch.tensor([[0.1, 0.0, math.log(2.0), 0.0]]), box)
+    # centre 19.5 + 0.1 x 20 = 21.5, width 40: 21.5 -+ 20, moved in by 0.5
+    torch.testing.assert_close(moved, torch.tensor([[2.0, 20.0, 41.0, 59.0]]))
+    torch.testing.assert_close(coder.encode_single(moved, box), torch.tensor([[0.1, 0.0, math.log(2.0), 0.0]]))
+    # log(w ratio) clamped at log(16 / 1000) below too: 20 x 0.016 wide, not 20 x e^-9
+    shrunk = coder.decode_single(torch.tensor([[0.0, 0.0, -9.0, 0.0]]), box)
+    assert shrunk[0, 2].item() == pytest.approx(19.5 + 0.5 * 20 * 0.016 - 0.5, abs=1e-5)
+
+
+def test_legacy_nms_and_clipping_count_the_last_pixel():
+    from simcal.modeling.conventions import clip_boxes, nms
+
+    boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0], [5.0, 0.0, 14.0, 9.0]])
+    scores, idxs = torch.tensor([0.9, 0.8]), torch.zeros(2, dtype=torch.long)
+    # +1 widths: 5 x 10 / (100 + 100 - 50) = 0.33; without: 4 x 9 / (81 + 81 - 36) = 0.29
+    assert nms(boxes, scores, idxs, 0.3, plus_one=True).tolist() == [0]
+    assert nms(boxes, scores, idxs, 0.3).tolist() == [0, 1]
+    assert clip_boxes(torch.tensor([[-5.0, -5.0, 200.0, 200.0]]), (100, 150), plus_one=True).tolist() == [
+        [0, 0, 149, 99]
+    ]
+
+
+def test_mmdet_v1_roi_align_is_torchvisions_unaligned_up_to_the_far_pixel():
+    names = ["0", "1", "2", "3"]
+    pool = LevelRoIAlign(names, 7, "mmdet_v1")
+    assert pool.sampling_ratio == 2
+    boxes = torch.tensor([[0.0, 0.0, 111.0, 111.0], [0.0, 0.0, 110.0, 110.0]])
+    assert pool.levels(boxes).tolist() == [1, 0]  # sqrt(112 x 112) = 112: level 1; mmdet 2 puts 111 at 0
+    assert LevelRoIAlign(names, 7, "mmdet").levels(boxes).tolist() == [0, 0]
+    g = torch.Generator().manual_seed(3)
+    feats = {n: torch.randn(1, 4, 64 // 2**i, 64 // 2**i, generator=g) for i, n in enumerate(names)}
+    rois = torch.tensor([[3.3, 4.1, 40.7, 50.2]])
+    ours = pool(feats, [rois], [(256, 256)])
+    level = int(pool.levels(rois))
+    grown = torch.tensor([[0.0, 3.3, 4.1, 41.7, 51.2]])  # v1 samples up to x2 + 1
+    expected = roi_align(feats[names[level]], grown, (7, 7), 1 / (4 * 2**level), 2, False)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_mmdet_v1_rpn_suppresses_each_level_then_keeps_the_best():
+    rpn = _rpn("mmdet_v1")
+    rpn._post_nms_top_n = {"testing": 2}
+    # level 0: two boxes overlapping 0.33 with +1 widths (suppressed at 0.7? no: threshold 0.3 below)
+    rpn.nms_thresh = 0.3
+    boxes = torch.tensor(
+        [[[0.0, 0.0, 9.0, 9.0], [5.0, 0.0, 14.0, 9.0], [50.0, 50.0, 60.0, 60.0], [70.0, 70.0, 80.0, 80.0]]]
+    )
+    logits = torch.tensor([[3.0, 2.0, 1.0, 2.5]])
+    out, scores = rpn.filter_proposals(boxes, logits, [(100, 100)], [2, 2])
+    # level 0 keeps box 0 (box 1 suppressed), level 1 keeps both; the 2 best overall: box 0, box 3
+    assert out[0].tolist() == [[0.0, 0.0, 9.0, 9.0], [70.0, 70.0, 80.0, 80.0]]
+    torch.testing.assert_close(scores[0], torch.sigmoid(torch.tensor([3.0, 2.5])))
+
+
+def test_mmdet_v1_masks_are_pasted_at_integer_corners_and_boxes_mapped_by_one_factor():
+    pytest.importorskip("cv2")
+    from simcal.modeling.conventions import paste_masks_legacy
+
+    masks = torch.full((1, 28, 28), 0.9)
+    pasted = paste_masks_legacy(masks, torch.tensor([[10.7, 5.2, 19.9, 14.8]]), 30, 40)
+    expected = torch.zeros(1, 30, 40, dtype=torch.bool)
+    expected[0, 5:15, 10:20] = True  # corners truncated to (10, 5)-(19, 14): 10 x 10 pixels
+    assert torch.equal(pasted, expected)
+    t = FrameworkTransform(800, 1333, resize="mmdet_v1")
+    boxes = torch.tensor([[100.0, 100.0, 1000.0, 700.0]])
+    # 480 x 640 -> 800 x 1067: v1 divides by the factor 800 / 480, mmdetection 2 by each axis's ratio
+    torch.testing.assert_close(t.to_original(boxes, (800, 1067), (480, 640)), boxes * 0.6)
+    v2 = FrameworkTransform(800, 1333, resize="mmdet").to_original(boxes, (800, 1067), (480, 640))
+    assert v2[0, 2].item() == pytest.approx(1000 * 640 / 1067, rel=1e-6)

@@ -36,11 +36,12 @@ PROVENANCE_FORMAT = "simcal.import"
 
 def _converters() -> dict[str, tuple[Callable[..., Imported], Callable[[str, dict[str, str]], str], tuple[str, ...]]]:
     """framework -> (convert, name of a simcal key in the framework, where its weights sit in the file)."""
-    from simcal.modeling.importers import detectron2, mmdet
+    from simcal.modeling.importers import detectron2, mmdet, simcal_v1
 
     return {
         "detectron2": (detectron2.convert, detectron2.source_key, ("model",)),
         "mmdet": (mmdet.convert, mmdet.source_key, ("state_dict",)),
+        "simcal-v1": (simcal_v1.convert, simcal_v1.source_key, ("state_dict",)),
     }
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import boxes as box_ops
 
+from simcal.modeling.conventions import clip_boxes
 from simcal.modeling.predictors import BoxPredictor
 from simcal.modeling.roi_heads import LongTailRoIHeads, RoIBatch, selected_mask_logits
 from simcal.seeds import stage_resampling_seed
@@ -170,7 +171,8 @@ class CascadeRoIHeads(LongTailRoIHeads):
         """Stage ``k``'s regression of its input ``boxes``, clipped to the image, detached: the
         next stage's input boxes (per image ``(R_i, 4)``)."""
         decoded = self.stage_coders[k].decode(deltas.detach(), boxes).reshape(-1, 4)
-        return [box_ops.clip_boxes_to_image(b, s) for b, s in zip(decoded.split([len(b) for b in boxes]), image_shapes)]
+        parts = decoded.split([len(b) for b in boxes])
+        return [clip_boxes(b, s, self.box_plus_one) for b, s in zip(parts, image_shapes)]
 
     def stage_targets(
         self, k: int, boxes: list[Tensor], targets: list[dict[str, Tensor]]

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
@@ -98,9 +100,9 @@ class FrameworkTransform(GeneralizedRCNNTransform):
         super().__init__(min_size, max_size, mean, std, **kwargs)  # type: ignore[arg-type]
         if pixel_format not in ("rgb", "bgr"):
             raise ValueError(f"pixel_format must be rgb or bgr, got {pixel_format!r}")
-        if resize not in ("torchvision", "detectron2", "mmdet"):
-            raise ValueError(f"resize must be torchvision, detectron2 or mmdet, got {resize!r}")
-        if resize == "mmdet":
+        if resize not in ("torchvision", "detectron2", "mmdet", "mmdet_v1"):
+            raise ValueError(f"resize must be torchvision, detectron2, mmdet or mmdet_v1, got {resize!r}")
+        if resize.startswith("mmdet"):
             _cv2()  # a missing OpenCV is said when the model is built, not at the first image
         self.pixel_format = pixel_format
         self.resize_rule = resize
@@ -114,6 +116,16 @@ class FrameworkTransform(GeneralizedRCNNTransform):
     def clip_to_original(self) -> bool:
         """Whether detections are clipped to the original image and empty ones dropped (detectron2)."""
         return self.resize_rule == "detectron2"
+
+    def to_original(self, boxes: Tensor, resized: tuple[int, int], original: tuple[int, int]) -> Tensor:
+        """Boxes ``(N, 4)`` of the resized frame in the original image's pixels: each axis by its own
+        ratio of sizes (torchvision, detectron2, mmdetection 2+), or divided by the one scale factor
+        the image was resized with (mmdetection v1's ``bboxes /= scale_factor``)."""
+        if self.resize_rule != "mmdet_v1":
+            return resize_boxes(boxes, resized, original)
+        h, w = original
+        short = self.min_size[-1]
+        return boxes / float(min(self.max_size / max(h, w), short / min(h, w)))
 
     def _normalize_255(self, image: Tensor) -> Tensor:
         """``(3, H, W)`` in 0-255, RGB -> the network's input (channel order, mean, std)."""
@@ -135,7 +147,7 @@ class FrameworkTransform(GeneralizedRCNNTransform):
             return super().resize(image, target)
         h, w = image.shape[-2:]
         short = self.torch_choice(list(self.min_size)) if self.training else self.min_size[-1]
-        size = detectron2_output_size if self.resize_rule == "detectron2" else mmdet_output_size
+        size = detectron2_output_size if self.resize_rule == "detectron2" else mmdet_output_size  # v1: the same
         newh, neww = size(int(h), int(w), int(short), int(self.max_size))
         # the uint8 image simcal read (its floats are k / 255), resized as the framework resizes it:
         # PIL's bilinear filter (detectron2) or OpenCV's (mmcv's imrescale)
@@ -171,12 +183,18 @@ def _cv2():  # noqa: ANN202 - the module
 
 
 def rescale_detections(
-    result: dict[str, Tensor], resized: tuple[int, int], original: tuple[int, int], clip: bool
+    result: dict[str, Tensor], resized: tuple[int, int], original: tuple[int, int], clip: bool, transform: Any = None
 ) -> dict[str, Tensor]:
-    """Boxes ``(N, 4)`` of the resized frame back to the original image; with ``clip`` also
-    clipped to it and the detections whose box is then empty dropped (detectron2's
-    ``detector_postprocess``); every per-detection tensor of ``result`` follows."""
-    boxes = resize_boxes(result["boxes"], resized, original)
+    """Boxes ``(N, 4)`` of the resized frame back to the original image (``transform``'s
+    :meth:`FrameworkTransform.to_original` when it has one); with ``clip`` also clipped to it and
+    the detections whose box is then empty dropped (detectron2's ``detector_postprocess``); every
+    per-detection tensor of ``result`` follows."""
+    to_original = getattr(transform, "to_original", None)
+    boxes = (
+        to_original(result["boxes"], resized, original)
+        if to_original
+        else resize_boxes(result["boxes"], resized, original)
+    )
     result["boxes"] = boxes
     if not clip:
         return result
@@ -252,8 +270,85 @@ class ExactAnchorGenerator(nn.Module):
         return [anchors for _ in range(image_list.tensors.shape[0])]
 
 
+class LegacyAnchorGenerator(ExactAnchorGenerator):
+    """mmdetection v1's anchors: cells centred at ``(stride - 1) / 2`` with corners
+    ``ctr -+ (w - 1) / 2``, ``w = stride * scale / sqrt(r)``, rounded (float32, half to even as
+    ``torch.round``), shifted by multiples of the stride."""
+
+    def __init__(
+        self, scales: Sequence[float], aspect_ratios: Sequence[Sequence[float]], strides: Sequence[int]
+    ) -> None:
+        self._scales = tuple(float(s) for s in scales)
+        sizes = [tuple(stride * sc for sc in self._scales) for stride in strides]
+        super().__init__(sizes, aspect_ratios, strides, offset=0.0)
+        self.cell_anchors = [self._legacy_cells(st, r) for st, r in zip(self.strides, self.aspect_ratios)]
+
+    def _legacy_cells(self, stride: int, ratios: Sequence[float]) -> Tensor:
+        base = float(stride)
+        ctr = 0.5 * (base - 1)
+        r = torch.tensor(ratios, dtype=torch.float32)
+        h_ratios = torch.sqrt(r)
+        w_ratios = 1 / h_ratios
+        scales = torch.tensor(self._scales, dtype=torch.float32)
+        ws = (base * w_ratios[:, None] * scales[None, :]).view(-1)
+        hs = (base * h_ratios[:, None] * scales[None, :]).view(-1)
+        cells = torch.stack(
+            [ctr - 0.5 * (ws - 1), ctr - 0.5 * (hs - 1), ctr + 0.5 * (ws - 1), ctr + 0.5 * (hs - 1)], -1
+        )
+        return cells.round()
+
+
+class LegacyBoxCoder(BoxCoder):
+    """mmdetection v1's ``delta2bbox`` / ``bbox2delta``: widths ``x2 - x1 + 1``, decoded corners
+    ``ctr -+ w / 2`` moved in by 0.5, deltas times ``1 / weights`` (its ``target_stds``), ``log``
+    of the size ratio clamped on both sides."""
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        boxes = boxes.to(rel_codes.dtype)
+        stds = torch.tensor([1.0 / w for w in self.weights], dtype=rel_codes.dtype, device=rel_codes.device)
+        d = rel_codes.reshape(rel_codes.shape[0], -1, 4) * stds
+        dx, dy, dw, dh = d.unbind(-1)
+        dw = dw.clamp(min=-self.bbox_xform_clip, max=self.bbox_xform_clip)
+        dh = dh.clamp(min=-self.bbox_xform_clip, max=self.bbox_xform_clip)
+        px, py = ((boxes[:, 0] + boxes[:, 2]) * 0.5)[:, None], ((boxes[:, 1] + boxes[:, 3]) * 0.5)[:, None]
+        pw, ph = (boxes[:, 2] - boxes[:, 0] + 1.0)[:, None], (boxes[:, 3] - boxes[:, 1] + 1.0)[:, None]
+        gw, gh = pw * dw.exp(), ph * dh.exp()
+        gx, gy = torch.addcmul(px, pw, dx), torch.addcmul(py, ph, dy)
+        out = torch.stack([gx - gw * 0.5 + 0.5, gy - gh * 0.5 + 0.5, gx + gw * 0.5 - 0.5, gy + gh * 0.5 - 0.5], -1)
+        return out.reshape(rel_codes.shape[0], -1)
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        p, g = proposals.float(), reference_boxes.float()
+        pw, ph = p[:, 2] - p[:, 0] + 1.0, p[:, 3] - p[:, 1] + 1.0
+        gw, gh = g[:, 2] - g[:, 0] + 1.0, g[:, 3] - g[:, 1] + 1.0
+        px, py = (p[:, 0] + p[:, 2]) * 0.5, (p[:, 1] + p[:, 3]) * 0.5
+        gx, gy = (g[:, 0] + g[:, 2]) * 0.5, (g[:, 1] + g[:, 3]) * 0.5
+        deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], -1)
+        stds = torch.tensor([1.0 / w for w in self.weights], dtype=deltas.dtype, device=deltas.device)
+        return deltas / stds
+
+
+def clip_boxes(boxes: Tensor, size: tuple[int, int], plus_one: bool = False) -> Tensor:
+    """Boxes ``(..., 4)`` clipped to an image of ``size`` ``(h, w)``: to ``[0, w]`` x ``[0, h]``, or with
+    mmdetection v1's ``plus_one`` to ``[0, w - 1]`` x ``[0, h - 1]``."""
+    if not plus_one:
+        return box_ops.clip_boxes_to_image(boxes, size)
+    h, w = size
+    x = boxes[..., 0::2].clamp(min=0, max=w - 1)
+    y = boxes[..., 1::2].clamp(min=0, max=h - 1)
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
+def nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou: float, plus_one: bool = False) -> Tensor:
+    """``batched_nms``; with mmdetection v1's ``plus_one`` the areas and overlaps count ``x2 - x1 + 1``
+    pixels (the same as torchvision's NMS of the boxes grown by 1 at their far corner)."""
+    if plus_one:
+        boxes = boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype, device=boxes.device)
+    return box_ops.batched_nms(boxes, scores, idxs, iou)
+
+
 #: ``model.proposals``: how the RPN filters each image's candidates (see :class:`FrameworkRPN`)
-PROPOSAL_RULES = ("torchvision", "detectron2", "mmdet")
+PROPOSAL_RULES = ("torchvision", "detectron2", "mmdet", "mmdet_v1")
 
 
 class FrameworkRPN(RegionProposalNetwork):
@@ -287,6 +382,8 @@ class FrameworkRPN(RegionProposalNetwork):
     ) -> tuple[list[Tensor], list[Tensor]]:
         if self.proposal_rule == "torchvision":
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        if self.proposal_rule == "mmdet_v1":
+            return self._filter_v1(proposals, objectness, image_shapes, num_anchors_per_level)
         num_images = proposals.shape[0]
         device = proposals.device
         logits = objectness.detach().reshape(num_images, -1)
@@ -321,9 +418,38 @@ class FrameworkRPN(RegionProposalNetwork):
             final_scores.append(torch.sigmoid(scores[keep]) if self.proposal_rule == "detectron2" else scores[keep])
         return final_boxes, final_scores
 
+    def _filter_v1(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """mmdetection v1's ``get_bboxes_single``: per level the ``pre_nms_top_n`` best sigmoid
+        scores, boxes clipped to ``[0, size - 1]``, NMS with +1 widths, its ``post_nms_top_n`` best;
+        then the ``post_nms_top_n`` best of all levels (its ``nms_post`` and ``max_num``, equal in
+        the SimCal release's configs)."""
+        scores_all = torch.sigmoid(objectness.detach().reshape(proposals.shape[0], -1))
+        final_boxes, final_scores = [], []
+        for boxes_img, scores_img, shape in zip(proposals, scores_all, image_shapes):
+            kept_boxes, kept_scores = [], []
+            for boxes, scores in zip(boxes_img.split(num_anchors_per_level), scores_img.split(num_anchors_per_level)):
+                k = min(scores.numel(), self.pre_nms_top_n())
+                scores, top = scores.topk(k)
+                boxes = clip_boxes(boxes[top], shape, plus_one=True)
+                keep = nms(boxes, scores, torch.zeros_like(top), self.nms_thresh, plus_one=True)
+                keep = keep[: self.post_nms_top_n()]
+                kept_boxes.append(boxes[keep])
+                kept_scores.append(scores[keep])
+            boxes, scores = torch.cat(kept_boxes), torch.cat(kept_scores)
+            top = scores.topk(min(scores.numel(), self.post_nms_top_n())).indices
+            final_boxes.append(boxes[top])
+            final_scores.append(scores[top])
+        return final_boxes, final_scores
+
 
 #: ``model.roi_align``: RoIAlign and the RoI -> FPN level rule (see :class:`LevelRoIAlign`)
-ROI_ALIGNS = ("torchvision", "detectron2", "mmdet")
+ROI_ALIGNS = ("torchvision", "detectron2", "mmdet", "mmdet_v1")
 
 
 class LevelRoIAlign(nn.Module):
@@ -332,7 +458,9 @@ class LevelRoIAlign(nn.Module):
     level mapping:
 
     - ``detectron2``: ``floor(4 + log2(sqrt(area) / 224 + 1e-8))`` clamped to the levels;
-    - ``mmdet``: ``floor(log2(sqrt(area) / 56 + 1e-6))`` from the finest level, clamped.
+    - ``mmdet``: ``floor(log2(sqrt(area) / 56 + 1e-6))`` from the finest level, clamped;
+    - ``mmdet_v1``: mmdetection v1's, areas with +1 widths, and its RoIAlign: not aligned, from
+      ``x1 * s`` to ``(x2 + 1) * s``, 2 x 2 samples per bin.
 
     Same call as torchvision's ``MultiScaleRoIAlign``: ``(features, boxes per image,
     image sizes) -> (sum N_i, C, output_size, output_size)``; level ``i`` of ``featmap_names``
@@ -348,8 +476,10 @@ class LevelRoIAlign(nn.Module):
         aligned: bool = True,
     ) -> None:
         super().__init__()
-        if rule not in ("detectron2", "mmdet"):
-            raise ValueError(f"level rule must be detectron2 or mmdet, got {rule!r}")
+        if rule not in ("detectron2", "mmdet", "mmdet_v1"):
+            raise ValueError(f"level rule must be detectron2, mmdet or mmdet_v1, got {rule!r}")
+        if rule == "mmdet_v1":  # mmdetection v1's RoIAlign: not aligned, the far edge + 1, 2 x 2 samples
+            sampling_ratio = 2
         self.featmap_names = list(featmap_names)
         size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
         self.output_size = tuple(int(s) for s in size)
@@ -365,7 +495,8 @@ class LevelRoIAlign(nn.Module):
 
     def levels(self, boxes: Tensor) -> Tensor:
         """``(N,)`` level index (0 = the finest) of each box ``(N, 4)``."""
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        one = 1.0 if self.rule == "mmdet_v1" else 0.0
+        area = (boxes[:, 2] - boxes[:, 0] + one) * (boxes[:, 3] - boxes[:, 1] + one)
         size = torch.sqrt(area)
         last = len(self.featmap_names) - 1
         if self.rule == "detectron2":
@@ -388,9 +519,39 @@ class LevelRoIAlign(nn.Module):
         for i, (f, scale) in enumerate(zip(feats, self.scales)):
             inds = torch.where(lvl == i)[0]
             if inds.numel():
-                pooled = roi_align(f, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
+                level_rois = rois[inds]
+                if self.rule == "mmdet_v1":
+                    # v1 samples from x1 * s to (x2 + 1) * s with no half-pixel shift: aligned RoIAlign
+                    # (which subtracts 0.5) of the box shifted by 0.5 / s, its far edge by 1 more
+                    shift = torch.tensor([0.0, 0.5 / scale, 0.5 / scale, 1 + 0.5 / scale, 1 + 0.5 / scale])
+                    level_rois = level_rois + shift.to(level_rois)
+                pooled = roi_align(f, level_rois, self.output_size, scale, self.sampling_ratio, self.aligned)
                 out.index_put_((inds,), pooled.to(out.dtype))
         return out
+
+
+def paste_masks_legacy(masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5) -> Tensor:
+    """mmdetection v1's ``get_seg_masks``: each ``M x M`` mask probability map resized with OpenCV's
+    bilinear filter to its box's integer size (corners truncated, ``x2 - x1 + 1`` wide), thresholded
+    above ``threshold`` and pasted at the box's corner.
+
+    Args:
+        masks: ``(N, M, M)`` probabilities; boxes: ``(N, 4)`` xyxy in image pixels.
+
+    Returns:
+        ``(N, height, width)`` bool.
+    """
+    cv2 = _cv2()
+    out = torch.zeros((masks.shape[0], height, width), dtype=torch.bool)
+    probs = masks.detach().float().cpu().numpy()
+    corners = boxes.detach().cpu().numpy().astype(np.int32)
+    for i, (x1, y1, x2, y2) in enumerate(corners):
+        w, h = max(int(x2 - x1) + 1, 1), max(int(y2 - y1) + 1, 1)
+        mask = cv2.resize(probs[i], (w, h), interpolation=cv2.INTER_LINEAR) > threshold
+        x1, y1 = max(int(x1), 0), max(int(y1), 0)
+        crop = mask[: max(0, height - y1), : max(0, width - x1)]
+        out[i, y1 : y1 + crop.shape[0], x1 : x1 + crop.shape[1]] = torch.from_numpy(crop)
+    return out.to(masks.device)
 
 
 def put_stride_in_1x1(body: nn.Module) -> None:

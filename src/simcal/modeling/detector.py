@@ -46,7 +46,10 @@ from simcal.modeling.conventions import (
     ExactAnchorGenerator,
     FrameworkRPN,
     FrameworkTransform,
+    LegacyAnchorGenerator,
+    LegacyBoxCoder,
     LevelRoIAlign,
+    paste_masks_legacy,
     put_stride_in_1x1,
     rescale_detections,
 )
@@ -170,9 +173,10 @@ class LongTailMaskRCNN(GeneralizedRCNN):
             for i, (resized, (h, w)) in enumerate(zip(batch.image_sizes, sizes)):
                 r = result[i]
                 r.pop("roi", None)
-                r = result[i] = rescale_detections(r, resized, (h, w), clip)
+                r = result[i] = rescale_detections(r, resized, (h, w), clip, self.transform)
                 if "masks" in r and paste:
-                    r["masks"] = paste_masks(r["masks"][:, 0], r["boxes"], int(h), int(w))
+                    paster = paste_masks_legacy if self.roi_heads.box_plus_one else paste_masks
+                    r["masks"] = paster(r["masks"][:, 0], r["boxes"], int(h), int(w))
         return out
 
     @torch.no_grad()
@@ -180,7 +184,10 @@ class LongTailMaskRCNN(GeneralizedRCNN):
         """The RPN's proposals per image ``(P_i, 4)`` xyxy in original pixels, best objectness first."""
         batch, _ = self.transform(images)
         props, _ = self.rpn(batch, self.backbone(batch.tensors))
-        return [resize_boxes(p, resized, im.shape[-2:]) for p, resized, im in zip(props, batch.image_sizes, images)]
+        to_original = getattr(self.transform, "to_original", resize_boxes)
+        return [
+            to_original(p, resized, tuple(im.shape[-2:])) for p, resized, im in zip(props, batch.image_sizes, images)
+        ]
 
 
 def training_proposal_counts(model: GeneralizedRCNN) -> tuple[int, int]:
@@ -604,12 +611,23 @@ def apply_conventions(model: LongTailMaskRCNN, cfg: ModelConfig) -> None:
         )
     if cfg.stride_in_1x1:
         put_stride_in_1x1(model.backbone.body)
-    if cfg.anchors == "exact":
+    if cfg.anchors != "torchvision":
         old = model.rpn.anchor_generator
         strides = [4 * 2**i for i in range(len(old.sizes))]  # P2.. of an FPN with its max-pooled P6
-        model.rpn.anchor_generator = ExactAnchorGenerator(old.sizes, old.aspect_ratios, strides)
+        if cfg.anchors == "exact":
+            model.rpn.anchor_generator = ExactAnchorGenerator(old.sizes, old.aspect_ratios, strides)
+        else:  # mmdet_v1: its scales are the sizes over the stride (8 for torchvision's 32..512)
+            scales = sorted({size / stride for sizes, stride in zip(old.sizes, strides) for size in sizes})
+            model.rpn.anchor_generator = LegacyAnchorGenerator(scales, old.aspect_ratios, strides)
     FrameworkRPN.adopt(model.rpn, cfg.proposals)
     roi = model.roi_heads
+    if cfg.box_plus_one:
+        model.rpn.box_coder = LegacyBoxCoder(model.rpn.box_coder.weights)
+        roi.box_plus_one = True
+        roi.box_coder = LegacyBoxCoder(roi.box_coder.weights)
+        if hasattr(roi, "stage_coders"):
+            roi.stage_coders = [LegacyBoxCoder(c.weights) for c in roi.stage_coders]
+            roi.box_coder = roi.stage_coders[0]
     if cfg.mask_head == "normed" and roi.mask_predictor is not None:
         for owner in [roi.mask_predictor, *getattr(roi, "extra_mask_predictors", [])]:
             old_conv = owner.mask_fcn_logits

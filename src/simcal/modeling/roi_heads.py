@@ -40,6 +40,7 @@ from torchvision.models.detection.roi_heads import (
 )
 from torchvision.ops import boxes as box_ops
 
+from simcal.modeling.conventions import clip_boxes, nms
 from simcal.modeling.predictors import BoxPredictor
 
 
@@ -124,6 +125,9 @@ class LongTailRoIHeads(RoIHeads):
     #: detections narrower or shorter than this (px, resized frame) are dropped before NMS
     #: (torchvision's 1e-2; 0 keeps them all, as detectron2 and mmdetection do: ``model.min_box_size``)
     min_box_size: float = 1e-2
+    #: mmdetection v1's legacy box convention (``model.box_plus_one``): boxes clipped to ``[0, size - 1]``,
+    #: NMS counting ``x2 - x1 + 1`` pixels (its box coder: :class:`simcal.modeling.conventions.LegacyBoxCoder`)
+    box_plus_one: bool = False
 
     def __init__(self, *args: Any, class_agnostic: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -262,7 +266,7 @@ class LongTailRoIHeads(RoIHeads):
         pred_boxes = self.decode_boxes(box_regression, proposals, num_classes).split(per_image, 0)
         out_boxes, out_scores, out_labels, out_index = [], [], [], []
         for boxes, sc, shape in zip(pred_boxes, scores.split(per_image, 0), image_shapes):
-            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            boxes = clip_boxes(boxes, shape, self.box_plus_one)
             labels = torch.arange(num_classes, device=sc.device).view(1, -1).expand_as(sc)
             index = torch.arange(sc.shape[0], device=sc.device).view(-1, 1).expand_as(sc)
             boxes, sc = boxes[:, 1:].reshape(-1, 4), sc[:, 1:].reshape(-1)
@@ -273,7 +277,11 @@ class LongTailRoIHeads(RoIHeads):
             keep = torch.where(above)[0]
             if self.min_box_size > 0:
                 keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=self.min_box_size)]
-            keep = keep[top_batched_nms(boxes[keep], sc[keep], labels[keep], self.nms_thresh, self.detections_per_img)]
+            keep = keep[
+                top_batched_nms(
+                    boxes[keep], sc[keep], labels[keep], self.nms_thresh, self.detections_per_img, self.box_plus_one
+                )
+            ]
             out_boxes.append(boxes[keep])
             out_scores.append(sc[keep])
             out_labels.append(labels[keep])
@@ -517,7 +525,9 @@ def best_per_class(dets: list[dict[str, Tensor]], k: int) -> list[dict[str, Tens
     return out
 
 
-def top_batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, k: int) -> Tensor:
+def top_batched_nms(
+    boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, k: int, plus_one: bool = False
+) -> Tensor:
     """``batched_nms(boxes, scores, labels, iou_threshold)[:k]``, computed on the best candidates only.
 
     Whether a box survives class-wise NMS depends only on the higher-scoring boxes of its class, so
@@ -529,20 +539,21 @@ def top_batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold
 
     Args:
         boxes: ``(N, 4)``; scores, labels: ``(N,)``.
+        plus_one: mmdetection v1's overlaps with ``x2 - x1 + 1`` widths (:func:`simcal.modeling.conventions.nms`).
 
     Returns:
         indices into ``boxes`` ``(min(k, survivors),)``, by decreasing score (every survivor when
         ``k`` is 0 or less).
     """
     if k <= 0:
-        return box_ops.batched_nms(boxes, scores, labels, iou_threshold)
+        return nms(boxes, scores, labels, iou_threshold, plus_one)
     n = scores.numel()
     m = 4 * k
     while m < n:
         threshold = torch.topk(scores, m, sorted=False).values.min()
         cand = torch.where(scores >= threshold)[0]
-        kept = cand[box_ops.batched_nms(boxes[cand], scores[cand], labels[cand], iou_threshold)]
+        kept = cand[nms(boxes[cand], scores[cand], labels[cand], iou_threshold, plus_one)]
         if kept.numel() >= k:
             return kept[:k]
         m *= 4
-    return box_ops.batched_nms(boxes, scores, labels, iou_threshold)[:k]
+    return nms(boxes, scores, labels, iou_threshold, plus_one)[:k]

@@ -186,7 +186,7 @@ def renamed(
 
 
 #: how a framework's class-score rows map onto simcal's (:func:`class_layout`)
-CLASS_ROWS = ("background_last", "drop_last", "as_is")
+CLASS_ROWS = ("background_last", "drop_last", "as_is", "background_first")
 
 
 def class_layout(
@@ -204,7 +204,8 @@ def class_layout(
     background at row C: detectron2, mmdetection 2+) become background first; ``drop_last``
     (detectron2's sigmoid classifier: C + 1 rows, the last never scored) keep the C class rows;
     ``as_is`` (mmdetection's sigmoid C rows, Seesaw's C + 2) stay. Class-specific box deltas 4C and
-    mask channels C get zeros for the background in front (4(C+1), C+1). A cascade's class-agnostic
+    mask channels C get zeros for the background in front (4(C+1), C+1); ``background_first``
+    (mmdetection v1: simcal's own layout, C + 1 rows, deltas and channels) stays as it is. A cascade's class-agnostic
     box regressors stay one box; on a one-stage head whose mask is class-specific, a class-agnostic
     box regressor (or, the other way round, mask channel) is repeated for each label: the same
     outputs with simcal's single ``class_agnostic`` switch."""
@@ -217,14 +218,15 @@ def class_layout(
             return value[:c].clone()
         if rows == "background_last":
             return torch.cat([value[c:], value[:c]])
-        return value
+        return value  # as_is, background_first
     repeat = (c + 1, *[1] * (value.dim() - 1))
+    has_background = rows == "background_first"
     if key.endswith(("bbox_pred.weight", "bbox_pred.bias")):
         if box_agnostic:
             return value if class_agnostic or cascade else value.repeat(*repeat)
-        return torch.cat([torch.zeros_like(value[:4]), value])
+        return value if has_background else torch.cat([torch.zeros_like(value[:4]), value])
     if key.endswith(("mask_fcn_logits.weight", "mask_fcn_logits.bias")):
         if mask_agnostic:
             return value if class_agnostic else value.repeat(*repeat)
-        return torch.cat([torch.zeros_like(value[:1]), value])
+        return value if has_background else torch.cat([torch.zeros_like(value[:1]), value])
     return value
