@@ -528,7 +528,8 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "import",
-        "a detector trained in detectron2 as a simcal run (same detections as detectron2): calibrate it, predict, ...",
+        "a detector trained in detectron2, mmdetection or the SimCal release as a simcal run computing what its "
+        "framework computes: calibrate it, predict, ...",
         cmd_import,
         (
             opt(
@@ -542,7 +543,7 @@ COMMANDS: tuple[Command, ...] = (
                 "checkpoint",
                 nargs="+",
                 metavar="CHECKPOINT [section.key=value ...]",
-                help="its weights (a model zoo .pkl, a run's model_final.pth), then overrides for what the "
+                help="its weights (a model zoo file, a run's checkpoint), then overrides for what the "
                 "checkpoint cannot say; the class order needs data.train_json (calibration needs it too), e.g. "
                 "data.train_json=lvis_v0.5_train.json data.train_images=coco/train2017 data.val_json=... "
                 "data.val_images=...",
@@ -551,8 +552,9 @@ COMMANDS: tuple[Command, ...] = (
             opt(
                 "--framework-config",
                 type=Path,
-                help="the model's config file in its framework (detectron2 YAML; _BASE_ followed); "
-                "default: the model zoo's settings, printed",
+                help="the model's config file in its framework (detectron2 YAML, _BASE_ followed; mmdetection Python "
+                "config, read without running it); default: the checkpoint's own (mmdetection) or the model zoo's "
+                "settings, printed",
             ),
         ),
     ),
