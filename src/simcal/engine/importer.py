@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from simcal import __version__, choices
 from simcal.config import Config, apply_overrides, classifier_of, config_from_dict, save_config
 from simcal.data.annotations import load_dataset
@@ -101,7 +103,7 @@ def import_checkpoint(
     if overrides:
         cfg = apply_overrides(cfg, list(overrides), f"<{framework} import of {source}>")
     label_map, categories_from = _label_map(cfg, imported, source)
-    model = _checked_model(cfg, imported, source, source_key)
+    state = _checked_state(cfg, imported, source, source_key)
 
     provenance = {
         "format": PROVENANCE_FORMAT,
@@ -126,7 +128,7 @@ def import_checkpoint(
         save_checkpoint(
             run.model_final,
             {
-                "model": model.state_dict(),
+                "model": state,
                 "iteration": 0,
                 "num_classes": label_map.num_classes,
                 "config": cfg.to_dict(),
@@ -171,12 +173,17 @@ def _label_map(cfg: Config, imported: Imported, source: str) -> tuple[LabelMap, 
     return label_map, os.path.abspath(path)
 
 
-def _checked_model(cfg: Config, imported: Imported, source: str, source_key: Callable[..., str]) -> Any:
-    """The detector ``cfg`` builds, with the converted weights: every tensor there, none extra."""
+def _checked_state(
+    cfg: Config, imported: Imported, source: str, source_key: Callable[..., str]
+) -> dict[str, torch.Tensor]:
+    """The converted weights in the order of the detector ``cfg`` builds, checked against it: every
+    tensor there, none extra, every shape. The detector is built on the ``meta`` device (shapes
+    only, no memory, no initialisation)."""
     from simcal.modeling.detector import build_detector
 
     try:
-        model = build_detector(cfg.model, imported.num_classes, classifier=classifier_of(cfg))
+        with torch.device("meta"):
+            model = build_detector(cfg.model, imported.num_classes, classifier=classifier_of(cfg))
     except ValueError as e:
         raise InputError(source, "(architecture)", str(e)) from None
     own = model.state_dict()
@@ -206,8 +213,7 @@ def _checked_model(cfg: Config, imported: Imported, source: str, source_key: Cal
                 f"shape {list(got.shape)} (as simcal's {key}) contradicts the other tensors: "
                 f"the architecture they describe needs {list(tensor.shape)}",
             )
-    model.load_state_dict(imported.state, strict=False)
-    return model
+    return {key: imported.state[key] for key in own}
 
 
 def _summary(framework: str, source: str, provenance: dict[str, Any], cfg: Config, out: Path, notes: list[str]) -> None:

@@ -110,6 +110,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise InputError(path, "(checkpoint)", f"cannot read as a checkpoint: {type(e).__name__}: {first}") from None
 
 
+#: ResNet stages' block counts -> depth (the body of every framework's ResNet)
+RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
+
+
+def stage_prefix(k: str | None, first: str, extra: str) -> str:
+    """The simcal prefix of a cascade's stage ``k`` (a framework's 0-based index, None for a single
+    stage): ``first`` (stage 1 keeps torchvision's keys), else ``extra.{k-1}``."""
+    return first if k is None or int(k) == 0 else f"{extra}.{int(k) - 1}"
+
+
 #: the entries of a training checkpoint that are not the model's weights
 TRAINING_STATE = ("optimizer", "scheduler", "iteration", "epoch", "iter", "trainer", "meta", "amp", "grad_scaler")
 

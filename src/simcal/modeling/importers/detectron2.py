@@ -35,7 +35,7 @@ from torch import Tensor
 
 from simcal import choices
 from simcal.errors import InputError
-from simcal.modeling.importers import Imported, class_layout, renamed, shape_error
+from simcal.modeling.importers import RESNET_DEPTHS, Imported, class_layout, renamed, shape_error, stage_prefix
 
 # --------------------------------------------------------------------------- the config file
 #: detectron2's defaults (``config/defaults.py``) of every key read or checked here
@@ -162,10 +162,6 @@ def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _Rename = Callable[[re.Match[str]], str]
 
 
-def _stage(k: str | None, first: str, extra: str) -> str:
-    return first if k is None or int(k) == 0 else f"{extra}.{int(k) - 1}"
-
-
 #: detectron2 key pattern -> simcal key
 RENAMES: list[tuple[re.Pattern[str], _Rename]] = [
     (re.compile(r"^backbone\.bottom_up\.stem\.conv1\.weight$"), lambda m: "backbone.body.conv1.weight"),
@@ -205,11 +201,11 @@ RENAMES: list[tuple[re.Pattern[str], _Rename]] = [
     ),
     (
         re.compile(r"^roi_heads\.box_head\.(?:(\d+)\.)?fc([12])\.(weight|bias)$"),
-        lambda m: f"{_stage(m[1], 'roi_heads.box_head', 'roi_heads.extra_heads')}.fc{int(m[2]) + 5}.{m[3]}",
+        lambda m: f"{stage_prefix(m[1], 'roi_heads.box_head', 'roi_heads.extra_heads')}.fc{int(m[2]) + 5}.{m[3]}",
     ),
     (
         re.compile(r"^roi_heads\.box_predictor\.(?:(\d+)\.)?(cls_score|bbox_pred)\.(weight|bias)$"),
-        lambda m: f"{_stage(m[1], 'roi_heads.box_predictor', 'roi_heads.extra_predictors')}.{m[2]}.{m[3]}",
+        lambda m: f"{stage_prefix(m[1], 'roi_heads.box_predictor', 'roi_heads.extra_predictors')}.{m[2]}.{m[3]}",
     ),
     (
         re.compile(r"^roi_heads\.mask_head\.mask_fcn([1-4])\.(weight|bias)$"),
@@ -238,7 +234,6 @@ def rename(key: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- the architecture
-DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
 
 
 def _architecture(w: dict[str, Tensor], source: str) -> dict[str, Any]:
@@ -253,7 +248,7 @@ def _architecture(w: dict[str, Tensor], source: str) -> dict[str, Any]:
     deform = next((k for k in w if ".conv2_offset." in k), None)
     if deform is not None:
         raise InputError(source, deform, "deformable convolutions (DEFORM_ON_PER_STAGE) are not supported")
-    depth = DEPTHS.get(tuple(blocks))
+    depth = RESNET_DEPTHS.get(tuple(blocks))
     if depth is None:
         raise InputError(source, "backbone.bottom_up", f"ResNet stages of {blocks} blocks: not ResNet-50/101/152")
     conv2 = w.get("backbone.bottom_up.res2.0.conv2.weight")

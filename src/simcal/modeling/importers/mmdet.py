@@ -40,7 +40,7 @@ from torch import Tensor
 
 from simcal import choices
 from simcal.errors import InputError
-from simcal.modeling.importers import Imported, class_layout, renamed, shape_error
+from simcal.modeling.importers import RESNET_DEPTHS, Imported, class_layout, renamed, shape_error, stage_prefix
 
 # --------------------------------------------------------------------------- the config, without running it
 
@@ -187,9 +187,6 @@ def _pipeline_steps(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- names
-def _stage(k: str | None, first: str, extra: str) -> str:
-    return first if k is None or int(k) == 0 else f"{extra}.{int(k) - 1}"
-
 
 RENAMES: list[tuple[re.Pattern[str], Any]] = [
     (
@@ -211,27 +208,30 @@ RENAMES: list[tuple[re.Pattern[str], Any]] = [
     (re.compile(r"^rpn_head\.rpn_reg\.(weight|bias)$"), lambda m: f"rpn.head.bbox_pred.{m[1]}"),
     (
         re.compile(r"^roi_head\.bbox_head\.(?:(\d+)\.)?shared_fcs\.([01])\.(weight|bias)$"),
-        lambda m: f"{_stage(m[1], 'roi_heads.box_head', 'roi_heads.extra_heads')}.fc{int(m[2]) + 6}.{m[3]}",
+        lambda m: f"{stage_prefix(m[1], 'roi_heads.box_head', 'roi_heads.extra_heads')}.fc{int(m[2]) + 6}.{m[3]}",
     ),
     (
         re.compile(r"^roi_head\.bbox_head\.(?:(\d+)\.)?fc_(cls|reg)\.(weight|bias)$"),
         lambda m: (
-            f"{_stage(m[1], 'roi_heads.box_predictor', 'roi_heads.extra_predictors')}."
+            f"{stage_prefix(m[1], 'roi_heads.box_predictor', 'roi_heads.extra_predictors')}."
             f"{'cls_score' if m[2] == 'cls' else 'bbox_pred'}.{m[3]}"
         ),
     ),
     (
         re.compile(r"^roi_head\.mask_head\.(?:(\d+)\.)?convs\.([0-3])\.conv\.(weight|bias)$"),
-        lambda m: f"{_stage(m[1], 'roi_heads.mask_head', 'roi_heads.extra_mask_heads')}.{m[2]}.0.{m[3]}",
+        lambda m: f"{stage_prefix(m[1], 'roi_heads.mask_head', 'roi_heads.extra_mask_heads')}.{m[2]}.0.{m[3]}",
     ),
     (
         re.compile(r"^roi_head\.mask_head\.(?:(\d+)\.)?upsample\.(weight|bias)$"),
-        lambda m: f"{_stage(m[1], 'roi_heads.mask_predictor', 'roi_heads.extra_mask_predictors')}.conv5_mask.{m[2]}",
+        lambda m: (
+            f"{stage_prefix(m[1], 'roi_heads.mask_predictor', 'roi_heads.extra_mask_predictors')}.conv5_mask.{m[2]}"
+        ),
     ),
     (
         re.compile(r"^roi_head\.mask_head\.(?:(\d+)\.)?conv_logits\.(weight|bias)$"),
         lambda m: (
-            f"{_stage(m[1], 'roi_heads.mask_predictor', 'roi_heads.extra_mask_predictors')}.mask_fcn_logits.{m[2]}"
+            stage_prefix(m[1], "roi_heads.mask_predictor", "roi_heads.extra_mask_predictors")
+            + f".mask_fcn_logits.{m[2]}"
         ),
     ),
 ]
@@ -373,9 +373,7 @@ def convert(
         len({int(m[1]) for k in w if (m := re.match(rf"^backbone\.layer{i}\.(\d+)\.conv1\.weight$", k))})
         for i in range(1, 5)
     ]
-    from simcal.modeling.importers.detectron2 import DEPTHS
-
-    depth = DEPTHS.get(tuple(blocks))
+    depth = RESNET_DEPTHS.get(tuple(blocks))
     if depth is None:
         raise InputError(source, "backbone", f"ResNet stages of {blocks} blocks: not ResNet-50/101/152")
     conv2 = w.get("backbone.layer1.0.conv2.weight")

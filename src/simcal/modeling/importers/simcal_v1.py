@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from simcal.errors import InputError
-from simcal.modeling.importers import Imported, class_layout, renamed, shape_error
+from simcal.modeling.importers import RESNET_DEPTHS, Imported, class_layout, renamed, shape_error
 from simcal.modeling.importers import mmdet as mmdet2
 
 
@@ -91,12 +91,10 @@ def convert(
         )
     cfg = mmdet2._merge(RELEASE, given)  # noqa: SLF001
 
-    from simcal.modeling.importers.detectron2 import DEPTHS
-
     blocks = [
         sum(1 for k in w if k.startswith(f"backbone.layer{i}.") and k.endswith(".conv1.weight")) for i in range(1, 5)
     ]
-    depth = DEPTHS.get(tuple(blocks))
+    depth = RESNET_DEPTHS.get(tuple(blocks))
     if depth is None:
         raise InputError(source, "backbone", f"ResNet stages of {blocks} blocks: not ResNet-50/101/152")
     conv2 = w.get("backbone.layer1.0.conv2.weight")
