@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from simcal import choices
 from simcal.errors import InputError
+from simcal.io import writes_run
 
 if TYPE_CHECKING:
     from torch import nn
@@ -93,6 +94,7 @@ def evaluate(
     )
 
 
+@writes_run
 def train(
     config: PathLike | Config | None,
     out: PathLike,

@@ -104,6 +104,128 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
         raise
 
 
+#: the file in a run directory whose advisory lock marks the command writing the run
+LOCK_NAME = ".simcal.lock"
+#: runs this process holds the lock of: real path -> (descriptor, depth); a command that calls another
+#: writer of the same run (the demo: train, then calibrate, then predict) re-enters its own lock
+_HELD: dict[str, list[int]] = {}
+
+
+def _command_line() -> str:
+    import sys
+
+    words = ["simcal", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith(("simcal", "__main__.py")) else sys.argv
+    line = " ".join(words)
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+@contextmanager
+def run_lock(root: str | os.PathLike[str], command: str | None = None, lock_file: Path | None = None) -> Iterator[None]:
+    """Hold the run ``root``'s write lock for the block: an advisory ``flock`` on ``RUN/.simcal.lock``
+    (``lock_file``: another file, for a run that does not exist yet), which the operating system
+    releases when the process ends, however it ends (``kill -9`` included).
+
+    A second writer of the same run gets an :class:`InputError` naming the holder's command, pid,
+    host and start time. Readers take no lock. Under torchrun only rank 0 takes it (the other
+    ranks write their own part files and wait for rank 0). Re-entrant within a process. Where the
+    lock file cannot be created (a read-only run), the block runs unlocked: whatever it writes
+    there fails on its own, with its own message.
+    """
+    import fcntl
+    import time
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = Path(lock_file) if lock_file is not None else Path(root) / LOCK_NAME
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            yield
+            return
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+        except (ValueError, OSError):
+            holder = {}
+        os.close(fd)
+        who = holder.get("command", "another simcal command")
+        since = holder.get("started", "?")
+        raise InputError(
+            root,
+            "(lock)",
+            f"is being written by `{who}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {since}):"
+            " one command writes a run at a time; wait for it to end (or stop it), then run again",
+        ) from None
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    info = {"command": command or _command_line(), "pid": os.getpid(), "host": socket.gethostname(), "started": started}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode("utf-8"))
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def writes_run(func: Any) -> Any:
+    """Decorate a function whose first argument (or ``run=`` / ``out=``) is the run directory it
+    writes: it runs holding :func:`run_lock`."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind_partial(*args, **kwargs)
+        root = next((bound.arguments[n] for n in ("run", "out") if bound.arguments.get(n) is not None), None)
+        if root is None:
+            return func(*args, **kwargs)
+        with run_lock(root):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex); remembered per (path, size, modification time) within a
+    process, so that a run's detector is hashed once however many commands of a demo read it."""
+    import hashlib
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     with atomic_open(path, "w") as f:

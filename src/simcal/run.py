@@ -11,7 +11,8 @@ A run directory is what ``simcal train`` writes and every later command reads an
       train_log.jsonl  tb/        training log (and TensorBoard scalars when installed)
       calibration/<name>/         one SimCal calibration: head.pth, checkpoint.pth (resume),
                                   calibration_log.jsonl, summary.json, snapshots/head_<step>.pth
-      predictions/<split>/<head>/ results.json (LVIS results), metrics_bbox.json, metrics_segm.json
+      predictions/<split>/<head>/ results.json (LVIS results), metrics_bbox.json, metrics_segm.json,
+                                  made_by.json (the detector and calibrated heads that made them)
       predictions/<split>-first<N>/  the same for the first N images only (predict --max-images)
       predictions/<split>-topk<K>/   the K best detections of each class over the split, no per-image
                                   cap (predict --topk-per-class): metrics_<iou>_fixed.json, _pool.json
@@ -59,6 +60,36 @@ class HeadFiles:
     @property
     def results(self) -> Path:
         return self.root / RESULTS
+
+    @property
+    def provenance(self) -> Path:
+        """``made_by.json``: the detector (checkpoint, sha256, iteration) and calibrated heads that made
+        :attr:`results`."""
+        return self.root / "made_by.json"
+
+    def check_made_by(self, run: str | os.PathLike[str]) -> None:
+        """Refuse these predictions when the detector or a calibrated head that made them has changed
+        since (the file :attr:`provenance` names holds other bytes now: the run trained on, a head
+        calibrated again): an :class:`InputError` saying to predict again. Predictions from before the
+        record, or whose files are gone (made with another ``--checkpoint``, say), are taken as they are."""
+        from simcal.io import file_sha256, read_json
+
+        if not self.provenance.exists():
+            return
+        made_by = read_json(self.provenance) or {}
+        records = [("detector", made_by.get("model"))]
+        records += [(f"calibrated head {n}", h) for n, h in (made_by.get("calibrated_heads") or {}).items()]
+        for what, rec in records:
+            if not isinstance(rec, dict):
+                continue
+            file = rec.get("checkpoint") or rec.get("file")
+            if file and os.path.exists(file) and file_sha256(file) != rec.get("sha256"):
+                raise InputError(
+                    self.root,
+                    "(predictions)",
+                    f"made by a {what} that has changed since ({file} holds other weights now): "
+                    f"predict again (simcal predict --run {run} ...)",
+                )
 
     def part(self, rank: int) -> Path:
         """Process ``rank``'s share of the results under torchrun (one detection per line),

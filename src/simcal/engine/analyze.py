@@ -34,7 +34,7 @@ from simcal.errors import InputError
 from simcal.evaluation import diagnostics
 from simcal.evaluation.analysis import other_object_groups, proposal_recall, proposal_rows
 from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
-from simcal.io import atomic_open, write_json
+from simcal.io import atomic_open, write_json, writes_run
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import eval_proposal_counts, proposal_counts
 from simcal.report.plots import grouped_bars, line_plot, reliability_plot
@@ -61,6 +61,7 @@ def _analysis(run: Path, tool: str):
 
 
 @torch.no_grad()
+@writes_run
 def analyze_recall(
     run: Path, *, split: str = "val", max_images: int | None = None, batch_size: int = 8, progress: bool = True
 ) -> dict[str, Any]:
@@ -151,6 +152,7 @@ def _bars(path: Path, results: dict[str, dict[str, float | None]], title: str) -
     grouped_bars(path, groups, {name: [r.get(k) for k in groups] for name, r in results.items()}, title=title)
 
 
+@writes_run
 def analyze_oracle(
     run: Path, *, split: str = "val", max_images: int | None = None, iou: str = "bbox", progress: bool = True
 ) -> dict[str, Any]:
@@ -171,6 +173,7 @@ def analyze_oracle(
     return out
 
 
+@writes_run
 def analyze_sweep_T(
     run: Path,
     *,
@@ -212,6 +215,7 @@ def analyze_sweep_T(
     return out
 
 
+@writes_run
 def analyze_dynamics(
     run: Path,
     *,
@@ -290,6 +294,7 @@ def _predicted(
         path = pred.head(head).results
         if not path.is_file():
             raise InputError(path, "(file)", f"no predictions of head {head!r}: run simcal predict --head first")
+        pred.head(head).check_made_by(run)
         seen = pred.head(head).metrics(iou)  # predict --max-images evaluated its first N images
         sub = first_images(gt, json.loads(seen.read_text()).get("num_images") if seen.is_file() else None)
         out[head] = (sub, load_results(path, sub, iou))
@@ -303,6 +308,7 @@ def _protocol(split: str) -> dict[str, Any]:
     return {"protocol": "fixed", "dets_per_class": topk} if topk else {"protocol": "lvis"}
 
 
+@writes_run
 def analyze_errors(
     run: Path, *, split: str = "val", gt_json: str | None = None, heads: list[str] | None = None, iou: str = "bbox"
 ) -> dict[str, Any]:
@@ -334,6 +340,7 @@ def analyze_errors(
     return out
 
 
+@writes_run
 def compare_heads(
     run: Path,
     heads: tuple[str, str] = ("orig", "dual"),
@@ -384,6 +391,7 @@ CONFUSION_VARIANTS = {
 CONFUSION_LABELS = ("as is", "-on tail", "-on other")  # short names of the variants, for tables and plots
 
 
+@writes_run
 def analyze_confusion(
     run: Path,
     *,

@@ -53,7 +53,7 @@ from simcal.engine import distributed as dist_utils
 from simcal.engine.predict import load_model
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
-from simcal.io import append_line, load_checkpoint, rewrite_lines, save_checkpoint, write_json
+from simcal.io import append_line, load_checkpoint, rewrite_lines, save_checkpoint, write_json, writes_run
 from simcal.modeling.calibration import (
     CalibratedHead,
     StagedHead,
@@ -413,6 +413,7 @@ def calibration_config(cfg: Config, overrides: list[str] | None, source: str) ->
     return apply_overrides(cfg, overrides, source, OVERRIDABLE, stored=True) if overrides else cfg
 
 
+@writes_run
 def calibrate(
     run: str | Path,
     overrides: list[str] | None = None,
@@ -614,6 +615,14 @@ def _calibrate(
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("head"), dict) or "step" not in ckpt:
             raise InputError(files.checkpoint, "head", "not a calibration checkpoint: remove it to start over")
         _check_resume(files.checkpoint, c, files, ckpt.get("calibration"))
+        was, now = ckpt.get("detector"), getattr(model, "provenance", None)
+        if isinstance(was, dict) and now is not None and was.get("sha256") != now["sha256"]:
+            raise InputError(
+                files.checkpoint,
+                "detector",
+                f"this interrupted calibration ran on another detector (iteration {was.get('iteration')}) than the "
+                f"run's now (iteration {now['iteration']}): calibrate under another --name",
+            )
         head.load_state_dict(ckpt["head"])
         for k, state in (ckpt.get("loss") or {}).items():  # the losses' state (absent before it existed)
             loss_fns[int(k)].load_state_dict(state)
@@ -645,6 +654,8 @@ def _calibrate(
         "name": name,
         "calibration": vars(c).copy(),
         "num_classes": label_map.num_classes,
+        # the detector it is calibrated on (checkpoint, sha256, iteration): predict refuses it on another
+        "detector": getattr(model, "provenance", None),
     }
     bar = tqdm(
         total=c.steps, initial=start, desc=f"calibrate {name}", disable=not (progress and main), dynamic_ncols=True
@@ -719,6 +730,7 @@ def _calibrate(
                         "optimizer": optimizer.state_dict() if optimizer else None,
                         "loss": {k: f.state_dict() for k, f in loss_fns.items()},
                         "calibration": vars(c).copy(),
+                        "detector": getattr(model, "provenance", None),
                     },
                 )
     bar.close()

@@ -13,7 +13,6 @@ temporary folder beside ``--out`` that is renamed into place (``--out`` must not
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from simcal.config import Config, apply_overrides, classifier_of, config_from_di
 from simcal.data.annotations import load_dataset
 from simcal.data.label_map import LabelMap
 from simcal.errors import InputError
-from simcal.io import save_checkpoint, write_json
+from simcal.io import LOCK_NAME, file_sha256, run_lock, save_checkpoint, write_json
 from simcal.modeling.importers import Imported, model_weights, read_checkpoint
 from simcal.run import Run
 
@@ -45,15 +44,6 @@ def _converters() -> dict[str, tuple[Callable[..., Imported], Callable[[str, dic
         "mmdet": (mmdet.convert, mmdet.source_key, ("state_dict",)),
         "simcal-v1": (simcal_v1.convert, simcal_v1.source_key, ("state_dict",)),
     }
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_out(out: Path) -> None:
@@ -84,6 +74,18 @@ def import_checkpoint(
     if framework not in choices.IMPORT_FRAMEWORKS:
         raise InputError("--from", "framework", f"expected one of {', '.join(choices.IMPORT_FRAMEWORKS)}")
     out = Path(out)
+    with run_lock(out, lock_file=out.parent / f".{out.name}{LOCK_NAME}"):  # the run does not exist yet
+        return _import(framework, checkpoint, out, framework_config, overrides, verbose)
+
+
+def _import(
+    framework: str,
+    checkpoint: str | os.PathLike[str],
+    out: Path,
+    framework_config: str | os.PathLike[str] | None,
+    overrides: Sequence[str],
+    verbose: bool,
+) -> Path:
     _check_out(out)
     source = str(checkpoint)
     convert, source_key, nested = _converters()[framework]
@@ -109,9 +111,9 @@ def import_checkpoint(
         "format": PROVENANCE_FORMAT,
         "framework": framework,
         "source": os.path.abspath(source),
-        "sha256": sha256_of(source),
+        "sha256": file_sha256(source),
         "framework_config": None if framework_config is None else os.path.abspath(framework_config),
-        "framework_config_sha256": None if framework_config is None else sha256_of(framework_config),
+        "framework_config_sha256": None if framework_config is None else file_sha256(framework_config),
         "categories_from": categories_from,
         "num_classes": imported.num_classes,
         "settings": [{"setting": k, "value": v, "from": f} for k, v, f in imported.settings],

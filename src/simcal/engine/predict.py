@@ -38,7 +38,7 @@ from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
 from simcal.evaluation.lvis_eval import EvalResult, evaluate_protocols, resolve_category_stats
-from simcal.io import atomic_open, write_json
+from simcal.io import atomic_open, file_sha256, write_json, writes_run
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import (
     LongTailMaskRCNN,
@@ -337,14 +337,45 @@ def load_model(run: str | os.PathLike[str], checkpoint: str | None = None, cfg: 
             )
         counts = class_instance_counts(load_dataset(cfg.data.train_json), label_map.category_ids, cfg.data.train_json)
     model = build_detector(cfg.model, label_map.num_classes, classifier=classifier, instance_counts=counts)
-    load_detector_weights(model, Path(checkpoint) if checkpoint else r.model_final, r.label_map)
+    weights = Path(checkpoint) if checkpoint else r.model_final
+    state = load_detector_weights(model, weights, r.label_map)
+    model.provenance = detector_provenance(weights, state)
     return model.eval(), label_map, cfg
 
 
+def detector_provenance(path: str | os.PathLike[str], state: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a detector's weights: the file, its sha256 and the training iteration it holds."""
+    iteration = state.get("iteration") if isinstance(state, dict) else None
+    return {"checkpoint": str(path), "sha256": file_sha256(path), "iteration": iteration}
+
+
 def load_calibrated_head(run: str | os.PathLike[str], name: str | None, model: LongTailMaskRCNN) -> nn.Module:
-    """The calibrated head ``name`` of a run (default: :meth:`simcal.run.Run.resolve_calibration`)."""
+    """The calibrated head ``name`` of a run (default: :meth:`simcal.run.Run.resolve_calibration`).
+
+    A head records the detector it was calibrated on (:func:`detector_provenance`); a head whose
+    detector is not ``model``'s (the run trained on since, or another ``--checkpoint``) is an
+    :class:`InputError` saying how to recalibrate. Heads from before the record are taken as they are.
+    """
     r = Run(run)
-    head, _ = load_head(r.calibration(r.resolve_calibration(name)).head, model.roi_heads)
+    path = r.calibration(r.resolve_calibration(name)).head
+    head, meta = load_head(path, model.roi_heads)
+    calibrated_on, now = meta.get("detector"), getattr(model, "provenance", None)
+    if isinstance(calibrated_on, dict) and now is not None and calibrated_on.get("sha256") != now["sha256"]:
+        raise InputError(
+            path,
+            "meta.detector",
+            f"calibrated on another detector ({Path(str(calibrated_on.get('checkpoint'))).name} at iteration "
+            f"{calibrated_on.get('iteration')}, sha256 {str(calibrated_on.get('sha256'))[:12]}) than "
+            f"{Path(now['checkpoint']).name} now (iteration {now['iteration']}, sha256 {now['sha256'][:12]}): "
+            f"calibrate again (simcal calibrate --run {run} --name NEW_NAME), or predict with the detector it "
+            "was calibrated on (--checkpoint)",
+        )
+    head.provenance = {
+        "name": path.parent.name,
+        "file": str(path),
+        "sha256": file_sha256(path),
+        "detector": calibrated_on,
+    }
     return head.eval()
 
 
@@ -361,6 +392,7 @@ def training_counts(
     return train, counts
 
 
+@writes_run
 def predict(
     run: str | os.PathLike[str],
     *,
@@ -585,6 +617,13 @@ def run_heads(
                 top.finish()
             writers = tops  # type: ignore[assignment]
     counts = {tag: w.count for tag, w in writers.items()}
+    # which detector and calibrated head made each head's results: beside its results file, in its metrics
+    made_by = {}
+    for spec in specs:
+        head = cal_heads.get(spec.cal) if spec.needs_calibrated_head else None
+        record = getattr(head, "provenance", None)
+        heads = {record["name"]: record} if record else None
+        made_by[spec.tag] = {"model": getattr(model, "provenance", None), "calibrated_heads": heads}
     if world > 1:
         dist_utils.barrier()  # every part is written
         if rank != 0:
@@ -592,6 +631,8 @@ def run_heads(
         for tag in scorers:
             parts = [out.head(tag).part(r) for r in range(world)]
             counts[tag] = merge_parts(parts, out.head(tag).results, label_map, topk_per_class)
+    for tag in scorers:
+        write_json(out.head(tag).provenance, made_by[tag], indent=1)
     if verbose:
         for tag, n in counts.items():
             print(f"{tag}: {n} detections on {len(indices)} images -> {out.head(tag).results}")
@@ -613,7 +654,8 @@ def run_heads(
                 gt, results, iou, stats, edges, protocols=protocols, dets_per_class=per_class
             )
             for protocol, result in by_protocol.items():
-                write_json(files.metrics(iou, protocol), {**result.to_json(), "gt": str(gt_json)}, indent=1)
+                record = {**result.to_json(), "gt": str(gt_json), **made_by[tag]}
+                write_json(files.metrics(iou, protocol), record, indent=1)
                 if verbose:
                     print(f"[{tag}] {result.table()}")
             metrics[tag][iou] = by_protocol[protocols[0]]

@@ -30,7 +30,7 @@ from simcal.data.stats import class_image_counts, class_instance_counts
 from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import seed_everything, setup_torch
 from simcal.errors import InputError, TrainingError
-from simcal.io import append_line, rewrite_lines, save_checkpoint
+from simcal.io import append_line, rewrite_lines, save_checkpoint, writes_run
 from simcal.modeling.detector import build_detector, load_detector_weights, train_scales
 from simcal.modeling.losses import build_classification_loss
 from simcal.modeling.sampling import sampling_seeds
@@ -107,6 +107,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
 
 
+@writes_run
 def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Train the detector a config describes into run directory ``out``; returns the final weights.
 

@@ -21,7 +21,7 @@ from simcal.data.annotations import load_dataset
 from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.errors import InputError
 from simcal.evaluation.diagnostics import ERROR_TYPES, comparison_rows
-from simcal.io import atomic_open, iter_json_list, read_json, read_log, write_json
+from simcal.io import atomic_open, iter_json_list, read_json, read_log, write_json, writes_run
 from simcal.report import plots
 from simcal.report.gallery import gallery, pick_images, rare_hits, spread
 from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, ReportFiles, Run, resolve_split
@@ -139,6 +139,7 @@ def protocol_header() -> list[str]:
     return ["head", "protocol", *(f"{IOU_NAMES[iou]} {k}" for iou in IOU_NAMES for k in PROTOCOL_KEYS)]
 
 
+@writes_run
 def build_report(
     run: str | Path,
     *,
@@ -159,6 +160,8 @@ def build_report(
     heads = _heads(pred)
     if "orig" not in heads:
         raise InputError(pred.root, "(predictions)", f"none: run simcal predict --run {run} --head orig,cal,dual first")
+    for h in heads:
+        pred.head(h).check_made_by(run)
     files = ReportFiles(Path(out)) if out else r.report
     files.root.mkdir(parents=True, exist_ok=True)
     metrics = {
