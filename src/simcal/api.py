@@ -123,18 +123,18 @@ def train(
         return apply_overrides(base, list(overrides), source, stored=True)  # type: ignore[arg-type]
 
     if resume:
-        if config is not None or overrides:
-            _resume_settings(Run(out), build, config)
-        return run_training(None, out, resume=True, progress=progress)
+        changed = _resume_settings(Run(out), build, config) if config is not None or overrides else None
+        return run_training(changed, out, resume=True, progress=progress)
     if config is None:
         raise InputError("simcal train", "--config", "required for a new run")
     return run_training(build(None, "<config>"), out, progress=progress)
 
 
-def _resume_settings(run: Any, build: Any, config: Any) -> None:
-    """Check a resumed run's new settings: refuse any that would change what was trained, write
-    the others (a longer budget, bookkeeping, later stages' settings) into ``RUN/config.yaml``."""
-    from simcal.config import COMMAND_LINE, Config, resume_conflicts, save_config
+def _resume_settings(run: Any, build: Any, config: Any) -> Config | None:
+    """Check a resumed run's new settings: refuse any that would change what was trained; return the
+    config with the others (a longer budget, bookkeeping, later stages' settings), which training
+    writes into ``RUN/config.yaml`` once the checkpoint has been read (None: nothing changes)."""
+    from simcal.config import COMMAND_LINE, Config, resume_conflicts
 
     stored = run.load_config()
     given = build(stored, str(run.config))
@@ -148,10 +148,11 @@ def _resume_settings(run: Any, build: Any, config: Any) -> None:
             f"differs from the resumed run ({run.config}) in {len(refused)} setting(s): {listed}. "
             "A run keeps what shaped its training: start another run with another --out",
         )
-    if allowed:
-        save_config(given, run.config)
-        changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, new, old in allowed)
-        print(f"resume: {changes} (written to {run.config})")
+    if not allowed:
+        return None
+    changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, new, old in allowed)
+    print(f"resume: {changes} (written to {run.config})")
+    return given
 
 
 def import_detector(

@@ -198,7 +198,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from simcal import api
     from simcal.evaluation.lvis_eval import write_per_class_csv
-    from simcal.io import write_json
+    from simcal.io import refuse_overwriting_inputs, write_json
+
+    refuse_overwriting_inputs(
+        {"--out": args.out, "--per-class": args.per_class},
+        {"--gt": args.gt, "--results": args.results, "--train": args.train},
+    )
 
     result = api.evaluate(
         args.gt,
@@ -223,8 +228,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_coco_lt(args: argparse.Namespace) -> int:
     from simcal.data.annotations import load_dataset
     from simcal.data.coco_lt import build_coco_lt
-    from simcal.io import write_json
+    from simcal.io import refuse_overwriting_inputs, write_json
 
+    refuse_overwriting_inputs({"--out": args.out}, {"--coco": args.coco})
     coco = load_dataset(args.coco)
     out = build_coco_lt(coco, seed=args.seed, source=str(args.coco))
     write_json(args.out, out)

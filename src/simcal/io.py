@@ -207,6 +207,19 @@ def writes_run(func: Any) -> Any:
     return wrapper
 
 
+def refuse_overwriting_inputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """An :class:`InputError` when an output file of a command is one of its input files: the same
+    path, or the same file by another path (a link): ``{"--out": path, ...}`` each."""
+    for out_flag, out in outputs.items():
+        if out is None or not os.path.exists(out):
+            continue
+        for in_flag, src in inputs.items():
+            if src is not None and os.path.exists(src) and os.path.samefile(out, src):
+                raise InputError(
+                    out, out_flag, f"is the {in_flag} file: a command never writes over its own input; choose another"
+                )
+
+
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 

@@ -104,3 +104,36 @@ def test_partial_predictions_go_beside_the_full_ones_and_the_report_says_so(cali
     )
     confusion = json.loads((run / "analysis" / "confusion.json").read_text())
     assert confusion["heads"]["orig"]["num_images"] == 2 and "not_comparable" in confusion
+
+
+def test_a_damaged_checkpoint_stops_a_resume_before_the_run_is_touched(trained_run, tmp_path, capsys):
+    """Before: the resumed settings were written into config.yaml, then the checkpoint cut in half
+    was read (one clean line, but a changed run)."""
+    run = copy_run(trained_run, tmp_path / "run")
+    whole = (run / "model_final.pth").read_bytes()
+    (run / "checkpoint_last.pth").write_bytes(whole[: len(whole) // 2])
+    before = snapshot(run)
+    assert main(["train", "--out", str(run), "--resume", "train.max_iter=6", "--no-progress"]) == 2
+    one_line(capsys.readouterr().err, f"{run / 'checkpoint_last.pth'}: (checkpoint): cannot read")
+    assert snapshot(run) == before  # config.yaml included
+
+
+def test_a_command_never_writes_over_its_own_input(tiny_data, tmp_path, capsys):
+    gt = tmp_path / "val.json"
+    shutil.copy(tiny_data / "val.json", gt)
+    results = tmp_path / "results.json"
+    results.write_text("[]")
+    link = tmp_path / "link.json"
+    link.symlink_to(results)
+    for argv, message in [
+        (["--results", str(results), "--out", str(results)], f"{results}: --out: is the --results file"),
+        (["--results", str(results), "--out", str(gt)], f"{gt}: --out: is the --gt file"),
+        (["--results", str(results), "--out", str(link)], f"{link}: --out: is the --results file"),
+        (["--results", str(results), "--per-class", str(gt)], f"{gt}: --per-class: is the --gt file"),
+    ]:
+        before = snapshot(tmp_path)
+        assert main(["evaluate", "--gt", str(gt), *argv]) == 2
+        one_line(capsys.readouterr().err, message, "a command never writes over its own input")
+        assert snapshot(tmp_path) == before
+    assert main(["coco-lt", "--coco", str(gt), "--out", str(gt)]) == 2
+    one_line(capsys.readouterr().err, f"{gt}: --out: is the --coco file")

@@ -112,13 +112,19 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     """Train the detector a config describes into run directory ``out``; returns the final weights.
 
     With ``resume``, the run's own ``config.yaml`` is used and training continues from
-    ``checkpoint_last.pth`` (from the start when the run stopped before its first checkpoint).
+    ``checkpoint_last.pth`` (from the start when the run stopped before its first checkpoint); a
+    ``cfg`` given with ``resume`` is the run's config with the changes a resume may make
+    (:func:`simcal.config.resume_conflicts`, checked by the caller): it is written into the run only
+    once the checkpoint has been read, so a damaged checkpoint leaves the run as it was.
     """
     out = Path(out)
     run = Run(out)
     rank, world, device = dist_utils.init_distributed()
+    changed: Config | None = None
     if resume:
-        cfg = run.load_config()
+        stored = run.load_config()
+        changed = cfg if cfg is not None and cfg != stored else None
+        cfg = cfg or stored
     elif cfg is None:
         raise InputError("simcal train", "--config", "a config is needed for a new run")
     elif run.has_training():
@@ -182,6 +188,8 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
         start = int(ckpt["iteration"])
         _set_rng_state(ckpt["rng"])
         if dist_utils.is_main():
+            if changed is not None:  # the checkpoint is sound: the resumed settings join the run
+                save_config(changed, run.config)
             rewrite_lines(run.train_log, lambda line: json.loads(line)["iteration"] <= start)
     elif dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
