@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -29,9 +28,12 @@ from simcal.errors import (
     Terminated,
     debug_requested,
     describe_os_error,
-    handle_sigterm,
+    handle_signals,
     loader_worker_died,
+    restore_signals,
     sigterm_received,
+    stopped_line,
+    worker_stopped_by,
 )
 
 
@@ -747,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or debug_requested()
-    previous = handle_sigterm() if threading.current_thread() is threading.main_thread() else None
+    previous = handle_signals() if threading.current_thread() is threading.main_thread() else None
     try:
         code = int(args.func(args) or 0)
         if sigterm_received():  # its exception landed where Python drops exceptions: stop now
@@ -765,21 +767,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(f"{describe_os_error(e)} (--debug shows where)")
     except RuntimeError as e:
+        signal_name = worker_stopped_by(e) or ("SIGTERM" if sigterm_received() else None)
+        if signal_name is not None and not debug:  # the group's signal reached a loader worker first
+            print(stopped_line(signal_name), file=sys.stderr)
+            return 143 if signal_name == "SIGTERM" else 130
         message = loader_worker_died(e)
         if message is None or debug:
             raise
         return _fail(message)
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
-        name = "SIGTERM" if terminated else "SIGINT"
-        print(
-            f"simcal: {name}: stopped; no file was left half-written (train and calibrate continue with --resume)",
-            file=sys.stderr,
-        )
+        print(stopped_line("SIGTERM" if terminated else "SIGINT"), file=sys.stderr)
         return 143 if terminated else 130
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            restore_signals(previous)
 
 
 def _fail(message: str) -> int:

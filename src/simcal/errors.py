@@ -18,6 +18,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 #: set to 1 for tracebacks behind every one-line error (as ``simcal --debug``)
@@ -81,6 +84,35 @@ def describe_os_error(e: OSError) -> str:
     return f"{where}: (file system): {advice}"
 
 
+def worker_stopped_by(e: BaseException) -> str | None:
+    """``"SIGTERM"`` / ``"SIGINT"`` when ``e`` (or an error it interrupted) is torch's report of a data
+    loader worker stopped by that signal: a signal to the whole process group (Ctrl-C in a shell,
+    a scheduler, torchrun stopping the other ranks when one fails), not a lack of memory."""
+    seen: BaseException | None = e
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, RuntimeError) and text.startswith("DataLoader worker"):
+            if "signal: Terminated" in text:
+                return "SIGTERM"
+            if "signal: Interrupt" in text:
+                return "SIGINT"
+        seen = seen.__context__
+    return None
+
+
+def stopped_line(name: str) -> str:
+    """The one line a command stopped by ``name`` (SIGTERM, SIGINT) ends with; under torchrun it says
+    which rank this is and that torchrun stops every rank when one fails."""
+    line = f"simcal: {name}: stopped; no file was left half-written (train and calibrate continue with --resume)"
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        line += (
+            f" [rank {os.environ.get('RANK', '?')} of {world}: torchrun stops every rank when one fails; the rank "
+            "that failed printed why, and torchrun's summary names it]"
+        )
+    return line
+
+
 def loader_worker_died(e: BaseException) -> str | None:
     """The one-line message when ``e`` (or an error it interrupted) is torch's report of a data
     loader worker process that died (killed by the out-of-memory killer, say), else ``None``.
@@ -91,7 +123,7 @@ def loader_worker_died(e: BaseException) -> str | None:
     seen: BaseException | None = e
     while seen is not None:
         text = str(seen)
-        if isinstance(seen, RuntimeError) and text.startswith("DataLoader worker"):
+        if isinstance(seen, RuntimeError) and text.startswith("DataLoader worker") and not worker_stopped_by(seen):
             reason = text.split(". ")[0].strip().rstrip(".")
             return (
                 f"data.num_workers: num_workers: {reason}: the machine may be out of memory; lower "
@@ -108,11 +140,19 @@ def debug_requested() -> bool:
 
 
 _TERMINATED = {"received": False}
+#: signals held back while a file is written (:func:`signals_deferred`): the depth, and the first one that came
+_DEFERRED: dict[str, Any] = {"depth": 0, "pending": None}
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    _TERMINATED["received"] = True
-    raise Terminated()
+    """SIGTERM raises :class:`Terminated`, SIGINT ``KeyboardInterrupt``; inside
+    :func:`signals_deferred` they are remembered and raised when the block ends."""
+    if signum == signal.SIGTERM:
+        _TERMINATED["received"] = True
+    if _DEFERRED["depth"]:
+        _DEFERRED["pending"] = _DEFERRED["pending"] or signum
+        return
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def handle_sigterm() -> Any:
@@ -125,6 +165,43 @@ def handle_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def handle_signals() -> dict[int, Any]:
+    """:func:`handle_sigterm`, and SIGINT through the same handler (``KeyboardInterrupt``, deferred
+    like SIGTERM while a file is written); returns the previous handlers, for :func:`restore_signals`."""
+    return {signal.SIGTERM: handle_sigterm(), signal.SIGINT: signal.signal(signal.SIGINT, _raise_terminated)}
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`handle_signals` replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 def sigterm_received() -> bool:
     """Whether SIGTERM arrived since :func:`handle_sigterm`."""
     return _TERMINATED["received"]
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block (a file being written), SIGINT and SIGTERM do not interrupt: the first one
+    that arrives is raised when the block ends (:class:`Terminated` for SIGTERM,
+    ``KeyboardInterrupt`` for SIGINT), after the write has finished or been rolled back. Without
+    it a signal landing inside ``torch.save`` surfaced as torch's own traceback. In the main thread,
+    Python's default handlers are replaced for the block (a command's are already these)."""
+    installed: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler in (signal.default_int_handler, signal.SIG_DFL):
+                installed[signum] = signal.signal(signum, _raise_terminated)
+    _DEFERRED["depth"] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED["depth"] -= 1
+        for signum, handler in installed.items():
+            signal.signal(signum, handler)
+        if not _DEFERRED["depth"] and _DEFERRED["pending"] is not None:
+            signum, _DEFERRED["pending"] = _DEFERRED["pending"], None
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

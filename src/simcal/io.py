@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from simcal.errors import InputError
+from simcal.errors import InputError, signals_deferred
 
 
 def _file_mode() -> int:
@@ -67,7 +67,7 @@ def _remove_stale_temps(path: Path) -> None:
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", defer_signals: bool = True) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` and rename it over ``path`` only on success.
 
     ``mode`` is ``"w"`` (text) or ``"wb"`` (binary). A crash or an exception inside the block
@@ -75,10 +75,24 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
     half-written result or checkpoint. The file is fsynced before the rename. Temporary files of
     ``path`` left by a killed writer are removed first. An :class:`OSError` from writing (no space
     left) names ``path``.
+
+    SIGINT and SIGTERM wait until the file is written and renamed, or rolled back
+    (:func:`simcal.errors.signals_deferred`); a writer that streams for a long time (predict's
+    results) passes ``defer_signals=False``: a signal then stops it at once and only the final
+    flush, fsync and rename are protected.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', got {mode!r}")
-    path = Path(path)
+    if not defer_signals:
+        with _atomic_open(Path(path), mode) as f:
+            yield f
+        return
+    with signals_deferred(), _atomic_open(Path(path), mode) as f:
+        yield f
+
+
+@contextmanager
+def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
@@ -91,9 +105,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
         os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            with signals_deferred():  # written: the commit is never cut in the middle
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(tmp, path)
     except BaseException as e:
         try:
             os.unlink(tmp)

@@ -100,8 +100,9 @@ class ResultsWriter:
 
 @contextmanager
 def results_file(path: str | os.PathLike[str]) -> Iterator[ResultsWriter]:
-    """A :class:`ResultsWriter` on ``path``, written atomically (nothing appears if the block fails)."""
-    with atomic_open(path, "w") as f:
+    """A :class:`ResultsWriter` on ``path``, written atomically (nothing appears if the block fails).
+    It streams for the whole prediction: a signal stops it at once (only the rename waits)."""
+    with atomic_open(path, "w", defer_signals=False) as f:
         w = ResultsWriter(f)
         yield w
         w.close()

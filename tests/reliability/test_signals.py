@@ -1,0 +1,142 @@
+"""SIGINT and SIGTERM never cut a file in the middle, never print a traceback (issue 28, point 4)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simcal.errors import Terminated, signals_deferred
+from simcal.io import atomic_open, load_checkpoint, save_checkpoint
+from tests.reliability.conftest import temporaries, write_config
+
+
+def test_a_signal_inside_a_write_waits_for_the_write():
+    seen = []
+    with pytest.raises(Terminated):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now: deferred, not raised
+            seen.append("the block went on")
+    assert seen == ["the block went on"]
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            with signals_deferred():  # nested: raised when the outermost block ends
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            seen.append("inner ended, outer goes on")
+    assert seen[-1] == "inner ended, outer goes on"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # Python's handlers are back
+
+
+def test_sigterm_inside_torch_save_leaves_the_whole_checkpoint(tmp_path):
+    """Before, a signal landing inside torch.save gave torch's own traceback ("unexpected pos")."""
+    path = tmp_path / "checkpoint.pth"
+    state = {"weights": torch.arange(30_000_000, dtype=torch.float32)}  # 120 MB: long enough to land inside
+    real_save = torch.save
+
+    def slow_save(obj, f):
+        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        time.sleep(0.05)
+        real_save(obj, f)
+
+    torch.save = slow_save
+    try:
+        with pytest.raises(Terminated):
+            save_checkpoint(path, state)
+    finally:
+        torch.save = real_save
+    assert torch.equal(load_checkpoint(path)["weights"], state["weights"])
+    assert temporaries(tmp_path) == []
+
+
+def test_a_streaming_writer_stops_at_once_and_leaves_nothing(tmp_path):
+    path = tmp_path / "results.json"
+    with pytest.raises(Terminated):
+        with signals_deferred():
+            pass  # no signal: nothing raised
+        with atomic_open(path, "w", defer_signals=False) as f:
+            f.write("[")
+            from simcal.errors import handle_sigterm
+
+            previous = handle_sigterm()
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+    assert not path.exists() and temporaries(tmp_path) == []
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simcal", *argv, "--no-progress"], capture_output=True, text=True)
+
+
+def _simcal_in_group(argv: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "simcal", *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def test_sigterm_to_predicts_process_group_is_the_one_line(trained_run, tmp_path):
+    """The group's SIGTERM reaches the loader workers too; when one dies first, torch reports a
+    worker killed by a signal: before, that was called a lack of memory (exit 2)."""
+    import shutil
+
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    for delay in (1.5, 2.5, 3.5):
+        proc = _simcal_in_group(["predict", "--run", str(run), "--batch-size", "1", "--no-progress"], tmp_path)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            continue  # it finished first
+        assert proc.returncode == 143, (delay, err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines == [
+            "simcal: SIGTERM: stopped; no file was left half-written (train and calibrate continue with --resume)"
+        ], (delay, err)
+        assert temporaries(run) == []
+
+
+@pytest.mark.slow
+def test_train_and_calibrate_killed_at_random_moments(tiny_data, tmp_path):
+    """SIGTERM at random moments of training (a checkpoint every iteration) and calibration: every
+    time exit 143 with the one line (or 0 when it ended first), never a traceback, no temporary
+    left, the last checkpoint readable, and the run resumes to its end."""
+    rng = random.Random(28)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, max_iter=6, checkpoint_period=1)
+    for i in range(4):
+        run = tmp_path / f"run{i}"
+        for argv in (
+            ["train", "--config", str(cfg), "--out", str(run)],
+            ["calibrate", "--run", str(run), "--steps", "30", "calibration.checkpoint_period=1"],
+        ):
+            proc = _simcal_in_group([*argv, "--no-progress"], tmp_path)
+            time.sleep(rng.uniform(1.0, 5.0))
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode in (0, 143), (argv, err)
+            assert "Traceback" not in err and "Exception ignored" not in err, err
+            if proc.returncode == 143:
+                assert err.strip().splitlines()[-1].startswith("simcal: SIGTERM: stopped"), err
+            assert temporaries(run) == []
+            for ckpt in [run / "checkpoint_last.pth", *run.glob("calibration/*/checkpoint.pth")]:
+                if ckpt.exists():
+                    load_checkpoint(ckpt)
+            if argv[0] == "train":  # resume where it stopped (from the start when it stopped before any file)
+                again = ["--resume"] if (run / "config.yaml").exists() else ["--config", str(cfg)]
+                done = _run(["train", "--out", str(run), *again])
+                assert done.returncode == 0, done.stderr
+            elif proc.returncode == 143:
+                done = _run([*argv, "--resume"])
+                assert done.returncode == 0, done.stderr
