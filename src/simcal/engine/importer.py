@@ -185,7 +185,7 @@ def _checked_state(
 
     try:
         with torch.device("meta"):
-            model = build_detector(cfg.model, imported.num_classes, classifier=classifier_of(cfg))
+            model = build_detector(cfg.model, imported.num_classes, classifier=classifier_of(cfg), pretrained=False)
     except ValueError as e:
         raise InputError(source, "(architecture)", str(e)) from None
     own = model.state_dict()

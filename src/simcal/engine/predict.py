@@ -337,7 +337,9 @@ def load_model(run: str | os.PathLike[str], checkpoint: str | None = None, cfg: 
                 r.config, "data.train_json", "the group softmax classifier needs the training annotations (its groups)"
             )
         counts = class_instance_counts(load_dataset(cfg.data.train_json), label_map.category_ids, cfg.data.train_json)
-    model = build_detector(cfg.model, label_map.num_classes, classifier=classifier, instance_counts=counts)
+    model = build_detector(
+        cfg.model, label_map.num_classes, classifier=classifier, instance_counts=counts, pretrained=False
+    )  # its weights come from the run: model.weights / weights_backbone are not read again
     weights = Path(checkpoint) if checkpoint else r.model_final
     state = load_detector_weights(model, weights, r.label_map)
     model.provenance = detector_provenance(weights, state)

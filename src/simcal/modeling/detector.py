@@ -17,6 +17,7 @@ nothing outside this module touches torchvision's private attributes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -253,6 +254,53 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     return sorted(set(state) - set(keep))
 
 
+def read_state_dict(path: str | os.PathLike[str], field: str) -> dict[str, Tensor]:
+    """The state dict a weights file holds: a plain one (torchvision's files), a simcal run's
+    ``model_final.pth`` / ``checkpoint_last.pth`` (``{"model": ...}``) or a ``{"state_dict": ...}``
+    checkpoint; read with ``weights_only``. Anything else is an :class:`InputError` naming the file
+    and ``field`` (``model.weights``): not a file torch reads, or no tensors by name in it."""
+    if not os.path.isfile(path):
+        raise InputError(path, field, "no such file" if not os.path.exists(path) else "not a regular file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a text file, an empty one, a truncated one: not weights
+        first = str(e).split("\n")[0].split(". ")[0].strip() or type(e).__name__
+        raise InputError(path, field, f"not a weights file torch can read ({type(e).__name__}: {first})") from None
+    if isinstance(obj, Mapping) and obj.get("format") == _HEAD_FORMAT:
+        raise InputError(path, field, "a calibrated head, not detector weights (use a run's model_final.pth)")
+    for key in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        held = type(obj).__name__ if not isinstance(obj, Mapping) else "a dict of other things"
+        raise InputError(path, field, f"holds {held}, not weights by name (a state dict)")
+    return dict(obj)
+
+
+def load_pretrained(module: nn.Module, source: str | os.PathLike[str] | dict[str, Tensor], field: str) -> None:
+    """Load the tensors of ``source`` (a file, :func:`read_state_dict`, or a state dict) whose name and
+    shape fit ``module``, and say how many: ``field: loaded N of M tensors from FILE (K of the
+    model's stay as initialised; U in the file unused)``. A file of which nothing fits (another
+    architecture's, a calibrated head) is an :class:`InputError`: weights are never ignored silently."""
+    state = read_state_dict(source, field) if not isinstance(source, dict) else source
+    name = source if not isinstance(source, dict) else "torchvision's weights"
+    own = module.state_dict()
+    skipped = load_matching(module, state)
+    loaded = len(state) - len(skipped)
+    if loaded == 0:
+        raise InputError(
+            name,
+            field,
+            f"none of its {len(state)} tensors fits this architecture (its first: {next(iter(state))!r}; the model's "
+            f"first: {next(iter(own))!r}): weights of another architecture",
+        )
+    print(
+        f"{field}: loaded {loaded} of {len(own)} tensors from {name} ({len(own) - loaded} of the model's stay as "
+        f"initialised; {len(skipped)} in the file unused)"
+    )
+
+
 #: the format field of a calibrated head file (:mod:`simcal.modeling.calibration`), recognised here
 #: so that a head passed where detector weights belong is named as such
 _HEAD_FORMAT = "simcal.calibrated_head"
@@ -435,15 +483,9 @@ def maskrcnn_resnet50_fpn(
     if class_agnostic:
         _class_agnostic_predictors(model, num_classes)
     if isinstance(wb, str):
-        state = torch.load(wb, map_location="cpu", weights_only=True)
-        load_matching(model.backbone.body, state)
+        load_pretrained(model.backbone.body, wb, "model.weights_backbone")
     if w is not None:
-        state = (
-            torch.load(w, map_location="cpu", weights_only=True)
-            if isinstance(w, str)
-            else w.get_state_dict(progress=True)
-        )
-        load_matching(model, state)
+        load_pretrained(model, w if isinstance(w, str) else w.get_state_dict(progress=True), "model.weights")
     return long_tail_model(model, class_agnostic, cls_loss)
 
 
@@ -451,6 +493,7 @@ def maskrcnn_small(
     *,
     num_classes: int,
     norm: str = "bn",
+    weights: str | None = None,
     weights_backbone: str | None = None,
     class_agnostic: bool = False,
     cls_loss: nn.Module | None = None,
@@ -463,11 +506,13 @@ def maskrcnn_small(
     Anchors 16-256 (one size per level P2-P6, ratios 0.5/1/2); box head
     ``fpn_channels*7*7 -> representation_size -> representation_size``; mask head 2 convs of
     ``fpn_channels``. ``kwargs`` go to torchvision's ``MaskRCNN`` (sizes, RPN/RoI sample counts).
+    ``weights``: a file of a whole detector of this architecture (a simcal run's ``model_final.pth``);
+    layers that do not fit ``num_classes`` stay fresh.
     """
     wb = _resolve_weights(weights_backbone, ResNet18_Weights, "model.weights_backbone")
     body = resnet18(weights=None if isinstance(wb, str) else wb, norm_layer=norm_layer(norm))
     if isinstance(wb, str):
-        load_matching(body, torch.load(wb, map_location="cpu", weights_only=True))
+        load_pretrained(body, wb, "model.weights_backbone")
     backbone = BackboneWithFPN(
         body,
         return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
@@ -488,6 +533,8 @@ def maskrcnn_small(
     )
     if class_agnostic:
         _class_agnostic_predictors(model, num_classes)
+    if weights is not None:
+        load_pretrained(model, weights, "model.weights")
     return long_tail_model(model, class_agnostic, cls_loss)
 
 
@@ -527,7 +574,7 @@ def maskrcnn_resnet_fpn(
         trainable_layers=layers,
     )
     if isinstance(wb, str):
-        load_matching(backbone.body, torch.load(wb, map_location="cpu", weights_only=True))
+        load_pretrained(backbone.body, wb, "model.weights_backbone")
     model = MaskRCNN(backbone, num_classes=num_classes + 1, **kwargs)
     if class_agnostic:
         _class_agnostic_predictors(model, num_classes)
@@ -541,8 +588,8 @@ def maskrcnn_resnet_fpn(
                 "model.weights", "weights", f"{weights!r}: no torchvision detection weights for this arch, give a file"
             )
         else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        load_matching(model, state)
+            state = read_state_dict(weights, "model.weights")
+        load_pretrained(model, state if not os.path.exists(weights) else weights, "model.weights")
     return long_tail_model(model, class_agnostic, cls_loss)
 
 
@@ -572,7 +619,9 @@ ARCH_BUILDERS: dict[str, Callable[[ModelConfig, dict[str, Any]], LongTailMaskRCN
         norm=cfg.norm,
         **common,
     ),
-    "small": lambda cfg, common: maskrcnn_small(norm=cfg.norm, weights_backbone=cfg.weights_backbone, **common),
+    "small": lambda cfg, common: maskrcnn_small(
+        norm=cfg.norm, weights=cfg.weights, weights_backbone=cfg.weights_backbone, **common
+    ),
     "resnext101_64x4d_fpn": _resnet_fpn_arch("resnext101_64x4d"),
     "resnet101_fpn": _resnet_fpn_arch("resnet101"),
     "resnet152_fpn": _resnet_fpn_arch("resnet152"),
@@ -647,8 +696,13 @@ def build_detector(
     classifier: str | None = None,
     instance_counts: Sequence[int] | None = None,
     prior_prob: float = 0.0,
+    pretrained: bool = True,
 ) -> LongTailMaskRCNN:
     """The detector a config describes, with the test preset applied (score, NMS, detections).
+
+    ``pretrained``: load ``model.weights`` / ``model.weights_backbone`` (a new training run); a
+    detector whose weights come next from a run's checkpoint is built without them (the same
+    modules: frozen BN as ``model.norm`` says).
 
     Args:
         classifier: the classifier's activation (:data:`simcal.choices.CLASSIFIERS`, resolved:
@@ -676,6 +730,8 @@ def build_detector(
     )
     if cfg.arch not in ARCH_BUILDERS:
         raise InputError("model.arch", "arch", f"expected one of {', '.join(ARCH_BUILDERS)}, got {cfg.arch!r}")
+    if not pretrained and (cfg.weights is not None or cfg.weights_backbone is not None):
+        cfg = dataclasses.replace(cfg, weights=None, weights_backbone=None)
     model = ARCH_BUILDERS[cfg.arch](cfg, common)
     classifier = classifier or (cfg.classifier if cfg.classifier != "auto" else "softmax")
     if classifier != "softmax" or cfg.cls_head != "linear":
