@@ -97,8 +97,13 @@ def data_section(data: Path) -> dict:
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``root`` with its size and modification time."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    """Every file under ``root`` with its size and modification time (but the run's lock file, which
+    a command refused before it writes anything still takes: :func:`simcal.io.run_lock`)."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and p.name != ".simcal.lock"
+    }
 
 
 def _read_only(root: Path, name: str):

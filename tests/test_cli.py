@@ -71,6 +71,12 @@ def test_scoped_and_checked_overrides_are_one_line(trained_run, capsys, argv, me
         (["calibrate", "--run", "r", "--snapshot-every", "-2"], "expected an integer >= 0"),
         (["predict", "--run", "r", "--T", "nan"], "expected a finite number"),
         (["synth", "--out", "d", "--seed", "-1"], "expected an integer >= 0"),
+        (["synth", "--out", "d", "--train-images", "1000000000000"], "expected an integer <= 10000000"),
+        (["synth", "--out", "d", "--seed", "4294967296"], "expected an integer <= 4294967295"),
+        (["calibrate", "--run", "r", "--steps", "1000000000000"], "expected an integer <= 1000000"),
+        (["calibrate", "--run", "r", "--seed", "18446744073709551616"], "expected an integer <= 4294967295"),
+        (["demo", "--seed", "4294967296"], "expected an integer <= 4294967295"),
+        (["predict", "--run", "r", "--batch-size", "1000000000"], "expected an integer <= 65536"),
     ],
 )
 def test_out_of_range_flags_stop_at_argparse(capsys, argv, message):

@@ -285,3 +285,26 @@ def test_the_htc_preset_is_the_papers_table_6_setting():
     assert cfg.data.train_scales == [400, 1400] and cfg.data.train_max_size == 1600
     assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
     assert cfg.data.train_json.endswith("lvis_v0.5_train.json")
+
+
+BOUND_CASES = [
+    ("train.seed=4294967296", "train.seed", "must be <= 4294967295"),
+    ("calibration.seed=18446744073709551616", "calibration.seed", "must be <= 4294967295"),
+    ("calibration.steps=1000000000000", "calibration.steps", "must be <= 1000000"),
+    ("train.base_lr=1e300", "train.base_lr", "must be <= 1000000"),
+    ("calibration.lr=1e300", "calibration.lr", "must be <= 1000000"),
+    ("train.batch_size=1000000000", "train.batch_size", "must be <= 65536"),
+    ("model.min_size=100000", "model.min_size", "must be <= 16384"),
+    ("train.threads=100000", "train.threads", "must be <= 1024"),
+    ("data.num_workers=100000", "data.num_workers", "must be <= 256"),
+    ("train.max_iter=10000000000", "train.max_iter", "must be <= 1000000000"),
+    ("inference.T=1e300", "inference.T", "must be <= 1e+15"),
+    ("train.loss=focal;train.loss_kwargs={gamma: 1.0e+300}", "train.loss_kwargs", "must be <= 1e+15"),
+    ("data.train_scales=[100, 100000]", "data.train_scales", "must be <= 16384"),
+]
+
+
+@pytest.mark.parametrize("overrides, field, message", BOUND_CASES)
+def test_every_number_has_an_upper_bound_the_machine_holds(overrides, field, message):
+    err = _error(overrides.split(";"))
+    assert err.startswith(f"{COMMAND_LINE}: {field}: {message} (what memory and the machine's numbers hold)"), err

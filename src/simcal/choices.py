@@ -145,6 +145,19 @@ MASK_FORMATS = ("polygon", "rle")
 IMAGE_FORMATS = ("png", "jpg")
 DEMO_BUDGETS = ("quick", "full", "leaderboard")
 
+#: upper bounds of every number a user gives (flags and config fields): what the machine's types and
+#: memory can hold, far beyond any real run. Seeds: numpy's generators take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 10**9  # a count (iterations, detections, images) without a tighter bound of its own
+MAX_STEPS = 10**6  # calibration steps (the paper: 12,000): its planned schedule is held in memory, ~1.5 KB a step
+MAX_IMAGES = 10**7  # images of a synthetic set or a run (LVIS: 100k)
+MAX_CLASSES = 100_000
+MAX_BATCH = 65_536  # images in one batch
+MAX_IMAGE_SIDE = 16_384  # pixels (model.min_size / max_size, synth --size)
+MAX_THREADS = 1024
+MAX_WORKERS = 256
+MAX_FLOAT = 1e15  # a real-valued setting (learning rates stay finite when squared in float32: < 1.8e19)
+
 #: ``simcal synth`` defaults (here so that ``simcal --help`` needs no image library).
 SYNTH_CLASSES = 80
 SYNTH_TRAIN_IMAGES = 3000

@@ -38,7 +38,10 @@ from simcal.errors import (
 
 
 # --------------------------------------------------------------------------- argument types
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+def _int_at_least(minimum: int, maximum: int = choices.MAX_COUNT) -> Callable[[str], int]:
+    """An integer in ``[minimum, maximum]``: every count has a bound that memory and the machine's
+    integer types can hold (``maximum``; seeds below 2^32, as numpy's generators need)."""
+
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -46,6 +49,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
         if v < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if v > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum} (what memory holds), got {text!r}")
         return v
 
     return parse
@@ -53,6 +58,9 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+_seed = _int_at_least(0, choices.MAX_SEED)
+_image_count = _int_at_least(1, choices.MAX_IMAGES)
+_steps = _int_at_least(1, choices.MAX_STEPS)
 
 
 def _number(text: str) -> float:
@@ -442,13 +450,21 @@ COMMANDS: tuple[Command, ...] = (
         cmd_synth,
         (
             opt("--out", required=True, type=Path, help="output directory"),
-            opt("--classes", type=_positive_int, default=choices.SYNTH_CLASSES, help="classes (default %(default)s)"),
-            opt("--train-images", type=_positive_int, default=choices.SYNTH_TRAIN_IMAGES, help="default %(default)s"),
-            opt("--val-images", type=_positive_int, default=choices.SYNTH_VAL_IMAGES, help="default %(default)s"),
             opt(
-                "--size", type=_positive_int, default=choices.SYNTH_SIZE, help="image side in px (default %(default)s)"
+                "--classes",
+                type=_int_at_least(1, choices.MAX_CLASSES),
+                default=choices.SYNTH_CLASSES,
+                help="classes (default %(default)s)",
             ),
-            opt("--seed", type=_non_negative_int, default=0),
+            opt("--train-images", type=_image_count, default=choices.SYNTH_TRAIN_IMAGES, help="default %(default)s"),
+            opt("--val-images", type=_image_count, default=choices.SYNTH_VAL_IMAGES, help="default %(default)s"),
+            opt(
+                "--size",
+                type=_int_at_least(1, choices.MAX_IMAGE_SIDE),
+                default=choices.SYNTH_SIZE,
+                help="image side in px (default %(default)s)",
+            ),
+            opt("--seed", type=_seed, default=0),
             opt("--mask-format", choices=choices.MASK_FORMATS, default="polygon"),
             opt("--image-format", choices=choices.IMAGE_FORMATS, default="png", help="jpg: quality 90 (default png)"),
             opt(
@@ -456,7 +472,12 @@ COMMANDS: tuple[Command, ...] = (
                 choices=choices.SYNTH_LIKE,
                 help="lvis_v1: LVIS v1's 1,203 classes and their training counts, scaled to --train-images",
             ),
-            opt("--val-floor", type=_positive_int, default=20, help="least instances per class in val (default 20)"),
+            opt(
+                "--val-floor",
+                type=_int_at_least(1, 10_000),
+                default=20,
+                help="least instances per class in val (default 20)",
+            ),
         ),
     ),
     Command(
@@ -519,7 +540,7 @@ COMMANDS: tuple[Command, ...] = (
         (
             opt("--coco", required=True, type=Path, help="instances_train2017.json"),
             opt("--out", required=True, type=Path, help="output json"),
-            opt("--seed", type=_non_negative_int, default=0),
+            opt("--seed", type=_seed, default=0),
         ),
     ),
     Command(
@@ -577,8 +598,13 @@ COMMANDS: tuple[Command, ...] = (
             opt(
                 "--layers", choices=choices.LAYERS, alias="calibration.layers", help="layers that train (default all3)"
             ),
-            opt("--steps", type=_positive_int, alias="calibration.steps", help="default: the run's (paper: 12000)"),
-            opt("--classes-per-batch", type=_positive_int, alias="calibration.classes_per_batch", help="default 16"),
+            opt("--steps", type=_steps, alias="calibration.steps", help="default: the run's (paper: 12000)"),
+            opt(
+                "--classes-per-batch",
+                type=_int_at_least(1, 4096),
+                alias="calibration.classes_per_batch",
+                help="default 16",
+            ),
             opt("--loss", choices=tuple(choices.LOSSES), alias="calibration.loss", help="default ce"),
             opt("--sampler", choices=choices.CALIBRATION_SAMPLERS, alias="calibration.sampler", help="default bilevel"),
             opt(
@@ -590,9 +616,14 @@ COMMANDS: tuple[Command, ...] = (
             opt("--lr", type=_number, alias="calibration.lr", help="default 0.01"),
             opt("--momentum", type=_number, alias="calibration.momentum", help="default 0.9 (released code: 0)"),
             opt("--weight-decay", type=_number, alias="calibration.weight_decay", help="default 0.0001"),
-            opt("--seed", type=_non_negative_int, alias="calibration.seed"),
+            opt("--seed", type=_seed, alias="calibration.seed"),
             opt("--name", help="output name under RUN/calibration (default from the settings)"),
-            opt("--snapshot-every", type=_non_negative_int, default=0, help="also save the head every K steps"),
+            opt(
+                "--snapshot-every",
+                type=_int_at_least(0, choices.MAX_STEPS),
+                default=0,
+                help="also save the head every K steps",
+            ),
             opt("--resume", action="store_true", help="continue an interrupted calibration"),
             NO_PROGRESS,
         ),
@@ -613,7 +644,7 @@ COMMANDS: tuple[Command, ...] = (
             opt("--gt", help="annotations json instead of the config's split"),
             opt("--images", help="image folder for --gt"),
             opt("--checkpoint", help="weights file (default: RUN/model_final.pth)"),
-            opt("--batch-size", type=_positive_int, default=8),
+            opt("--batch-size", type=_int_at_least(1, choices.MAX_BATCH), default=8),
             opt("--max-images", type=_positive_int, default=None, help="only the first N images"),
             opt(
                 "--topk-per-class",
@@ -656,9 +687,14 @@ COMMANDS: tuple[Command, ...] = (
             opt("--split", default="val", help="the predictions/<split> to read (default %(default)s)"),
             opt("--gt", help="annotations of --split when it is not the config's val / train"),
             opt("--iou", choices=choices.IOU_TYPES, default="bbox"),
-            opt("--bootstrap", type=_positive_int, default=1000, help="bootstrap samples (default %(default)s)"),
+            opt(
+                "--bootstrap",
+                type=_int_at_least(1, 100_000),
+                default=1000,
+                help="bootstrap samples (default %(default)s)",
+            ),
             opt("--confidence", type=_open_unit, default=0.95, help="interval level (default %(default)s)"),
-            opt("--seed", type=_non_negative_int, default=0),
+            opt("--seed", type=_seed, default=0),
         ),
     ),
     Command(
@@ -669,7 +705,9 @@ COMMANDS: tuple[Command, ...] = (
             RUN_OPTION,
             opt("--split", default="val", help="the predictions/<split> to report (default %(default)s)"),
             opt("--out", type=Path, default=None, help="folder for index.html and PNGs (default RUN/report)"),
-            opt("--gallery", type=_non_negative_int, default=8, help="images in the gallery (default %(default)s)"),
+            opt(
+                "--gallery", type=_int_at_least(0, 1000), default=8, help="images in the gallery (default %(default)s)"
+            ),
             opt(
                 "--score",
                 type=_probability,
@@ -690,7 +728,9 @@ COMMANDS: tuple[Command, ...] = (
                 default="full",
                 help="quick: a ~3 min smoke run; leaderboard: short trainings for --compare",
             ),
-            opt("--seeds", type=_positive_int, default=1, help="training seeds; >1 adds median and mean +- std"),
+            opt(
+                "--seeds", type=_int_at_least(1, 1000), default=1, help="training seeds; >1 adds median and mean +- std"
+            ),
             opt(
                 "--compare",
                 action="store_true",
@@ -704,7 +744,7 @@ COMMANDS: tuple[Command, ...] = (
                 help="cascade: Cascade Mask R-CNN, htc: Hybrid Task Cascade; all stages calibrated (default: standard)",
             ),
             NO_PROGRESS,
-            opt("--seed", type=_non_negative_int, default=0, help="seed of the data and of the first training run"),
+            opt("--seed", type=_seed, default=0, help="seed of the data and of the first training run"),
         ),
     ),
 )

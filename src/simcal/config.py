@@ -554,6 +554,53 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
     ]
 
 
+#: upper bounds of the numbers that have a tighter one than :data:`simcal.choices.MAX_COUNT` (integers) or
+#: :data:`simcal.choices.MAX_FLOAT` (reals): what memory and the machine's integer types can hold
+UPPER_BOUNDS: dict[str, float] = {
+    "train.seed": choices.MAX_SEED,
+    "calibration.seed": choices.MAX_SEED,
+    "calibration.steps": choices.MAX_STEPS,
+    "calibration.classes_per_batch": 4096,
+    "calibration.miss_batch": 4096,
+    "calibration.cache_mb": 10**8,
+    "train.batch_size": choices.MAX_BATCH,
+    "train.reference_batch_size": choices.MAX_BATCH,
+    "train.threads": choices.MAX_THREADS,
+    "data.num_workers": choices.MAX_WORKERS,
+    "model.min_size": choices.MAX_IMAGE_SIDE,
+    "model.max_size": choices.MAX_IMAGE_SIDE,
+    "data.train_max_size": choices.MAX_IMAGE_SIDE,
+    "data.train_scales": choices.MAX_IMAGE_SIDE,
+    "model.rpn_pre_nms_top_n_train": 10**6,
+    "model.rpn_post_nms_top_n_train": 10**6,
+    "model.rpn_pre_nms_top_n_test": 10**6,
+    "model.rpn_post_nms_top_n_test": 10**6,
+    "model.rpn_batch_size_per_image": 10**6,
+    "model.box_batch_size_per_image": 10**6,
+    "model.detections_per_img": 10**6,
+    "train.base_lr": 1e6,
+    "calibration.lr": 1e6,
+    "train.epochs": 10**6,
+}
+
+
+def _bounds(cfg: Config) -> tuple[str, float, Any] | None:
+    """The first number of ``cfg`` above its bound: ``(field, bound, value)``, else None."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            name, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            numbers = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            flat = [x for v in numbers for x in (v if isinstance(v, list) else [v])]
+            for x in flat:
+                if isinstance(x, bool) or not isinstance(x, (int, float)):
+                    continue
+                bound = UPPER_BOUNDS.get(name, choices.MAX_COUNT if isinstance(x, int) else choices.MAX_FLOAT)
+                if abs(x) > bound:
+                    return name, bound, value
+    return None
+
+
 #: rules a run's stored config is not held to (they shape a new run; an older run may predate them)
 NEW_RUN_RULES = ("must lie inside the schedule",)
 
@@ -617,6 +664,13 @@ def validate_config(cfg: Config, source: str | Origins, stored: bool = False) ->
             key, message = problem
             name = f"{section}.loss_kwargs"
             raise InputError(origins.of(name), f"{name}.{key}", message)
+    above = _bounds(cfg)
+    if above is not None:
+        name, bound, value = above
+        shown = f"{int(bound)}" if float(bound).is_integer() and bound < 1e12 else f"{bound:g}"
+        raise InputError(
+            origins.of(name), name, f"must be <= {shown} (what memory and the machine's numbers hold), got {value!r}"
+        )
     for name, holds, message in _checks(cfg):
         if stored and message.startswith(NEW_RUN_RULES):
             continue

@@ -394,3 +394,22 @@ def test_more_processes_than_slots_is_one_line(run, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "calibration.classes_per_batch" in err and "at most 4 processes" in err
     assert not (run / "calibration" / "3fc_ft" / "head.pth").exists()
+
+
+def test_a_long_calibrations_schedule_is_generated_a_window_ahead(tiny_data):
+    """The whole schedule of 10^6 steps was built up front (10 KB a step: 10 GB); now a window."""
+    from simcal.config import CalibrationConfig
+    from simcal.data.annotations import load_dataset
+    from simcal.engine.calibrate import CalibrationSchedule, slot_owners
+
+    train = load_dataset(tiny_data / "train.json")
+    c = CalibrationConfig(steps=10**6, classes_per_batch=4)
+    sched = CalibrationSchedule(c, train, len(train["images"]), world=2, rank=1, window=16)
+    steps = [sched.step(s) for s in range(40)]
+    assert len(sched._ahead) <= 16 and sched._next == 40 + 15
+    # the same draws, flips and slots as the whole schedule's first steps
+    whole = CalibrationSchedule(CalibrationConfig(steps=40, classes_per_batch=4), train, len(train["images"]), 2, 1)
+    assert [whole.step(s) for s in range(40)] == steps
+    keys = [[(d[0], f) for d, f in zip(draws, flips)] for draws, flips, _ in steps]
+    table = slot_owners(keys, 2)
+    assert [[p for p, r in enumerate(t) if r == 1] for t in table] == [mine for _, _, mine in steps]

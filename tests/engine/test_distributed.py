@@ -120,6 +120,7 @@ def test_predict_under_torchrun_equals_one_process(trained_run, tmp_path):
             assert (a / "results.json").read_text() == (b / "results.json").read_text()
             for m in sorted(a.glob("metrics_*.json")):
                 ma, mb = json.loads(m.read_text()), json.loads((b / m.name).read_text())
+                assert ma.pop("model")["sha256"] == mb.pop("model")["sha256"]  # the same detector, in two runs
                 assert ma == mb, m.name
             assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())
 

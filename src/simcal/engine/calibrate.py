@@ -111,16 +111,21 @@ class FrozenDetector:
         self.cache: OrderedDict[Key, tuple[Any, ...]] = OrderedDict()
         self.cache_bytes, self.limit = 0, cache_mb * 2**20
         self.hits = self.misses = 0
-        self._uses: dict[Key, list[int]] = {}  # the steps that use each key, ascending
+        self._uses: dict[Key, list[int]] = {}  # the planned steps that use each key, ascending (past ones dropped)
+        self._expire: dict[int, list[Key]] = {}  # step -> keys whose last planned use is that step
         for step, keys in enumerate(schedule or []):
-            for key in keys:
-                uses = self._uses.setdefault(key, [])
-                if not uses or uses[-1] != step:
-                    uses.append(step)
-        self._expire: dict[int, list[Key]] = {}  # step -> keys last used at that step
-        for key, uses in self._uses.items():
-            self._expire.setdefault(uses[-1], []).append(key)
+            self.plan(step, keys)
         self._proposal_counts = training_proposal_counts(model)  # the RPN runs in eval mode with these
+
+    def plan(self, step: int, keys: list[Key]) -> None:
+        """Add step ``step``'s keys to the plan (steps are planned in increasing order, a window
+        ahead of the loop: :class:`CalibrationSchedule`). A key used again later than its last
+        planned use keeps its output until then."""
+        for key in keys:
+            uses = self._uses.setdefault(key, [])
+            if not uses or uses[-1] != step:
+                uses.append(step)
+                self._expire.setdefault(step, []).append(key)
 
     def _size(self, item: tuple[Any, ...]) -> int:
         return sum(t.numel() * t.element_size() for t in item[0].values()) + item[1].numel() * 4
@@ -192,9 +197,17 @@ class FrozenDetector:
                         self._store(key, item, step)
         if step is not None:
             for key in self._expire.pop(step, []):
+                uses = self._uses.get(key)
+                if uses and uses[-1] > step:
+                    continue  # planned again since: kept until its new last use
+                self._uses.pop(key, None)
                 old = self.cache.pop(key, None)
                 if old is not None:
                     self.cache_bytes -= self._size(old)
+            for key in set(keys):  # the plan forgets the past: its memory follows the window, not the run
+                uses = self._uses.get(key)
+                while uses and uses[0] <= step:
+                    uses.pop(0)
         return [found[k] for k in keys]  # type: ignore[misc]
 
     def _store(self, key: Key, item: tuple[Any, ...], step: int | None) -> None:
@@ -388,24 +401,7 @@ def slot_owners(schedule: list[list[Key]], world: int) -> list[list[int]]:
     process's cache serves its images again as the one process's cache would. A pure function
     of the schedule: every process computes the same table."""
     owner: dict[int, int] = {}
-    table = []
-    for keys in schedule:
-        cap = -(-len(keys) // world)
-        load = [0] * world
-        ranks = [-1] * len(keys)
-        for p, (index, _) in enumerate(keys):
-            r = owner.get(index)
-            if r is not None and load[r] < cap:
-                ranks[p] = r
-                load[r] += 1
-        for p, (index, _) in enumerate(keys):
-            if ranks[p] < 0:
-                r = min(range(world), key=lambda q: (load[q], q))
-                ranks[p] = r
-                load[r] += 1
-                owner.setdefault(index, r)
-        table.append(ranks)
-    return table
+    return [_owners_of_step(keys, world, owner) for keys in schedule]
 
 
 def calibration_config(cfg: Config, overrides: list[str] | None, source: str) -> Config:
@@ -544,24 +540,90 @@ def calibrate_head(
     return head.eval()
 
 
-def _schedule(
+class CalibrationSchedule:
+    """Every step's draws, flips and slot owners, generated a window of steps ahead of the loop.
+
+    Each step's draws and flips are pure functions of (seed, step); the slot owners under
+    torchrun (:func:`slot_owners`) carry a sticky table forward from step 0. So the schedule is
+    generated lazily, in order: :meth:`step` returns a step's ``(draws, flips, mine)`` and plans
+    the frozen detector's cache ``window`` steps ahead; memory follows the window, not the number
+    of steps (the whole schedule of a long calibration did not fit in memory).
+    """
+
+    def __init__(
+        self,
+        c: CalibrationConfig,
+        train_json: dict[str, Any],
+        num_images: int,
+        world: int,
+        rank: int,
+        window: int = 2048,
+    ) -> None:
+        self.c, self.world, self.rank, self.window = c, world, rank, window
+        self._draws_of = _draws_of(c, train_json, num_images)
+        self._owner: dict[int, int] = {}  # the sticky owner of each image (slot_owners' table)
+        self._next = 0  # the first step not generated yet
+        self._ahead: dict[int, tuple[list[tuple[int, int | None]], list[bool], list[int]]] = {}
+        self.frozen: FrozenDetector | None = None
+
+    def _generate(self, step: int) -> tuple[list[tuple[int, int | None]], list[bool], list[int]]:
+        draws = self._draws_of(step)
+        flips = streams.flips(self.c.seed, step, streams.CALIBRATION_FLIP, len(draws), self.c.flip_prob)
+        owners = _owners_of_step([(d[0], f) for d, f in zip(draws, flips)], self.world, self._owner)
+        return draws, flips, [p for p, r in enumerate(owners) if r == self.rank]
+
+    def skip_to(self, start: int) -> None:
+        """Resume at ``start``: the steps before it are generated for the owner table only (one
+        process: not at all)."""
+        if self.world > 1:
+            for step in range(self._next, start):
+                self._generate(step)
+        self._next = max(self._next, start)
+
+    def step(self, step: int) -> tuple[list[tuple[int, int | None]], list[bool], list[int]]:
+        """Step ``step``'s ``(draws, flips, this process's slots)``; the window after it planned."""
+        while self._next < min(step + self.window, self.c.steps):
+            entry = self._ahead[self._next] = self._generate(self._next)
+            if self.frozen is not None:
+                draws, flips, mine = entry
+                self.frozen.plan(self._next, [(draws[p][0], flips[p]) for p in mine])
+            self._next += 1
+        return self._ahead.pop(step)
+
+
+def _owners_of_step(keys: list[Key], world: int, owner: dict[int, int]) -> list[int]:
+    """One step of :func:`slot_owners`, its sticky ``owner`` table updated in place."""
+    cap = -(-len(keys) // world)
+    load = [0] * world
+    ranks = [-1] * len(keys)
+    for p, (index, _) in enumerate(keys):
+        r = owner.get(index)
+        if r is not None and load[r] < cap:
+            ranks[p] = r
+            load[r] += 1
+    for p, (index, _) in enumerate(keys):
+        if ranks[p] < 0:
+            r = min(range(world), key=lambda q: (load[q], q))
+            ranks[p] = r
+            load[r] += 1
+            owner.setdefault(index, r)
+    return ranks
+
+
+def _draws_of(
     c: CalibrationConfig, train_json: dict[str, Any], num_images: int
-) -> tuple[list[list[tuple[int, int | None]]], list[list[bool]]]:
-    """Every step's draws ``(image index, category id or None)`` and flips: pure functions of (seed, step)."""
+) -> Callable[[int], list[tuple[int, int | None]]]:
+    """A step's draws ``(image index, category id or None)``: a pure function of (seed, step)."""
     if c.sampler == "bilevel":
         bilevel = BiLevelSampler(train_json, classes_per_batch=c.classes_per_batch, seed=c.seed)
-        draws_of: Callable[[int], list[tuple[int, int | None]]] = lambda step: list(bilevel.batch(step))  # noqa: E731
-    else:
-        base = (
-            RepeatFactorSampler(repeat_factors(train_json), seed=c.seed)
-            if c.sampler == "repeat_factor"
-            else TrainingSampler(num_images, seed=c.seed)
-        )
-        stream = BatchStream(base, c.classes_per_batch)
-        draws_of = lambda step: [(int(i), None) for i in stream.global_batch(step)]  # noqa: E731
-    draws = [draws_of(s) for s in range(c.steps)]
-    flips = [streams.flips(c.seed, s, streams.CALIBRATION_FLIP, len(d), c.flip_prob) for s, d in enumerate(draws)]
-    return draws, flips
+        return lambda step: list(bilevel.batch(step))
+    base = (
+        RepeatFactorSampler(repeat_factors(train_json), seed=c.seed)
+        if c.sampler == "repeat_factor"
+        else TrainingSampler(num_images, seed=c.seed)
+    )
+    stream = BatchStream(base, c.classes_per_batch)
+    return lambda step: [(int(i), None) for i in stream.global_batch(step)]
 
 
 def _calibrate(
@@ -639,13 +701,12 @@ def _calibrate(
         files.root.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
 
-    # every draw is a pure function of (seed, step): the whole schedule is known, and the cache plans by it
-    draws_all, flips_of = _schedule(c, train_json, len(dataset))
-    schedule = [list(zip((d[0] for d in draws), flips)) for draws, flips in zip(draws_all, flips_of)]
-    # under torchrun each process fetches (and caches) only its own slots
-    mine_of = [[p for p, r in enumerate(owners) if r == rank] for owners in slot_owners(schedule, world)]
-    schedule = [[keys[p] for p in mine] for keys, mine in zip(schedule, mine_of)]
-    frozen = FrozenDetector(model, dataset, c.cache_mb, device, schedule=schedule, miss_batch=c.miss_batch)
+    # every draw is a pure function of (seed, step): the schedule is generated a window ahead of the loop,
+    # and the cache plans by it; under torchrun each process fetches (and caches) only its own slots
+    schedule = CalibrationSchedule(c, train_json, len(dataset), world, rank)
+    frozen = FrozenDetector(model, dataset, c.cache_mb, device, miss_batch=c.miss_batch)
+    schedule.frozen = frozen
+    schedule.skip_to(start)
     name = files.name if files is not None else "(in memory)"
     meta = {
         "kind": c.head,
@@ -665,7 +726,7 @@ def _calibrate(
     head.train()
     for step in range(start, c.steps):
         lr = c.lr * 0.1 ** sum(step >= s for s in decay_steps)
-        draws, flips = draws_all[step], flips_of[step]
+        draws, flips, mine = schedule.step(step)
         seeds = [streams.slot_seed(c.seed, step, p) for p in range(len(draws))]
         batches = calibration_batches(
             frozen,
@@ -676,7 +737,7 @@ def _calibrate(
             streams.slot_seed(c.seed, step, streams.CALIBRATION_BACKGROUND),
             step=step,
             box_feats=c.head == "ncm",
-            mine=mine_of[step],
+            mine=mine,
             stages=stages,
         )
         record: dict[str, Any] = {"step": step + 1, "lr": lr, "fg": 0, "bg": 0}
