@@ -271,6 +271,7 @@ def predict(
     topk_per_class: int | None = None,
     evaluate: bool = True,
     progress: bool = True,
+    allow_category_subset: bool = False,
     **settings: Any,
 ) -> dict[str, dict[str, EvalResult]]:
     """Detect with several heads in one pass per batch, write LVIS results and evaluate them.
@@ -285,6 +286,8 @@ def predict(
     to ``<split>-first<N>`` (``<out>-first<N>``), never over the whole split's. With
     ``topk_per_class`` K: no per-image cap, the K best detections of each class over the images,
     to ``<split>-topk<K>`` (``<out>-topk<K>``), evaluated as AP-fixed (returned) and AP-pool.
+    Annotations whose categories differ from the detector's are refused unless
+    ``allow_category_subset`` (then the categories both have are evaluated).
 
     Returns:
         ``{head: {"bbox": EvalResult, "segm": EvalResult}}`` (empty with ``evaluate=False``).
@@ -309,6 +312,7 @@ def predict(
             topk_per_class=topk_per_class,
             progress=progress,
             evaluate_results=evaluate,
+            category_subset=allow_category_subset,
         )
     if model is None:
         raise InputError("simcal.predict", "run", "pass run= (a trained run directory) or model=")
@@ -344,4 +348,5 @@ def predict(
             evaluate_results=evaluate,
             verbose=False,
             device=_device(adopted),
+            category_subset=allow_category_subset,
         )

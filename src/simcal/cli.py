@@ -311,6 +311,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         topk_per_class=args.topk_per_class,
         evaluate=not args.no_eval,
         progress=not args.no_progress,
+        allow_category_subset=args.allow_category_subset,
     )
     return 0
 
@@ -656,6 +657,11 @@ COMMANDS: tuple[Command, ...] = (
                 "evaluated as AP-fixed and AP-pool (default off)",
             ),
             opt("--no-eval", action="store_true", help="write results only"),
+            opt(
+                "--allow-category-subset",
+                action="store_true",
+                help="--gt whose categories differ from the run's: evaluate the ones both have (refused otherwise)",
+            ),
             NO_PROGRESS,
         ),
         overrides="inference.key=value or model test settings, e.g. model.detections_per_img=300",

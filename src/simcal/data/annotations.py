@@ -401,3 +401,31 @@ def first_images(gt: dict[str, Any], n: int | None) -> dict[str, Any]:
         "images": [im for im in gt["images"] if im["id"] in kept],
         "annotations": [a for a in gt["annotations"] if a["image_id"] in kept],
     }
+
+
+def check_categories(
+    gt: dict[str, Any], source: str, expected: list[int], what: str, allow_subset: bool = False
+) -> None:
+    """Refuse annotations whose categories are not exactly ``expected`` (a run's label map): AP would
+    be computed over the categories both have only, silently. ``allow_subset`` (``predict
+    --allow-category-subset``) asks for that subset explicitly. The error names the missing and
+    extra ids (the first few of each)."""
+    have = {c["id"] for c in gt["categories"]}
+    want = set(expected)
+    if have == want or allow_subset:
+        return
+
+    def ids(xs: list[int]) -> str:
+        return ", ".join(map(str, xs[:8])) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
+
+    parts = []
+    missing, extra = sorted(want - have), sorted(have - want)
+    if missing:
+        parts.append(f"{len(missing)} of {what}'s categories are not in it (ids {ids(missing)})")
+    if extra:
+        parts.append(f"{len(extra)} of its categories are not {what}'s (ids {ids(extra)})")
+    raise InputError(
+        source,
+        "categories",
+        "; ".join(parts) + ": AP would cover only the categories both have; pass --allow-category-subset for that",
+    )

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from simcal import choices
 from simcal.config import Config, InferenceConfig, apply_overrides, classifier_of
-from simcal.data.annotations import first_images, load_dataset
+from simcal.data.annotations import check_categories, first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import class_instance_counts, declared_bins
 from simcal.engine import distributed as dist_utils
@@ -412,6 +412,7 @@ def predict(
     topk_per_class: int | None = None,
     progress: bool = True,
     evaluate_results: bool = True,
+    category_subset: bool = False,
 ) -> dict[str, dict[str, EvalResult]]:
     """Run a trained run's detector with each of ``heads`` (default: the original) on a split.
 
@@ -430,8 +431,9 @@ def predict(
     ``split``: the config's ``val`` / ``train``, or a name for ``gt_json`` (the config's names
     are refused for other annotations).
     ``calibration`` names the calibrated head (default: ``3fc_ft``, else the only one there is).
-    Results of a head other than ``3fc_ft`` go to ``cal@<name>`` / ``dual@<name>``, so comparing
-    calibrations never overwrites ``cal`` / ``dual``.
+    ``category_subset``: annotations whose categories differ from the run's are evaluated on the
+    categories both have (refused otherwise). Results of a head other than ``3fc_ft`` go to
+    ``cal@<name>`` / ``dual@<name>``, so comparing calibrations never overwrites ``cal`` / ``dual``.
 
     Returns:
         ``{head tag: {"bbox": EvalResult, "segm": EvalResult}}`` (empty without evaluation).
@@ -468,6 +470,7 @@ def predict(
         topk_per_class=topk_per_class,
         progress=progress,
         evaluate_results=evaluate_results,
+        category_subset=category_subset,
     )
 
 
@@ -545,8 +548,12 @@ def run_heads(
     verbose: bool = True,
     desc: str = "predict",
     device: torch.device | None = None,
+    category_subset: bool = False,
 ) -> dict[str, dict[str, EvalResult]]:
     """Predict with every head spec in one pass per batch; write results (and metrics) per head under ``out``.
+
+    The annotations' categories must be the detector's (``category_subset``: the ones both have are
+    evaluated, asked for explicitly).
 
     ``counts`` ``(C,)``: the training instance counts (default: from ``train_json``). Without
     ``segm`` in ``ious`` no mask is computed. ``device``: where to run (default: CUDA when
@@ -564,6 +571,7 @@ def run_heads(
     device = device or default_device()
     model.to(device)
     gt = load_dataset(gt_json)
+    check_categories(gt, gt_json, label_map.category_ids, "the detector", allow_subset=category_subset)
     train, train_counts = training_counts(train_json, label_map, device)
     counts = train_counts if counts is None else counts.to(device)
     cal_heads = {k: v.to(device).eval() for k, v in cal_heads.items()}
