@@ -30,6 +30,7 @@ from simcal.errors import (
     describe_os_error,
     handle_signals,
     loader_worker_died,
+    peer_rank_lost,
     restore_signals,
     sigterm_received,
     stopped_line,
@@ -817,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if signal_name is not None and not debug:  # the group's signal reached a loader worker first
             print(stopped_line(signal_name), file=sys.stderr)
             return 143 if signal_name == "SIGTERM" else 130
-        message = loader_worker_died(e)
+        message = peer_rank_lost(e) or loader_worker_died(e)
         if message is None or debug:
             raise
         return _fail(message)

@@ -113,6 +113,29 @@ def stopped_line(name: str) -> str:
     return line
 
 
+#: what torch.distributed's backends say when a peer process is gone
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_rank_lost(e: BaseException) -> str | None:
+    """The one-line message when ``e`` is a collective failing under torchrun because another rank
+    died (gloo's "Connection reset by peer", NCCL's aborted communicator), else ``None``: this
+    rank did nothing wrong, the rank that died printed why, and torchrun's summary names it."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, RuntimeError) and any(m in str(seen) for m in _PEER_GONE):
+            return (
+                f"torchrun: rank {os.environ.get('RANK', '?')} of {world}: another rank stopped (the first to fail is "
+                "named as the root cause in torchrun's summary, and printed why): this one stops too; train and "
+                "calibrate continue with --resume"
+            )
+        seen = seen.__context__ or seen.__cause__
+    return None
+
+
 def loader_worker_died(e: BaseException) -> str | None:
     """The one-line message when ``e`` (or an error it interrupted) is torch's report of a data
     loader worker process that died (killed by the out-of-memory killer, say), else ``None``.
