@@ -119,21 +119,32 @@ _PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken p
 
 def peer_rank_lost(e: BaseException) -> str | None:
     """The one-line message when ``e`` is a collective failing under torchrun because another rank
-    died (gloo's "Connection reset by peer", NCCL's aborted communicator), else ``None``: this
-    rank did nothing wrong, the rank that died printed why, and torchrun's summary names it."""
+    died (gloo's "Connection reset by peer", NCCL's aborted communicator), else ``None``: it names
+    the ranks on this machine whose process has exited (those on other machines cannot be checked
+    from here; torchrun's summary names the first to fail and why)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return None
     seen: BaseException | None = e
     while seen is not None:
         if isinstance(seen, RuntimeError) and any(m in str(seen) for m in _PEER_GONE):
-            return (
-                f"torchrun: rank {os.environ.get('RANK', '?')} of {world}: another rank stopped (the first to fail is "
-                "named as the root cause in torchrun's summary, and printed why): this one stops too; train and "
-                "calibrate continue with --resume"
-            )
+            break
         seen = seen.__context__ or seen.__cause__
-    return None
+    else:
+        return None
+    from simcal.engine.distributed import lost_ranks
+
+    gone, elsewhere = lost_ranks()
+    if gone:
+        who = f"rank {', '.join(map(str, gone))} stopped" if len(gone) == 1 else f"ranks {gone} stopped"
+    elif elsewhere:
+        who = "a rank on another machine stopped"
+    else:
+        who = "another rank stopped"
+    return (
+        f"torchrun: rank {os.environ.get('RANK', '?')} of {world}: {who} (torchrun's summary says why), so this one "
+        "stops too; train and calibrate continue with --resume"
+    )
 
 
 def loader_worker_died(e: BaseException) -> str | None:

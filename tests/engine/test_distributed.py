@@ -288,5 +288,37 @@ def test_a_rank_killed_under_torchrun_leaves_the_survivor_one_line(trained_run, 
     assert proc.returncode != 0
     survivor = [line for line in err.splitlines() if line.startswith("simcal: ")]
     assert len(survivor) == 1, err[-3000:]
-    assert "rank 0 of 2" in survivor[0] and "out of memory" not in err, survivor
+    assert "rank 0 of 2: rank 1 stopped" in survivor[0] and "out of memory" not in err, survivor
     assert "[rank0]: Traceback" not in err and "Root Cause" in err  # torchrun's summary names rank 1
+
+
+def test_the_survivor_names_the_rank_whose_process_exited(monkeypatch):
+    """peer_rank_lost reads gloo's error, then checks the pids gathered at init on this machine."""
+    import socket
+
+    from simcal.engine import distributed as dist_utils
+    from simcal.errors import peer_rank_lost
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    host = socket.gethostname()
+    try:
+        peers = [(host, os.getpid()), (host, alive.pid), (host, dead.pid), ("elsewhere", 1)]
+        monkeypatch.setattr(dist_utils, "_PEERS", peers)
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("RANK", "0")
+        gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer")
+        try:
+            raise ValueError("while reducing") from gloo
+        except ValueError as e:
+            line = peer_rank_lost(e)
+        assert line is not None and "rank 0 of 4: rank 2 stopped" in line and "--resume" in line
+        monkeypatch.setattr(dist_utils, "_PEERS", peers[:2] + peers[3:])  # rank 1 alive, rank 3 elsewhere
+        assert "a rank on another machine stopped" in (peer_rank_lost(gloo) or "")
+        assert peer_rank_lost(RuntimeError("shape mismatch")) is None
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        assert peer_rank_lost(gloo) is None  # one process: not a torchrun peer
+    finally:
+        alive.kill()
+        alive.wait()

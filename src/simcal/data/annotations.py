@@ -404,12 +404,17 @@ def first_images(gt: dict[str, Any], n: int | None) -> dict[str, Any]:
 
 
 def check_categories(
-    gt: dict[str, Any], source: str, expected: list[int], what: str, allow_subset: bool = False
+    gt: dict[str, Any],
+    source: str,
+    expected: list[int],
+    what: str,
+    allow_subset: bool = False,
+    remedy: str = "pass --allow-category-subset for that",
 ) -> None:
     """Refuse annotations whose categories are not exactly ``expected`` (a run's label map): AP would
     be computed over the categories both have only, silently. ``allow_subset`` (``predict
     --allow-category-subset``) asks for that subset explicitly. The error names the missing and
-    extra ids (the first few of each)."""
+    extra ids (the first few of each), then ``remedy``."""
     have = {c["id"] for c in gt["categories"]}
     want = set(expected)
     if have == want or allow_subset:
@@ -427,5 +432,5 @@ def check_categories(
     raise InputError(
         source,
         "categories",
-        "; ".join(parts) + ": AP would cover only the categories both have; pass --allow-category-subset for that",
+        "; ".join(parts) + f": AP would cover only the categories both have; {remedy}",
     )

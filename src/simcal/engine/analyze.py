@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from simcal.data.annotations import first_images, load_dataset, load_results
-from simcal.data.dataset import DetectionDataset, data_loader
+from simcal.data.annotations import check_categories, first_images, load_dataset, load_results
+from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import declared_bins
 from simcal.engine import distributed as dist_utils
 from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
@@ -34,7 +34,7 @@ from simcal.errors import InputError
 from simcal.evaluation import diagnostics
 from simcal.evaluation.analysis import other_object_groups, proposal_recall, proposal_rows
 from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
-from simcal.io import atomic_open, write_json, writes_run
+from simcal.io import atomic_open, read_json, write_json, writes_run
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import eval_proposal_counts, proposal_counts
 from simcal.report.plots import grouped_bars, line_plot, reliability_plot
@@ -285,6 +285,7 @@ def _predicted(
     train = load_dataset(cfg.data.train_json)
     edges = declared_bins(train)
     stats = resolve_category_stats(gt, gt_json, train, cfg.data.train_json, edges)
+    label_map = LabelMap.load(r.label_map)
     pred = r.predictions(split)
     heads = heads or pred.heads()
     if not heads:
@@ -295,6 +296,15 @@ def _predicted(
         if not path.is_file():
             raise InputError(path, "(file)", f"no predictions of head {head!r}: run simcal predict --head first")
         pred.head(head).check_made_by(run)
+        made_by = read_json(pred.head(head).provenance) or {}
+        check_categories(
+            gt,
+            gt_json,
+            label_map.category_ids,
+            "the detector",
+            allow_subset=bool(made_by.get("category_subset")),
+            remedy="predict with --allow-category-subset to ask for that",
+        )
         seen = pred.head(head).metrics(iou)  # predict --max-images evaluated its first N images
         sub = first_images(gt, json.loads(seen.read_text()).get("num_images") if seen.is_file() else None)
         out[head] = (sub, load_results(path, sub, iou))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,37 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        peers: list[tuple[str, int] | None] = [None] * world
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+        _PEERS[:] = [p for p in peers if p is not None]
     return rank, world, device
+
+
+#: ``(hostname, pid)`` of every rank, gathered when the process group starts: which one is gone
+_PEERS: list[tuple[str, int]] = []
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped by torchrun counts as exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def lost_ranks() -> tuple[list[int], list[int]]:
+    """``(ranks whose process has exited, ranks on other machines)``, as seen from this process: the
+    ranks on this machine are checked by pid; the others cannot be from here."""
+    host, me = socket.gethostname(), os.getpid()
+    gone = [r for r, (h, pid) in enumerate(_PEERS) if h == host and pid != me and _gone(pid)]
+    return gone, [r for r, (h, _) in enumerate(_PEERS) if h != host]
 
 
 def rank() -> int:

@@ -264,6 +264,31 @@ def detections_to_results(
         yield out
 
 
+def only_categories(label_map: LabelMap, gt: dict[str, Any], verbose: bool = True) -> Tensor | None:
+    """``(C + 1,)`` bool, True at the labels whose category the annotations ``gt`` have, when they
+    lack some of the detector's (``predict --allow-category-subset``); ``None`` when they have all.
+    Detections of the others are left out of the results (the evaluation engine could never match
+    them, and the analyses read the results against the same annotations)."""
+    have = {c["id"] for c in gt["categories"]}
+    keep = torch.tensor([False] + [c in have for c in label_map.category_ids])
+    if bool(keep[1:].all()):
+        return None
+    if verbose:
+        print(
+            f"--allow-category-subset: the {int(keep.sum())} of the detector's {label_map.num_classes} categories "
+            "the annotations have are predicted and evaluated; detections of the others are left out"
+        )
+    return keep
+
+
+def only_labels(det: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
+    """One image's detections ``det`` (``labels`` ``(N,)``, every per-detection tensor ``(N, ...)``)
+    without those whose label ``keep`` ``(C + 1,)`` marks False."""
+    mask = keep.to(det["labels"].device)[det["labels"]]
+    n = len(mask)
+    return {k: v[mask] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v for k, v in det.items()}
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """One head of ``simcal predict --head``: a scorer kind and its settings, and the folder it writes.
@@ -572,6 +597,7 @@ def run_heads(
     model.to(device)
     gt = load_dataset(gt_json)
     check_categories(gt, gt_json, label_map.category_ids, "the detector", allow_subset=category_subset)
+    shared = only_categories(label_map, gt, verbose and dist_utils.rank() == 0)
     train, train_counts = training_counts(train_json, label_map, device)
     counts = train_counts if counts is None else counts.to(device)
     cal_heads = {k: v.to(device).eval() for k, v in cal_heads.items()}
@@ -617,6 +643,8 @@ def run_heads(
             )
             for tag, dets in per_head.items():
                 for det, tgt, im in zip(dets, targets, imgs):
+                    if shared is not None:
+                        det = only_labels(det, shared)
                     records = detections_to_results(det, int(tgt["image_id"]), label_map, tuple(im.shape[-2:]))
                     if topk_per_class:
                         tops[tag].add(det["labels"], list(records))
@@ -634,7 +662,11 @@ def run_heads(
         head = cal_heads.get(spec.cal) if spec.needs_calibrated_head else None
         record = getattr(head, "provenance", None)
         heads = {record["name"]: record} if record else None
-        made_by[spec.tag] = {"model": getattr(model, "provenance", None), "calibrated_heads": heads}
+        made_by[spec.tag] = {
+            "model": getattr(model, "provenance", None),
+            "calibrated_heads": heads,
+            "category_subset": category_subset,
+        }
     if world > 1:
         dist_utils.barrier()  # every part is written
         if rank != 0:
