@@ -149,7 +149,7 @@ DEMO_BUDGETS = ("quick", "full", "leaderboard")
 #: memory can hold, far beyond any real run. Seeds: numpy's generators take 32-bit seeds.
 MAX_SEED = 2**32 - 1
 MAX_COUNT = 10**9  # a count (iterations, detections, images) without a tighter bound of its own
-MAX_STEPS = 10**6  # calibration steps (the paper: 12,000): its planned schedule is held in memory, ~1.5 KB a step
+MAX_STEPS = 10**6  # calibration steps (~80 times the paper's 12,000); the schedule is drawn a window ahead
 MAX_IMAGES = 10**7  # images of a synthetic set or a run (LVIS: 100k)
 MAX_CLASSES = 100_000
 MAX_BATCH = 65_536  # images in one batch
