@@ -136,7 +136,9 @@ def _command_line() -> str:
 
 
 @contextmanager
-def run_lock(root: str | os.PathLike[str], command: str | None = None, lock_file: Path | None = None) -> Iterator[None]:
+def run_lock(
+    root: str | os.PathLike[str], command: str | None = None, lock_file: Path | None = None, remove: bool = False
+) -> Iterator[None]:
     """Hold the run ``root``'s write lock for the block: an advisory ``flock`` on ``RUN/.simcal.lock``
     (``lock_file``: another file, for a run that does not exist yet), which the operating system
     releases when the process ends, however it ends (``kill -9`` included).
@@ -145,7 +147,8 @@ def run_lock(root: str | os.PathLike[str], command: str | None = None, lock_file
     host and start time. Readers take no lock. Under torchrun only rank 0 takes it (the other
     ranks write their own part files and wait for rank 0). Re-entrant within a process. Where the
     lock file cannot be created (a read-only run), the block runs unlocked: whatever it writes
-    there fails on its own, with its own message.
+    there fails on its own, with its own message. ``remove``: delete the lock file as the block ends
+    (a ``lock_file`` beside the run, which would otherwise stay in the parent folder).
     """
     import fcntl
     import time
@@ -197,6 +200,8 @@ def run_lock(root: str | os.PathLike[str], command: str | None = None, lock_file
         del _HELD[key]
         try:
             os.ftruncate(fd, 0)
+            if remove:
+                path.unlink()
         except OSError:
             pass
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -99,3 +99,36 @@ def test_a_lock_is_released_by_kill_9_and_taken_again(tmp_path):
     with run_lock(tmp_path, "third"):
         with run_lock(tmp_path, "nested: the same process re-enters its own lock"):
             pass
+
+
+HOLD_BESIDE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from simcal.io import run_lock
+    out = Path(sys.argv[1])
+    with run_lock(out, "simcal import --out x", lock_file=out.parent / (".%s.simcal.lock" % out.name), remove=True):
+        print("locked", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_two_imports_into_one_run(tmp_path, capsys):
+    """The run does not exist yet: the lock is a file beside it, gone once the import ends."""
+    from simcal.cli import main
+
+    out = tmp_path / "imported"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_BESIDE, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    argv = ["import", "--from", "detectron2", str(tmp_path / "missing.pkl"), "--out", str(out)]
+    try:
+        assert main(argv) == 2
+        one_line(capsys.readouterr().err, f"{out}: (lock): is being written by `simcal import --out x`")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 2  # the next one goes ahead, to its own error
+    one_line(capsys.readouterr().err, "missing.pkl")
+    assert list(tmp_path.iterdir()) == []  # the lock file beside it went with the import that took it
+    assert not out.exists()

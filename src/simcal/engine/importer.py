@@ -74,7 +74,9 @@ def import_checkpoint(
     if framework not in choices.IMPORT_FRAMEWORKS:
         raise InputError("--from", "framework", f"expected one of {', '.join(choices.IMPORT_FRAMEWORKS)}")
     out = Path(out)
-    with run_lock(out, lock_file=out.parent / f".{out.name}{LOCK_NAME}"):  # the run does not exist yet
+    # the run does not exist yet: the lock is a file beside it, removed as the import ends (a second
+    # import that opened it before then may go on, and finds --out taken at its final rename)
+    with run_lock(out, lock_file=out.parent / f".{out.name}{LOCK_NAME}", remove=True):
         return _import(framework, checkpoint, out, framework_config, overrides, verbose)
 
 
