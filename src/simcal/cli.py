@@ -32,7 +32,7 @@ from simcal.errors import (
     loader_worker_died,
     peer_rank_lost,
     restore_signals,
-    sigterm_received,
+    signal_received,
     stopped_line,
     worker_stopped_by,
 )
@@ -799,8 +799,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = handle_signals() if threading.current_thread() is threading.main_thread() else None
     try:
         code = int(args.func(args) or 0)
-        if sigterm_received():  # its exception landed where Python drops exceptions: stop now
-            raise Terminated()
+        stopped_by = signal_received()
+        if stopped_by is not None:  # its exception landed where Python drops exceptions: stop now
+            raise Terminated() if stopped_by == "SIGTERM" else KeyboardInterrupt()
         return code
     except SimcalError as e:
         if debug:
@@ -814,11 +815,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(f"{describe_os_error(e)} (--debug shows where)")
     except RuntimeError as e:
-        signal_name = worker_stopped_by(e) or ("SIGTERM" if sigterm_received() else None)
+        signal_name = worker_stopped_by(e) or signal_received()
         if signal_name is not None and not debug:  # the group's signal reached a loader worker first
             print(stopped_line(signal_name), file=sys.stderr)
             return 143 if signal_name == "SIGTERM" else 130
-        message = peer_rank_lost(e) or loader_worker_died(e)
+        from simcal.engine.distributed import lost_ranks
+
+        message = peer_rank_lost(e, lost_ranks) or loader_worker_died(e)
         if message is None or debug:
             raise
         return _fail(message)

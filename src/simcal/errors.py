@@ -18,8 +18,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -117,11 +118,12 @@ def stopped_line(name: str) -> str:
 _PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
-def peer_rank_lost(e: BaseException) -> str | None:
+def peer_rank_lost(e: BaseException, lost_ranks: Callable[[], tuple[list[int], list[int]]]) -> str | None:
     """The one-line message when ``e`` is a collective failing under torchrun because another rank
     died (gloo's "Connection reset by peer", NCCL's aborted communicator), else ``None``: it names
-    the ranks on this machine whose process has exited (those on other machines cannot be checked
-    from here; torchrun's summary names the first to fail and why)."""
+    the ranks ``lost_ranks()`` finds gone (:func:`simcal.engine.distributed.lost_ranks`: those on
+    this machine, by pid; ranks on other machines cannot be checked from here, and torchrun's
+    summary names the first to fail and why)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return None
@@ -132,8 +134,6 @@ def peer_rank_lost(e: BaseException) -> str | None:
         seen = seen.__context__ or seen.__cause__
     else:
         return None
-    from simcal.engine.distributed import lost_ranks
-
     gone, elsewhere = lost_ranks()
     if gone:
         who = f"rank {', '.join(map(str, gone))} stopped" if len(gone) == 1 else f"ranks {gone} stopped"
@@ -173,7 +173,7 @@ def debug_requested() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-_TERMINATED = {"received": False}
+_TERMINATED = {"received": False, "interrupted": False}
 #: signals held back while a file is written (:func:`signals_deferred`): the depth, and the first one that came
 _DEFERRED: dict[str, Any] = {"depth": 0, "pending": None}
 
@@ -181,8 +181,7 @@ _DEFERRED: dict[str, Any] = {"depth": 0, "pending": None}
 def _raise_terminated(signum: int, frame: Any) -> None:
     """SIGTERM raises :class:`Terminated`, SIGINT ``KeyboardInterrupt``; inside
     :func:`signals_deferred` they are remembered and raised when the block ends."""
-    if signum == signal.SIGTERM:
-        _TERMINATED["received"] = True
+    _TERMINATED["received" if signum == signal.SIGTERM else "interrupted"] = True
     if _DEFERRED["depth"]:
         _DEFERRED["pending"] = _DEFERRED["pending"] or signum
         return
@@ -195,13 +194,31 @@ def handle_sigterm() -> Any:
     Python drops an exception raised where it cannot propagate (a fork hook, a finaliser): the
     signal is remembered too, so :func:`sigterm_received` still tells the command to end with 143.
     """
-    _TERMINATED["received"] = False
+    _TERMINATED["received"] = _TERMINATED["interrupted"] = False
     return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _quiet_about_signals(unraisable: Any) -> None:
+    """``sys.unraisablehook`` while a command runs: a signal's exception that landed in a finaliser
+    (a DataLoader iterator's ``__del__`` as the loop unwinds) is dropped without Python's
+    "Exception ignored in ..." block; the signal is remembered (:func:`signal_received`), so the
+    command still stops with its one line. Anything else goes to the previous hook."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    _PREVIOUS_HOOK[0](unraisable)
+
+
+#: the ``sys.unraisablehook`` that :func:`handle_signals` replaced
+_PREVIOUS_HOOK: list[Any] = [sys.unraisablehook]
 
 
 def handle_signals() -> dict[int, Any]:
     """:func:`handle_sigterm`, and SIGINT through the same handler (``KeyboardInterrupt``, deferred
-    like SIGTERM while a file is written); returns the previous handlers, for :func:`restore_signals`."""
+    like SIGTERM while a file is written), and :func:`_quiet_about_signals` as the unraisable hook;
+    returns the previous handlers, for :func:`restore_signals`."""
+    if sys.unraisablehook is not _quiet_about_signals:
+        _PREVIOUS_HOOK[0] = sys.unraisablehook
+        sys.unraisablehook = _quiet_about_signals
     return {signal.SIGTERM: handle_sigterm(), signal.SIGINT: signal.signal(signal.SIGINT, _raise_terminated)}
 
 
@@ -209,11 +226,20 @@ def restore_signals(previous: dict[int, Any]) -> None:
     """Put back the handlers :func:`handle_signals` replaced."""
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+    if sys.unraisablehook is _quiet_about_signals:
+        sys.unraisablehook = _PREVIOUS_HOOK[0]
 
 
 def sigterm_received() -> bool:
     """Whether SIGTERM arrived since :func:`handle_sigterm`."""
     return _TERMINATED["received"]
+
+
+def signal_received() -> str | None:
+    """``"SIGTERM"`` or ``"SIGINT"`` when one arrived since :func:`handle_signals` (SIGTERM first), else ``None``."""
+    if _TERMINATED["received"]:
+        return "SIGTERM"
+    return "SIGINT" if _TERMINATED["interrupted"] else None
 
 
 @contextmanager

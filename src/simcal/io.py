@@ -148,7 +148,9 @@ def run_lock(
     ranks write their own part files and wait for rank 0). Re-entrant within a process. Where the
     lock file cannot be created (a read-only run), the block runs unlocked: whatever it writes
     there fails on its own, with its own message. ``remove``: delete the lock file as the block ends
-    (a ``lock_file`` beside the run, which would otherwise stay in the parent folder).
+    (a ``lock_file`` beside the run, which would otherwise stay in the parent folder). Folders made
+    for the lock file are removed again when the block wrote nothing else into them (a command
+    refused before it wrote anything leaves no run directory behind).
     """
     import fcntl
     import time
@@ -165,6 +167,11 @@ def run_lock(
         finally:
             _HELD[key][1] -= 1
         return
+    made = []  # the folders the lock file needs that do not exist yet: removed again if nothing else is written
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
@@ -200,8 +207,10 @@ def run_lock(
         del _HELD[key]
         try:
             os.ftruncate(fd, 0)
-            if remove:
+            if remove or (made and os.listdir(path.parent) == [path.name]):
                 path.unlink()
+            for folder in made:  # a command refused before writing anything leaves no run behind
+                folder.rmdir()
         except OSError:
             pass
         fcntl.flock(fd, fcntl.LOCK_UN)

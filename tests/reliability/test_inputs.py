@@ -130,7 +130,12 @@ def test_weights_that_are_not_the_runs(trained_run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- every numeric flag
-NUMERIC = {cli._positive_int, cli._non_negative_int, cli._number, cli._probability, cli._open_unit, cli._numbers}
+NUMERIC = {cli._number, cli._probability, cli._open_unit, cli._numbers}
+
+
+def _is_numeric(kind: object) -> bool:
+    """A checked number type: one of NUMERIC, or a bounded integer of ``cli._int_at_least``."""
+    return kind in NUMERIC or getattr(kind, "__qualname__", "").startswith("_int_at_least.")
 
 
 def _numeric_flags() -> list[tuple[str, str, str | None]]:
@@ -138,7 +143,7 @@ def _numeric_flags() -> list[tuple[str, str, str | None]]:
         (c.name, o.flags[0], o.alias)
         for c in cli.COMMANDS
         for o in c.options
-        if o.kwargs.get("type") in NUMERIC and o.flags[0].startswith("--")
+        if _is_numeric(o.kwargs.get("type")) and o.flags[0].startswith("--")
     ]
 
 

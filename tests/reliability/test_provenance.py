@@ -29,6 +29,11 @@ def test_a_head_of_an_earlier_detector_is_refused_and_predictions_say_what_made_
     assert made_by["calibrated_heads"]["3fc_ft"]["detector"] == detector
     metrics = json.loads((run / "predictions" / "val-first4" / "cal" / "metrics_bbox.json").read_text())
     assert metrics["model"] == made_by["model"]
+    # a calibration interrupted on this detector (its checkpoint stays, no head yet)
+    half = ["calibrate", "--run", str(run), "--steps", "2", "--name", "half", "calibration.checkpoint_period=1"]
+    assert main([*half, "--no-progress"]) == 0
+    assert (run / "calibration" / "half" / "checkpoint.pth").exists()
+    (run / "calibration" / "half" / "head.pth").unlink()
     capsys.readouterr()
 
     # the run trains on: the head was calibrated on iteration 3's detector, the run's is now iteration 5's
@@ -41,6 +46,14 @@ def test_a_head_of_an_earlier_detector_is_refused_and_predictions_say_what_made_
         "than model_final.pth now (iteration 5",
         f"calibrate again (simcal calibrate --run {run} --name NEW_NAME)",
     )
+    # the interrupted calibration does not resume on the new detector
+    assert main([*half, "--resume", "--no-progress"]) == 2
+    one_line(
+        capsys.readouterr().err,
+        f"{run / 'calibration' / 'half' / 'checkpoint.pth'}: detector: this interrupted calibration ran on another "
+        "detector (iteration 3) than the run's now (iteration 5): calibrate under another --name",
+    )
+    assert not (run / "calibration" / "half" / "head.pth").exists()
     # ... and the predictions made by the earlier detector are not reported as the run's
     assert main(["report", "--run", str(run), "--split", "val-first4", "--gallery", "0"]) == 2
     one_line(capsys.readouterr().err, "(predictions): made by a detector that has changed since", "predict again")

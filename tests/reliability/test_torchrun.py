@@ -71,13 +71,13 @@ def test_the_survivor_names_the_rank_whose_process_exited(monkeypatch):
         try:
             raise ValueError("while reducing") from gloo
         except ValueError as e:
-            line = peer_rank_lost(e)
+            line = peer_rank_lost(e, dist_utils.lost_ranks)
         assert line is not None and "rank 0 of 4: rank 2 stopped" in line and "--resume" in line
         monkeypatch.setattr(dist_utils, "_PEERS", peers[:2] + peers[3:])  # rank 1 alive, rank 3 elsewhere
-        assert "a rank on another machine stopped" in (peer_rank_lost(gloo) or "")
-        assert peer_rank_lost(RuntimeError("shape mismatch")) is None
+        assert "a rank on another machine stopped" in (peer_rank_lost(gloo, dist_utils.lost_ranks) or "")
+        assert peer_rank_lost(RuntimeError("shape mismatch"), dist_utils.lost_ranks) is None
         monkeypatch.setenv("WORLD_SIZE", "1")
-        assert peer_rank_lost(gloo) is None  # one process: not a torchrun peer
+        assert peer_rank_lost(gloo, dist_utils.lost_ranks) is None  # one process: not a torchrun peer
     finally:
         alive.kill()
         alive.wait()

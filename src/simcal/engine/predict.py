@@ -595,10 +595,10 @@ def run_heads(
     setup_torch(threads)
     device = device or default_device()
     model.to(device)
+    train, train_counts = training_counts(train_json, label_map, device)  # the run's own files first
     gt = load_dataset(gt_json)
     check_categories(gt, gt_json, label_map.category_ids, "the detector", allow_subset=category_subset)
     shared = only_categories(label_map, gt, verbose and dist_utils.rank() == 0)
-    train, train_counts = training_counts(train_json, label_map, device)
     counts = train_counts if counts is None else counts.to(device)
     cal_heads = {k: v.to(device).eval() for k, v in cal_heads.items()}
     scorers = build_scorers(specs, cal_heads, counts)
