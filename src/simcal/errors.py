@@ -202,8 +202,11 @@ def _quiet_about_signals(unraisable: Any) -> None:
     """``sys.unraisablehook`` while a command runs: a signal's exception that landed in a finaliser
     (a DataLoader iterator's ``__del__`` as the loop unwinds) is dropped without Python's
     "Exception ignored in ..." block; the signal is remembered (:func:`signal_received`), so the
-    command still stops with its one line. Anything else goes to the previous hook."""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    command still stops with its one line. Once a signal has arrived, whatever a finaliser raises
+    as the command unwinds is its consequence and is dropped too (under a process-group SIGTERM the
+    loader workers die with the main process, and the iterator's ``__del__`` reports "DataLoader
+    worker ... killed by signal"). Anything else goes to the previous hook."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) or signal_received() is not None:
         return
     _PREVIOUS_HOOK[0](unraisable)
 
