@@ -20,8 +20,9 @@ import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from simcal.config import load_config
-from simcal.modeling.detector import build_detector, rebuild_roi_heads
+from simcal.modeling.detector import build_detector
 from simcal.modeling.losses import build_classification_loss
+from simcal.modeling.roi_heads import rebuild_roi_heads
 
 REPO = Path(__file__).resolve().parents[1]
 

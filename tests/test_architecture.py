@@ -121,7 +121,9 @@ def test_engine_touches_no_private_attribute_and_draws_no_own_stream():
 def test_every_choice_has_an_implementation_and_every_implementation_a_name():
     from simcal.modeling import calibration, combine, detector, losses, scoring
 
-    assert set(losses._LOSS_CLASSES) == set(choices.LOSSES) == set(losses.LOSS_NAMES)
+    assert set(losses.LOSS_CLASSES) == set(choices.LOSSES)
+    for name, spec in choices.LOSSES.items():  # a loss declares the logits it takes: its row's classifier
+        assert name == "ce" or losses.LOSS_CLASSES[name].activation == spec.classifier, name
     assert set(calibration._TRAINABLE) == set(choices.CALIBRATED_HEADS)
     assert {layers for kinds in calibration._TRAINABLE.values() for layers in kinds} == set(choices.LAYERS)
     assert set(combine.COMBINERS) | {"det"} == set(choices.COMBINERS)
@@ -146,3 +148,74 @@ def test_cli_choices_are_the_names_in_simcal_choices():
     assert found[("evaluate", "iou")] == choices.EVAL_IOU_TYPES
     assert found[("analyze", "iou")] == choices.IOU_TYPES
     assert found[("demo", "budget")] == choices.DEMO_BUDGETS
+
+
+#: the layers from the bottom: a module imports only from its own layer or below (at the top or
+#: inside a function); ``simcal`` itself (the lazy facade of :mod:`simcal.api`) is left out
+LAYERS = (
+    ("simcal.errors", "simcal.choices", "simcal.seeds", "simcal.formatting"),
+    ("simcal.io", "simcal.run", "simcal.config"),
+    ("simcal.data",),
+    ("simcal.modeling",),
+    ("simcal.evaluation",),
+    ("simcal.report",),
+    ("simcal.engine",),
+    ("simcal.demo", "simcal.api"),
+    ("simcal.cli", "simcal.__main__"),
+)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every simcal module -> the simcal modules it imports (``from simcal import choices`` is an
+    edge to ``simcal.choices``; ``from simcal import __version__`` one to the package, not drawn)."""
+    names = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            for target in targets:
+                while target and target not in names:
+                    target = target.rpartition(".")[0]
+                if target and target not in (name, "simcal"):
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _layer(module: str) -> int:
+    for rank, layer in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in layer):
+            return rank
+    raise AssertionError(f"{module} is in no layer of LAYERS: add it")
+
+
+def test_imports_run_down_the_layers_and_never_in_a_circle():
+    graph = {m: e for m, e in _module_graph().items() if m != "simcal"}
+    upward = sorted(f"{m} -> {t}" for m, edges in graph.items() for t in edges if _layer(t) > _layer(m))
+    assert not upward, upward
+    # a circle inside a layer: depth-first search for a back edge
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*path[path.index(t) :], t]))
+            if t not in state:
+                visit(t)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)

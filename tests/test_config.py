@@ -80,7 +80,7 @@ RANGE_CASES = [
     (["train.loss=focal", "model.classifier=sigmoid"], "model.classifier", "trains a softmax classifier"),
     (["train.loss=fed", "model.cls_prior_prob=1"], "model.cls_prior_prob", "must lie in [0, 1)"),
     (["model.cls_prior_prob=0.01"], "model.cls_prior_prob", "needs train.loss=eqlv2|fed"),
-    (["calibration.loss=bags"], "calibration.loss", "trains the last layer only"),
+    (["calibration.loss=bags", "calibration.layers=all3"], "calibration.loss", "trains calibration.layers=last1 only"),
 ]
 
 CHOICE_CASES = [
@@ -152,7 +152,6 @@ def test_every_choice_comes_from_simcal_choices(field, bad, allowed):
     assert _error([f"{field}={bad}"]) == f"{COMMAND_LINE}: {field}: expected one of {', '.join(allowed)}, got {bad!r}"
     for good in allowed:  # every listed name is accepted
         extra = ["train.steps=[]"] if field == "train.sampler" else []
-        extra += ["calibration.layers=last1"] if (field, good) == ("calibration.loss", "bags") else []
         load_config(None, [f"{field}={good}", *extra])
 
 
@@ -164,11 +163,24 @@ def test_every_rule_has_a_case():
 
 @pytest.mark.parametrize("loss", sorted(choices.LOSSES))
 def test_loss_kwargs_accept_their_documented_keys(loss):
-    kwargs = {key: 2.0 for key in choices.LOSSES[loss]}
+    kwargs = {key: 2.0 for key in choices.LOSSES[loss].kwargs}
     flow = "{" + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + "}"
-    last1 = ["calibration.layers=last1"] if loss == "bags" else []
-    cfg = load_config(None, [f"train.loss={loss}", f"train.loss_kwargs={flow}", f"calibration.loss={loss}", *last1])
+    cfg = load_config(None, [f"train.loss={loss}", f"train.loss_kwargs={flow}", f"calibration.loss={loss}"])
     assert cfg.train.loss_kwargs == kwargs
+
+
+def test_a_loss_that_implies_its_layers_sets_them_and_says_so(capsys):
+    """--loss bags implies the last layer (its LOSSES row): set by default with a line saying so;
+    layers the user gave are kept, and refused when they cannot work (RANGE_CASES)."""
+    from simcal.config import apply_overrides
+
+    cfg = load_config(None, ["calibration.loss=bags"])
+    assert cfg.calibration.layers == "last1"
+    assert "calibration.loss=bags trains calibration.layers=last1" in capsys.readouterr().out
+    again = apply_overrides(Config(), ["calibration.loss=bags"], "run/config.yaml")
+    assert again.calibration.layers == "last1"
+    assert load_config(None, ["calibration.loss=bags", "calibration.layers=last1"]).calibration.layers == "last1"
+    assert load_config(None, ["calibration.loss=focal"]).calibration.layers == Config().calibration.layers
 
 
 def test_values_parse_as_yaml_with_exponents_as_numbers():

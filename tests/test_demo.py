@@ -102,7 +102,7 @@ def test_demo_tiny_budget_table_report_and_resume(tiny_budget, tmp_path, capsys)
 def test_demo_seeds_and_compare(tiny_budget, tmp_path, capsys, monkeypatch):
     # two of the four newer methods keep the test short: each method's own path (train end to end,
     # calibrate decoupled, predict) is tested in tests/modeling/test_longtail_losses.py
-    import simcal.leaderboard as lb
+    import simcal.report.leaderboard as lb
 
     monkeypatch.setattr(lb, "E2E", {m: lb.E2E[m] for m in ("seesaw", "bags")})
     monkeypatch.setattr(lb, "DECOUPLED", {m: lb.DECOUPLED[m] for m in ("seesaw", "bags")})

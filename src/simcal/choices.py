@@ -14,7 +14,7 @@ Importing this module imports nothing but the standard library, so ``simcal --he
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -86,26 +86,51 @@ OPTIMIZERS = ("sgd", "adamw")
 TRAIN_SAMPLERS = ("random", "repeat_factor")
 REPEAT_ROUNDING = ("stochastic", "ceil")
 
-#: Classification losses of the box head and their keyword arguments (``train.loss_kwargs``,
-#: ``calibration.loss_kwargs``) with the values each accepts (METHOD.md, Baselines).
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Everything simcal derives from a classification loss's name (one row of :data:`LOSSES`).
+
+    ``kwargs``: its keyword arguments (``train.loss_kwargs``, ``calibration.loss_kwargs``) and the
+    values each accepts; ``classifier``: the classifier it trains (:data:`CLASSIFIERS`; what
+    ``model.classifier: auto`` becomes, and a decoupled calibration's own classifier);
+    ``prior_prob``: ``model.cls_prior_prob`` unset, the starting class probability of its reference
+    code (None: the layer's own init); ``calibration_layers``: the
+    ``calibration.layers`` its authors trained decoupled (None: any); ``title``: its name in tables
+    (the leaderboard's rows; empty: not on the leaderboard); ``end_to_end``: the overrides the
+    leaderboard adds when it trains the loss end to end.
+    """
+
+    kwargs: dict[str, Range] = field(default_factory=dict)
+    classifier: str = "softmax"
+    prior_prob: float | None = None
+    calibration_layers: str | None = None
+    title: str = ""
+    end_to_end: tuple[str, ...] = ()
+
+
+#: Classification losses of the box head, one row each (METHOD.md, Baselines). Config validation,
+#: the command line's choices, the builders (:data:`simcal.modeling.losses.LOSS_CLASSES`), the
+#: leaderboard's recipes and the tests' parametrisations all derive from this table.
 #: ``ce`` is the classifier's own cross-entropy (softmax cross-entropy for the softmax classifier).
-LOSSES: dict[str, dict[str, Range]] = {
-    "ce": {},
-    "lr": {"n": POSITIVE, "lo": POSITIVE, "hi": POSITIVE},
-    "focal": {"gamma": NON_NEGATIVE, "alpha": POSITIVE},
-    "cm": {"c": NON_NEGATIVE},
-    # beyond the paper (METHOD.md): each needs its own classifier (LOSS_CLASSIFIERS)
-    "seesaw": {"p": NON_NEGATIVE, "q": NON_NEGATIVE, "eps": POSITIVE},
-    "eqlv2": {"gamma": POSITIVE, "mu": NON_NEGATIVE, "alpha": NON_NEGATIVE},
-    "fed": {"num_classes": Range(1.0), "power": NON_NEGATIVE},
-    "bags": {"beta": POSITIVE},
-}
-#: the classifier (logits -> scores, :mod:`simcal.modeling.predictors`) each loss trains; others: softmax
-LOSS_CLASSIFIERS = {"seesaw": "seesaw", "eqlv2": "sigmoid", "fed": "sigmoid", "bags": "group_softmax"}
-#: ``model.cls_prior_prob`` unset: the starting class probability of the loss's reference code, where it
-#: sets one (the federated loss's CenterNet2 / Detic ``PRIOR_PROB``); others keep the layer's own init
-LOSS_PRIOR_PROB = {"fed": 0.01}
-#: ``model.classifier``: ``auto`` takes train.loss's (LOSS_CLASSIFIERS, else softmax)
+LOSSES: dict[str, LossSpec] = {
+    "ce": LossSpec(),
+    "lr": LossSpec({"n": POSITIVE, "lo": POSITIVE, "hi": POSITIVE}),
+    "focal": LossSpec({"gamma": NON_NEGATIVE, "alpha": POSITIVE}),
+    "cm": LossSpec({"c": NON_NEGATIVE}),
+    # beyond the paper (METHOD.md): each trains its own classifier
+    "seesaw": LossSpec(
+        {"p": NON_NEGATIVE, "q": NON_NEGATIVE, "eps": POSITIVE}, "seesaw", title="Seesaw",
+        end_to_end=("model.cls_head=normed",),
+    ),
+    "eqlv2": LossSpec({"gamma": POSITIVE, "mu": NON_NEGATIVE, "alpha": NON_NEGATIVE}, "sigmoid", title="EQLv2"),
+    # the federated loss: CenterNet2 / Detic's PRIOR_PROB
+    "fed": LossSpec(
+        {"num_classes": Range(1.0), "power": NON_NEGATIVE}, "sigmoid", prior_prob=0.01, title="federated loss",
+    ),
+    "bags": LossSpec({"beta": POSITIVE}, "group_softmax", calibration_layers="last1", title="BAGS"),
+}  # fmt: skip
+#: ``model.classifier``: ``auto`` takes train.loss's (its ``LOSSES`` row's ``classifier``)
 CLASSIFIERS = ("auto", "softmax", "sigmoid", "seesaw", "group_softmax")
 #: ``model.cls_head``: the class-score layer: plain linear, or normalised (cosine, temperature 20)
 CLS_HEADS = ("linear", "normed")
@@ -169,7 +194,7 @@ SYNTH_LIKE = ("lvis_v1",)
 
 def check_loss_kwargs(loss: str, kwargs: dict[str, object]) -> tuple[str, str] | None:
     """``None`` when ``kwargs`` suit ``loss``, else ``(key, what is wrong)`` for the error message."""
-    allowed = LOSSES[loss]
+    allowed = LOSSES[loss].kwargs
     for key, value in kwargs.items():
         if key not in allowed:
             known = ", ".join(allowed) or "none"

@@ -607,7 +607,7 @@ COMMANDS: tuple[Command, ...] = (
                 alias="calibration.classes_per_batch",
                 help="default 16",
             ),
-            opt("--loss", choices=tuple(choices.LOSSES), alias="calibration.loss", help="default ce"),
+            opt("--loss", choices=choices.LOSSES, alias="calibration.loss", help="default ce"),
             opt("--sampler", choices=choices.CALIBRATION_SAMPLERS, alias="calibration.sampler", help="default bilevel"),
             opt(
                 "--stages",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,11 @@ class ModelConfig:
     mask_flow: bool = True
     class_agnostic: bool = False  # r50-ag: one box regressor and one mask channel for all classes
     # choices.CLASSIFIERS: the classifier's outputs and scores; auto: the one train.loss trains
-    # (choices.LOSS_CLASSIFIERS: seesaw C+2, eqlv2 / fed sigmoid, bags group softmax; else softmax)
+    # (its choices.LOSSES row: seesaw C+2, eqlv2 / fed sigmoid, bags group softmax; else softmax)
     classifier: str = "auto"
     cls_head: str = "linear"  # choices.CLS_HEADS: linear, or normed (cosine, temperature 20; Seesaw's)
     # a sigmoid classifier's starting class probability p: its fresh bias is -log((1 - p) / p); 0: the layer's
-    # own init (bias near 0, p near 0.5: mmdetection's, EQLv2's); unset: train.loss's (choices.LOSS_PRIOR_PROB:
+    # own init (bias near 0, p near 0.5: mmdetection's, EQLv2's); unset: train.loss's (its choices.LOSSES row:
     # fed 0.01, CenterNet2 / Detic's PRIOR_PROB; else 0)
     cls_prior_prob: float | None = None
     weights: str | None = None  # torchvision detection weights name (e.g. COCO_V1) or a .pth path
@@ -400,6 +401,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
         diff = parse_overrides(overrides)
         raw = _merge(raw, diff)
         origins.set_all(diff, COMMAND_LINE)
+    raw = _implied(raw, raw)
     cfg = _build(Config, raw, origins, "")
     validate_config(cfg, origins)
     return cfg
@@ -429,9 +431,28 @@ def apply_overrides(
     diff = parse_overrides(list(overrides), allowed)
     origins = Origins(source)
     origins.set_all(diff, COMMAND_LINE)
-    out = _build(Config, _merge(cfg.to_dict(), diff), origins, "")
+    out = _build(Config, _implied(_merge(cfg.to_dict(), diff), diff), origins, "")
     validate_config(out, origins, stored=stored)
     return out
+
+
+def _implied(raw: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with the settings a choice implies, where ``given`` (what the user wrote: files and
+    overrides) leaves them open, saying so: a calibration loss whose authors trained only some
+    layers (:attr:`simcal.choices.LossSpec.calibration_layers`: ``bags`` -> ``last1``) sets
+    ``calibration.layers``. A setting the user gave is kept (and refused by the checks if it cannot work)."""
+    cal, wrote = raw.get("calibration"), given.get("calibration")
+    if not isinstance(cal, dict) or not isinstance(wrote, dict) or "loss" not in wrote or "layers" in wrote:
+        return raw
+    spec = choices.LOSSES.get(cal.get("loss"))  # type: ignore[arg-type]
+    if spec is None or spec.calibration_layers is None or cal.get("layers") == spec.calibration_layers:
+        return raw
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"calibration.loss={cal['loss']} trains calibration.layers={spec.calibration_layers}, as its authors did "
+            "(set calibration.layers to choose)"
+        )
+    return {**raw, "calibration": {**cal, "layers": spec.calibration_layers}}
 
 
 # --------------------------------------------------------------------------- validation
@@ -531,8 +552,8 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("calibration.seed", c.seed >= 0, "must be >= 0"),
         (
             "model.classifier",
-            t.loss == "ce" or m.classifier in ("auto", choices.LOSS_CLASSIFIERS.get(t.loss, "softmax")),
-            f"train.loss={t.loss} trains a {choices.LOSS_CLASSIFIERS.get(t.loss, 'softmax')} classifier",
+            t.loss == "ce" or m.classifier in ("auto", _loss(t.loss).classifier),
+            f"train.loss={t.loss} trains a {_loss(t.loss).classifier} classifier",
         ),
         (
             "model.cls_prior_prob",
@@ -542,12 +563,15 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         (
             "model.cls_prior_prob",
             not m.cls_prior_prob or classifier_of(cfg) == "sigmoid",
-            "sets a sigmoid classifier's starting bias: needs train.loss=eqlv2|fed or model.classifier=sigmoid",
+            "sets a sigmoid classifier's starting bias: needs train.loss="
+            + "|".join(k for k, spec in choices.LOSSES.items() if spec.classifier == "sigmoid")
+            + " or model.classifier=sigmoid",
         ),
         (
             "calibration.loss",
-            c.loss != "bags" or c.layers == "last1",
-            "bags trains the last layer only, as its authors did: add calibration.layers=last1 (--layers last1)",
+            _loss(c.loss).calibration_layers in (None, c.layers),
+            f"{c.loss} trains calibration.layers={_loss(c.loss).calibration_layers} only, as its authors did "
+            f"(--layers {_loss(c.loss).calibration_layers})",
         ),
         ("inference.T", i.T >= 0, "must be >= 0 (training instances)"),
         ("inference.param", i.param >= 0, "must be >= 0"),
@@ -605,7 +629,7 @@ def _bounds(cfg: Config) -> tuple[str, float, Any] | None:
 NEW_RUN_RULES = ("must lie inside the schedule",)
 
 #: ``field -> (value getter, allowed names)``: every choice of the config, read from :mod:`simcal.choices`
-_CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
+_CHOICES: dict[str, tuple[Any, Collection[str]]] = {
     "model.arch": (lambda cfg: cfg.model.arch, choices.ARCHS),
     "model.roi_heads": (lambda cfg: cfg.model.roi_heads, choices.ROI_HEADS),
     "model.norm": (lambda cfg: cfg.model.norm, choices.NORMS),
@@ -618,12 +642,12 @@ _CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "model.classifier": (lambda cfg: cfg.model.classifier, choices.CLASSIFIERS),
     "model.cls_head": (lambda cfg: cfg.model.cls_head, choices.CLS_HEADS),
     "train.optimizer": (lambda cfg: cfg.train.optimizer, choices.OPTIMIZERS),
-    "train.loss": (lambda cfg: cfg.train.loss, tuple(choices.LOSSES)),
+    "train.loss": (lambda cfg: cfg.train.loss, choices.LOSSES),
     "train.sampler": (lambda cfg: cfg.train.sampler, choices.TRAIN_SAMPLERS),
     "train.repeat_rounding": (lambda cfg: cfg.train.repeat_rounding, choices.REPEAT_ROUNDING),
     "calibration.head": (lambda cfg: cfg.calibration.head, choices.CALIBRATED_HEADS),
     "calibration.layers": (lambda cfg: cfg.calibration.layers, choices.LAYERS),
-    "calibration.loss": (lambda cfg: cfg.calibration.loss, tuple(choices.LOSSES)),
+    "calibration.loss": (lambda cfg: cfg.calibration.loss, choices.LOSSES),
     "calibration.sampler": (lambda cfg: cfg.calibration.sampler, choices.CALIBRATION_SAMPLERS),
     "calibration.stages": (lambda cfg: cfg.calibration.stages, choices.CALIBRATION_STAGES),
     "inference.combine": (lambda cfg: cfg.inference.combine, choices.COMBINERS),
@@ -632,18 +656,24 @@ _CHOICES: dict[str, tuple[Any, tuple[str, ...]]] = {
 
 def classifier_of(cfg: Config) -> str:
     """The run's classifier (:data:`simcal.choices.CLASSIFIERS` but ``auto``): ``model.classifier``,
-    or for ``auto`` the one ``train.loss`` trains (:data:`simcal.choices.LOSS_CLASSIFIERS`, else softmax)."""
+    or for ``auto`` the one ``train.loss`` trains (its :data:`simcal.choices.LOSSES` row)."""
     if cfg.model.classifier != "auto":
         return cfg.model.classifier
-    return choices.LOSS_CLASSIFIERS.get(cfg.train.loss, "softmax")
+    return _loss(cfg.train.loss).classifier
 
 
 def prior_prob_of(cfg: Config) -> float:
     """The starting class probability of the run's sigmoid classifier: ``model.cls_prior_prob``, or unset
-    the one ``train.loss``'s reference code uses (:data:`simcal.choices.LOSS_PRIOR_PROB`); 0: the layer's init."""
+    the one ``train.loss``'s reference code uses (its :data:`simcal.choices.LOSSES` row); 0: the layer's init."""
     if cfg.model.cls_prior_prob is not None:
         return cfg.model.cls_prior_prob
-    return choices.LOSS_PRIOR_PROB.get(cfg.train.loss, 0.0)  # a loss in it trains a sigmoid classifier (_checks)
+    return _loss(cfg.train.loss).prior_prob or 0.0  # a loss with one trains a sigmoid classifier (_checks)
+
+
+def _loss(name: str) -> choices.LossSpec:
+    """``name``'s row of :data:`simcal.choices.LOSSES`; an unknown name (refused by the choice check,
+    which runs first) reads as plain ``ce``."""
+    return choices.LOSSES.get(name) or choices.LOSSES["ce"]
 
 
 def validate_config(cfg: Config, source: str | Origins, stored: bool = False) -> None:

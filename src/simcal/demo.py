@@ -17,19 +17,28 @@ from __future__ import annotations
 
 import html
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from simcal import choices
-from simcal import leaderboard as lb
 from simcal.config import load_config
 from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.errors import InputError
 from simcal.io import atomic_open, read_json, write_json
-from simcal.report.html import HEAD_NAMES, build_report, html_table
-from simcal.run import Run, calibration_name
+from simcal.report import leaderboard as lb
+from simcal.report.html import HEAD_NAMES, build_report
+from simcal.report.tables import (
+    HEADER,
+    IOUS,
+    TABLE_KEYS,
+    aggregate,
+    html_table,
+    markdown_table,
+    mean_std_rows,
+    results_rows,
+)
+from simcal.run import HeadTag, Run, calibration_name
 
 REPO = Path(__file__).resolve().parents[2]
 PRESET = REPO / "configs" / "synthetic_cpu.yaml"
@@ -76,8 +85,6 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "analysis_images": 100,
     },
 }
-TABLE_KEYS = ("AP1", "AP2", "AP3", "AP4", "APr", "APc", "APf", "AP")
-HEADER = ["head", "AP on", *TABLE_KEYS]
 #: Table 4: (row name, calibration overrides); each calibrated head is used as a dual head.
 BASELINES = (
     ("LR (re-weighting)", ["calibration.loss=lr", "calibration.sampler=random"]),
@@ -96,65 +103,6 @@ def topk_per_class(val_images: int) -> int:
     from simcal.choices import FIXED_DETS_PER_CLASS
 
     return max(1, -(-FIXED_DETS_PER_CLASS * val_images // LVIS_V1_VAL_IMAGES))
-
-
-def _fmt(v: float | None) -> str:
-    return f"{'-':>5}" if v is None else f"{100 * v:5.1f}"
-
-
-IOUS = (("bbox", "box"), ("segm", "mask"))
-
-
-def _rows(names: dict[str, str], cell: Any, ious: tuple[tuple[str, str], ...] = IOUS) -> list[list[str]]:
-    """One row per (box/mask, head): name, AP on, then ``cell(head, iou, key)`` per Table-3 column."""
-    return [
-        [name, label, *(cell(head, iou, k) for k in TABLE_KEYS)] for iou, label in ious for head, name in names.items()
-    ]
-
-
-def results_rows(
-    metrics: dict[str, dict[str, dict[str, float | None]]],
-    names: dict[str, str],
-    ious: tuple[tuple[str, str], ...] = IOUS,
-) -> list[list[str]]:
-    """Table 3's rows, values in percent (``ious``: which of box / mask)."""
-    return _rows(names, lambda h, iou, k: _fmt(metrics[h][iou][k]), ious)
-
-
-def mean_std_rows(agg: dict[str, Any], names: dict[str, str]) -> list[list[str]]:
-    """Rows of ``mean +- std`` in percent (Table 11's form)."""
-
-    def cell(h: str, iou: str, k: str) -> str:
-        mean, std = agg["mean"][h][iou][k], agg["std"][h][iou][k]
-        return "-" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-    return _rows(names, cell)
-
-
-def markdown_table(rows: list[list[str]], header: list[str] | None = None) -> str:
-    """Rows under ``header`` (default Table 3's: head, AP on, then the AP columns right-aligned)."""
-    header = header or HEADER
-    text_columns = 2 if header is HEADER else 1
-    lines = ["| " + " | ".join(header) + " |", "|---" * text_columns + "|" + "---:|" * (len(header) - text_columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def aggregate(per_seed: list[dict[str, dict[str, dict[str, float | None]]]]) -> dict[str, Any]:
-    """Median, mean and (sample) std over seeds of every (head, iou, key); ``None`` where any seed has none."""
-    out: dict[str, Any] = {"median": {}, "mean": {}, "std": {}}
-    for head, ious in per_seed[0].items():
-        for stat in out.values():
-            stat[head] = {}
-        for iou, keys in ious.items():
-            for stat in out.values():
-                stat[head][iou] = {}
-            for k in keys:
-                vals = [s[head][iou][k] for s in per_seed]
-                ok = None not in vals
-                out["median"][head][iou][k] = statistics.median(vals) if ok else None
-                out["mean"][head][iou][k] = statistics.fmean(vals) if ok else None
-                out["std"][head][iou][k] = (statistics.stdev(vals) if len(vals) > 1 else 0.0) if ok else None
-    return out
 
 
 def _run_dir(out: Path, k: int, seed: int) -> Path:
@@ -374,7 +322,7 @@ def run_demo(
         metrics = _predict(run, baselines, tag, progress, tuple(decoupled.values()), posthoc=compare)
         per_seed_confusion.append(_confusion(run, tag))
         times[f"predict seed {s}"] = time.perf_counter() - t
-        compare_names = {f"dual@{n}": f"{label} + dual" for label, n in baselines.items()}
+        compare_names = {str(HeadTag("dual", n)): f"{label} + dual" for label, n in baselines.items()}
         table = {h: {iou: {key: m[iou][key] for key in TABLE_KEYS} for iou in m} for h, m in metrics.items()}
         per_seed.append(table)
         if compare:  # the leaderboard: the newer methods also trained end to end, on the same data

@@ -47,6 +47,44 @@ PARTIAL = "-first"
 TOPK = "-topk"
 
 
+@dataclass(frozen=True)
+class HeadTag:
+    """The name of one head's predictions (its folder under ``predictions/<split>/``), built and read
+    here only.
+
+    ``base``: the scorer and its settings: ``orig``, ``cal``, ``dual``, ``dual_<combine>_T<T>``,
+    ``<posthoc>_<param>`` (``norcal_1``, ``logit-adj_1``), ``oracle``; ``calibration``: the
+    calibrated head a ``cal`` / ``dual`` head used when it is not the default one (``""``).
+    Formatted ``base`` or ``base@calibration``: ``dual@cb_rfs``.
+    """
+
+    base: str
+    calibration: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.base}@{self.calibration}" if self.calibration else self.base
+
+    def format(self) -> str:
+        """The folder name: ``base`` or ``base@calibration``."""
+        return str(self)
+
+    @classmethod
+    def parse(cls, tag: str) -> HeadTag:
+        """The inverse of :meth:`format`: ``"dual@cb_rfs"`` -> ``HeadTag("dual", "cb_rfs")``."""
+        base, _, calibration = tag.partition("@")
+        return cls(base, calibration)
+
+    @property
+    def kind(self) -> str:
+        """The scorer (:data:`simcal.choices.SCORERS`): ``dual`` of ``dual_avg_T100@x``, ``norcal`` of ``norcal_1``."""
+        return self.base.split("_", 1)[0]
+
+    @property
+    def param(self) -> str:
+        """What follows the kind in ``base`` (``avg_T100``, ``1``), ``""`` when nothing does."""
+        return self.base.partition("_")[2]
+
+
 def _metrics_name(iou: str, protocol: str = "lvis") -> str:
     return f"metrics_{iou}.json" if protocol == "lvis" else f"metrics_{iou}_{protocol}.json"
 
@@ -108,8 +146,8 @@ class PredictionFiles:
 
     root: Path
 
-    def head(self, tag: str) -> HeadFiles:
-        return HeadFiles(self.root / tag)
+    def head(self, tag: str | HeadTag) -> HeadFiles:
+        return HeadFiles(self.root / str(tag))
 
     def partial(self, first: int) -> PredictionFiles:
         """Where predictions on only the first ``first`` images go (``predict --max-images``):

@@ -61,33 +61,45 @@ def test_results_file_is_atomic(tmp_path):
     assert json.loads(path.read_text()) == [{"a": 1}, {"b": 2}]
 
 
-def test_infer_batch_matches_torchvision_forward(trained_run, tiny_data):
+def test_infer_batch_matches_torchvisions_own_roi_heads(trained_run, tiny_data):
+    """predict's detections are torchvision's: a plain ``torchvision...RoIHeads`` built from the run's
+    own modules (its postprocess, its mask inference, its paste) on the same proposals."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+
     from simcal.data.dataset import DetectionDataset
 
     model, label_map, _ = predict_mod.load_model(trained_run)
+    ours_heads = model.roi_heads
+    tv = RoIHeads(
+        ours_heads.box_roi_pool, ours_heads.box_head, ours_heads.box_predictor,
+        0.5, 0.5, 512, 0.25, None,  # training-only settings
+        ours_heads.score_thresh, ours_heads.nms_thresh, ours_heads.detections_per_img,
+        ours_heads.mask_roi_pool, ours_heads.mask_head, ours_heads.mask_predictor,
+    ).eval()  # fmt: skip
+    tv.box_coder = ours_heads.box_coder
     ds = DetectionDataset(load_dataset(tiny_data / "val.json"), tiny_data / "images", label_map=label_map)
     images = [ds[0][0], ds[1][0]]
     with torch.no_grad():
         ours = infer_batch(model, images)
-        ref = model(images)  # torchvision's GeneralizedRCNN.forward, its own mask paste
         batch, _ = model.transform(images)
         features = model.backbone(batch.tensors)
         proposals, _ = model.rpn(batch, features)
-        raw = model.roi_heads.detect(features, proposals, batch.image_sizes, {"orig": build_scorer("orig")})["orig"]
-    for a, b, r, im in zip(ours, ref, raw, images):
-        assert a["boxes"].shape[0] > 0
+        detections, _ = tv(features, proposals, batch.image_sizes)
+        ref = model.transform.postprocess(
+            [dict(d) for d in detections], batch.image_sizes, [im.shape[-2:] for im in images]
+        )
+        raw = ours_heads.detect(features, proposals, batch.image_sizes, {"orig": build_scorer("orig")})["orig"]
+    found = 0
+    for a, b, r, d, im in zip(ours, ref, raw, detections, images):
+        found += a["boxes"].shape[0]
         torch.testing.assert_close(a["boxes"], b["boxes"])
         torch.testing.assert_close(a["scores"], b["scores"])
         assert torch.equal(a["labels"], b["labels"])
-        # the same mask-head output: torchvision's paste of our 28 x 28 masks is its forward's masks
-        from torchvision.models.detection.roi_heads import paste_masks_in_image
-
-        h, w = im.shape[-2:]
-        torch.testing.assert_close(paste_masks_in_image(r["masks"], b["boxes"], (h, w)), b["masks"])
-        # and predict's masks are exactly our paste of those same values (the paste itself is
-        # compared with torchvision's in test_paste_masks_agrees_with_torchvision_paste)
-        assert torch.equal(a["masks"], paste_masks(r["masks"][:, 0], a["boxes"], h, w))
-        assert a["masks"].any()
+        # the mask head's 28 x 28 probabilities of each detection are torchvision's maskrcnn_inference's
+        torch.testing.assert_close(r["masks"], d["masks"])
+        # and predict's masks are our paste of them (compared with torchvision's paste in the next test)
+        assert torch.equal(a["masks"], paste_masks(r["masks"][:, 0], a["boxes"], *im.shape[-2:]))
+    assert found > 0
 
 
 def test_paste_masks_agrees_with_torchvision_paste():
@@ -105,7 +117,7 @@ def test_paste_masks_agrees_with_torchvision_paste():
         assert iou > 0.9  # bilinear sampling vs torchvision's resize-and-paste differ at the borders
 
 
-def test_predict_cli_writes_results_and_metrics(run, tiny_data, monkeypatch, capsys):
+def test_predict_cli_writes_results_and_metrics(run, tiny_data, tmp_path, monkeypatch, capsys):
     calls = {"backbone": 0}
     real_load = predict_mod.load_model
 
@@ -145,10 +157,18 @@ def test_predict_cli_writes_results_and_metrics(run, tiny_data, monkeypatch, cap
     for r in results:
         per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
     assert max(per_image.values()) <= 100  # the synthetic_cpu preset's detections per image
+    # predict's own evaluation is `simcal evaluate` of its results on those 10 images
+    first10 = {**gt, "images": gt["images"][:10]}
+    kept = {im["id"] for im in first10["images"]}
+    first10["annotations"] = [a for a in gt["annotations"] if a["image_id"] in kept]
+    (tmp_path / "first10.json").write_text(json.dumps(first10))
     for iou in ("bbox", "segm"):
         metrics = json.loads((out / f"metrics_{iou}.json").read_text())
-        assert metrics["num_images"] == 10 and 0.0 <= metrics["AP"] <= 1.0
-        assert len(metrics["per_class"]) == 6
+        assert metrics["num_images"] == 10 and len(metrics["per_class"]) == 6
+        again = tmp_path / f"again_{iou}.json"
+        argv = ["evaluate", "--gt", str(tmp_path / "first10.json"), "--results", str(out / "results.json")]
+        assert main([*argv, "--iou", iou, "--train", str(tiny_data / "train.json"), "--out", str(again)]) == 0
+        assert metrics["AP"] == pytest.approx(json.loads(again.read_text())["AP"], abs=1e-12)
     printed = capsys.readouterr().out
     assert "bbox AP" in printed and "segm AP" in printed
 

@@ -178,7 +178,7 @@ def test_an_htc_run_trains_and_resumes_exactly(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("roi_heads", ["cascade", "htc"])
 def test_a_cascade_without_a_mask_head_is_refused_for_htc_only(roi_heads):
-    from simcal.modeling.detector import rebuild_roi_heads
+    from simcal.modeling.roi_heads import rebuild_roi_heads
 
     standard = build_detector(ModelConfig(arch="small", norm="gn", min_size=64, max_size=64), 3).roi_heads
     standard = rebuild_roi_heads(standard)

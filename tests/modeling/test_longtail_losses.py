@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from simcal.modeling.losses import (
     EQLv2,
@@ -337,7 +338,7 @@ def test_gradients_flow_and_no_roi_is_a_connected_zero(name):
     from simcal import choices
 
     counts = [16, 81, 1]
-    act = build_activation(choices.LOSS_CLASSIFIERS[name], counts)
+    act = build_activation(choices.LOSSES[name].classifier, counts)
     loss_fn = build_classification_loss(name, counts, activation=act).train()
     k = act.num_logits(3)
     x = torch.randn(5, k, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -356,13 +357,18 @@ def test_each_loss_trains_end_to_end_and_resumes_exactly(loss, tiny_config, tmp_
     (Seesaw's counts, EQLv2's statistics, the draw counters) is in the checkpoints, so a run stopped
     at iteration 1 and resumed ends bit-identical. (Predict on such runs, and SimCal on a Seesaw
     one: below; every method end to end and predicted: tests/test_demo.py, the leaderboard.)"""
+    import shutil
+
     from simcal.cli import main
     from simcal.data.label_map import LabelMap
     from simcal.io import load_checkpoint
     from simcal.run import Run
 
     cfg = tiny_config(max_iter=3, checkpoint_period=1, steps=[])
-    over = [f"train.loss={loss}", *(["model.cls_head=normed"] if loss == "seesaw" else [])]
+    train_json = tmp_path / "train.json"  # a copy, deleted below: predict must not need it
+    shutil.copy(yaml.safe_load(cfg.read_text())["data"]["train_json"], train_json)
+    over = [f"train.loss={loss}", f"data.train_json={train_json}"]
+    over += ["model.cls_head=normed"] if loss == "seesaw" else []
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["train", "--config", str(cfg), "--out", str(a), "--no-progress", *over]) == 0
     assert main(["train", "--config", str(cfg), "--out", str(b), "--no-progress", *over, "train.max_iter=1"]) == 0
@@ -379,6 +385,16 @@ def test_each_loss_trains_end_to_end_and_resumes_exactly(loss, tiny_config, tmp_
         assert state["pos_grad"].sum() > 0 and state["neg_grad"].sum() > 0
     else:
         assert int(state["draws"]) == 3  # one draw per training iteration
+    # the classifier's state is in the checkpoint (BAGS's groups): predict needs no training json
+    saved = load_checkpoint(Run(a).model_final)["classifier"]
+    assert saved["name"] == {"seesaw": "seesaw", "bags": "group_softmax"}.get(loss, "sigmoid")
+    assert ("groups" in saved) == (loss == "bags")
+    predict = ["predict", "--run", str(a), "--max-images", "4", "--no-progress"]
+    assert main(predict) == 0
+    results = (Run(a).predictions("val-first4").head("orig").results).read_bytes()
+    train_json.unlink()
+    assert main(predict) == 0
+    assert (Run(a).predictions("val-first4").head("orig").results).read_bytes() == results
 
 
 def test_simcal_calibrates_a_seesaw_run_with_its_own_classifier(tiny_config, tmp_path):
@@ -464,4 +480,4 @@ def test_a_stateful_loss_calibrates_decoupled_resumes_exactly_and_serves_as_a_du
 def choices_of(loss: str) -> str:
     from simcal import choices
 
-    return choices.LOSS_CLASSIFIERS[loss]
+    return choices.LOSSES[loss].classifier

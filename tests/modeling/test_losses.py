@@ -10,7 +10,6 @@ import torch
 
 from simcal import choices
 from simcal.modeling.losses import (
-    LOSS_NAMES,
     ClassificationLoss,
     build_classification_loss,
     class_margin_cross_entropy,
@@ -23,7 +22,7 @@ from simcal.modeling.losses import (
 
 torch.set_num_threads(1)
 #: the paper's losses, on softmax logits (C+1 columns); the others: tests/modeling/test_longtail_losses.py
-SOFTMAX_LOSSES = sorted(n for n in LOSS_NAMES if n not in choices.LOSS_CLASSIFIERS)
+SOFTMAX_LOSSES = sorted(n for n, spec in choices.LOSSES.items() if spec.classifier == "softmax")
 
 # 3 RoIs, C = 3 foreground classes (+ background column 0)
 ROWS = [
@@ -187,7 +186,7 @@ def test_build_names_kwargs_and_defaults():
     assert fl0(x, y).item() == pytest.approx(ce, rel=1e-6)
     cm = build_classification_loss("cm", [16, 81], c=12.0)
     assert cm.margins.tolist() == pytest.approx([0.0, 6.0, 4.0])
-    for name in LOSS_NAMES:
+    for name in choices.LOSSES:
         assert isinstance(build_classification_loss(name, counts), ClassificationLoss)
 
 

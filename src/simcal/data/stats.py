@@ -107,6 +107,33 @@ def count_instances(dataset: dict[str, Any]) -> dict[int, tuple[int, int]]:
     return {cid: (instances[cid], len(images[cid])) for cid in instances}
 
 
+@dataclass(frozen=True)
+class TrainingStats:
+    """The training statistics the losses are built from, computed once per run (label order, ``(C,)``
+    each): instance counts (LR's weights, CM's margins, BAGS's groups) and image counts (the
+    federated loss's weights)."""
+
+    instance_counts: list[int]
+    image_counts: list[int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.instance_counts)
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: dict[str, Any], category_ids: Sequence[int], source: str = "<annotations>"
+    ) -> TrainingStats:
+        """Both counts of every category of ``category_ids`` in one pass (as :func:`class_instance_counts`)."""
+        pairs = _per_label(dataset, category_ids, source)
+        return cls([n for n, _ in pairs], [n for _, n in pairs])
+
+    @classmethod
+    def of(cls, counts: TrainingStats | Sequence[int]) -> TrainingStats:
+        """``counts`` itself, or instance counts alone (their image counts taken to be the same)."""
+        return counts if isinstance(counts, TrainingStats) else cls(list(counts), list(counts))
+
+
 def class_instance_counts(
     dataset: dict[str, Any], category_ids: Sequence[int], source: str = "<annotations>"
 ) -> list[int]:

@@ -48,7 +48,7 @@ from simcal.config import CalibrationConfig, Config, apply_overrides
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap
 from simcal.data.samplers import BatchStream, BiLevelSampler, RepeatFactorSampler, TrainingSampler, repeat_factors
-from simcal.data.stats import class_image_counts, class_instance_counts
+from simcal.data.stats import TrainingStats
 from simcal.engine import distributed as dist_utils
 from simcal.engine.predict import load_model
 from simcal.engine.runtime import default_device, setup_torch
@@ -647,7 +647,8 @@ def _calibrate(
             f"{c.classes_per_batch} processes",
         )
     main = rank == 0
-    counts = class_instance_counts(train_json, label_map.category_ids, dataset.source)
+    stats = TrainingStats.from_dataset(train_json, label_map.category_ids, dataset.source)
+    counts = stats.instance_counts
     torch.manual_seed(c.seed)
     stages = getattr(model.roi_heads, "num_stages", 1)
     classifier = decoupled_classifier(c.loss, counts)
@@ -660,11 +661,8 @@ def _calibrate(
         head = head.to(device)
     params = list(head.trainable_parameters()) if c.head != "ncm" else []
     optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay) if params else None
-    images = class_image_counts(train_json, label_map.category_ids, dataset.source) if c.loss == "fed" else None
     try:
-        loss_fn = build_classification_loss(
-            c.loss, counts, activation=head.activation, image_counts=images, **c.loss_kwargs
-        ).to(device)
+        loss_fn = build_classification_loss(c.loss, stats, activation=head.activation, **c.loss_kwargs).to(device)
     except ValueError as e:
         raise InputError("calibration.loss", "loss", str(e)) from None
     # one loss per stage head: a loss with state (Seesaw's counts, EQLv2's statistics) keeps it per stage

@@ -38,7 +38,7 @@ from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
 from simcal.evaluation.lvis_eval import EvalResult, evaluate_protocols, resolve_category_stats
-from simcal.io import atomic_open, file_sha256, write_json, writes_run
+from simcal.io import atomic_open, file_sha256, load_checkpoint, write_json, writes_run
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import (
     LongTailMaskRCNN,
@@ -49,7 +49,7 @@ from simcal.modeling.detector import (
 )
 from simcal.modeling.roi_heads import Scorer
 from simcal.modeling.scoring import build_scorer
-from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, Run, parse_split, resolve_split
+from simcal.run import DEFAULT_CALIBRATION, HeadTag, PredictionFiles, Run, parse_split, resolve_split
 
 #: what ``simcal predict`` accepts as ``section.key=value`` overrides: the inference section and
 #: the model's test-time settings
@@ -307,14 +307,17 @@ class HeadSpec:
     @property
     def tag(self) -> str:
         """The folder name under ``predictions/<split>/``: ``orig``, ``dual``, ``dual_avg_T100``, ``cal@NAME``..."""
-        suffix = f"@{self.cal}" if self.cal else ""
+        return HeadTag(self.base, self.cal if self.needs_calibrated_head else "").format()
+
+    @property
+    def base(self) -> str:
+        """:attr:`simcal.run.HeadTag.base`: the scorer with the settings that are not the paper's defaults."""
         if self.kind == "dual":
             paper = InferenceConfig()  # the paper's dual head (sel, T = 300) is just "dual"
-            base = "dual" if (self.combine, self.T) == (paper.combine, paper.T) else f"dual_{self.combine}_T{self.T:g}"
-            return base + suffix
+            return "dual" if (self.combine, self.T) == (paper.combine, paper.T) else f"dual_{self.combine}_T{self.T:g}"
         if self.kind in choices.POSTHOC:
             return f"{self.kind}_{self.param:g}"
-        return self.kind + (suffix if self.kind == "cal" else "")
+        return self.kind
 
     @property
     def needs_calibrated_head(self) -> bool:
@@ -355,18 +358,26 @@ def load_model(run: str | os.PathLike[str], checkpoint: str | None = None, cfg: 
     cfg = cfg or r.load_config()
     label_map = LabelMap.load(r.label_map)
     classifier = classifier_of(cfg)
+    weights = Path(checkpoint) if checkpoint else r.model_final
+    state = load_checkpoint(weights)
+    saved = state.get("classifier") if isinstance(state, dict) else None
+    groups = saved.get("groups") if isinstance(saved, dict) and saved.get("name") == classifier else None
     counts = None
-    if classifier == "group_softmax":  # its class groups come from the training counts
+    if classifier == "group_softmax" and groups is None:  # a checkpoint from before the groups were saved
         if not cfg.data.train_json or not os.path.exists(cfg.data.train_json):
             raise InputError(
                 r.config, "data.train_json", "the group softmax classifier needs the training annotations (its groups)"
             )
         counts = class_instance_counts(load_dataset(cfg.data.train_json), label_map.category_ids, cfg.data.train_json)
     model = build_detector(
-        cfg.model, label_map.num_classes, classifier=classifier, instance_counts=counts, pretrained=False
+        cfg.model,
+        label_map.num_classes,
+        classifier=classifier,
+        instance_counts=counts,
+        classifier_groups=groups,
+        pretrained=False,
     )  # its weights come from the run: model.weights / weights_backbone are not read again
-    weights = Path(checkpoint) if checkpoint else r.model_final
-    state = load_detector_weights(model, weights, r.label_map)
+    state = load_detector_weights(model, weights, r.label_map, state=state)
     model.provenance = detector_provenance(weights, state)
     return model.eval(), label_map, cfg
 

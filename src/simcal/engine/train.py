@@ -26,13 +26,14 @@ from simcal.config import Config, classifier_of, prior_prob_of, save_config
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.samplers import BatchStream, RepeatFactorSampler, TrainingSampler, repeat_factors
-from simcal.data.stats import class_image_counts, class_instance_counts
+from simcal.data.stats import TrainingStats
 from simcal.engine import distributed as dist_utils
 from simcal.engine.runtime import seed_everything, setup_torch
 from simcal.errors import InputError, TrainingError
 from simcal.io import append_line, rewrite_lines, save_checkpoint, writes_run
 from simcal.modeling.detector import build_detector, load_detector_weights, train_scales
 from simcal.modeling.losses import build_classification_loss
+from simcal.modeling.predictors import classifier_state
 from simcal.modeling.sampling import sampling_seeds
 from simcal.run import Run
 
@@ -158,7 +159,8 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     max_iter, steps = schedule(cfg, per_epoch)
 
     seed_everything(t.seed)
-    counts = class_instance_counts(train_json, label_map.category_ids)
+    stats = TrainingStats.from_dataset(train_json, label_map.category_ids)
+    counts = stats.instance_counts
     model = build_detector(
         cfg.model,
         label_map.num_classes,
@@ -168,11 +170,9 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
     )
     train_scales(model, cfg.data.train_scales, cfg.data.train_max_size)  # multi-scale training, when asked
     predictor = model.roi_heads.box_predictor
+    classifier = classifier_state(predictor.activation)
     try:
-        images = class_image_counts(train_json, label_map.category_ids) if t.loss == "fed" else None
-        loss = build_classification_loss(
-            t.loss, counts, activation=predictor.activation, image_counts=images, **t.loss_kwargs
-        )
+        loss = build_classification_loss(t.loss, stats, activation=predictor.activation, **t.loss_kwargs)
         model.roi_heads.set_loss(loss)  # every stage's classifier on a cascade
     except ValueError as e:
         raise InputError("train.loss", "loss", str(e)) from None
@@ -268,6 +268,7 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
                     "iteration": done,
                     "rng": _rng_state(),
                     "max_iter": max_iter,
+                    "classifier": classifier,
                 },
             )
         dist_utils.barrier()
@@ -279,6 +280,7 @@ def train(cfg: Config | None, out: str | Path, *, resume: bool = False, progress
                 "model": model.state_dict(),
                 "iteration": max_iter,
                 "num_classes": label_map.num_classes,
+                "classifier": classifier,  # predict rebuilds it without the training annotations
                 "config": cfg.to_dict(),
             },
         )

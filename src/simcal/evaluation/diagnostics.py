@@ -18,6 +18,7 @@ from typing import Any
 
 from simcal.choices import FIXED_DETS_PER_CLASS
 from simcal.data.stats import CategoryStat
+from simcal.formatting import pct
 
 # the engine is imported where it runs: the report reads this module's names and tables only
 
@@ -139,15 +140,11 @@ def compare(
 
 def comparison_rows(out: dict[str, Any], keys: Sequence[str] | None = None) -> list[list[str]]:
     """Table rows ``metric, a, b, delta, interval, P(delta > 0)`` in percent points."""
-
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
-
     rows = []
     for key in keys or out["metrics"]:
         m = out["metrics"][key]
-        interval = "-" if m["lower"] is None else f"[{100 * m['lower']:+.1f}, {100 * m['upper']:+.1f}]"
+        interval = "-" if m["lower"] is None else f"[{pct(m['lower'], signed=True)}, {pct(m['upper'], signed=True)}]"
         prob = "-" if m["prob_positive"] is None else f"{m['prob_positive']:.2f}"
-        delta = "-" if m["delta"] is None else f"{100 * m['delta']:+.1f}"
+        delta = pct(m["delta"], signed=True)
         rows.append([key, pct(m["a"]), pct(m["b"]), delta, interval, prob])
     return rows

@@ -35,6 +35,7 @@ from simcal.choices import BOUNDARY_DILATION, FIXED_DETS_PER_CLASS, PROTOCOLS
 from simcal.data.annotations import BoxResults, collector_paused, is_lvis
 from simcal.data.stats import BIN_PRESETS, CategoryStat, bin_labels, category_stats, stats_from_fields
 from simcal.errors import InputError
+from simcal.formatting import pct
 
 #: detections: validated dicts, or box detections as columns (``simcal evaluate --iou bbox``)
 Results = list[dict[str, Any]] | BoxResults
@@ -89,7 +90,7 @@ class EvalResult:
         """The metrics in percent as a fixed-width text table, with a legend for the bins."""
         keys = metric_keys(len(self.bin_edges) + 1)
         head = " ".join(f"{k:>6}" for k in keys)
-        row = " ".join(_pct(self.metrics[k]) for k in keys)
+        row = " ".join(pct(self.metrics[k], 6) for k in keys)
         legend = ", ".join(f"AP{i + 1} {lab}" for i, lab in enumerate(bin_labels(self.bin_edges)))
         caps = (
             f"{self.max_dets} dets/img"
@@ -104,10 +105,6 @@ class EvalResult:
             f"{self.num_images} images, {self.num_detections_evaluated}/{self.num_detections} detections)"
         )
         return f"{title}\n{head}\n{row}\nbins on training instances: {legend}"
-
-
-def _pct(v: float | None) -> str:
-    return f"{'-':>6}" if v is None else f"{100 * v:6.1f}"
 
 
 def metric_keys(num_bins: int) -> list[str]:

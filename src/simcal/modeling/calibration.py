@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from simcal import choices
 from simcal.errors import InputError
 from simcal.io import load_checkpoint, save_checkpoint
-from simcal.modeling.predictors import ACTIVATIONS, Activation, GroupSoftmax, Softmax, build_activation
+from simcal.modeling.predictors import Activation, Softmax, activation_from_state, build_activation, classifier_state
 
 #: Temperature of the NCM cosine logits: ``logit = NCM_SCALE * cos`` lies in ``[-16, 16]``, enough for
 #: a softmax over the C+1 columns to be peaked, as in cosine classifiers with a fixed scale.
@@ -393,11 +393,11 @@ def build_calibrated_head(
 
 def decoupled_classifier(loss: str, instance_counts: list[int]) -> Activation | None:
     """The classifier a calibration ``loss`` trains on the frozen detector: the detector's own for
-    ``ce`` (None), the loss's for the methods beyond the paper (:data:`simcal.choices.LOSS_CLASSIFIERS`:
+    ``ce`` (None), the loss's for the methods beyond the paper (its :data:`simcal.choices.LOSSES` row:
     Seesaw's C+2, a sigmoid one, BAGS's group softmax over ``instance_counts``), else softmax."""
     if loss == "ce":
         return None
-    return build_activation(choices.LOSS_CLASSIFIERS.get(loss, "softmax"), list(instance_counts))
+    return build_activation(choices.LOSSES[loss].classifier, list(instance_counts))
 
 
 def _same_classifier(a: Activation, b: Activation) -> bool:
@@ -439,9 +439,10 @@ def save_head(head: CalibratedHead | StagedHead, path: str | os.PathLike[str], m
     }
     if isinstance(head, StagedHead):  # a cascade's: which stages, of how many
         record.update(stages=list(head.stages), num_stages=head.num_stages)
-    record["classifier"] = head.activation.name  # a decoupled loss's own classifier, or the detector's
-    if getattr(head.activation, "groups", None) is not None:
-        record["classifier_groups"] = list(head.activation.groups)
+    own = classifier_state(head.activation)  # a decoupled loss's own classifier, or the detector's
+    record["classifier"] = own["name"]
+    if "groups" in own:
+        record["classifier_groups"] = own["groups"]
     for key in ("kind", "layers"):
         if key in meta and meta[key] != record[key]:
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} but the head's is {record[key]!r}")
@@ -483,10 +484,10 @@ def load_head(path: str | os.PathLike[str], roi_heads: nn.Module) -> tuple[Calib
     own = _stage_parts(roi_heads, 0)[1].activation
     # None (a head from before decoupled classifiers) or the detector's own: built from the detector
     if meta.get("classifier") not in (None, own.name):
-        name, groups = meta["classifier"], meta.get("classifier_groups")
-        if name not in ACTIVATIONS or (name == "group_softmax" and not isinstance(groups, list)):
-            raise InputError(path, "meta.classifier", f"unknown classifier {name!r} (or its groups are missing)")
-        classifier = GroupSoftmax(groups) if name == "group_softmax" else ACTIVATIONS[name]()
+        try:
+            classifier = activation_from_state({"name": meta["classifier"], "groups": meta.get("classifier_groups")})
+        except ValueError as e:
+            raise InputError(path, "meta.classifier", str(e)) from None
     stages, detector_stages = meta.get("stages"), getattr(roi_heads, "num_stages", 1)
     if stages is not None or detector_stages > 1:
         if stages is None or meta.get("num_stages") != detector_stages:

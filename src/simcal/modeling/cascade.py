@@ -124,11 +124,8 @@ class CascadeRoIHeads(LongTailRoIHeads):
                     predictor.cls_loss,
                 ).to(predictor.cls_score.weight.device)
             )
-        from simcal.modeling.detector import rebuild_roi_heads  # detector builds cascades: imported here
-
-        out = rebuild_roi_heads(
+        out = cls.from_roi_heads(
             old,
-            cls,
             class_agnostic=old.class_agnostic,
             extra_heads=heads,
             extra_predictors=predictors,

@@ -34,7 +34,6 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -43,6 +42,7 @@ from simcal.config import ModelConfig
 from simcal.errors import InputError
 from simcal.io import load_checkpoint
 from simcal.modeling import predictors
+from simcal.modeling.cascade import CascadeRoIHeads, HybridTaskCascadeRoIHeads
 from simcal.modeling.conventions import (
     ExactAnchorGenerator,
     FrameworkRPN,
@@ -114,7 +114,7 @@ class LongTailMaskRCNN(GeneralizedRCNN):
             class_agnostic = model.roi_heads.box_predictor.bbox_pred.out_features == 4
         roi_heads = model.roi_heads
         if not isinstance(roi_heads, LongTailRoIHeads):
-            roi_heads = rebuild_roi_heads(roi_heads, class_agnostic=class_agnostic)
+            roi_heads = LongTailRoIHeads.from_roi_heads(roi_heads, class_agnostic=class_agnostic)
             roi_heads.training = model.roi_heads.training
             old = roi_heads.fg_bg_sampler
             roi_heads.fg_bg_sampler = SeededBalancedSampler(old.batch_size_per_image, old.positive_fraction)
@@ -308,7 +308,10 @@ _CLASSIFIER = "roi_heads.box_predictor.cls_score.weight"
 
 
 def load_detector_weights(
-    model: nn.Module, path: str | os.PathLike[str], label_map: str | os.PathLike[str] | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    label_map: str | os.PathLike[str] | None = None,
+    state: Any = None,
 ) -> dict[str, Any]:
     """Load a simcal detector checkpoint (``{"model": state dict, ...}``) into ``model``; return it.
 
@@ -317,7 +320,7 @@ def load_detector_weights(
     tensors do not fit ``model`` is an :class:`InputError` that names the file and what differs:
     the classifier's outputs against the label map's classes, or the first key or shape.
     """
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state  # ``state``: ``path`` already read
     if isinstance(state, dict) and state.get("format") == _HEAD_FORMAT:
         raise InputError(
             path, "format", "a calibrated head, not detector weights: name its calibration with --calibration"
@@ -374,30 +377,24 @@ def _class_agnostic_predictors(model: GeneralizedRCNN, num_classes: int) -> None
     nn.init.zeros_(mp.mask_fcn_logits.bias)
 
 
-def rebuild_roi_heads(old: RoIHeads, cls: type[RoIHeads] = LongTailRoIHeads, **kwargs: Any) -> RoIHeads:
-    """A ``cls`` RoIHeads with the same parts (pools, heads, predictors) and settings as ``old``.
+def _cascade(cls: type[CascadeRoIHeads]) -> Callable[[LongTailRoIHeads, ModelConfig], LongTailRoIHeads]:
+    def build(standard: LongTailRoIHeads, cfg: ModelConfig) -> LongTailRoIHeads:
+        extra: dict[str, Any] = {}
+        if cfg.cascade_box_weights is not None:
+            extra["stage_box_weights"] = tuple(tuple(row) for row in cfg.cascade_box_weights)
+        if cls is HybridTaskCascadeRoIHeads and not cfg.mask_flow:
+            extra["mask_flow"] = False
+        return cls.from_standard(standard, mean_probs=cfg.cascade_mean_probs, **extra)
 
-    The box predictor is shared as it is: a :class:`BoxPredictor` returns ``(logits, deltas)`` like
-    torchvision's ``FastRCNNPredictor``, so torchvision's own ``RoIHeads`` runs with it too (the
-    training-step benchmark compares the two).
-    """
-    return cls(
-        old.box_roi_pool,
-        old.box_head,
-        old.box_predictor,
-        old.proposal_matcher.high_threshold,
-        old.proposal_matcher.low_threshold,
-        old.fg_bg_sampler.batch_size_per_image,
-        old.fg_bg_sampler.positive_fraction,
-        old.box_coder.weights,
-        old.score_thresh,
-        old.nms_thresh,
-        old.detections_per_img,
-        mask_roi_pool=old.mask_roi_pool,
-        mask_head=old.mask_head,
-        mask_predictor=old.mask_predictor,
-        **kwargs,
-    )
+    return build
+
+
+#: ``model.roi_heads`` -> the RoI heads built on the standard (one-stage) ones the builder made
+ROI_HEADS_BUILDERS: dict[str, Callable[[LongTailRoIHeads, ModelConfig], LongTailRoIHeads]] = {
+    "standard": lambda standard, cfg: standard,
+    "cascade": _cascade(CascadeRoIHeads),
+    "htc": _cascade(HybridTaskCascadeRoIHeads),
+}
 
 
 def long_tail_model(
@@ -697,6 +694,7 @@ def build_detector(
     instance_counts: Sequence[int] | None = None,
     prior_prob: float = 0.0,
     pretrained: bool = True,
+    classifier_groups: Sequence[int] | None = None,
 ) -> LongTailMaskRCNN:
     """The detector a config describes, with the test preset applied (score, NMS, detections).
 
@@ -708,6 +706,8 @@ def build_detector(
         classifier: the classifier's activation (:data:`simcal.choices.CLASSIFIERS`, resolved:
             :func:`simcal.config.classifier_of`); default ``cfg.classifier``, softmax for ``auto``.
         instance_counts: ``(C,)`` training instance counts (the group softmax groups classes by them).
+        classifier_groups: ``(C,)`` the group softmax's class groups as a checkpoint saved them
+            (:func:`simcal.modeling.predictors.classifier_state`); instead of ``instance_counts``.
         prior_prob: a sigmoid classifier's starting class probability (resolved:
             :func:`simcal.config.prior_prob_of`); 0 keeps the fresh layer's init.
     """
@@ -737,22 +737,14 @@ def build_detector(
     if classifier != "softmax" or cfg.cls_head != "linear":
         try:
             counts = None if instance_counts is None else list(instance_counts)
-            activation = predictors.build_activation(classifier, counts)
+            groups = None if classifier_groups is None else list(classifier_groups)
+            activation = predictors.build_activation(classifier, counts, groups)
         except ValueError as e:
             raise InputError("model.classifier", "classifier", str(e)) from None
         model.roi_heads.box_predictor.set_classifier(activation, normed=cfg.cls_head == "normed", prior_prob=prior_prob)
         if cls_loss is not None:
             model.roi_heads.set_loss(cls_loss)
-    if cfg.roi_heads in ("cascade", "htc"):
-        from simcal.modeling.cascade import CascadeRoIHeads, HybridTaskCascadeRoIHeads
-
-        cls = CascadeRoIHeads if cfg.roi_heads == "cascade" else HybridTaskCascadeRoIHeads
-        extra: dict[str, Any] = {}
-        if cfg.cascade_box_weights is not None:
-            extra["stage_box_weights"] = tuple(tuple(row) for row in cfg.cascade_box_weights)
-        if cfg.roi_heads == "htc" and not cfg.mask_flow:
-            extra["mask_flow"] = False
-        model.roi_heads = cls.from_standard(model.roi_heads, mean_probs=cfg.cascade_mean_probs, **extra)
+    model.roi_heads = ROI_HEADS_BUILDERS[cfg.roi_heads](model.roi_heads, cfg)
     apply_conventions(model, cfg)
     if cfg.channels_last:
         # weights in NHWC make every convolution (and its output) NHWC; load_state_dict keeps the format

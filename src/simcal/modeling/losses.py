@@ -17,7 +17,7 @@ float64.
   ``Delta_j = C / N_j^(1/4)`` subtracted from the true-class logit (training only).
 
 Beyond the paper (METHOD.md, "Long-tail methods beyond the paper"), each on its own classifier
-(:data:`simcal.choices.LOSS_CLASSIFIERS`, :mod:`simcal.modeling.predictors`), so their logits are
+(its row of :data:`simcal.choices.LOSSES`, :mod:`simcal.modeling.predictors`), so their logits are
 not ``(R, C+1)`` softmax logits:
 
 * :func:`seesaw_loss` + :func:`seesaw_factors` (:class:`SeesawLoss`): ``(R, C+2)`` logits, C
@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simcal import choices
+from simcal.data.stats import TrainingStats
 from simcal.seeds import BAGS_OTHERS, FED_CLASSES, loss_draw_seed
 
 __all__ = [
-    "LOSS_NAMES",
+    "LOSS_CLASSES",
     "ClassMarginCrossEntropy",
     "ClassificationLoss",
     "CrossEntropy",
@@ -434,6 +435,11 @@ class ClassificationLoss(nn.Module):
     name: str = ""
     activation: str = "softmax"
 
+    @classmethod
+    def from_stats(cls, stats: TrainingStats, **kwargs: Any) -> ClassificationLoss:
+        """The loss for a training set's statistics and its keyword arguments (this one needs none)."""
+        return cls(**kwargs)
+
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -452,6 +458,10 @@ class ReweightedCrossEntropy(ClassificationLoss):
 
     name = "lr"
     class_weights: Tensor
+
+    @classmethod
+    def from_stats(cls, stats: TrainingStats, **kwargs: Any) -> ReweightedCrossEntropy:
+        return cls(lr_class_weights(stats.instance_counts, **kwargs))
 
     def __init__(self, class_weights: Tensor) -> None:
         super().__init__()
@@ -488,6 +498,10 @@ class ClassMarginCrossEntropy(ClassificationLoss):
 
     name = "cm"
     margins: Tensor
+
+    @classmethod
+    def from_stats(cls, stats: TrainingStats, **kwargs: Any) -> ClassMarginCrossEntropy:
+        return cls(cm_margins(stats.instance_counts, **kwargs))
 
     def __init__(self, margins: Tensor) -> None:
         super().__init__()
@@ -537,6 +551,10 @@ class EQLv2(ClassificationLoss):
     pos_grad: Tensor
     neg_grad: Tensor
 
+    @classmethod
+    def from_stats(cls, stats: TrainingStats, **kwargs: Any) -> EQLv2:
+        return cls(stats.num_classes, **kwargs)
+
     def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8, alpha: float = 4.0) -> None:
         super().__init__()
         self.gamma, self.mu, self.alpha = float(gamma), float(mu), float(alpha)
@@ -572,6 +590,10 @@ class FederatedLoss(ClassificationLoss):
     draws: Tensor
     class_weights: Tensor
 
+    @classmethod
+    def from_stats(cls, stats: TrainingStats, **kwargs: Any) -> FederatedLoss:
+        return cls(stats.image_counts, **kwargs)
+
     def __init__(self, image_counts: Sequence[int], num_classes: int = 50, power: float = 0.5) -> None:
         super().__init__()
         self.size = int(num_classes)
@@ -598,6 +620,10 @@ class SeesawLoss(ClassificationLoss):
     name = "seesaw"
     activation = "seesaw"
     cum_counts: Tensor
+
+    @classmethod
+    def from_stats(cls, stats: TrainingStats, **kwargs: Any) -> SeesawLoss:
+        return cls(stats.num_classes, **kwargs)
 
     def __init__(self, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 0.01) -> None:
         super().__init__()
@@ -632,6 +658,10 @@ class GroupSoftmaxLoss(ClassificationLoss):
     activation = "group_softmax"
     draws: Tensor
 
+    @classmethod
+    def from_stats(cls, stats: TrainingStats, **kwargs: Any) -> GroupSoftmaxLoss:
+        return cls(group_of_counts(stats.instance_counts), **kwargs)
+
     def __init__(self, groups: Sequence[int], num_groups: int = 4, beta: float = 8.0) -> None:
         super().__init__()
         self.groups, self.num_groups, self.beta = [int(g) for g in groups], int(num_groups), float(beta)
@@ -645,11 +675,6 @@ class GroupSoftmaxLoss(ClassificationLoss):
         return f"groups={[self.groups.count(g) for g in range(self.num_groups)]}, beta={self.beta}"
 
 
-#: Accepted names of :func:`build_classification_loss` and the keyword arguments of each
-#: (from :data:`simcal.choices.LOSSES`, where their accepted values are listed too).
-LOSS_NAMES: dict[str, tuple[str, ...]] = {name: tuple(kwargs) for name, kwargs in choices.LOSSES.items()}
-
-
 def loss_fits(loss: Any, activation: Any) -> bool:
     """Whether a loss (module or class) suits a classifier's logits: a loss declaring its
     ``activation`` must match the classifier's; a loss that declares none is trusted."""
@@ -657,7 +682,9 @@ def loss_fits(loss: Any, activation: Any) -> bool:
     return wanted is None or wanted == activation.name
 
 
-_LOSS_CLASSES: dict[str, type[ClassificationLoss]] = {
+#: the implementation of each loss of :data:`simcal.choices.LOSSES` (its row: keyword arguments and
+#: their ranges, classifier, prior, calibration layers); built by its ``from_stats``
+LOSS_CLASSES: dict[str, type[ClassificationLoss]] = {
     "ce": CrossEntropy,
     "lr": ReweightedCrossEntropy,
     "focal": FocalLoss,
@@ -671,25 +698,23 @@ _LOSS_CLASSES: dict[str, type[ClassificationLoss]] = {
 
 def build_classification_loss(
     name: str,
-    instance_counts: Sequence[int],
+    stats: TrainingStats | Sequence[int],
     activation: Any = None,
-    image_counts: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """The box-head classification loss called ``name``.
 
     Args:
-        name: ``ce``, ``lr`` (kwargs ``n``, ``lo``, ``hi``), ``focal`` (``gamma``, ``alpha``),
-            ``cm`` (``c``); beyond the paper ``seesaw`` (``p``, ``q``, ``eps``; C+2 classifier),
-            ``eqlv2`` (``gamma``, ``mu``, ``alpha``; sigmoid), ``fed`` (``num_classes``,
-            ``power``; sigmoid), ``bags`` (``beta``; group softmax).
-        instance_counts: ``(C,)`` training instance count of labels ``1..C``, in label order.
+        name: a row of :data:`simcal.choices.LOSSES`: ``ce``, ``lr`` (kwargs ``n``, ``lo``, ``hi``),
+            ``focal`` (``gamma``, ``alpha``), ``cm`` (``c``); beyond the paper ``seesaw`` (``p``,
+            ``q``, ``eps``; C+2 classifier), ``eqlv2`` (``gamma``, ``mu``, ``alpha``; sigmoid),
+            ``fed`` (``num_classes``, ``power``; sigmoid), ``bags`` (``beta``; group softmax).
+        stats: the training statistics (:class:`simcal.data.stats.TrainingStats`, label order), or
+            the ``(C,)`` instance counts alone (image counts then taken to be the same).
         activation: the classifier's :class:`~simcal.modeling.predictors.Activation` (default:
-            softmax). ``ce`` is its own cross-entropy; every other loss needs the classifier of
-            :data:`simcal.choices.LOSS_CLASSIFIERS` (softmax for lr, focal, cm).
-        image_counts: ``(C,)`` training image count per label (the federated loss's weights;
-            default ``instance_counts``).
-        **kwargs: override the defaults of the chosen loss (see :data:`LOSS_NAMES`).
+            softmax). ``ce`` is its own cross-entropy; every other loss needs the classifier of its
+            row (softmax for lr, focal, cm).
+        **kwargs: override the defaults of the chosen loss (its row's ``kwargs``).
 
     Returns:
         A module ``(logits (R, K), labels (R,)) -> scalar``; picklable, and its weight / margin
@@ -699,33 +724,18 @@ def build_classification_loss(
         ValueError: unknown ``name``, a keyword argument the loss does not take, or a loss that
             does not fit the classifier's logits.
     """
-    if name not in LOSS_NAMES:
-        valid = ", ".join(LOSS_NAMES)
+    spec = choices.LOSSES.get(name)
+    if spec is None or name not in LOSS_CLASSES:
+        valid = ", ".join(choices.LOSSES)
         raise ValueError(f"unknown classification loss {name!r}; expected one of {valid}")
-    unknown = sorted(set(kwargs) - set(LOSS_NAMES[name]))
+    unknown = sorted(set(kwargs) - set(spec.kwargs))
     if unknown:
-        allowed = ", ".join(LOSS_NAMES[name]) or "none"
+        allowed = ", ".join(spec.kwargs) or "none"
         raise ValueError(f"loss {name!r} does not take {', '.join(unknown)} (accepted: {allowed})")
     if name == "ce" and activation is not None:
         return activation.cross_entropy_loss()
-    if activation is not None and not loss_fits(_LOSS_CLASSES[name], activation):
+    if activation is not None and spec.classifier != activation.name:
         raise ValueError(
-            f"the {name!r} loss trains a {_LOSS_CLASSES[name].activation} classifier, this one is {activation.name} "
-            f"(model.classifier)"
+            f"the {name!r} loss trains a {spec.classifier} classifier, this one is {activation.name} (model.classifier)"
         )
-    if name == "ce":
-        return CrossEntropy()
-    c = len(instance_counts)
-    if name == "seesaw":
-        return SeesawLoss(c, **kwargs)
-    if name == "eqlv2":
-        return EQLv2(c, **kwargs)
-    if name == "fed":
-        return FederatedLoss(image_counts if image_counts is not None else instance_counts, **kwargs)
-    if name == "bags":
-        return GroupSoftmaxLoss(group_of_counts(instance_counts), **kwargs)
-    if name == "lr":
-        return ReweightedCrossEntropy(lr_class_weights(instance_counts, **kwargs))
-    if name == "focal":
-        return FocalLoss(**kwargs)
-    return ClassMarginCrossEntropy(cm_margins(instance_counts, **kwargs))
+    return LOSS_CLASSES[name].from_stats(TrainingStats.of(stats), **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -190,16 +191,39 @@ class GroupSoftmax(Activation):
 ACTIVATIONS = {"softmax": Softmax, "sigmoid": Sigmoid, "seesaw": Objectness, "group_softmax": GroupSoftmax}
 
 
-def build_activation(name: str = "softmax", instance_counts: list[int] | None = None) -> Activation:
+def build_activation(
+    name: str = "softmax", instance_counts: list[int] | None = None, groups: list[int] | None = None
+) -> Activation:
     """The activation of the classifier called ``name`` (:data:`ACTIVATIONS`); ``group_softmax``
-    groups its classes by ``instance_counts`` ``(C,)`` (label order)."""
+    takes its class ``groups`` ``(C,)`` (label order) as saved (:func:`classifier_state`), or groups
+    the classes by ``instance_counts`` ``(C,)``."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown classifier {name!r}; built in: {', '.join(ACTIVATIONS)}")
     if name == "group_softmax":
+        if groups is not None:
+            return GroupSoftmax([int(g) for g in groups])
         if instance_counts is None:
             raise ValueError("the group_softmax classifier needs the training instance counts")
         return GroupSoftmax(group_of_counts(instance_counts))
     return ACTIVATIONS[name]()
+
+
+def classifier_state(activation: Activation) -> dict[str, Any]:
+    """What rebuilds ``activation`` without the training annotations: ``{"name"}`` and, for the group
+    softmax, ``"groups"`` ``(C,)``; saved in a detector checkpoint (``"classifier"``) and a
+    calibrated head's meta. :func:`activation_from_state` reads it back."""
+    groups = getattr(activation, "groups", None)
+    return {"name": activation.name, **({"groups": [int(g) for g in groups]} if groups is not None else {})}
+
+
+def activation_from_state(state: Any) -> Activation:
+    """The activation :func:`classifier_state` described; ``ValueError`` for an unknown name or a
+    group softmax without its groups."""
+    name = state.get("name") if isinstance(state, dict) else None
+    groups = state.get("groups") if isinstance(state, dict) else None
+    if name not in ACTIVATIONS or (name == "group_softmax" and not isinstance(groups, list)):
+        raise ValueError(f"unknown classifier {name!r} (or its groups are missing)")
+    return build_activation(name, groups=groups)
 
 
 class NormedLinear(nn.Linear):

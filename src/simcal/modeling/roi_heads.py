@@ -141,6 +141,12 @@ class LongTailRoIHeads(RoIHeads):
         """C, the foreground classes (scores have C + 1 columns)."""
         return self.box_predictor.num_classes
 
+    @classmethod
+    def from_roi_heads(cls, old: RoIHeads, **kwargs: Any) -> LongTailRoIHeads:
+        """A ``cls`` with the parts and settings of ``old`` (torchvision's RoIHeads or one of ours):
+        :func:`rebuild_roi_heads`."""
+        return rebuild_roi_heads(old, cls, **kwargs)  # type: ignore[return-value]
+
     # ------------------------------------------------------------------ parts
     def pool(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """RoIAlign of ``boxes`` (per image ``(N_i, 4)``) on the FPN features: ``(sum N_i, C_fpn, 7, 7)``."""
@@ -557,3 +563,29 @@ def top_batched_nms(
             return kept[:k]
         m *= 4
     return nms(boxes, scores, labels, iou_threshold, plus_one)[:k]
+
+
+def rebuild_roi_heads(old: RoIHeads, cls: type[RoIHeads] = LongTailRoIHeads, **kwargs: Any) -> RoIHeads:
+    """A ``cls`` RoIHeads with the same parts (pools, heads, predictors) and settings as ``old``.
+
+    The box predictor is shared as it is: a :class:`BoxPredictor` returns ``(logits, deltas)`` like
+    torchvision's ``FastRCNNPredictor``, so torchvision's own ``RoIHeads`` runs with it too (the
+    training-step benchmark compares the two).
+    """
+    return cls(
+        old.box_roi_pool,
+        old.box_head,
+        old.box_predictor,
+        old.proposal_matcher.high_threshold,
+        old.proposal_matcher.low_threshold,
+        old.fg_bg_sampler.batch_size_per_image,
+        old.fg_bg_sampler.positive_fraction,
+        old.box_coder.weights,
+        old.score_thresh,
+        old.nms_thresh,
+        old.detections_per_img,
+        mask_roi_pool=old.mask_roi_pool,
+        mask_head=old.mask_head,
+        mask_predictor=old.mask_predictor,
+        **kwargs,
+    )

@@ -10,7 +10,6 @@ The PNGs are also written beside the page, under ``RUN/report/``.
 
 from __future__ import annotations
 
-import base64
 import html
 import time
 from collections.abc import Iterable
@@ -21,10 +20,12 @@ from simcal.data.annotations import load_dataset
 from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.errors import InputError
 from simcal.evaluation.diagnostics import ERROR_TYPES, comparison_rows
+from simcal.formatting import pct
 from simcal.io import atomic_open, iter_json_list, read_json, read_log, write_json, writes_run
 from simcal.report import plots
 from simcal.report.gallery import gallery, pick_images, rare_hits, spread
-from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, ReportFiles, Run, resolve_split
+from simcal.report.tables import html_table, img
+from simcal.run import DEFAULT_CALIBRATION, HeadTag, PredictionFiles, ReportFiles, Run, resolve_split
 
 HEAD_ORDER = ("orig", "cal", "dual")
 HEAD_NAMES = {"orig": "original", "cal": "calibrated only", "dual": "dual head (SimCal)"}
@@ -45,8 +46,9 @@ code{background:#f4f4f4;padding:1px 4px;border-radius:3px}
 """
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+def _head_name(tag: HeadTag) -> str:
+    """A head's name in the report's tables: ``dual head (cb_rfs)`` for ``dual@cb_rfs``, else the tag."""
+    return f"dual head ({tag.calibration})" if tag.base == "dual" and tag.calibration else str(tag)
 
 
 def read_results(path: Path, image_ids: Iterable[int]) -> dict[int, list[dict[str, Any]]]:
@@ -63,17 +65,6 @@ def read_results(path: Path, image_ids: Iterable[int]) -> dict[int, list[dict[st
         if r["image_id"] in wanted:
             out[r["image_id"]].append(r)
     return out
-
-
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" title="{html.escape(path.name)}">'
-
-
-def html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _kv_table(rows: list[list[str]]) -> str:
@@ -131,7 +122,7 @@ def protocol_rows(
             if not any(p.exists() for p in got):
                 continue
             cells = [read_json(p) if p.exists() else {} for p in got]
-            rows.append([names.get(h, h), name, *(_pct(m.get(k)) for m in cells for k in PROTOCOL_KEYS)])
+            rows.append([names.get(h, h), name, *(pct(m.get(k)) for m in cells for k in PROTOCOL_KEYS)])
     return rows
 
 
@@ -173,7 +164,7 @@ def build_report(
     edges = m0.get("bin_edges") or list(BIN_PRESETS["lvis"])
     bins = [f"AP{i + 1}" for i in range(len(edges) + 1)]
     keys = [*bins, "APr", "APc", "APf", "AP", "AP50", "AP75"]
-    names = {h: HEAD_NAMES.get(h, f"dual head ({h[5:]})" if h.startswith("dual@") else h) for h in heads}
+    names = {h: HEAD_NAMES.get(h, _head_name(HeadTag.parse(h))) for h in heads}
     show = [h for h in heads if h in HEAD_ORDER]  # plotted heads; the table lists the others too
     sections: list[str] = []
     figures: dict[str, str] = {}
@@ -217,7 +208,7 @@ def build_report(
         for h in heads:
             m = metrics[h].get(iou)
             if m is not None:
-                rows.append([names[h], IOU_NAMES[iou], str(m.get("num_images", "?")), *(_pct(m.get(k)) for k in keys)])
+                rows.append([names[h], IOU_NAMES[iou], str(m.get("num_images", "?")), *(pct(m.get(k)) for k in keys)])
     legend = ", ".join(f"AP{i + 1} {b}" for i, b in enumerate(m0.get("bins", [])))
     mixed = not_comparable(metrics)
     warning = ""
@@ -263,7 +254,7 @@ def build_report(
         **({"group_names": [f"{g} (as in {like})" for g in ("rare", "common", "frequent")]} if like else {}),
     )
     figures["class_frequency"] = p.name
-    sections.append("<h2>Class frequency</h2>" + _img(p, "class frequency histogram"))
+    sections.append("<h2>Class frequency</h2>" + img(p, "class frequency histogram"))
 
     # --- per-bin bars
     imgs = []
@@ -277,7 +268,7 @@ def build_report(
         }
         plots.grouped_bars(p, groups_k, series, title=f"{IOU_NAMES[iou]} AP per bin and group ({split})")
         figures[f"bins_{iou}"] = p.name
-        imgs.append(_img(p, f"{iou} AP per bin"))
+        imgs.append(img(p, f"{iou} AP per bin"))
     sections.append("<h2>AP per bin, each head</h2><div class='row'>" + "".join(imgs) + "</div>")
 
     # --- T sweep
@@ -286,7 +277,7 @@ def build_report(
         copied = _copy(sweep, files, figures, "sweep_T")
         sections.append(
             "<h2>Threshold T of the dual head</h2><p>Classes with at most T training instances take the "
-            "calibrated head's scores, the others the original head's (Fig. 4c).</p>" + _img(copied, "T sweep")
+            "calibrated head's scores, the others the original head's (Fig. 4c).</p>" + img(copied, "T sweep")
         )
     else:
         sections.append(
@@ -308,7 +299,7 @@ def build_report(
             f"({html.escape(conf['split'])}, {conf['iou']}). Frequent-class detections scoring at least "
             f"{conf['score']:g} on rare or common objects: {html.escape(counts)}. A val with few tail "
             "objects (LVIS's) hardly counts those; there the middle bars are what the head classes see.</p>"
-            + _img(copied, "false-positive sources")
+            + img(copied, "false-positive sources")
         )
 
     # --- error breakdown and score calibration (simcal analyze errors)
@@ -321,9 +312,9 @@ def build_report(
             + [f"{100 * e['calibration']['ece']:.1f}"]
             for h, e in data["heads"].items()
         ]
-        imgs = [_img(_copy(errs.png, files, figures, "errors"), "TIDE errors")] if errs.png.exists() else []
+        imgs = [img(_copy(errs.png, files, figures, "errors"), "TIDE errors")] if errs.png.exists() else []
         if errs.figure("calibration").exists():
-            imgs.append(_img(_copy(errs.figure("calibration"), files, figures, "errors_calibration"), "reliability"))
+            imgs.append(img(_copy(errs.figure("calibration"), files, figures, "errors_calibration"), "reliability"))
         sections.append(
             "<h2>Errors and score calibration</h2><p>AP50 points each kind of error costs (TIDE: fixing "
             f"it would gain them; {html.escape(data['split'])}, {data['iou']}), and the expected calibration "
@@ -358,7 +349,7 @@ def build_report(
     cal_name = DEFAULT_CALIBRATION if DEFAULT_CALIBRATION in cal_summaries else next(iter(cal_summaries), None)
     imgs = []
     if dyn.exists():
-        imgs.append(_img(_copy(dyn, files, figures, "dynamics"), "calibration dynamics"))
+        imgs.append(img(_copy(dyn, files, figures, "dynamics"), "calibration dynamics"))
     calib_log = r.calibration(cal_name).log if cal_name else None
     if calib_log is not None and calib_log.exists():
         recs = [r for r in read_log(calib_log) if "loss" in r]
@@ -373,7 +364,7 @@ def build_report(
                 ylabel="cross-entropy",
             )
             figures["calibration_loss"] = p.name
-            imgs.append(_img(p, "calibration loss"))
+            imgs.append(img(p, "calibration loss"))
     body = "<div class='row'>" + "".join(imgs) + "</div>" if imgs else ""
     if not dyn.exists():
         body += _missing(
@@ -399,7 +390,7 @@ def build_report(
             title=f"per-class {IOU_NAMES[iou]} AP against training instances",
         )
         figures[f"per_class_{iou}"] = p.name
-        imgs.append(_img(p, f"per-class {iou} AP"))
+        imgs.append(img(p, f"per-class {iou} AP"))
     sections.append("<h2>Per-class AP</h2><div class='row'>" + "".join(imgs) + "</div>")
 
     # --- gallery
@@ -448,7 +439,7 @@ def build_report(
                         f"{f}/{n} ({100 * f / max(n, 1):.0f} %) with the {html.escape(t)}" for t, (f, n) in hits.items()
                     )
                     + ".</p>"
-                    + _img(p, "gallery")
+                    + img(p, "gallery")
                 )
     page = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"

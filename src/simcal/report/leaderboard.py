@@ -20,23 +20,36 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-#: methods trained end to end: ``(row name, train overrides)``
-E2E: dict[str, tuple[str, list[str]]] = {
-    "seesaw": ("Seesaw, end to end (normed classifier)", ["train.loss=seesaw", "model.cls_head=normed"]),
-    "eqlv2": ("EQLv2, end to end", ["train.loss=eqlv2"]),
-    "fed": ("federated loss, end to end", ["train.loss=fed"]),
-    "bags": ("BAGS, end to end", ["train.loss=bags"]),
-}
-#: the newer methods as decoupled calibration losses on the frozen detector: ``(row name, overrides)``
-DECOUPLED: dict[str, tuple[str, list[str]]] = {
-    "seesaw": ("Seesaw, decoupled", ["calibration.loss=seesaw", "calibration.sampler=random"]),
-    "eqlv2": ("EQLv2, decoupled", ["calibration.loss=eqlv2", "calibration.sampler=random"]),
-    "fed": ("federated loss, decoupled", ["calibration.loss=fed", "calibration.sampler=random"]),
-    "bags": (
-        "BAGS, decoupled (last layer)",
-        ["calibration.loss=bags", "calibration.sampler=random", "calibration.layers=last1"],
-    ),
-}
+from simcal import choices
+from simcal.io import atomic_open, write_json
+from simcal.report.tables import aggregate, html_table, img, markdown_table, mean_std_rows, results_rows
+from simcal.run import HeadTag
+
+#: how a row's name shows the settings a method implies (its :data:`simcal.choices.LOSSES` row)
+_SETTING_NAMES = {"model.cls_head=normed": "normed classifier", "calibration.layers=last1": "last layer"}
+
+
+def _named(title: str, overrides: list[str]) -> str:
+    shown = [_SETTING_NAMES[o] for o in overrides if o in _SETTING_NAMES]
+    return f"{title} ({', '.join(shown)})" if shown else title
+
+
+def _e2e(name: str, spec: choices.LossSpec) -> tuple[str, list[str]]:
+    over = [f"train.loss={name}", *spec.end_to_end]
+    return _named(f"{spec.title}, end to end", over), over
+
+
+def _decoupled(name: str, spec: choices.LossSpec) -> tuple[str, list[str]]:
+    layers = [f"calibration.layers={spec.calibration_layers}"] if spec.calibration_layers else []
+    over = [f"calibration.loss={name}", "calibration.sampler=random", *layers]
+    return _named(f"{spec.title}, decoupled", over), over
+
+
+#: the losses with a ``title`` in :data:`simcal.choices.LOSSES` trained end to end: ``(row name, train overrides)``
+E2E: dict[str, tuple[str, list[str]]] = {m: _e2e(m, s) for m, s in choices.LOSSES.items() if s.title}
+#: the same as decoupled calibration losses on the frozen detector (image-centric sampling, the layers
+#: their authors trained): ``(row name, calibration overrides)``
+DECOUPLED: dict[str, tuple[str, list[str]]] = {m: _decoupled(m, s) for m, s in choices.LOSSES.items() if s.title}
 #: the post-hoc rows: ``(head kind, row name)``; their parameter is the run's ``inference.param``
 POSTHOC_ROWS = (("norcal", "NorCal, post hoc"), ("logit-adj", "logit adjustment, post hoc"))
 KEYS = ("AP1", "AP2", "AP3", "AP4", "APr", "APc", "APf", "AP")
@@ -55,10 +68,10 @@ def row_names(paper_baselines: dict[str, str], decoupled: dict[str, str], param:
     """
     rows = {"orig": "cross-entropy, no remedy (end to end)"}
     rows.update({f"e2e:{m}": label for m, (label, _) in E2E.items()})
-    rows.update({f"dual@{name}": f"{label} + dual" for label, name in paper_baselines.items()})
+    rows.update({str(HeadTag("dual", name)): f"{label} + dual" for label, name in paper_baselines.items()})
     for m, name in decoupled.items():
-        rows[f"cal@{name}"] = DECOUPLED[m][0]
-        rows[f"dual@{name}"] = f"{DECOUPLED[m][0]} + dual"
+        rows[str(HeadTag("cal", name))] = DECOUPLED[m][0]
+        rows[str(HeadTag("dual", name))] = f"{DECOUPLED[m][0]} + dual"
     rows.update({f"{kind}_{param:g}": label for kind, label in POSTHOC_ROWS})
     rows.update({"cal": "SimCal, calibrated head", "dual": "SimCal + dual head"})
     return rows
@@ -91,22 +104,20 @@ def commands(rows: dict[str, str], paper: dict[str, list[str]], decoupled: dict[
             out[key] = f"{train}; simcal predict --run RUN --head orig"
         elif key in ("cal", "dual"):
             out[key] = f"simcal calibrate --run RUN; simcal predict --run RUN --head {key}"
-        elif "@" in key:
-            head, name = key.split("@", 1)
+        elif HeadTag.parse(key).calibration:
+            head, name = HeadTag.parse(key).base, HeadTag.parse(key).calibration
             over = paper.get(name) or next(DECOUPLED[m][1] for m, n in decoupled.items() if n == name)
             predict = f"simcal predict --run RUN --head {head} --calibration {name}"
             out[key] = f"simcal calibrate --run RUN {' '.join(over)}; {predict}"
         else:
-            kind = key.rsplit("_", 1)[0]
-            out[key] = f"simcal predict --run RUN --head {kind} (inference.param {key.rsplit('_', 1)[1]})"
+            tag = HeadTag.parse(key)
+            out[key] = f"simcal predict --run RUN --head {tag.kind} (inference.param {tag.param})"
     return out
 
 
 def table_rows(agg: dict[str, Any], rows: dict[str, str], form: str = "median") -> list[list[str]]:
     """Markdown / HTML rows: per IoU type (box, mask) and row, the median (``form="median"``) or
     ``mean ± std`` of each column, in percent (the demo's Table-3 rows)."""
-    from simcal.demo import mean_std_rows, results_rows
-
     return results_rows(agg["median"], rows) if form == "median" else mean_std_rows(agg, rows)
 
 
@@ -124,10 +135,7 @@ def write_leaderboard(
         rows: row key -> name (:func:`row_names`), in order.
         meta: recorded as is (seeds, budget, commands, wall time).
     """
-    from simcal.demo import aggregate, markdown_table
-    from simcal.io import atomic_open, write_json
-    from simcal.report.html import _img, html_table
-    from simcal.report.plots import method_scatter
+    from simcal.report.plots import method_scatter  # matplotlib: only when a leaderboard is drawn
 
     agg = aggregate(per_seed)
     n = len(per_seed)
@@ -154,7 +162,7 @@ def write_leaderboard(
     section = (
         f"<h2>{html.escape(title)}</h2>{html_table(HEADER, table_rows(agg, rows))}"
         f"<h3>mean ± std over {n} seeds</h3>{html_table(HEADER, table_rows(agg, rows, 'mean'))}"
-        f"<h3>APr against APf (mask) per method</h3>{_img(plot, 'APr against APf per method')}"
+        f"<h3>APr against APf (mask) per method</h3>{img(plot, 'APr against APf per method')}"
     )
     return md, section
 
