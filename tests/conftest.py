@@ -198,3 +198,19 @@ def calibrated_run(trained_run, tmp_path_factory):
     run = copy_run(trained_run, tmp_path_factory.mktemp("cal") / "run")
     calibrate(run, snapshot_every=3, progress=False)
     return run
+
+
+def check_ap_of_classes(metrics: dict[str, Any]) -> None:
+    """A metrics json's AP and APr/c/f are the means of its classes' APs (the classes the engine
+    could score), an exact relation that holds whatever the detections were."""
+    import math
+
+    rows = [r for r in metrics["per_class"] if r["AP"] is not None]
+    assert rows, "no class was scored"
+    assert math.isclose(metrics["AP"], sum(r["AP"] for r in rows) / len(rows), rel_tol=1e-9, abs_tol=1e-12)
+    for g in "rcf":
+        group = [r["AP"] for r in rows if r["frequency"] == g]
+        if group:
+            assert math.isclose(metrics[f"AP{g}"], sum(group) / len(group), rel_tol=1e-9, abs_tol=1e-12)
+        else:
+            assert metrics[f"AP{g}"] is None

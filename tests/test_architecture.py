@@ -130,6 +130,7 @@ def test_every_choice_has_an_implementation_and_every_implementation_a_name():
     assert set(combine.POSTHOC) == set(choices.POSTHOC)
     assert set(scoring.SCORER_KINDS) == set(choices.SCORERS)
     assert set(detector.ARCH_BUILDERS) == set(choices.ARCHS)
+    assert set(detector.ROI_HEADS_BUILDERS) == set(choices.ROI_HEADS)
     assert set(detector.NORM_LAYERS) == set(choices.NORMS)
 
 

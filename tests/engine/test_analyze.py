@@ -117,7 +117,14 @@ def test_errors_and_compare_from_the_cli(calibrated_run, tmp_path, capsys):
     assert set(errors["heads"]) == {"orig", "dual"}
     for r in errors["heads"].values():
         assert r["num_images"] == 8 and set(r["tide"]["counts"]) == {"Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"}
-        assert 0 <= r["calibration"]["ece"] <= 1
+        # ECE is the count-weighted gap between confidence and accuracy over the bins, MCE the largest
+        cal = r["calibration"]
+        bins = [b for b in cal["bins"] if b["count"]]
+        n = sum(b["count"] for b in bins)
+        assert n == cal["num_detections"] > 0
+        gaps = [abs(b["avg_confidence"] - b["avg_accuracy"]) for b in bins]
+        assert cal["ece"] == pytest.approx(sum(b["count"] * g for b, g in zip(bins, gaps)) / n, abs=1e-9)
+        assert cal["mce"] == pytest.approx(max(gaps), abs=1e-9)
     assert (run / "analysis" / "errors.png").exists() and (run / "analysis" / "errors_calibration.png").exists()
     assert main(["compare", *split, "--heads", "orig,dual", "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out

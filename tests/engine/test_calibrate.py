@@ -18,6 +18,7 @@ from simcal.engine.calibrate import FrozenDetector, calibrate, calibration_batch
 from simcal.engine.predict import HeadSpec, build_scorers, load_model
 from simcal.modeling.calibration import load_head
 from simcal.run import Run
+from tests.conftest import check_ap_of_classes
 
 torch.set_num_threads(1)
 
@@ -241,7 +242,8 @@ def test_calibrate_and_predict_heads_from_the_cli(run, capsys, monkeypatch):
     assert passes["n"] == 2  # 6 images in batches of 3, all four heads from the same pass
     for tag in ("orig", "cal", "dual", "norcal_1"):
         m = json.loads((run / "predictions" / "val-first6" / tag / "metrics_segm.json").read_text())
-        assert 0.0 <= m["AP"] <= 1.0 and len(m["per_class"]) == 6
+        assert m["num_images"] == 6 and len(m["per_class"]) == 6
+        check_ap_of_classes(m)
     # another calibrated head goes beside the default's results, not over them
     before = (run / "predictions" / "val-first6" / "cal" / "results.json").read_bytes()
     other = "3fc_ft_focal_gamma2_random"

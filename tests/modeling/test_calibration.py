@@ -182,8 +182,34 @@ def test_ncm_errors(model):
         head.ncm_accumulate(torch.zeros(1, D), torch.tensor([6]))
     with pytest.raises(ValueError, match="features"):
         head.ncm_accumulate(torch.zeros(1, D + 1), torch.tensor([1]))
-    with pytest.raises(RuntimeError, match="ncm"):
-        build_calibrated_head("3fc_ft", model.roi_heads).ncm_accumulate(torch.zeros(1, D), torch.tensor([1]))
+    # an fc kind has no class sums: the loop's hooks leave it as it was
+    fc = build_calibrated_head("3fc_ft", model.roi_heads)
+    assert not hasattr(fc, "ncm_accumulate") and not fc.needs_box_feats and fc.takes_snapshots
+    before = {k: v.clone() for k, v in fc.state_dict().items()}
+    fc.observe(None)
+    fc.sync(lambda t: t * 0, rank=1, keep_on_rank0=True)
+    fc.finalize()
+    assert all(torch.equal(before[k], v) for k, v in fc.state_dict().items())
+
+
+def test_ncm_hooks_sum_over_processes_and_keep_rank0s_checkpoint(model):
+    """The loop's hooks on an NCM head: observe adds a batch, sync sums over processes (here a
+    reduce that doubles, as two identical processes would), rank 1 keeps nothing after a checkpoint's sync."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.rand(6, D, generator=g), torch.tensor([1, 1, 2, 0, 3, 3])
+    heads = [build_calibrated_head("ncm", model.roi_heads) for _ in range(2)]
+    for h in heads:
+        assert h.needs_box_feats and not h.takes_snapshots and h.trainable_parameters() == []
+        h.observe(SimpleNamespace(box_feats=feats, labels=labels))
+    heads[0].sync(lambda t: 2 * t, rank=0, keep_on_rank0=True)
+    heads[1].sync(lambda t: 2 * t, rank=1, keep_on_rank0=True)
+    assert heads[0].ncm_counts.tolist() == [2, 4, 2, 4, 0, 0]
+    assert heads[1].ncm_counts.sum() == 0 and heads[1].ncm_sums.abs().sum() == 0
+    heads[0].finalize()
+    torch.testing.assert_close(heads[0].ncm_means[1], feats[:2].mean(0))
+    assert heads[0].ncm_valid.tolist() == [True, True, True, True, False, False]
 
 
 @pytest.mark.parametrize("kind, layers", list(zip(HEAD_KINDS, ["last2", "last1", "all3", "all3"])))

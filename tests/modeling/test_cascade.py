@@ -10,6 +10,7 @@ import torch
 from simcal import choices
 from simcal.cli import main
 from simcal.config import ModelConfig
+from simcal.errors import InputError
 from simcal.io import load_checkpoint
 from simcal.modeling.cascade import CASCADE_BOX_WEIGHTS, CascadeRoIHeads, ScaleGradient
 from simcal.modeling.detector import build_detector
@@ -340,5 +341,5 @@ def test_the_resnext101_64x4d_fpn_arch_builds_trains_and_cascades():
     targets[0]["labels"] = torch.tensor([1])
     losses = model(images, targets)
     assert {"loss_classifier_stage3", "loss_mask"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
-    with pytest.raises(Exception, match="model.weights"):
+    with pytest.raises(InputError, match="model.weights"):
         build_detector(ModelConfig(arch="resnext101_64x4d_fpn", weights="COCO_V1"), 3)

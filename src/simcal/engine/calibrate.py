@@ -659,7 +659,9 @@ def _calibrate(
     else:
         head = build_calibrated_head(c.head, model.roi_heads, layers=c.layers, seed=c.seed, classifier=classifier)
         head = head.to(device)
-    params = list(head.trainable_parameters()) if c.head != "ncm" else []
+    # the loop knows no kind: an optimiser for the kinds with parameters to train, the hooks for the rest
+    stage_heads = [h for _, h in head.stage_heads()]
+    params = list(head.trainable_parameters())
     optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay) if params else None
     try:
         loss_fn = build_classification_loss(c.loss, stats, activation=head.activation, **c.loss_kwargs).to(device)
@@ -688,10 +690,8 @@ def _calibrate(
             loss_fns[int(k)].load_state_dict(state)
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
-        if c.head == "ncm" and not main:  # rank 0's checkpoint holds every process's sums so far
-            for _, h in head.stage_heads():
-                h.ncm_sums.zero_()
-                h.ncm_counts.zero_()
+        for h in stage_heads:  # what only rank 0's checkpoint may hold (NCM's sums so far)
+            h.resumed(rank)
         start = int(ckpt["step"])
         if main:
             rewrite_lines(files.log, lambda line: json.loads(line)["step"] <= start)
@@ -734,7 +734,7 @@ def _calibrate(
             label_map,
             streams.slot_seed(c.seed, step, streams.CALIBRATION_BACKGROUND),
             step=step,
-            box_feats=c.head == "ncm",
+            box_feats=any(h.needs_box_feats for h in stage_heads),
             mine=mine,
             stages=stages,
         )
@@ -745,10 +745,9 @@ def _calibrate(
         if stages > 1:  # per stage: stage k keeps the RoIs still foreground at its own threshold
             record.update(fg_stages=[b.fg if b else 0 for b in batches], bg_stages=[b.bg if b else 0 for b in batches])
         work = [(k, h, batches[k]) for k, h in head.stage_heads() if batches[k] is not None]
-        if work and c.head == "ncm":
-            for _, h, batch in work:
-                h.ncm_accumulate(batch.box_feats, batch.labels)
-        elif work:
+        for _, h, batch in work:
+            h.observe(batch)
+        if work and optimizer is not None:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss = torch.zeros((), device=device)
@@ -774,12 +773,11 @@ def _calibrate(
                 append_line(files.log, json.dumps(record))
             if "loss" in record:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
-        if writes and snapshot_every and done % snapshot_every == 0 and c.head != "ncm":
+        if writes and snapshot_every and done % snapshot_every == 0 and all(h.takes_snapshots for h in stage_heads):
             save_head(head, files.snapshot(done), {**meta, "step": done})
         if files is not None and done % c.checkpoint_period == 0 and done != c.steps:
-            if c.head == "ncm":
-                for _, h in head.stage_heads():
-                    _gather_ncm(h, keep_on_rank0=True)
+            for h in stage_heads:
+                h.sync(dist_utils.all_reduce_sum, rank, keep_on_rank0=True)
             if main:
                 save_checkpoint(
                     files.checkpoint,
@@ -793,10 +791,9 @@ def _calibrate(
                     },
                 )
     bar.close()
-    if c.head == "ncm":
-        for _, h in head.stage_heads():
-            _gather_ncm(h, keep_on_rank0=False)
-            h.ncm_finalize()
+    for h in stage_heads:
+        h.sync(dist_utils.all_reduce_sum, rank, keep_on_rank0=False)
+        h.finalize()
     elapsed = time.perf_counter() - t0
     hits, misses = dist_utils.all_reduce_sum(torch.tensor([frozen.hits, frozen.misses])).tolist()
     if writes:
@@ -821,16 +818,3 @@ def _sum_gradients(params: list[nn.Parameter], loss: Tensor) -> float:
         p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
         offset += g.numel()
     return float(flat[-1])
-
-
-def _gather_ncm(head: CalibratedHead, keep_on_rank0: bool) -> None:
-    """Sum the NCM head's class sums and counts over processes. ``keep_on_rank0``: afterwards only
-    rank 0 holds them (the others restart from zero), so a checkpoint from rank 0 is complete and a
-    later sum does not count anything twice; else every process holds the total (the final means)."""
-    if dist_utils.world_size() == 1:
-        return
-    head.ncm_sums.copy_(dist_utils.all_reduce_sum(head.ncm_sums))
-    head.ncm_counts.copy_(dist_utils.all_reduce_sum(head.ncm_counts))
-    if keep_on_rank0 and dist_utils.rank() != 0:
-        head.ncm_sums.zero_()
-        head.ncm_counts.zero_()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -168,20 +168,36 @@ class CalibratedHead(nn.Module):
                 self.fc7 = fcs[1]
             self.cls_score = fcs[-1]
 
-        if kind == "ncm":
-            ref = self.fc6.weight
-            c1, d = num_outputs, representation_size
-            self.register_buffer("ncm_sums", torch.zeros(c1, d, dtype=torch.float64, device=ref.device))
-            self.register_buffer("ncm_counts", torch.zeros(c1, dtype=torch.int64, device=ref.device))
-            self.register_buffer("ncm_means", torch.zeros(c1, d, dtype=ref.dtype, device=ref.device))
-            self.register_buffer("ncm_valid", torch.zeros(c1, dtype=torch.bool, device=ref.device))
-
+        self._buffers_of_kind()
         trainable = set(_TRAINABLE[kind][layers])
         for name, module in self.named_children():
             module.requires_grad_(name in trainable)
 
+    def _buffers_of_kind(self) -> None:
+        """State a kind keeps beyond its layers (none here; :class:`NCMHead`'s class sums)."""
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, layers={self.layers!r}"
+
+    # ------------------------------------------------------------------ the calibration loop's hooks
+    #: the loop computes the detector's box-head features of the RoIs for :meth:`observe`
+    needs_box_feats: bool = False
+    #: snapshots of the head during calibration (``--snapshot-every``) mean something for this kind
+    takes_snapshots: bool = True
+
+    def observe(self, batch: Any) -> None:
+        """Learn from a calibration batch without gradients (``pooled``, ``labels (R,)``, ``box_feats``);
+        a kind trained by the optimiser (:meth:`trainable_parameters`) learns nothing here."""
+
+    def sync(self, reduce: Callable[[Tensor], Tensor], rank: int, keep_on_rank0: bool) -> None:
+        """Combine what :meth:`observe` gathered over the processes (``reduce``: the sum over them);
+        ``keep_on_rank0``: afterwards only rank 0 holds it (a checkpoint's), else every process."""
+
+    def resumed(self, rank: int) -> None:
+        """After a checkpoint was loaded into every process: state that only rank 0 may hold is cleared."""
+
+    def finalize(self) -> None:
+        """After the last step (and :meth:`sync`): derive what the head scores with."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the calibration optimiser updates (empty for ``ncm``)."""
@@ -205,14 +221,7 @@ class CalibratedHead(nn.Module):
         NCM: ``NCM_SCALE * cos(feats, mean_c)`` for classes seen by :meth:`ncm_finalize`,
         :data:`UNSEEN_LOGIT` for the others.
         """
-        if self.kind != "ncm":
-            return self.cls_score(feats)
-        valid = self.ncm_valid
-        if not bool(valid.any()):
-            raise RuntimeError("the NCM head has no class means: call ncm_accumulate and ncm_finalize first")
-        means = self.ncm_means.to(feats.dtype)
-        cos = F.normalize(feats, dim=1) @ F.normalize(means, dim=1).t()
-        return torch.where(valid, self.scale * cos, torch.full_like(cos, UNSEEN_LOGIT))
+        return self.cls_score(feats)
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled RoI features ``(R, C_fpn, 7, 7)`` or ``(R, C_fpn*49)`` -> logits ``(R, K)``."""
@@ -230,10 +239,50 @@ class CalibratedHead(nn.Module):
         """``[(box stage, head)]``: this head calibrates the one stage of a standard detector."""
         return [(0, self)]
 
-    # ------------------------------------------------------------------ NCM
-    def _require_ncm(self, what: str) -> None:
-        if self.kind != "ncm":
-            raise RuntimeError(f"{what} is only for kind 'ncm', this head is {self.kind!r}")
+
+class NCMHead(CalibratedHead):
+    """``ncm``: nearest class mean on the representation of frozen copies of the trained fc6/fc7;
+    no gradient step: the loop's :meth:`observe` adds each batch's RoIs to per-class sums, and
+    :meth:`finalize` turns them into means. Buffers (all in the state dict): ncm_sums ``(C+1, D)``
+    float64, ncm_counts ``(C+1,)`` int64, ncm_means ``(C+1, D)``, ncm_valid ``(C+1,)`` bool."""
+
+    needs_box_feats = True
+    takes_snapshots = False  # the means exist only once the sums are complete
+
+    def _buffers_of_kind(self) -> None:
+        ref = self.fc6.weight
+        c1, d = self.num_outputs, self.representation_size
+        self.register_buffer("ncm_sums", torch.zeros(c1, d, dtype=torch.float64, device=ref.device))
+        self.register_buffer("ncm_counts", torch.zeros(c1, dtype=torch.int64, device=ref.device))
+        self.register_buffer("ncm_means", torch.zeros(c1, d, dtype=ref.dtype, device=ref.device))
+        self.register_buffer("ncm_valid", torch.zeros(c1, dtype=torch.bool, device=ref.device))
+
+    def classify(self, feats: Tensor) -> Tensor:
+        """``NCM_SCALE * cos(feats, mean_c)`` ``(R, C+1)`` for classes seen by :meth:`ncm_finalize`,
+        :data:`UNSEEN_LOGIT` for the others."""
+        valid = self.ncm_valid
+        if not bool(valid.any()):
+            raise RuntimeError("the NCM head has no class means: call ncm_accumulate and ncm_finalize first")
+        means = self.ncm_means.to(feats.dtype)
+        cos = F.normalize(feats, dim=1) @ F.normalize(means, dim=1).t()
+        return torch.where(valid, self.scale * cos, torch.full_like(cos, UNSEEN_LOGIT))
+
+    def observe(self, batch: Any) -> None:
+        self.ncm_accumulate(batch.box_feats, batch.labels)
+
+    def sync(self, reduce: Callable[[Tensor], Tensor], rank: int, keep_on_rank0: bool) -> None:
+        self.ncm_sums.copy_(reduce(self.ncm_sums))
+        self.ncm_counts.copy_(reduce(self.ncm_counts))
+        if keep_on_rank0 and rank != 0:
+            self.resumed(rank)
+
+    def resumed(self, rank: int) -> None:
+        if rank != 0:  # rank 0's checkpoint holds every process's sums so far
+            self.ncm_sums.zero_()
+            self.ncm_counts.zero_()
+
+    def finalize(self) -> None:
+        self.ncm_finalize()
 
     @torch.no_grad()
     def ncm_accumulate(self, features: Tensor, labels: Tensor) -> None:
@@ -244,7 +293,6 @@ class CalibratedHead(nn.Module):
                 (equal to the detector's box-head features ``box_feats``).
             labels: ``(R,)`` integers in ``0..C``, 0 = background.
         """
-        self._require_ncm("ncm_accumulate")
         if features.dim() != 2 or features.shape[1] != self.representation_size:
             raise ValueError(f"features must be (R, {self.representation_size}), got {tuple(features.shape)}")
         if labels.shape != (features.shape[0],):
@@ -267,10 +315,18 @@ class CalibratedHead(nn.Module):
 
         May be called again after more :meth:`ncm_accumulate` calls (it recomputes from the sums).
         """
-        self._require_ncm("ncm_finalize")
         counts = self.ncm_counts.clamp(min=1).to(self.ncm_sums.dtype)
         self.ncm_means.copy_(self.ncm_sums / counts[:, None])
         self.ncm_valid.copy_(self.ncm_counts > 0)
+
+
+#: ``calibration.head`` -> its class (the fc kinds differ only in their layers: :data:`_TRAINABLE`)
+HEAD_CLASSES: dict[str, type[CalibratedHead]] = {
+    "3fc_ft": CalibratedHead,
+    "2fc_rand": CalibratedHead,
+    "3fc_rand": CalibratedHead,
+    "ncm": NCMHead,
+}
 
 
 class StagedHead(nn.Module):
@@ -375,7 +431,7 @@ def build_calibrated_head(
     own = predictor.activation
     if classifier is None or kind == "ncm" or _same_classifier(classifier, own):
         classifier = own
-    head = CalibratedHead(
+    head = HEAD_CLASSES[kind](
         kind,
         in_features=fc6.in_features,
         representation_size=fc6.out_features,
