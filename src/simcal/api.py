@@ -14,6 +14,7 @@ Every value is validated as in a config file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -295,6 +296,14 @@ def predict(
     from simcal.engine import predict as engine
 
     overrides = [*_overrides("inference", settings), *overrides]
+    options = engine.PredictOptions(
+        batch_size=batch_size,
+        max_images=max_images,
+        topk_per_class=topk_per_class,
+        evaluate_results=evaluate,
+        progress=progress,
+        category_subset=allow_category_subset,
+    )
     if run is not None:
         if model is not None:
             raise InputError("simcal.predict", "model", "pass run= or model=, not both")
@@ -307,12 +316,7 @@ def predict(
             gt_json=None if gt is None else str(gt),
             images=None if images is None else str(images),
             checkpoint=checkpoint,
-            batch_size=batch_size,
-            max_images=max_images,
-            topk_per_class=topk_per_class,
-            progress=progress,
-            evaluate_results=evaluate,
-            category_subset=allow_category_subset,
+            options=options,
         )
     if model is None:
         raise InputError("simcal.predict", "run", "pass run= (a trained run directory) or model=")
@@ -341,12 +345,6 @@ def predict(
             images=str(images),
             train_json=None if train is None else str(train),
             out=PredictionFiles(Path(out) if out is not None else Path(tmp)),
-            batch_size=batch_size,
-            max_images=max_images,
-            topk_per_class=topk_per_class,
-            progress=progress,
-            evaluate_results=evaluate,
-            verbose=False,
+            options=dataclasses.replace(options, verbose=False),
             device=_device(adopted),
-            category_subset=allow_category_subset,
         )

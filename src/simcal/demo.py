@@ -171,7 +171,7 @@ def _predict(
     """orig / cal / dual (+ the baselines' dual heads; the ``decoupled`` calibrations' cal and dual
     heads; the post-hoc heads) in one pass; metrics per head tag. ``simcal=False``: orig alone (an
     end-to-end run of the leaderboard)."""
-    from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
+    from simcal.engine.predict import HeadSpec, PredictOptions, load_calibrated_head, load_model, predict_split
     from simcal.run import DEFAULT_CALIBRATION
 
     r = Run(run)
@@ -194,7 +194,8 @@ def _predict(
         model, label_map, cfg = load_model(run)  # only when there is something to predict
         cal_heads = {"": load_calibrated_head(run, DEFAULT_CALIBRATION, model)} if simcal else {}
         cal_heads.update({n: load_calibrated_head(run, n, model) for n in (*baselines.values(), *decoupled)})
-        predict_split(model, label_map, cfg, specs, cal_heads, "val", pred, progress=progress, verbose=False)
+        options = PredictOptions(progress=progress, verbose=False)
+        predict_split(model, label_map, cfg, specs, cal_heads, "val", pred, options)
     return {t: {iou: read_json(pred.head(t).metrics(iou)) for iou in ("bbox", "segm")} for t in tags}
 
 
@@ -202,7 +203,7 @@ def _predict_topk(run: Path, tag: str, progress: bool) -> list[list[str]]:
     """orig / cal / dual with AP-fixed's inference (per-class top-k over val); the rows of the
     AP / AP-fixed / AP-pool table."""
     from simcal.data.annotations import load_dataset
-    from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
+    from simcal.engine.predict import HeadSpec, PredictOptions, load_calibrated_head, load_model, predict_split
     from simcal.report.html import protocol_rows
     from simcal.run import DEFAULT_CALIBRATION
 
@@ -220,9 +221,8 @@ def _predict_topk(run: Path, tag: str, progress: bool) -> list[list[str]]:
         print(f"[{tag} predict] simcal predict --head orig,cal,dual --topk-per-class {k} (AP-fixed, AP-pool)")
         model, label_map, cfg = load_model(run)
         cal_heads = {"": load_calibrated_head(run, DEFAULT_CALIBRATION, model)}
-        predict_split(
-            model, label_map, cfg, specs, cal_heads, "val", pred, topk_per_class=k, progress=progress, verbose=False
-        )
+        options = PredictOptions(topk_per_class=k, progress=progress, verbose=False)
+        predict_split(model, label_map, cfg, specs, cal_heads, "val", pred, options)
     return protocol_rows(pred, topk, tags, HEAD_NAMES)
 
 

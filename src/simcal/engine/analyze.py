@@ -28,7 +28,7 @@ from simcal.data.annotations import check_categories, first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import declared_bins
 from simcal.engine import distributed as dist_utils
-from simcal.engine.predict import HeadSpec, load_calibrated_head, load_model, predict_split
+from simcal.engine.predict import HeadSpec, PredictOptions, load_calibrated_head, load_model, predict_split
 from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
 from simcal.evaluation import diagnostics
@@ -133,8 +133,8 @@ def _evaluate_heads(
     share of the images and rank 0 evaluates; the other processes get ``None``."""
     out = _analysis(run, tool).predictions
     _, _, device = dist_utils.init_distributed()  # torchrun: the images sharded, rank 0 evaluates
-    kwargs = dict(max_images=max_images, progress=progress, ious=(iou,), verbose=False, device=device)
-    metrics = predict_split(model, label_map, cfg, specs, cal_heads, split, out, **kwargs)
+    options = PredictOptions(max_images=max_images, progress=progress, ious=(iou,), verbose=False)
+    metrics = predict_split(model, label_map, cfg, specs, cal_heads, split, out, options, device=device)
     return metrics if dist_utils.rank() == 0 else None
 
 

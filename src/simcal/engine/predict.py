@@ -432,6 +432,31 @@ def training_counts(
 
 
 @writes_run
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a prediction runs, passed down whole (:func:`predict` -> :func:`predict_split` ->
+    :func:`run_heads`).
+
+    ``batch_size`` images per forward pass, ``num_workers`` loader workers; ``max_images``: only
+    the first N (their files under ``<split>-first<N>``); ``topk_per_class`` K: AP-fixed's
+    inference (no per-image cap, the K best of each class over the split, under ``<split>-topk<K>``);
+    ``evaluate_results``: write and return metrics; ``ious``: which to evaluate (without ``segm``
+    no mask is computed); ``progress``: a tqdm bar; ``verbose``: print where the files went and
+    the metrics; ``category_subset``: evaluate annotations whose categories differ from the
+    detector's on those both have (refused otherwise).
+    """
+
+    batch_size: int = 8
+    num_workers: int = 1
+    max_images: int | None = None
+    topk_per_class: int | None = None
+    evaluate_results: bool = True
+    ious: tuple[str, ...] = ("bbox", "segm")
+    progress: bool = True
+    verbose: bool = True
+    category_subset: bool = False
+
+
 def predict(
     run: str | os.PathLike[str],
     *,
@@ -442,13 +467,7 @@ def predict(
     gt_json: str | None = None,
     images: str | None = None,
     checkpoint: str | None = None,
-    batch_size: int = 8,
-    num_workers: int = 1,
-    max_images: int | None = None,
-    topk_per_class: int | None = None,
-    progress: bool = True,
-    evaluate_results: bool = True,
-    category_subset: bool = False,
+    options: PredictOptions = PredictOptions(),
 ) -> dict[str, dict[str, EvalResult]]:
     """Run a trained run's detector with each of ``heads`` (default: the original) on a split.
 
@@ -457,11 +476,12 @@ def predict(
     ``inference.combine`` and ``inference.T``, the post-hoc methods take ``inference.param``) and
     the model's test-time settings for this prediction only.
 
-    One pass per batch serves every head. Writes ``predictions/<split>/<head>/results.json`` and,
-    with ``evaluate_results``, ``metrics_bbox.json`` / ``metrics_segm.json`` beside it; with
-    ``max_images`` below the split's size, under ``predictions/<split>-first<N>/`` instead (never
-    over the whole split's); with ``topk_per_class`` K (AP-fixed's inference: no per-image cap, the
-    K best detections of each class over the split), under ``predictions/<split>-topk<K>/``, with
+    One pass per batch serves every head (``options``: :class:`PredictOptions`). Writes
+    ``predictions/<split>/<head>/results.json`` and, with ``evaluate_results``,
+    ``metrics_bbox.json`` / ``metrics_segm.json`` beside it; with ``max_images`` below the split's
+    size, under ``predictions/<split>-first<N>/`` instead (never over the whole split's); with
+    ``topk_per_class`` K (AP-fixed's inference: no per-image cap, the K best detections of each
+    class over the split), under ``predictions/<split>-topk<K>/``, with
     ``metrics_<iou>_fixed.json`` and ``metrics_<iou>_pool.json``. Under torchrun the images are
     sharded over the processes and rank 0 merges and evaluates (see :func:`run_heads`).
     ``split``: the config's ``val`` / ``train``, or a name for ``gt_json`` (the config's names
@@ -497,16 +517,10 @@ def predict(
         cal_heads,
         split,
         r.predictions(split),
+        options,
         device=device,
         gt_json=gt_json,
         images=images,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        max_images=max_images,
-        topk_per_class=topk_per_class,
-        progress=progress,
-        evaluate_results=evaluate_results,
-        category_subset=category_subset,
     )
 
 
@@ -539,13 +553,14 @@ def predict_split(
     cal_heads: dict[str, nn.Module],
     split: str,
     out: PredictionFiles,
+    options: PredictOptions = PredictOptions(),
     *,
     gt_json: str | None = None,
     images: str | None = None,
-    **kwargs: Any,
+    device: torch.device | None = None,
 ) -> dict[str, dict[str, EvalResult]]:
     """:func:`run_heads` on a split of a run's config (or on ``gt_json`` / ``images``), with the
-    run's training annotations and threads. ``kwargs`` go to :func:`run_heads`."""
+    run's training annotations and threads."""
     gt_json, image_dir = resolve_split(cfg, split, gt_json, images)
     return run_heads(
         model,
@@ -556,9 +571,10 @@ def predict_split(
         images=image_dir,
         train_json=cfg.data.train_json,
         out=out,
+        options=options,
         threads=cfg.train.threads,
         desc=f"predict {split}",
-        **kwargs,
+        device=device,
     )
 
 
@@ -572,24 +588,16 @@ def run_heads(
     images: str,
     train_json: str | None,
     out: PredictionFiles,
+    options: PredictOptions = PredictOptions(),
     threads: int = 0,
     counts: Tensor | None = None,
-    batch_size: int = 8,
-    num_workers: int = 1,
-    max_images: int | None = None,
-    topk_per_class: int | None = None,
-    progress: bool = True,
-    evaluate_results: bool = True,
-    ious: tuple[str, ...] = ("bbox", "segm"),
-    verbose: bool = True,
     desc: str = "predict",
     device: torch.device | None = None,
-    category_subset: bool = False,
 ) -> dict[str, dict[str, EvalResult]]:
     """Predict with every head spec in one pass per batch; write results (and metrics) per head under ``out``.
 
-    The annotations' categories must be the detector's (``category_subset``: the ones both have are
-    evaluated, asked for explicitly).
+    ``options``: :class:`PredictOptions`. The annotations' categories must be the detector's
+    (``options.category_subset``: the ones both have are evaluated, asked for explicitly).
 
     ``counts`` ``(C,)``: the training instance counts (default: from ``train_json``). Without
     ``segm`` in ``ious`` no mask is computed. ``device``: where to run (default: CUDA when
@@ -603,6 +611,9 @@ def run_heads(
     images into its own part file, and rank 0 merges the parts in image order (:func:`merge_parts`)
     and evaluates; the other processes return ``{}``. No process holds all detections.
     """
+    batch_size, num_workers, max_images = options.batch_size, options.num_workers, options.max_images
+    topk_per_class, ious, verbose = options.topk_per_class, options.ious, options.verbose
+    category_subset = options.category_subset
     setup_torch(threads)
     device = device or default_device()
     model.to(device)
@@ -641,7 +652,7 @@ def run_heads(
                 stack.callback(top.close)
         else:
             writers = {tag: stack.enter_context(results_file(target(tag))) for tag in scorers}
-        show = progress and rank == 0
+        show = options.progress and rank == 0
         for imgs, targets in tqdm(loader, desc=desc, disable=not show, dynamic_ncols=True):
             per_head = model.detect(
                 [im.to(device) for im in imgs],
@@ -690,7 +701,7 @@ def run_heads(
     if verbose:
         for tag, n in counts.items():
             print(f"{tag}: {n} detections on {len(indices)} images -> {out.head(tag).results}")
-    if not evaluate_results:
+    if not options.evaluate_results:
         return {}
     if max_images:
         gt = first_images(gt, len(indices))
