@@ -85,6 +85,17 @@ def write_json(tmp_path: Path):
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_as_a_terminal_gives_it():
+    """Started as a script's background job, pytest (and every process it starts) ignores SIGINT;
+    the signal tests need it as a terminal delivers it, so the suite runs the same either way."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 def data_section(data: Path) -> dict:
     """The ``data`` config section pointing at a ``simcal synth`` folder (no loader workers)."""
     return {

@@ -218,11 +218,19 @@ _PREVIOUS_HOOK: list[Any] = [sys.unraisablehook]
 def handle_signals() -> dict[int, Any]:
     """:func:`handle_sigterm`, and SIGINT through the same handler (``KeyboardInterrupt``, deferred
     like SIGTERM while a file is written), and :func:`_quiet_about_signals` as the unraisable hook;
-    returns the previous handlers, for :func:`restore_signals`."""
+    returns the previous handlers, for :func:`restore_signals`. A signal the process was started
+    ignoring (SIGINT in a script's background job) stays ignored, as Python itself leaves it."""
     if sys.unraisablehook is not _quiet_about_signals:
         _PREVIOUS_HOOK[0] = sys.unraisablehook
         sys.unraisablehook = _quiet_about_signals
-    return {signal.SIGTERM: handle_sigterm(), signal.SIGINT: signal.signal(signal.SIGINT, _raise_terminated)}
+    previous = {}
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        previous[signal.SIGTERM] = handle_sigterm()
+    else:
+        _TERMINATED["received"] = _TERMINATED["interrupted"] = False
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_terminated)
+    return previous
 
 
 def restore_signals(previous: dict[int, Any]) -> None:

@@ -209,3 +209,32 @@ def test_what_a_finaliser_raises_after_a_signal_is_dropped_and_only_then(signall
     else:
         assert "Exception ignored" in out.stderr and "killed by signal" in out.stderr
         assert out.stdout.strip() == "None"
+
+
+IGNORED = textwrap.dedent(
+    """
+    import os, signal, time
+    from simcal.errors import handle_signals, restore_signals
+
+    previous = handle_signals()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    restore_signals(previous)
+    print("still here", signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+    """
+)
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+    """A command started with SIGINT ignored (a script's background job) keeps ignoring it, as
+    Python does; SIGTERM is still handled (the one line, 143)."""
+    import signal as sig
+
+    def ignore_sigint() -> None:
+        sig.signal(sig.SIGINT, sig.SIG_IGN)
+
+    out = subprocess.run(
+        [sys.executable, "-c", IGNORED], capture_output=True, text=True, timeout=60, preexec_fn=ignore_sigint
+    )
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.strip() == "still here True"
