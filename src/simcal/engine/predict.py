@@ -431,7 +431,6 @@ def training_counts(
     return train, counts
 
 
-@writes_run
 @dataclass(frozen=True)
 class PredictOptions:
     """How a prediction runs, passed down whole (:func:`predict` -> :func:`predict_split` ->
@@ -457,6 +456,7 @@ class PredictOptions:
     category_subset: bool = False
 
 
+@writes_run
 def predict(
     run: str | os.PathLike[str],
     *,
