@@ -225,3 +225,16 @@ def check_ap_of_classes(metrics: dict[str, Any]) -> None:
             assert math.isclose(metrics[f"AP{g}"], sum(group) / len(group), rel_tol=1e-9, abs_tol=1e-12)
         else:
             assert metrics[f"AP{g}"] is None
+
+
+#: fixtures that train a detector (or copy one trained run per test): a test using one is `slow`
+TRAINING_FIXTURES = {"trained_run", "run", "calibrated_run", "tiny_config", "tiny_budget", "data_copy", "cascade_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test-fast` (``-m "not slow"``) leaves out the tests that train, import or run a detector
+    end to end: those using :data:`TRAINING_FIXTURES`, and those marked ``slow`` by hand (processes
+    killed in a loop, torchrun, the official API's parity on large fixtures, the detectron2 stages)."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

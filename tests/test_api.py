@@ -21,6 +21,7 @@ def _example() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow
 def test_the_documented_example_runs(tiny_data, tmp_path, monkeypatch, capsys):
     (tmp_path / "data").symlink_to(tiny_data)  # the example's relative paths: data/train.json, data/images
     monkeypatch.chdir(tmp_path)

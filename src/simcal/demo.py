@@ -67,9 +67,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
     },
     # `simcal demo --compare --seeds 3 --budget leaderboard`: 5 detectors per seed (the plain one and
     # four trained end to end), 9 calibrations on each plain one; three seeds took 53 minutes on a 2-core
-    # AMD EPYC (about 75 on a machine 1.4x slower, README). 40 classes at 96 px learn the head classes in 200
-    # iterations (box APf 21.5 %, APr 0.7 %, median of 3 seeds: the long-tail failure the methods address),
-    # which 80 classes at 128 px need 450 for.
+    # AMD EPYC (about 75 on a machine 1.4x slower, docs/leaderboard.md). 40 classes at 96 px learn the
+    # head classes in 200 iterations (box APf 21.5 %, APr 0.7 %, median of 3 seeds: the long-tail
+    # failure the methods address), which 80 classes at 128 px need 450 for.
     "leaderboard": {
         "synth": dict(classes=40, train_images=1500, val_images=200, size=96),
         "overrides": [

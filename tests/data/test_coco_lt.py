@@ -277,6 +277,7 @@ def test_bad_seed(coco: dict[str, Any], seed: Any) -> None:
     assert info.value.field == "seed"
 
 
+@pytest.mark.slow
 def test_cli_writes_coco_lt_json(coco: dict[str, Any], lt: dict[str, Any], tmp_path, capsys) -> None:
     import json
 

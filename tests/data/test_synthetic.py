@@ -345,6 +345,7 @@ def test_1203_classes_look_different_shape_hue_pattern():
     assert len(SHAPES) == 8
 
 
+@pytest.mark.slow
 def test_a_tiny_lvis_like_set_is_generated_with_lvis_groups(tmp_path):
     summary = generate_synthetic(
         tmp_path / "like", like="lvis_v1", train_images=250, val_images=210, val_floor=1, size=32, progress=False
@@ -388,6 +389,7 @@ def torch_equal_targets(a: dict, b: dict) -> bool:
     return all((a[k] == b[k]).all() for k in ("boxes", "labels"))
 
 
+@pytest.mark.slow
 def test_a_like_set_declares_its_scaled_bins(tmp_path):
     from simcal.data.stats import BIN_PRESETS, declared_bins
 

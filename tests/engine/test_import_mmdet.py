@@ -137,6 +137,7 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "model_final.pth", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_an_mmdetection_mask_rcnn_imports_to_the_tensors_detectron2s_gives(d2_weights, tmp_path):
     (tmp_path / "base.py").write_text(BASE)
     cfg = tmp_path / "mask_rcnn_r50_caffe_fpn_lvis.py"
@@ -215,6 +216,7 @@ def test_seesaw_normed_classifier_and_mask_against_mmdetections_formulas(d2_weig
     torch.testing.assert_close(ours, mm_masks[torch.arange(3), labels - 1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_cascade_mask_rcnn_with_a_mask_head_per_stage(d2_weights, tmp_path):
     """mmdetection's Cascade Mask R-CNN: three box stages (class-agnostic regression, target stds
     (0.1, 0.1, 0.2, 0.2) / 2 / 3), a mask head per stage whose test masks are the stages' mean."""
@@ -356,6 +358,7 @@ def test_bad_mmdetection_checkpoints_are_one_line(d2_weights, tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_checkpoints_own_config_is_read_and_predict_runs(d2_weights, tmp_path, capsys):
     """Without --framework-config, the config mmdetection stores in the checkpoint (meta.config,
     flattened: no _base_) is read; the run predicts from the CLI."""
@@ -430,6 +433,7 @@ def to_v1(d2: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_the_simcal_release_imports_with_the_legacy_conventions_and_predicts(d2_weights, tmp_path, capsys):
     cfg = tmp_path / "mask_rcnn_r50_fpn_1x_lvis.py"
     cfg.write_text(RELEASE_CONFIG)

@@ -150,6 +150,7 @@ def _d2_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.cat([scores[:, 1:], scores[:, :1]], 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image", IMAGES)
 @pytest.mark.parametrize("model_name", [LVIS, CASCADE])
 def test_every_stage_matches_detectron2(imported, model_name, image):
@@ -288,6 +289,7 @@ def test_every_stage_matches_detectron2(imported, model_name, image):
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", [LVIS, CASCADE])
 def test_import_calibrate_predict_report_from_the_cli(d2_checkpoints, tmp_path, capsys, model_name):
     """The imported detectors go through every later command as runs simcal trained (smaller

@@ -78,6 +78,7 @@ def results(gt):
     return perturb_ground_truth(gt, seed=8, false_positives=320, confuse_rate=0.3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["lvis", "fixed"])
 def test_boundary_ap_equals_the_official_api_with_boundary_iou(gt, results, protocol, monkeypatch):
     stats = resolve_category_stats(gt, "gt", edges=EDGES)
@@ -152,6 +153,7 @@ def test_boundary_leaves_its_inputs_as_they_were(gt, results):
     assert g == gt and r == results[:2000]
 
 
+@pytest.mark.slow
 def test_boundary_from_the_cli_and_its_refusals(gt, results, write_json, tmp_path, capsys):
     gt_path, res_path = write_json("gt.json", gt), write_json("res.json", results[:3000])
     out = tmp_path / "m.json"

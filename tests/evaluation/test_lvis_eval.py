@@ -51,6 +51,7 @@ def official_lvis(gt, results, iou_type, monkeypatch, max_dets=300):
     return ev
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_parity_with_official_lvis_api(lt_gt, lt_results, iou_type, monkeypatch):
     stats = resolve_category_stats(lt_gt, "gt", edges=EDGES)

@@ -209,6 +209,7 @@ def test_a_staged_3fc_ft_head_starts_as_the_cascade_itself(mean_probs):
         torch.testing.assert_close(head.batch_scores(batch), batch.scores)
 
 
+@pytest.mark.slow
 def test_every_scorer_and_combiner_runs_on_a_cascade_and_dual_selects_between_the_stage_means():
     """predict's scorers on a cascade's one RoI pass: every combiner, the post-hoc methods and the
     oracle give detections; `sel` picks per class between the original stages' mean and the

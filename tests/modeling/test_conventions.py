@@ -236,6 +236,7 @@ def test_resnet50_fpn_honours_model_norm(norm):
     assert type(model.backbone.body.bn1).__name__ == {"frozen_bn": "FrozenBatchNorm2d", "bn": "BatchNorm2d"}[norm]
 
 
+@pytest.mark.slow
 def test_a_run_stored_before_the_options_existed_builds_the_same_modules():
     from simcal.config import Config, config_from_dict
 

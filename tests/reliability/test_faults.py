@@ -73,6 +73,7 @@ def test_a_file_where_a_folder_belongs(trained_run, tiny_data, tmp_path, capsys)
     assert taken.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resume_is_exact(
     tiny_data, tmp_path, disk_full, monkeypatch, capsys
 ):

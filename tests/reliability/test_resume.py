@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 import yaml
 
@@ -28,6 +29,7 @@ def test_train_resume_lists_every_conflicting_setting_and_changes_nothing(traine
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_train_resume_with_a_longer_budget_is_the_longer_run(tiny_data, tmp_path, capsys):
     """More iterations (and bookkeeping) are applied, written into the run, and the weights are
     those of a run given the longer budget from the start."""
