@@ -216,16 +216,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         {"--gt": args.gt, "--results": args.results, "--train": args.train},
     )
 
-    result = api.evaluate(
-        args.gt,
-        args.results,
-        iou=args.iou,
-        train=args.train,
-        bins=args.bins,
-        protocol=args.protocol,
-        dets_per_class=args.dets_per_class,
-        dilation=args.dilation,
-    )
+    from simcal.evaluation.lvis_eval import SettingError
+
+    try:
+        result = api.evaluate(
+            args.gt,
+            args.results,
+            iou=args.iou,
+            train=args.train,
+            bins=args.bins,
+            protocol=args.protocol,
+            dets_per_class=args.dets_per_class,
+            dilation=args.dilation,
+        )
+    except SettingError as e:  # the evaluator names its parameter; the command line, the flag
+        raise InputError("--" + e.setting.replace("_", "-"), e.setting, e.message) from None
     print(result.table())
     if args.out:
         write_json(args.out, result.to_json(), indent=1)

@@ -12,7 +12,6 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from simcal.cli import main
-from simcal.errors import InputError
 from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
 from tests.evaluation.test_lvis_eval import EDGES, official_lvis
 from tests.evaluation.test_protocols import K, _reference_cap
@@ -183,8 +182,23 @@ def test_boundary_from_the_cli_and_its_refusals(gt, results, write_json, tmp_pat
     argv = ["evaluate", "--gt", str(gt_path), "--results", str(res_path), "--iou", "boundary"]
     assert main([*argv, "--protocol", "pool", "--out", str(pool)]) == 0
     assert json.loads(pool.read_text())["protocol"] == "pool"
-    with pytest.raises(InputError, match="dilation"):
+    # the evaluator raises a ValueError naming its parameter; the command line names the flag
+    from simcal.evaluation.lvis_eval import SettingError
+
+    with pytest.raises(SettingError, match="dilation: a fraction of the image diagonal") as caught:
         evaluate(gt, results[:10], "boundary", resolve_category_stats(gt, "gt", edges=EDGES), EDGES, dilation=1.5)
+    assert isinstance(caught.value, ValueError) and caught.value.setting == "dilation"
+    # (the parser refuses --dilation 1.5 first; a setting only the evaluator refuses is named by its flag)
+    from simcal import api
+
+    def refuses(*args, **kwargs):
+        raise SettingError("dets_per_class", "must be >= 1, got 0")
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "evaluate", refuses)
+        assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "simcal: error: --dets-per-class: dets_per_class: must be >= 1, got 0"
 
 
 def test_pooling_by_virtual_images_is_ap_pool(gt, results):

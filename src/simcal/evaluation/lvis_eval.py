@@ -107,6 +107,15 @@ class EvalResult:
         return f"{title}\n{head}\n{row}\nbins on training instances: {legend}"
 
 
+class SettingError(ValueError):
+    """An evaluation setting out of its range; ``setting`` names the parameter (``iou``,
+    ``dilation``, ``protocol``, ``dets_per_class``), for the command line to name its flag."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting, self.message = setting, message
+
+
 def metric_keys(num_bins: int) -> list[str]:
     """``AP AP50 AP75 APs APm APl APr APc APf AP1 .. AP<num_bins>``."""
     return [*SUMMARY_KEYS, *(f"AP{i + 1}" for i in range(num_bins))]
@@ -283,14 +292,14 @@ def evaluate_protocols(
     """:func:`evaluate` under several protocols: ``{protocol: EvalResult}``. AP-fixed and AP-pool
     share one run of the engine (the same detections and matches, accumulated two ways)."""
     if iou_type not in ("bbox", "segm", "boundary"):
-        raise InputError("--iou", "iou", f"expected bbox, segm or boundary, got {iou_type!r}")
+        raise SettingError("iou", f"expected bbox, segm or boundary, got {iou_type!r}")
     if not 0 < dilation < 1:
-        raise InputError("--dilation", "dilation", f"a fraction of the image diagonal in (0, 1), got {dilation}")
+        raise SettingError("dilation", f"a fraction of the image diagonal in (0, 1), got {dilation}")
     for protocol in protocols:
         if protocol not in PROTOCOLS:
-            raise InputError("--protocol", "protocol", f"expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+            raise SettingError("protocol", f"expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if dets_per_class < 1:
-        raise InputError("--dets-per-class", "dets_per_class", f"must be >= 1, got {dets_per_class}")
+        raise SettingError("dets_per_class", f"must be >= 1, got {dets_per_class}")
     if lvis_rules is None:
         lvis_rules = is_lvis(gt)
     if iou_type != "bbox":
