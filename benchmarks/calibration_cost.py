@@ -35,7 +35,8 @@ import torch
 from simcal.config import Config
 from simcal.data.annotations import load_dataset
 from simcal.engine.calibrate import calibrate
-from simcal.engine.predict import load_model, predict
+from simcal.engine.checkpoint import load_model
+from simcal.engine.predict import PredictOptions, predict
 from simcal.engine.train import schedule, train
 from simcal.modeling.calibration import load_head
 from simcal.run import Run
@@ -105,7 +106,12 @@ def main() -> None:
                 summary = json.loads(files.summary.read_text())
                 counts[cache] = (summary["cache_misses"], summary["cache_hits"])
                 heads[cache] = load_head(files.head, model.roi_heads)[0].state_dict()
-                m = predict(work, heads=["cal"], calibration=name, max_images=args.val_images, progress=False)
+                m = predict(
+                    work,
+                    heads=["cal"],
+                    calibration=name,
+                    options=PredictOptions(max_images=args.val_images, progress=False),
+                )
                 shutil.rmtree(Run(work).predictions("val").root)
                 aps[cache] = (m["cal"]["bbox"].metrics["AP"], m["cal"]["segm"].metrics["AP"])
             identical = all(torch.equal(heads["cached"][k], heads["uncached"][k]) for k in heads["cached"])

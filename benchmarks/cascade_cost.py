@@ -65,7 +65,7 @@ def calibration(args: argparse.Namespace) -> dict[str, float]:
     from simcal.data.annotations import load_dataset
     from simcal.data.dataset import DetectionDataset
     from simcal.engine.calibrate import calibrate_head
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
 
     parts = {}
     runs = {"standard": args.standard_run, "cascade": args.cascade_run, "htc": args.htc_run}

@@ -27,8 +27,9 @@ import torch
 from simcal.data.annotations import load_dataset
 from simcal.data.dataset import DetectionDataset
 from simcal.data.stats import class_instance_counts
-from simcal.engine.predict import build_scorers, load_calibrated_head, load_model, parse_heads
+from simcal.engine.checkpoint import load_calibrated_head, load_model
 from simcal.engine.runtime import setup_torch
+from simcal.modeling.scoring import build_scorers, parse_heads
 
 
 def random_model(classes: int, size: int, seed: int = 0):

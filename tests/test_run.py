@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simcal.engine.predict import HeadSpec
+from simcal.modeling.scoring import HeadSpec
 from simcal.report.leaderboard import commands
 from simcal.run import HeadTag
 

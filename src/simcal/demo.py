@@ -171,7 +171,9 @@ def _predict(
     """orig / cal / dual (+ the baselines' dual heads; the ``decoupled`` calibrations' cal and dual
     heads; the post-hoc heads) in one pass; metrics per head tag. ``simcal=False``: orig alone (an
     end-to-end run of the leaderboard)."""
-    from simcal.engine.predict import HeadSpec, PredictOptions, load_calibrated_head, load_model, predict_split
+    from simcal.engine.checkpoint import load_calibrated_head, load_model
+    from simcal.engine.predict import PredictOptions, predict_split
+    from simcal.modeling.scoring import HeadSpec
     from simcal.run import DEFAULT_CALIBRATION
 
     r = Run(run)
@@ -203,7 +205,9 @@ def _predict_topk(run: Path, tag: str, progress: bool) -> list[list[str]]:
     """orig / cal / dual with AP-fixed's inference (per-class top-k over val); the rows of the
     AP / AP-fixed / AP-pool table."""
     from simcal.data.annotations import load_dataset
-    from simcal.engine.predict import HeadSpec, PredictOptions, load_calibrated_head, load_model, predict_split
+    from simcal.engine.checkpoint import load_calibrated_head, load_model
+    from simcal.engine.predict import PredictOptions, predict_split
+    from simcal.modeling.scoring import HeadSpec
     from simcal.report.html import protocol_rows
     from simcal.run import DEFAULT_CALIBRATION
 

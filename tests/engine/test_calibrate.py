@@ -15,8 +15,9 @@ from simcal.data.samplers import BiLevelSampler
 from simcal.data.stats import class_instance_counts
 from simcal.engine import calibrate as cal_mod
 from simcal.engine.calibrate import FrozenDetector, calibrate, calibration_batch
-from simcal.engine.predict import HeadSpec, build_scorers, load_model
+from simcal.engine.checkpoint import load_model
 from simcal.modeling.calibration import load_head
+from simcal.modeling.scoring import HeadSpec, build_scorers
 from simcal.run import Run
 from tests.conftest import check_ap_of_classes
 

@@ -184,7 +184,7 @@ def test_seesaw_normed_classifier_and_mask_against_mmdetections_formulas(d2_weig
     torch.save({"meta": {"CLASSES": [f"c{i}" for i in range(1230)]}, "state_dict": w}, ckpt)
     gt = categories_json(tmp_path / "lvis.json", list(range(1, 1231)))
     run = _import(tmp_path, "mmdet", ckpt, gt, str(cfg))
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
 
     model, _, run_cfg = load_model(run)
     assert (run_cfg.model.classifier, run_cfg.model.cls_head, run_cfg.model.mask_head) == ("seesaw", "normed", "normed")
@@ -258,7 +258,7 @@ def test_a_cascade_mask_rcnn_with_a_mask_head_per_stage(d2_weights, tmp_path):
         "    mask_head=[dict(type='FCNMaskHead', num_classes=80)] * 3))\n"
     )
     run = _import(tmp_path, "mmdet", ckpt, gt, str(cfg))
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
 
     model, _, run_cfg = load_model(run)
     rh = model.roi_heads

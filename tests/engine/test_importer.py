@@ -106,7 +106,7 @@ def d2_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def imported(d2_checkpoints, tmp_path_factory) -> dict[str, tuple]:
     """Each fixture model imported through the CLI and loaded as every command loads a run."""
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
 
     tmp = tmp_path_factory.mktemp("d2_runs")
     out = {}
@@ -481,7 +481,7 @@ def test_sigmoid_classifier_and_a_class_agnostic_box_regressor_beside_class_spec
     """detectron2's ``USE_SIGMOID_CE`` (federated-loss models: C+1 rows, the last never scored) and
     ``CLS_AGNOSTIC_BBOX_REG`` with class-specific masks, against values computed from the
     detectron2 weights directly."""
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
 
     w = dict(lvis_weights)
     w["roi_heads.box_predictor.bbox_pred.weight"] = lvis_weights["roi_heads.box_predictor.bbox_pred.weight"][4:8]

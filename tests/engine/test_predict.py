@@ -12,7 +12,8 @@ from pycocotools import mask as mask_utils
 from simcal.cli import main
 from simcal.data.annotations import load_dataset, validate_results
 from simcal.engine import predict as predict_mod
-from simcal.engine.predict import encode_rle, infer_batch, results_file
+from simcal.engine.predict import infer_batch
+from simcal.engine.results import encode_rle, results_file
 from simcal.modeling.detector import paste_masks
 from simcal.modeling.scoring import build_scorer
 

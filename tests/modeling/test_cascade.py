@@ -154,7 +154,7 @@ def test_a_cascade_run_trains_resumes_exactly_predicts_and_takes_an_ncm_head(cas
     metrics = json.loads((straight / "predictions" / "val-first6" / "orig" / "metrics_bbox.json").read_text())
     assert metrics["num_detections"] > 0
     # NCM on a cascade: class means per stage, on each stage's own RoIs and box head
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
     from simcal.modeling.calibration import load_head
 
     cal = ["calibrate", "--run", str(straight), "--head", "ncm", "--steps", "4", "--classes-per-batch", "4"]
@@ -284,7 +284,7 @@ def test_simcal_on_a_cascade_run(cascade_run, tmp_path):
     an interrupted calibration resumes to the same heads; predict orig / cal / dual."""
     import hashlib
 
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
     from simcal.modeling.calibration import StagedHead, load_head
 
     run = copy_run(cascade_run, tmp_path / "run")

@@ -403,7 +403,7 @@ def test_simcal_calibrates_a_seesaw_run_with_its_own_classifier(tiny_config, tmp
     import json
 
     from simcal.cli import main
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
     from simcal.modeling.calibration import load_head
 
     cfg = tiny_config(max_iter=2, steps=[])
@@ -454,7 +454,7 @@ def test_a_stateful_loss_calibrates_decoupled_resumes_exactly_and_serves_as_a_du
     import json
 
     from simcal.cli import main
-    from simcal.engine.predict import load_model
+    from simcal.engine.checkpoint import load_model
     from simcal.modeling.calibration import load_head
 
     common = ["calibrate", "--run", str(run), "--steps", "4", "--classes-per-batch", "4", "--no-progress"]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import simcal.modeling.predictors as predictors
 from simcal.cli import main
-from simcal.engine.predict import load_model
+from simcal.engine.checkpoint import load_model
 from simcal.modeling.calibration import load_head
 from simcal.modeling.predictors import Activation, BoxPredictor
 from simcal.run import Run

@@ -28,7 +28,8 @@ from simcal.data.annotations import check_categories, first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import declared_bins
 from simcal.engine import distributed as dist_utils
-from simcal.engine.predict import HeadSpec, PredictOptions, load_calibrated_head, load_model, predict_split
+from simcal.engine.checkpoint import load_calibrated_head, load_model
+from simcal.engine.predict import PredictOptions, predict_split
 from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
 from simcal.evaluation import diagnostics
@@ -37,6 +38,7 @@ from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_s
 from simcal.io import atomic_open, read_json, write_json, writes_run
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import eval_proposal_counts, proposal_counts
+from simcal.modeling.scoring import HeadSpec
 from simcal.report.plots import grouped_bars, line_plot, reliability_plot
 from simcal.run import DEFAULT_CALIBRATION, Run, parse_split, resolve_split, split_annotations
 

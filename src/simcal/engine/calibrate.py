@@ -50,7 +50,7 @@ from simcal.data.dataset import DetectionDataset, LabelMap
 from simcal.data.samplers import BatchStream, BiLevelSampler, RepeatFactorSampler, TrainingSampler, repeat_factors
 from simcal.data.stats import TrainingStats
 from simcal.engine import distributed as dist_utils
-from simcal.engine.predict import load_model
+from simcal.engine.checkpoint import load_model
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
 from simcal.io import append_line, load_checkpoint, rewrite_lines, save_checkpoint, write_json, writes_run

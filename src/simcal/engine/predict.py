@@ -14,42 +14,36 @@ per-class threshold (the class's K-th best score so far) drops hopeless candidat
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from simcal import choices
-from simcal.config import Config, InferenceConfig, apply_overrides, classifier_of
+from simcal.config import Config, apply_overrides
 from simcal.data.annotations import check_categories, first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
 from simcal.data.stats import class_instance_counts, declared_bins
 from simcal.engine import distributed as dist_utils
+from simcal.engine.checkpoint import load_calibrated_head, load_model
+from simcal.engine.results import TopKResults, detections_to_results, merge_parts, results_file
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
 from simcal.evaluation.lvis_eval import EvalResult, evaluate_protocols, resolve_category_stats
-from simcal.io import atomic_open, file_sha256, load_checkpoint, write_json, writes_run
-from simcal.modeling.calibration import load_head
+from simcal.io import write_json, writes_run
 from simcal.modeling.detector import (
     LongTailMaskRCNN,
-    build_detector,
     eval_mode,
-    load_detector_weights,
-    paste_masks,
 )
-from simcal.modeling.roi_heads import Scorer
-from simcal.modeling.scoring import build_scorer
-from simcal.run import DEFAULT_CALIBRATION, HeadTag, PredictionFiles, Run, parse_split, resolve_split
+from simcal.modeling.scoring import HeadSpec, build_scorer, build_scorers, parse_heads
+from simcal.run import DEFAULT_CALIBRATION, PredictionFiles, Run, parse_split, resolve_split
 
 #: what ``simcal predict`` accepts as ``section.key=value`` overrides: the inference section and
 #: the model's test-time settings
@@ -66,152 +60,6 @@ OVERRIDABLE = (
 )
 
 
-def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
-    """``(N, H, W)`` bool -> compressed RLE dicts with ``counts`` as str (json-ready)."""
-    if masks.shape[0] == 0:
-        return []
-    arr = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    rles = mask_utils.encode(arr)
-    for r in rles:
-        r["counts"] = r["counts"].decode("ascii")
-    return rles
-
-
-class ResultsWriter:
-    """Write a JSON list one detection per line; the file appears only when complete."""
-
-    def __init__(self, f: TextIO) -> None:
-        self._f = f
-        self._first = True
-        self.count = 0
-
-    def write(self, det: dict[str, Any]) -> None:
-        self.write_line(json.dumps(det))
-
-    def write_line(self, line: str) -> None:
-        """Write one detection already serialised as json (no newline)."""
-        self._f.write(("[\n" if self._first else ",\n") + line)
-        self._first = False
-        self.count += 1
-
-    def close(self) -> None:
-        self._f.write("[]\n" if self._first else "\n]\n")
-
-
-@contextmanager
-def results_file(path: str | os.PathLike[str]) -> Iterator[ResultsWriter]:
-    """A :class:`ResultsWriter` on ``path``, written atomically (nothing appears if the block fails).
-    It streams for the whole prediction: a signal stops it at once (only the rename waits)."""
-    with atomic_open(path, "w", defer_signals=False) as f:
-        w = ResultsWriter(f)
-        yield w
-        w.close()
-
-
-class TopKResults:
-    """The ``k`` best detections of each class over a split, kept as the images stream past.
-
-    Every detection handed to :meth:`add` is spooled as a json line to an anonymous temporary file
-    beside ``path`` (gone however the process ends); memory holds only scores and line numbers, at
-    most ``k`` per class plus one batch. :attr:`floor` ``(C+1,)`` is each class's ``k``-th best
-    score so far (``-inf`` until it has ``k``): a candidate below it can never be among the ``k``
-    best, so predict drops it before NMS. :meth:`finish` writes the kept lines to ``path``
-    atomically, in the order they came (image order).
-    """
-
-    def __init__(self, path: Path, num_classes: int, k: int) -> None:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.path, self.k = Path(path), k
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._spool: TextIO = tempfile.TemporaryFile("w+", dir=self.path.parent, encoding="utf-8")
-        except OSError as e:
-            raise OSError(e.errno, e.strerror or str(e), str(self.path.parent)) from e
-        self._scores = [np.empty(0, np.float64) for _ in range(num_classes + 1)]
-        self._ids = [np.empty(0, np.int64) for _ in range(num_classes + 1)]
-        self.floor = torch.full((num_classes + 1,), -math.inf)
-        self.seen = 0
-        self.count = 0
-
-    def add(self, labels: Tensor, records: list[dict[str, Any]]) -> None:
-        """One batch of detections: ``labels`` ``(N,)`` contiguous class labels of ``records``."""
-        if not records:
-            return
-        try:
-            self._spool.write("".join(json.dumps(r) + "\n" for r in records))
-        except OSError as e:  # the spool has no name of its own: name the folder it fills
-            raise OSError(e.errno, e.strerror or str(e), str(self.path.parent)) from e
-        lab = labels.cpu().numpy()
-        scores = np.array([r["score"] for r in records], dtype=np.float64)
-        ids = np.arange(self.seen, self.seen + len(records))
-        self.seen += len(records)
-        order = np.argsort(lab, kind="stable")
-        for group in np.split(order, np.flatnonzero(np.diff(lab[order])) + 1):
-            c = int(lab[group[0]])
-            s = np.concatenate([self._scores[c], scores[group]])
-            i = np.concatenate([self._ids[c], ids[group]])
-            if s.size > self.k:
-                best = np.argpartition(-s, self.k - 1)[: self.k]
-                s, i = s[best], i[best]
-            self._scores[c], self._ids[c] = s, i
-            if s.size >= self.k:
-                self.floor[c] = float(s.min())
-
-    def finish(self) -> None:
-        """Write the kept detections to ``path`` (atomically) and close the spool."""
-        keep = np.zeros(self.seen, dtype=bool)
-        keep[np.concatenate(self._ids)] = True
-        self._spool.seek(0)
-        with results_file(self.path) as w:
-            for line, kept in zip(self._spool, keep):
-                if kept:
-                    w.write_line(line.rstrip("\n"))
-        self.count = w.count
-        self.close()
-
-    def close(self) -> None:
-        self._spool.close()
-
-
-def merge_parts(parts: list[Path], path: Path, label_map: LabelMap, topk: int | None = None) -> int:
-    """The processes' parts of one head's results (each a results file of its contiguous share
-    of the images), concatenated in the given (rank, hence image) order into ``path``, atomically,
-    a line at a time; with ``topk``, cut again to the ``topk`` best of each class over all parts
-    (each part holds its own share's best). The parts are removed. Returns the detections written."""
-
-    def lines() -> Iterator[str]:
-        for part in parts:
-            with open(part, encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip().rstrip(",")
-                    if line and line not in ("[", "]", "[]"):
-                        yield line
-
-    if topk:
-        top = TopKResults(path, label_map.num_classes, topk)
-        try:
-            block: list[dict[str, Any]] = []
-            for line in lines():
-                block.append(json.loads(line))
-                if len(block) == 4096:
-                    top.add(torch.tensor([label_map.to_label(d["category_id"]) for d in block]), block)
-                    block = []
-            top.add(torch.tensor([label_map.to_label(d["category_id"]) for d in block], dtype=torch.long), block)
-            top.finish()
-        finally:
-            top.close()
-        count = top.count
-    else:
-        with results_file(path) as w:
-            for line in lines():
-                w.write_line(line)
-        count = w.count
-    for part in parts:
-        part.unlink()
-    return count
-
-
 @contextmanager
 def no_per_image_cap(model: LongTailMaskRCNN) -> Iterator[None]:
     """Every detection that survives NMS, however many per image (``detections_per_img`` 0)."""
@@ -221,47 +69,6 @@ def no_per_image_cap(model: LongTailMaskRCNN) -> Iterator[None]:
         yield
     finally:
         model.roi_heads.detections_per_img = old
-
-
-#: masks pasted and encoded at a time by :func:`detections_to_results` (bounds its memory)
-PASTE_CHUNK = 256
-
-
-def encode_masks(det: dict[str, Tensor], size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
-    """The RLEs of one image's masks: pasted ``(N, H, W)`` bool, or ``(N, 1, 28, 28)`` probabilities
-    that are pasted into an image of ``size`` and encoded :data:`PASTE_CHUNK` at a time."""
-    masks = det["masks"]
-    if masks.dim() == 3:
-        return encode_rle(masks)
-    if size is None:
-        raise ValueError("masks in box coordinates need the image size to be pasted")
-    h, w = size
-    rles: list[dict[str, Any]] = []
-    for s in range(0, masks.shape[0], PASTE_CHUNK):
-        rles += encode_rle(paste_masks(masks[s : s + PASTE_CHUNK, 0], det["boxes"][s : s + PASTE_CHUNK], h, w))
-    return rles
-
-
-def detections_to_results(
-    det: dict[str, Tensor], image_id: int, label_map: LabelMap, size: tuple[int, int] | None = None
-) -> Iterator[dict[str, Any]]:
-    """One image's detections (boxes xyxy in original pixels; masks pasted, or in box coordinates
-    with the image's ``size`` (H, W), see :func:`encode_masks`) as LVIS results."""
-    boxes = det["boxes"].cpu()
-    scores = det["scores"].cpu().tolist()
-    labels = det["labels"].cpu().tolist()
-    rles = encode_masks(det, size) if "masks" in det else [None] * len(scores)
-    for box, score, label, rle in zip(boxes.tolist(), scores, labels, rles):
-        x0, y0, x1, y1 = box
-        out = {
-            "image_id": image_id,
-            "category_id": label_map.to_category(label),
-            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-            "score": round(score, 5),
-        }
-        if rle is not None:
-            out["segmentation"] = rle
-        yield out
 
 
 def only_categories(label_map: LabelMap, gt: dict[str, Any], verbose: bool = True) -> Tensor | None:
@@ -287,135 +94,6 @@ def only_labels(det: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
     mask = keep.to(det["labels"].device)[det["labels"]]
     n = len(mask)
     return {k: v[mask] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v for k, v in det.items()}
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """One head of ``simcal predict --head``: a scorer kind and its settings, and the folder it writes.
-
-    ``kind``: one of :data:`simcal.choices.SCORERS`; ``combine`` / ``T``: the dual head's combiner
-    and threshold; ``param``: gamma of ``norcal``, tau of ``logit-adj``; ``cal``: which calibrated
-    head (``""``: the default one) for ``cal`` / ``dual``.
-    """
-
-    kind: str
-    combine: str = "sel"
-    T: float = 300.0
-    param: float = 1.0
-    cal: str = ""
-
-    @property
-    def tag(self) -> str:
-        """The folder name under ``predictions/<split>/``: ``orig``, ``dual``, ``dual_avg_T100``, ``cal@NAME``..."""
-        return HeadTag(self.base, self.cal if self.needs_calibrated_head else "").format()
-
-    @property
-    def base(self) -> str:
-        """:attr:`simcal.run.HeadTag.base`: the scorer with the settings that are not the paper's defaults."""
-        if self.kind == "dual":
-            paper = InferenceConfig()  # the paper's dual head (sel, T = 300) is just "dual"
-            return "dual" if (self.combine, self.T) == (paper.combine, paper.T) else f"dual_{self.combine}_T{self.T:g}"
-        if self.kind in choices.POSTHOC:
-            return f"{self.kind}_{self.param:g}"
-        return self.kind
-
-    @property
-    def needs_calibrated_head(self) -> bool:
-        return self.kind in ("cal", "dual")
-
-
-def parse_heads(kinds: list[str], combine_name: str, T: float, param: float) -> list[HeadSpec]:
-    """Head specs from kind names, with clear errors for unknown kinds or combiners."""
-    specs = []
-    for kind in kinds:
-        if kind not in choices.SCORERS:
-            raise InputError("--head", "head", f"unknown head {kind!r}: expected one of {', '.join(choices.SCORERS)}")
-        if kind == "dual" and combine_name not in choices.COMBINERS:
-            raise InputError("--combine", "combine", f"unknown {combine_name!r}: one of {', '.join(choices.COMBINERS)}")
-        specs.append(HeadSpec(kind, combine_name, float(T), float(param)))
-    if len({s.tag for s in specs}) != len(specs):
-        raise InputError("--head", "head", "a head is listed twice")
-    return specs
-
-
-def build_scorers(specs: list[HeadSpec], cal_heads: dict[str, nn.Module], counts: Tensor | None) -> dict[str, Scorer]:
-    """Tag -> scorer for each spec (``cal_heads``: name -> calibrated head, ``""`` the default)."""
-    out = {}
-    for spec in specs:
-        try:
-            out[spec.tag] = build_scorer(
-                spec.kind, head=cal_heads.get(spec.cal), counts=counts, combine=spec.combine, T=spec.T, param=spec.param
-            )
-        except ValueError as e:
-            raise InputError("--head", spec.kind, str(e)) from None
-    return out
-
-
-def load_model(run: str | os.PathLike[str], checkpoint: str | None = None, cfg: Config | None = None):
-    """``(model, label_map, cfg)``: a run's trained detector in eval mode (final weights unless
-    ``checkpoint``), built from ``cfg`` (default: the run's config)."""
-    r = Run(run)
-    cfg = cfg or r.load_config()
-    label_map = LabelMap.load(r.label_map)
-    classifier = classifier_of(cfg)
-    weights = Path(checkpoint) if checkpoint else r.model_final
-    state = load_checkpoint(weights)
-    saved = state.get("classifier") if isinstance(state, dict) else None
-    groups = saved.get("groups") if isinstance(saved, dict) and saved.get("name") == classifier else None
-    counts = None
-    if classifier == "group_softmax" and groups is None:  # a checkpoint from before the groups were saved
-        if not cfg.data.train_json or not os.path.exists(cfg.data.train_json):
-            raise InputError(
-                r.config, "data.train_json", "the group softmax classifier needs the training annotations (its groups)"
-            )
-        counts = class_instance_counts(load_dataset(cfg.data.train_json), label_map.category_ids, cfg.data.train_json)
-    model = build_detector(
-        cfg.model,
-        label_map.num_classes,
-        classifier=classifier,
-        instance_counts=counts,
-        classifier_groups=groups,
-        pretrained=False,
-    )  # its weights come from the run: model.weights / weights_backbone are not read again
-    state = load_detector_weights(model, weights, r.label_map, state=state)
-    model.provenance = detector_provenance(weights, state)
-    return model.eval(), label_map, cfg
-
-
-def detector_provenance(path: str | os.PathLike[str], state: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a detector's weights: the file, its sha256 and the training iteration it holds."""
-    iteration = state.get("iteration") if isinstance(state, dict) else None
-    return {"checkpoint": str(path), "sha256": file_sha256(path), "iteration": iteration}
-
-
-def load_calibrated_head(run: str | os.PathLike[str], name: str | None, model: LongTailMaskRCNN) -> nn.Module:
-    """The calibrated head ``name`` of a run (default: :meth:`simcal.run.Run.resolve_calibration`).
-
-    A head records the detector it was calibrated on (:func:`detector_provenance`); a head whose
-    detector is not ``model``'s (the run trained on since, or another ``--checkpoint``) is an
-    :class:`InputError` saying how to recalibrate. Heads from before the record are taken as they are.
-    """
-    r = Run(run)
-    path = r.calibration(r.resolve_calibration(name)).head
-    head, meta = load_head(path, model.roi_heads)
-    calibrated_on, now = meta.get("detector"), getattr(model, "provenance", None)
-    if isinstance(calibrated_on, dict) and now is not None and calibrated_on.get("sha256") != now["sha256"]:
-        raise InputError(
-            path,
-            "meta.detector",
-            f"calibrated on another detector ({Path(str(calibrated_on.get('checkpoint'))).name} at iteration "
-            f"{calibrated_on.get('iteration')}, sha256 {str(calibrated_on.get('sha256'))[:12]}) than "
-            f"{Path(now['checkpoint']).name} now (iteration {now['iteration']}, sha256 {now['sha256'][:12]}): "
-            f"calibrate again (simcal calibrate --run {run} --name NEW_NAME), or predict with the detector it "
-            "was calibrated on (--checkpoint)",
-        )
-    head.provenance = {
-        "name": path.parent.name,
-        "file": str(path),
-        "sha256": file_sha256(path),
-        "detector": calibrated_on,
-    }
-    return head.eval()
 
 
 def training_counts(

@@ -28,8 +28,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from simcal import choices
+from simcal.config import InferenceConfig
+from simcal.errors import InputError
 from simcal.modeling.combine import COMBINERS, POSTHOC, combine
 from simcal.modeling.roi_heads import RoIBatch, Scorer, original_scores
+from simcal.run import HeadTag
 
 
 def calibrated_scores(head: nn.Module, batch: RoIBatch) -> Tensor:
@@ -138,3 +141,66 @@ SCORER_KINDS: dict[str, Any] = {
         for method in POSTHOC
     },
 }
+
+
+# ------------------------------------------------------------------ the heads of simcal predict --head
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head of ``simcal predict --head``: a scorer kind and its settings, and the folder it writes.
+
+    ``kind``: one of :data:`simcal.choices.SCORERS`; ``combine`` / ``T``: the dual head's combiner
+    and threshold; ``param``: gamma of ``norcal``, tau of ``logit-adj``; ``cal``: which calibrated
+    head (``""``: the default one) for ``cal`` / ``dual``.
+    """
+
+    kind: str
+    combine: str = "sel"
+    T: float = 300.0
+    param: float = 1.0
+    cal: str = ""
+
+    @property
+    def tag(self) -> str:
+        """The folder name under ``predictions/<split>/``: ``orig``, ``dual``, ``dual_avg_T100``, ``cal@NAME``..."""
+        return HeadTag(self.base, self.cal if self.needs_calibrated_head else "").format()
+
+    @property
+    def base(self) -> str:
+        """:attr:`simcal.run.HeadTag.base`: the scorer with the settings that are not the paper's defaults."""
+        if self.kind == "dual":
+            paper = InferenceConfig()  # the paper's dual head (sel, T = 300) is just "dual"
+            return "dual" if (self.combine, self.T) == (paper.combine, paper.T) else f"dual_{self.combine}_T{self.T:g}"
+        if self.kind in choices.POSTHOC:
+            return f"{self.kind}_{self.param:g}"
+        return self.kind
+
+    @property
+    def needs_calibrated_head(self) -> bool:
+        return self.kind in ("cal", "dual")
+
+
+def parse_heads(kinds: list[str], combine_name: str, T: float, param: float) -> list[HeadSpec]:
+    """Head specs from kind names, with clear errors for unknown kinds or combiners."""
+    specs = []
+    for kind in kinds:
+        if kind not in choices.SCORERS:
+            raise InputError("--head", "head", f"unknown head {kind!r}: expected one of {', '.join(choices.SCORERS)}")
+        if kind == "dual" and combine_name not in choices.COMBINERS:
+            raise InputError("--combine", "combine", f"unknown {combine_name!r}: one of {', '.join(choices.COMBINERS)}")
+        specs.append(HeadSpec(kind, combine_name, float(T), float(param)))
+    if len({s.tag for s in specs}) != len(specs):
+        raise InputError("--head", "head", "a head is listed twice")
+    return specs
+
+
+def build_scorers(specs: list[HeadSpec], cal_heads: dict[str, nn.Module], counts: Tensor | None) -> dict[str, Scorer]:
+    """Tag -> scorer for each spec (``cal_heads``: name -> calibrated head, ``""`` the default)."""
+    out = {}
+    for spec in specs:
+        try:
+            out[spec.tag] = build_scorer(
+                spec.kind, head=cal_heads.get(spec.cal), counts=counts, combine=spec.combine, T=spec.T, param=spec.param
+            )
+        except ValueError as e:
+            raise InputError("--head", spec.kind, str(e)) from None
+    return out
