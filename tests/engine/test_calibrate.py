@@ -14,8 +14,10 @@ from simcal.data.dataset import DetectionDataset
 from simcal.data.samplers import BiLevelSampler
 from simcal.data.stats import class_instance_counts
 from simcal.engine import calibrate as cal_mod
-from simcal.engine.calibrate import FrozenDetector, calibrate, calibration_batch
+from simcal.engine.calibrate import calibrate
+from simcal.engine.calibration_batches import calibration_batch
 from simcal.engine.checkpoint import load_model
+from simcal.engine.feature_cache import FrozenDetector
 from simcal.modeling.calibration import load_head
 from simcal.modeling.scoring import HeadSpec, build_scorers
 from simcal.run import Run
@@ -125,7 +127,7 @@ def test_a_process_share_of_a_batch_is_its_slots_of_the_one_process_batch(run, m
 
 
 def test_slot_owners_are_balanced_sticky_and_complete():
-    from simcal.engine.calibrate import slot_owners
+    from simcal.engine.calibration_batches import slot_owners
 
     g = torch.Generator().manual_seed(0)
     schedule = [[(int(i), False) for i in torch.randint(0, 40, (16,), generator=g)] for _ in range(200)]
@@ -403,7 +405,7 @@ def test_a_long_calibrations_schedule_is_generated_a_window_ahead(tiny_data):
     """The whole schedule of 10^6 steps was built up front (10 KB a step: 10 GB); now a window."""
     from simcal.config import CalibrationConfig
     from simcal.data.annotations import load_dataset
-    from simcal.engine.calibrate import CalibrationSchedule, slot_owners
+    from simcal.engine.calibration_batches import CalibrationSchedule, slot_owners
 
     train = load_dataset(tiny_data / "train.json")
     c = CalibrationConfig(steps=10**6, classes_per_batch=4)

@@ -251,7 +251,8 @@ def test_each_stage_calibrates_on_its_own_rois(tiny_data):
     from simcal.data.annotations import load_dataset
     from simcal.data.dataset import DetectionDataset, LabelMap
     from simcal.data.samplers import BiLevelSampler
-    from simcal.engine.calibrate import FrozenDetector, calibration_batches
+    from simcal.engine.calibration_batches import calibration_batches
+    from simcal.engine.feature_cache import FrozenDetector
 
     train = load_dataset(tiny_data / "train.json")
     label_map = LabelMap.from_dataset(train)
