@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from simcal.config import Config
-    from simcal.evaluation.lvis_eval import EvalResult
+    from simcal.evaluation.result import EvalResult
     from simcal.modeling.calibration import CalibratedHead
 
 PathLike = str | os.PathLike[str]

@@ -208,7 +208,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from simcal import api
-    from simcal.evaluation.lvis_eval import write_per_class_csv
+    from simcal.evaluation.result import write_per_class_csv
     from simcal.io import refuse_overwriting_inputs, write_json
 
     refuse_overwriting_inputs(
@@ -216,7 +216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         {"--gt": args.gt, "--results": args.results, "--train": args.train},
     )
 
-    from simcal.evaluation.lvis_eval import SettingError
+    from simcal.evaluation.result import SettingError
 
     try:
         result = api.evaluate(

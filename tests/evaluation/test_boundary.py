@@ -183,7 +183,7 @@ def test_boundary_from_the_cli_and_its_refusals(gt, results, write_json, tmp_pat
     assert main([*argv, "--protocol", "pool", "--out", str(pool)]) == 0
     assert json.loads(pool.read_text())["protocol"] == "pool"
     # the evaluator raises a ValueError naming its parameter; the command line names the flag
-    from simcal.evaluation.lvis_eval import SettingError
+    from simcal.evaluation.result import SettingError
 
     with pytest.raises(SettingError, match="dilation: a fraction of the image diagonal") as caught:
         evaluate(gt, results[:10], "boundary", resolve_category_stats(gt, "gt", edges=EDGES), EDGES, dilation=1.5)

@@ -34,7 +34,8 @@ from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
 from simcal.evaluation import diagnostics
 from simcal.evaluation.analysis import other_object_groups, proposal_recall, proposal_rows
-from simcal.evaluation.lvis_eval import EvalResult, evaluate, resolve_category_stats
+from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
+from simcal.evaluation.result import EvalResult
 from simcal.io import atomic_open, read_json, write_json, writes_run
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import eval_proposal_counts, proposal_counts

@@ -36,7 +36,8 @@ from simcal.engine.checkpoint import load_calibrated_head, load_model
 from simcal.engine.results import TopKResults, detections_to_results, merge_parts, results_file
 from simcal.engine.runtime import default_device, setup_torch
 from simcal.errors import InputError
-from simcal.evaluation.lvis_eval import EvalResult, evaluate_protocols, resolve_category_stats
+from simcal.evaluation.lvis_eval import evaluate_protocols, resolve_category_stats
+from simcal.evaluation.result import EvalResult
 from simcal.io import write_json, writes_run
 from simcal.modeling.detector import (
     LongTailMaskRCNN,
