@@ -336,6 +336,7 @@ SHARDED_ANALYSES = ("recall", "oracle", "sweep-T", "dynamics")
 def cmd_analyze(args: argparse.Namespace) -> int:
     from simcal.engine import analyze as an
     from simcal.engine import distributed as dist_utils
+    from simcal.evaluation.analysis import CONFUSION_LABELS, CONFUSION_VARIANTS
     from simcal.run import Run
 
     rank, world, _ = dist_utils.init_distributed()
@@ -388,7 +389,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 "class -> object group:"
             )
             print("   " + "  ".join(f"{a}->{b} {n[a][b]}" for a in "rcf" for b in "rcf"))
-            _print_rows(dict(zip(an.CONFUSION_LABELS, (r[k] for k in an.CONFUSION_VARIANTS))))
+            _print_rows(dict(zip(CONFUSION_LABELS, (r[k] for k in CONFUSION_VARIANTS))))
     if not out:
         return 0
     if "num_images" in out:

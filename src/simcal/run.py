@@ -16,9 +16,9 @@ A run directory is what ``simcal train`` writes and every later command reads an
       predictions/<split>-first<N>/  the same for the first N images only (predict --max-images)
       predictions/<split>-topk<K>/   the K best detections of each class over the split, no per-image
                                   cap (predict --topk-per-class): metrics_<iou>_fixed.json, _pool.json
-      analysis/<tool>.json|.png   recall, oracle, sweep_T, dynamics, confusion, errors (+ _calibration.png), compare
+      analysis/<tool>.json        recall, oracle, sweep_T, dynamics, confusion, errors, compare (numbers only)
       analysis/<tool>/<head>/     the predictions an analysis evaluated (oracle, sweep_T, dynamics)
-      report/                     index.html, report.json and its PNGs
+      report/                     index.html, report.json and its PNGs (the analyses' figures drawn from their json)
 
 No other module spells a path inside a run; they ask :class:`Run`. Loading the run's config and
 resolving a split (its annotations and images) or a calibration by name live here too.
@@ -220,7 +220,8 @@ class CalibrationFiles:
 
 @dataclass(frozen=True)
 class AnalysisFiles:
-    """What one analysis tool writes: ``analysis/<tool>.json``, ``.png`` and evaluated predictions."""
+    """What one analysis tool writes: ``analysis/<tool>.json`` (numbers only: the report draws the
+    figures) and the predictions it evaluated."""
 
     root: Path
     tool: str
@@ -230,16 +231,8 @@ class AnalysisFiles:
         return self.root / f"{self.tool}.json"
 
     @property
-    def png(self) -> Path:
-        return self.root / f"{self.tool}.png"
-
-    @property
     def predictions(self) -> PredictionFiles:
         return PredictionFiles(self.root / self.tool)
-
-    def figure(self, name: str) -> Path:
-        """A second figure of the tool: ``<tool>_<name>.png``."""
-        return self.root / f"{self.tool}_{name}.png"
 
     def part(self, rank: int) -> Path:
         """Process ``rank``'s share of the tool's detector pass under torchrun (``.npy``), joined

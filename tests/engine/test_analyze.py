@@ -14,22 +14,32 @@ from simcal.engine.calibrate import calibrate
 torch.set_num_threads(1)
 
 
-def test_recall(calibrated_run, capsys):
+def _drawn(tool: str, data: dict, tmp_path) -> list[int]:
+    """An analysis writes numbers only; the report draws its figure(s) from the json: their sizes."""
+    from simcal.report.figures import draw
+
+    return [p.stat().st_size for p in draw(tool, data, tmp_path / f"{tool}.png")]
+
+
+def test_recall(calibrated_run, capsys, tmp_path):
     assert main(["analyze", "recall", "--run", str(calibrated_run), "--max-images", "8", "--no-progress"]) == 0
     out = json.loads((calibrated_run / "analysis" / "recall.json").read_text())
     assert 0 < out["AR@100"] <= out["AR@1000"] <= 1
-    assert (calibrated_run / "analysis" / "recall.png").stat().st_size > 1000
+    assert not list((calibrated_run / "analysis").glob("*.png"))  # json only
+    assert _drawn("recall", out, tmp_path) > [1000]
     assert "AR@100" in capsys.readouterr().out
 
 
-def test_oracle_beats_the_original_classifier(calibrated_run):
+def test_oracle_beats_the_original_classifier(calibrated_run, tmp_path):
     assert main(["analyze", "oracle", "--run", str(calibrated_run), "--max-images", "10", "--no-progress"]) == 0
-    out = json.loads((calibrated_run / "analysis" / "oracle.json").read_text())["heads"]
+    data = json.loads((calibrated_run / "analysis" / "oracle.json").read_text())
+    out = data["heads"]
     assert set(out) == {"orig", "oracle", "dual"}
     assert out["oracle"]["AP"] > out["orig"]["AP"]
+    assert _drawn("oracle", data, tmp_path) > [1000]
 
 
-def test_sweep_T_ends_at_the_original_and_the_calibrated_head(calibrated_run):
+def test_sweep_T_ends_at_the_original_and_the_calibrated_head(calibrated_run, tmp_path):
     # T below every training count: dual == orig; T above every count: dual == cal
     assert (
         main(
@@ -51,13 +61,15 @@ def test_sweep_T_ends_at_the_original_and_the_calibrated_head(calibrated_run):
     low, high = out["sweep"]
     assert {k: v for k, v in low.items() if k != "T"} == out["orig"]
     assert {k: v for k, v in high.items() if k != "T"} == out["cal"]
-    assert (calibrated_run / "analysis" / "sweep_T.png").exists()
+    assert not (calibrated_run / "analysis" / "sweep_T.png").exists()
+    assert out["run_T"] == 300.0 and _drawn("sweep-T", out, tmp_path) > [1000]
 
 
-def test_dynamics_last_snapshot_is_the_final_head(calibrated_run):
+def test_dynamics_last_snapshot_is_the_final_head(calibrated_run, tmp_path):
     assert main(["analyze", "dynamics", "--run", str(calibrated_run), "--max-images", "10", "--no-progress"]) == 0
     out = json.loads((calibrated_run / "analysis" / "dynamics.json").read_text())
     assert [r["step"] for r in out["steps"]] == [3, 6]
+    assert _drawn("dynamics", out, tmp_path) > [1000]
     assert (
         main(
             ["analyze", "sweep-T", "--run", str(calibrated_run), "--T", "100000", "--max-images", "10", "--no-progress"]
@@ -74,7 +86,7 @@ def test_dynamics_without_snapshots_is_a_clear_error(run, capsys):
     assert "run simcal calibrate --snapshot-every K first" in capsys.readouterr().err
 
 
-def test_confusion_reads_the_predictions_and_only_removes_false_positives(calibrated_run, capsys):
+def test_confusion_reads_the_predictions_and_only_removes_false_positives(calibrated_run, capsys, tmp_path):
     run = calibrated_run
     shutil.rmtree(run / "predictions", ignore_errors=True)
     assert main(["analyze", "confusion", "--run", str(run)]) == 2
@@ -85,7 +97,7 @@ def test_confusion_reads_the_predictions_and_only_removes_false_positives(calibr
     assert main(["analyze", "confusion", "--run", str(run)]) == 2
     assert main(["analyze", "confusion", "--run", str(run), "--split", "val-first10"]) == 0
     out = json.loads((run / "analysis" / "confusion.json").read_text())
-    assert set(out["heads"]) == {"cal", "orig"} and (run / "analysis" / "confusion.png").exists()
+    assert set(out["heads"]) == {"cal", "orig"} and _drawn("confusion", out, tmp_path) > [1000]
     for head, r in out["heads"].items():
         # as is, it is predict's own evaluation (same 10 images, though the json holds all of val)
         predicted = json.loads((run / "predictions" / "val-first10" / head / "metrics_bbox.json").read_text())
@@ -125,7 +137,8 @@ def test_errors_and_compare_from_the_cli(calibrated_run, tmp_path, capsys):
         gaps = [abs(b["avg_confidence"] - b["avg_accuracy"]) for b in bins]
         assert cal["ece"] == pytest.approx(sum(b["count"] * g for b, g in zip(bins, gaps)) / n, abs=1e-9)
         assert cal["mce"] == pytest.approx(max(gaps), abs=1e-9)
-    assert (run / "analysis" / "errors.png").exists() and (run / "analysis" / "errors_calibration.png").exists()
+    assert not (run / "analysis" / "errors.png").exists()
+    assert [size > 1000 for size in _drawn("errors", errors, tmp_path)] == [True, True]  # TIDE, reliability
     assert main(["compare", *split, "--heads", "orig,dual", "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out
     assert "dual - orig, bbox AP in %, 8 images of val-first8" in out

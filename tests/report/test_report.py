@@ -27,6 +27,9 @@ def reported_run(calibrated_run):
     assert main(["analyze", "sweep-T", *common, "--max-images", "8"]) == 0
     assert main(["analyze", "dynamics", *common, "--max-images", "8"]) == 0
     assert main(["analyze", "errors", *common]) == 0
+    assert main(["analyze", "confusion", "--run", str(run)]) == 0
+    assert main(["analyze", "recall", *common, "--max-images", "4"]) == 0
+    assert main(["analyze", "oracle", *common, "--max-images", "4"]) == 0
     assert main(["compare", "--run", str(run), "--bootstrap", "50"]) == 0
     assert main(["report", "--run", str(run)]) == 0
     return run
@@ -58,7 +61,9 @@ def test_report_is_self_contained_with_every_figure(reported_run):
     figures = meta["figures"]
     expected = {"class_frequency", "bins_bbox", "bins_segm", "sweep_T", "dynamics", "calibration_loss"}
     expected |= {"per_class_bbox", "per_class_segm", "errors", "errors_calibration"}
+    expected |= {"confusion", "recall", "oracle"}  # every analysis' figure, drawn here from its json
     assert expected <= set(figures)
+    assert not list((reported_run / "analysis").glob("*.png"))  # the analyses wrote numbers only
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(embedded) == len(figures)
     files = {(rep / name).read_bytes() for name in figures.values()}

@@ -11,7 +11,8 @@
 - ``errors``: from saved predictions, each head's TIDE error breakdown and score calibration (ECE);
 - :func:`compare_heads` (``simcal compare``): two heads' AP deltas with bootstrap intervals.
 
-Each writes ``RUN/analysis/<tool>.json`` and ``RUN/analysis/<tool>.png``.
+Each writes ``RUN/analysis/<tool>.json``, numbers only: ``simcal report`` draws their figures
+(:mod:`simcal.report.figures`).
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ from simcal.engine.predict import PredictOptions, predict_split
 from simcal.engine.runtime import setup_torch
 from simcal.errors import InputError
 from simcal.evaluation import diagnostics
-from simcal.evaluation.analysis import other_object_groups, proposal_recall, proposal_rows
+from simcal.evaluation.analysis import CONFUSION_VARIANTS, other_object_groups, proposal_recall, proposal_rows
 from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
 from simcal.evaluation.result import EvalResult
 from simcal.io import atomic_open, read_json, write_json, writes_run
 from simcal.modeling.calibration import load_head
 from simcal.modeling.detector import eval_proposal_counts, proposal_counts
 from simcal.modeling.scoring import HeadSpec
-from simcal.report.plots import grouped_bars, line_plot, reliability_plot
 from simcal.run import DEFAULT_CALIBRATION, Run, parse_split, resolve_split, split_annotations
 
 DEFAULT_TS = (10, 20, 50, 100, 200, 300, 500, 1000)
@@ -105,16 +105,9 @@ def analyze_recall(
     image_ids = [int(ds.image_info(i)["id"]) for i in indices]
     out = proposal_recall(gt, proposals, (100, 1000), image_ids=image_ids)
     out["num_images"] = len(indices)
+    out["split"] = split
     files = _analysis(run, "recall")
     write_json(files.json, out, indent=1)
-    line_plot(
-        files.png,
-        out["iou_thresholds"],
-        {f"{k} proposals": [100 * v for v in vals] for k, vals in out["recall_by_iou"].items()},
-        title=f"RPN recall on {split} (AR@100 {100 * out['AR@100']:.1f}, AR@1000 {100 * out['AR@1000']:.1f})",
-        xlabel="IoU threshold",
-        ylabel="recall (%)",
-    )
     return out
 
 
@@ -146,15 +139,6 @@ def _coverage(split: str, metrics: dict[str, dict[str, EvalResult]], iou: str) -
     return {"split": split, "num_images": next(iter(metrics.values()))[iou].num_images}
 
 
-def _images(out: dict[str, Any]) -> str:
-    return f"{out['split']}, {out['num_images']} images"
-
-
-def _bars(path: Path, results: dict[str, dict[str, float | None]], title: str) -> None:
-    groups = [k for k in ("AP", "APr", "APc", "APf", *BIN_KEYS) if any(k in r for r in results.values())]
-    grouped_bars(path, groups, {name: [r.get(k) for k in groups] for name, r in results.items()}, title=title)
-
-
 @writes_run
 def analyze_oracle(
     run: Path, *, split: str = "val", max_images: int | None = None, iou: str = "bbox", progress: bool = True
@@ -172,7 +156,6 @@ def analyze_oracle(
     out = {"iou": iou, **_coverage(split, metrics, iou), "heads": {tag: _summary(m[iou]) for tag, m in metrics.items()}}
     files = _analysis(run, "oracle")
     write_json(files.json, out, indent=1)
-    _bars(files.png, out["heads"], f"{iou} AP: original vs props-gt oracle ({_images(out)})")
     return out
 
 
@@ -201,20 +184,10 @@ def analyze_sweep_T(
         "orig": _summary(metrics["orig"][iou]),
         "cal": _summary(metrics["cal"][iou]),
         "sweep": rows,
+        "run_T": cfg.inference.T,  # the run's own T, marked on the report's figure
     }
     files = _analysis(run, "sweep-T")
     write_json(files.json, out, indent=1)
-    keys = ["AP", *[k for k in BIN_KEYS if k in rows[0]]]
-    line_plot(
-        files.png,
-        [r["T"] for r in rows],
-        {k: [r[k] for r in rows] for k in keys},
-        title=f"dual head (sel) {iou} AP against T ({_images(out)})",
-        xlabel="T (training instances)",
-        logx=True,
-        vline=cfg.inference.T,
-        vline_label=f"T = {cfg.inference.T:g} (the run's)",
-    )
     return out
 
 
@@ -264,14 +237,6 @@ def analyze_dynamics(
     }
     files = _analysis(run, "dynamics")
     write_json(files.json, out, indent=1)
-    keys = ["AP", *[k for k in BIN_KEYS if k in rows[0]["cal"]]]
-    line_plot(
-        files.png,
-        steps,
-        {f"cal {k}": [r["cal"][k] for r in rows] for k in keys},
-        title=f"calibrated head {iou} AP during calibration ({_images(out)})",
-        xlabel="calibration step",
-    )
     return out
 
 
@@ -337,19 +302,6 @@ def analyze_errors(
         }
     files = _analysis(run, "errors")
     write_json(files.json, out, indent=1)
-    grouped_bars(
-        files.png,
-        list(diagnostics.ERROR_TYPES),
-        {h: [100 * r["tide"]["delta_ap"][k] for k in diagnostics.ERROR_TYPES] for h, r in out["heads"].items()},
-        title=f"what each error type costs (TIDE, {iou}, IoU 0.5), {split}",
-        ylabel="AP50 gained if fixed (points)",
-        values=True,
-    )
-    reliability_plot(
-        files.figure("calibration"),
-        {h: r["calibration"] for h, r in out["heads"].items()},
-        title=f"score calibration ({iou}, IoU 0.5), {split}",
-    )
     return out
 
 
@@ -393,15 +345,6 @@ def compare_heads(
     files = _analysis(run, "compare")
     write_json(files.json, out, indent=1)
     return out
-
-
-# what each evaluation of analyze_confusion leaves out: detections sitting on objects of these groups
-CONFUSION_VARIANTS = {
-    "as is": frozenset(),
-    "without dets on tail objects": frozenset("rc"),
-    "without dets on other-class objects": frozenset("rcf"),
-}
-CONFUSION_LABELS = ("as is", "-on tail", "-on other")  # short names of the variants, for tables and plots
 
 
 @writes_run
@@ -452,14 +395,4 @@ def analyze_confusion(
         )
     files = _analysis(run, "confusion")
     write_json(files.json, out, indent=1)
-    short = dict(zip(CONFUSION_VARIANTS, CONFUSION_LABELS))
-    cells = [(key, name) for key in ("APf", "AP4") for name in CONFUSION_VARIANTS]
-    grouped_bars(
-        files.png,
-        [f"{key}\n{short[name]}" for key, name in cells],
-        {head: [r[name].get(key) for key, name in cells] for head, r in out["heads"].items()},
-        title=f"head classes' {iou} AP without the detections on other-class objects ({split})"
-        + (" - NOT COMPARABLE: different images" if "not_comparable" in out else ""),
-        values=True,
-    )
     return out

@@ -69,6 +69,15 @@ def proposal_recall(
     return out
 
 
+# what each evaluation of ``simcal analyze confusion`` leaves out: detections sitting on objects of these groups
+CONFUSION_VARIANTS = {
+    "as is": frozenset(),
+    "without dets on tail objects": frozenset("rc"),
+    "without dets on other-class objects": frozenset("rcf"),
+}
+CONFUSION_LABELS = ("as is", "-on tail", "-on other")  # short names of the variants, for tables and plots
+
+
 def other_object_groups(
     gt: dict[str, Any], results: list[dict[str, Any]], group_of: dict[int, str], iou: float = 0.5
 ) -> list[str | None]:
