@@ -64,7 +64,7 @@ def calibration(args: argparse.Namespace) -> dict[str, float]:
     from simcal.config import apply_overrides
     from simcal.data.annotations import load_dataset
     from simcal.data.dataset import DetectionDataset
-    from simcal.engine.calibrate import calibrate_head
+    from simcal.engine.calibrate import CalibrateOptions, calibrate_head
     from simcal.engine.checkpoint import load_model
 
     parts = {}
@@ -82,7 +82,7 @@ def calibration(args: argparse.Namespace) -> dict[str, float]:
         for heads in (k for k in _rotation(r) if k in parts):
             model, ds, train, c = parts[heads]
             t0 = time.perf_counter()
-            calibrate_head(model, ds, train, c, progress=False, threads=args.threads)
+            calibrate_head(model, ds, train, c, options=CalibrateOptions(progress=False), threads=args.threads)
             times[heads].append((time.perf_counter() - t0) / args.cal_steps)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -241,9 +241,7 @@ def calibrate(
         train_json,
         cfg.calibration,
         files=files,
-        resume=resume,
-        snapshot_every=snapshot_every,
-        progress=progress,
+        options=engine.CalibrateOptions(resume=resume, snapshot_every=snapshot_every, progress=progress),
         device=_device(adopted),
     )
 

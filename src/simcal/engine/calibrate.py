@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +107,14 @@ def calibrate(
     dataset = DetectionDataset(
         train_json, cfg.data.train_images, label_map=label_map, with_masks=False, source=cfg.data.train_json
     )
+    options = CalibrateOptions(resume=resume, snapshot_every=snapshot_every, progress=progress)
     calibrate_head(
         model,
         dataset,
         train_json,
         cfg.calibration,
         files=files,
-        resume=resume,
-        snapshot_every=snapshot_every,
-        progress=progress,
+        options=options,
         threads=cfg.train.threads,
         device=device,
     )
@@ -162,6 +162,20 @@ def _check_resume(path: Path, c: CalibrationConfig, files: CalibrationFiles, sto
         )
 
 
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """How a calibration runs (not what it trains: that is :class:`simcal.config.CalibrationConfig`),
+    passed down whole (:func:`calibrate` -> :func:`calibrate_head` -> the loop).
+
+    ``resume``: continue from the checkpoint of an interrupted calibration; ``snapshot_every`` K:
+    also save the head every K steps (``analyze dynamics``); ``progress``: a tqdm bar.
+    """
+
+    resume: bool = False
+    snapshot_every: int = 0
+    progress: bool = True
+
+
 def calibrate_head(
     model: LongTailMaskRCNN,
     dataset: DetectionDataset,
@@ -169,9 +183,7 @@ def calibrate_head(
     c: CalibrationConfig,
     *,
     files: CalibrationFiles | None = None,
-    resume: bool = False,
-    snapshot_every: int = 0,
-    progress: bool = True,
+    options: CalibrateOptions = CalibrateOptions(),
     threads: int = 0,
     device: torch.device | None = None,
 ) -> CalibratedHead:
@@ -185,9 +197,10 @@ def calibrate_head(
         c: the calibration settings.
         files: where the head, the resumable checkpoint, the log, the summary and the snapshots
             go (``None``: nothing is written, the head is only returned).
-        resume: continue from ``files.checkpoint`` when it exists. A finished head in ``files``
-            is returned as it is when its settings are ``c``, refused otherwise (and without
-            ``resume``): a finished calibration is never trained over.
+        options: :class:`CalibrateOptions`. With ``options.resume`` the calibration continues from
+            ``files.checkpoint`` when it exists. A finished head in ``files`` is returned as it is
+            when its settings are ``c``, refused otherwise (and without ``resume``): a finished
+            calibration is never trained over.
         device: where to run (default: CUDA when available, else the CPU); the model is moved there.
 
     Returns:
@@ -195,12 +208,12 @@ def calibrate_head(
     """
     setup_torch(threads)
     device = device or default_device()
-    if _finished(files, c, resume):
+    if _finished(files, c, options.resume):
         return load_head(files.head, model.roi_heads)[0].to(device).eval()
     label_map = dataset.label_map
     model.to(device)
     with eval_mode(model, frozen=True):  # every parameter frozen, BatchNorm and the RPN in eval mode
-        head = _calibrate(model, dataset, train_json, label_map, c, device, files, resume, snapshot_every, progress)
+        head = _calibrate(model, dataset, train_json, label_map, c, device, files, options)
     return head.eval()
 
 
@@ -212,10 +225,9 @@ def _calibrate(
     c: CalibrationConfig,
     device: torch.device,
     files: CalibrationFiles | None,
-    resume: bool,
-    snapshot_every: int,
-    progress: bool,
+    options: CalibrateOptions,
 ) -> CalibratedHead:
+    resume, snapshot_every, progress = options.resume, options.snapshot_every, options.progress
     rank, world = dist_utils.rank(), dist_utils.world_size()
     if world > c.classes_per_batch:
         raise InputError(
