@@ -110,3 +110,15 @@ def test_iter_json_list_streams_any_layout_and_fails_as_read_json(tmp_path, chun
     path.write_text('{"images": []}')
     with pytest.raises(InputError, match=r"\(top level\): results must be a list of detections, got dict"):
         list(iter_json_list(path, "results must be a list of detections", chunk=chunk, block=block))
+
+
+def test_writes_run_decorates_functions_only():
+    """Twice a class inserted between @writes_run and its function took the decorator, and the
+    command wrote its run unlocked (caught by test_concurrency); now that is an error at import."""
+    from simcal.io import writes_run
+
+    with pytest.raises(TypeError, match="writes_run decorates a function"):
+
+        @writes_run
+        class Options:
+            pass

@@ -223,6 +223,8 @@ def writes_run(func: Any) -> Any:
     import functools
     import inspect
 
+    if not inspect.isfunction(func):  # a decorator left above a class put in before the function
+        raise TypeError(f"writes_run decorates a function writing a run, not {func!r}")
     signature = inspect.signature(func)
 
     @functools.wraps(func)

@@ -123,7 +123,6 @@ def protocol_header() -> list[str]:
     return ["head", "protocol", *(f"{IOU_NAMES[iou]} {k}" for iou in IOU_NAMES for k in PROTOCOL_KEYS)]
 
 
-@writes_run
 @dataclass
 class _Page:
     """What every section of a report reads: the run, its predictions and metrics, the names of the
@@ -502,6 +501,7 @@ def _gallery_section(
     return section, info, counts
 
 
+@writes_run
 def build_report(
     run: str | Path,
     *,
