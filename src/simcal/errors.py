@@ -223,14 +223,12 @@ def handle_signals() -> dict[int, Any]:
     if sys.unraisablehook is not _quiet_about_signals:
         _PREVIOUS_HOOK[0] = sys.unraisablehook
         sys.unraisablehook = _quiet_about_signals
-    previous = {}
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
-        previous[signal.SIGTERM] = handle_sigterm()
-    else:
-        _TERMINATED["received"] = _TERMINATED["interrupted"] = False
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_terminated)
-    return previous
+    _TERMINATED["received"] = _TERMINATED["interrupted"] = False
+    return {
+        signum: signal.signal(signum, _raise_terminated)
+        for signum in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
 
 
 def restore_signals(previous: dict[int, Any]) -> None:

@@ -44,7 +44,6 @@ from simcal.modeling.scoring import HeadSpec
 from simcal.run import DEFAULT_CALIBRATION, Run, parse_split, resolve_split, split_annotations
 
 DEFAULT_TS = (10, 20, 50, 100, 200, 300, 500, 1000)
-BIN_KEYS = ("AP1", "AP2", "AP3", "AP4")
 
 
 def _pct(v: float | None) -> float | None:

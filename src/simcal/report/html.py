@@ -128,7 +128,6 @@ class _Page:
     """What every section of a report reads: the run, its predictions and metrics, the names of the
     heads, the training statistics; and where the figures go (``figures``: key -> file name)."""
 
-    run: Path
     r: Run
     cfg: Config
     split: str
@@ -144,6 +143,10 @@ class _Page:
     train_json: dict[str, Any]
     stats: list[Any]
     figures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def run(self) -> Path:
+        return self.r.root
 
     @property
     def first(self) -> dict[str, Any]:
@@ -189,7 +192,6 @@ def _open_page(run: Path, split: str, out: str | Path | None) -> _Page:
     edges = metrics["orig"][ious[0]].get("bin_edges") or list(BIN_PRESETS["lvis"])
     train_json = load_dataset(cfg.data.train_json)
     return _Page(
-        run=run,
         r=r,
         cfg=cfg,
         split=split,

@@ -97,6 +97,7 @@ def commands(rows: dict[str, str], paper: dict[str, list[str]], decoupled: dict[
     train = "simcal train --config configs/synthetic_cpu.yaml --out RUN train.seed=S calibration.seed=S (demo budget)"
     out = {}
     for key in rows:
+        tag = HeadTag.parse(key)
         if key.startswith("e2e:"):
             m = key[4:]
             out[key] = f"{train.replace('RUN', f'e2e/{m}_seedS')} {' '.join(E2E[m][1])}; simcal predict --head orig"
@@ -104,13 +105,12 @@ def commands(rows: dict[str, str], paper: dict[str, list[str]], decoupled: dict[
             out[key] = f"{train}; simcal predict --run RUN --head orig"
         elif key in ("cal", "dual"):
             out[key] = f"simcal calibrate --run RUN; simcal predict --run RUN --head {key}"
-        elif HeadTag.parse(key).calibration:
-            head, name = HeadTag.parse(key).base, HeadTag.parse(key).calibration
+        elif tag.calibration:
+            name = tag.calibration
             over = paper.get(name) or next(DECOUPLED[m][1] for m, n in decoupled.items() if n == name)
-            predict = f"simcal predict --run RUN --head {head} --calibration {name}"
+            predict = f"simcal predict --run RUN --head {tag.base} --calibration {name}"
             out[key] = f"simcal calibrate --run RUN {' '.join(over)}; {predict}"
         else:
-            tag = HeadTag.parse(key)
             out[key] = f"simcal predict --run RUN --head {tag.kind} (inference.param {tag.param})"
     return out
 
