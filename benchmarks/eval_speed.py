@@ -81,7 +81,8 @@ def worker(engine: str, gt_path: str, res_path: str, iou: str, protocol: str = "
     if engine != "simcal-dicts":
         t0 = time.perf_counter()  # the other engines' times leave reading the file out, as before
     if engine == "simcal-dicts":
-        from simcal.data.annotations import validate_dataset, validate_results
+        from simcal.data.annotations import validate_dataset
+        from simcal.data.results import validate_results
         from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
 
         gt = validate_dataset(gt, gt_path)

@@ -112,6 +112,53 @@ def test_iter_json_list_streams_any_layout_and_fails_as_read_json(tmp_path, chun
         list(iter_json_list(path, "results must be a list of detections", chunk=chunk, block=block))
 
 
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+def test_iter_json_blocks_reads_lines_a_part_at_a_time_and_any_layout_as_iter_json_list(tmp_path, block):
+    """The line layout (a comma at each line end, CRLF too) is decoded a part at a time; any other
+    layout, a pretty-printed one whose items span lines, comes out as iter_json_list gives it;
+    malformed files fail as read_json; shares of split_json_lines give the items in order."""
+    from simcal.io import NotLines, iter_json_blocks, iter_json_list, read_json, split_json_lines
+
+    items = [{"a": [1.5, -2e-3], "s": "x],y,z"}, 12345, [], {}, "q", 0.25, None, True, [1, [2, 3]]] * 3
+    layouts = {
+        "lines": "[\n" + ",\n".join(map(json.dumps, items)) + "\n]\n",
+        "crlf": "[\r\n" + ",\r\n".join(map(json.dumps, items)) + "\r\n]",
+        "one line": json.dumps(items),
+        "indented": json.dumps(items, indent=1),
+        "commas first": "[" + "\n,".join(map(json.dumps, items)) + "]",
+    }
+    path = tmp_path / "list.json"
+    for name, text in layouts.items():
+        path.write_text(text)
+        blocks = list(iter_json_blocks(path, block=block, items=5))
+        assert [x for b in blocks for x in b] == items, name
+        if name == "lines" and block == 64:
+            assert 1 < len(blocks) < len(items)  # parts of several lines each
+    path.write_text(layouts["lines"])
+    for parts in (2, 3):
+        shares = split_json_lines(path, parts)
+        got = [x for share in shares for b in iter_json_blocks(path, block=block, share=share) for x in b]
+        assert got == items and shares[0][0] == 0 and shares[-1][1] == path.stat().st_size
+    path.write_text(layouts["indented"])
+    shares = split_json_lines(path, 2)  # cut at a comma inside an item: the share does not parse
+    with pytest.raises(NotLines):
+        [x for share in shares for b in iter_json_blocks(path, block=block, share=share) for x in b]
+    for text in ("[]", " [ ] \n", "[\n]\n"):
+        path.write_text(text)
+        assert [x for b in iter_json_blocks(path, block=block) for x in b] == []
+    for bad in ('[{"a": 1},\n{"a": 2}', '[{"a": 1},\n{"a": 2},\n]', "[1,\n2]\n3", "[1,\n,2]", "", "[NaN,\n1]"):
+        path.write_text(bad)
+        try:
+            want = ("ok", read_json(path))
+        except InputError as e:
+            want = ("error", str(e))
+        try:
+            got = ("ok", [x for b in iter_json_blocks(path, block=block) for x in b])
+        except InputError as e:
+            got = ("error", str(e))
+        assert got == want or (got[0] == want[0] == "ok" and list(iter_json_list(path)) == got[1]), bad
+
+
 def test_writes_run_decorates_functions_only():
     """Twice a class inserted between @writes_run and its function took the decorator, and the
     command wrote its run unlocked (caught by test_concurrency); now that is an error at import."""

@@ -71,25 +71,24 @@ def evaluate(
     ``synth --like`` sets do; else LVIS's), a preset name or inner edges. ``protocol``: ``lvis``
     (300 per image), ``fixed`` (AP-fixed: no per-image cap, the ``dets_per_class`` best per class
     over the dataset) or ``pool`` (AP-pool). ``iou``: ``bbox``, ``segm`` or ``boundary`` (boundary
-    IoU of the masks, the band ``dilation`` x the image diagonal wide). A results file
-    evaluated as ``bbox`` is streamed into columns (:func:`simcal.data.annotations.load_box_results`),
-    so LVIS v1 val's 5.9 M detections fit in a few hundred MB.
+    IoU of the masks, the band ``dilation`` x the image diagonal wide). A results file is
+    streamed into columns (:func:`simcal.data.results.read_results`: boxes, or the masks' RLE
+    strings), so LVIS v1 val's 5.9 M detections never sit in memory as dicts.
     """
-    from simcal.data.annotations import load_box_results, load_results, validate_results
+    from simcal.data.results import as_detections, read_results
     from simcal.data.stats import declared_bins, parse_bins
+    from simcal.evaluation.lvis_eval import check_settings, resolve_category_stats
     from simcal.evaluation.lvis_eval import evaluate as run_evaluation
-    from simcal.evaluation.lvis_eval import resolve_category_stats
 
+    check_settings(iou, (protocol,), dets_per_class, dilation)  # before reading anything
     gt_data, gt_name = _dataset(gt, "gt")
     train_data, train_name = _dataset(train, "train") if train is not None else (None, "<train>")
     edges = declared_bins(train_data or gt_data) if bins == "auto" else parse_bins(bins)
     stats = resolve_category_stats(gt_data, gt_name, train_data, train_name, edges)
     if isinstance(results, list):
-        dets = validate_results(results, gt_data, iou, "<results>")
-    elif iou == "bbox":
-        dets = load_box_results(results, gt_data)
+        dets = as_detections(results, gt_data, iou)
     else:
-        dets = load_results(results, gt_data, iou)
+        dets = read_results(results, gt_data, iou)
     return run_evaluation(
         gt_data, dets, iou, stats, edges, protocol=protocol, dets_per_class=dets_per_class, dilation=dilation
     )

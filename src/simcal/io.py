@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -292,6 +292,10 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     require_file(path)
     try:
+        return _loads(path.read_bytes())  # msgspec; what it refuses (NaN, say) json reads
+    except ValueError:
+        pass
+    try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
@@ -307,6 +311,11 @@ _SPACE = re.compile(r"[ \t\r\n]*")
 
 class _NotAList(Exception):
     """The streamed file is not a well-formed JSON list (:func:`iter_json_list` defers to read_json)."""
+
+
+class NotLines(Exception):
+    """A share of a file (:func:`split_json_lines`) is not whole items of a list written one per
+    line: the caller reads the whole file instead (whose reading names what is wrong)."""
 
 
 def _stream_list(f: IO[str], chunk: int) -> Iterator[Any]:
@@ -416,6 +425,162 @@ def iter_json_list(
     if not isinstance(whole, list):
         raise InputError(path, "(top level)", f"{not_a_list}, got {type(whole).__name__}")
     yield from whole[yielded:]
+
+
+def _loads(data: bytes) -> Any:
+    """JSON bytes decoded by msgspec (several times the standard decoder's speed); a ValueError
+    for what it refuses (malformed JSON, but also NaN, out-of-range numbers and deep nesting,
+    which the caller hands to :mod:`json`, whose errors are the ones to show)."""
+    import msgspec
+
+    try:
+        return msgspec.json.decode(data)
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise ValueError(str(e)) from None
+
+
+def _decode_part(buf: bytearray, start: int, end: int, fast: Callable[[bytes], Any] | None) -> Any:
+    """``buf[start:end]``, the JSON text of a list, decoded without a copy: by ``fast`` when it
+    takes it, else into a list; :class:`_NotAList` when it does not parse."""
+    with memoryview(buf) as whole, whole[start:end] as text:
+        items = fast(text) if fast is not None else None  # type: ignore[arg-type]
+        if items is None:
+            try:
+                items = _loads(text)  # type: ignore[arg-type]
+            except ValueError:
+                raise _NotAList from None
+    return items
+
+
+def _chunked_list(
+    path: Path, block: int, fast: Callable[[bytes], Any] | None, start: int = 0, stop: int | None = None
+) -> Iterator[Any]:
+    """The items of a JSON list whose items end at line ends, a comma before each but the last
+    (``simcal predict``'s one detection per line, or one line for the whole list), about
+    ``block`` bytes of lines at a time.
+
+    Each part runs from the list's ``[`` (or the line end after the previous part's comma, which
+    becomes ``[``) to a comma at a line end (which becomes ``]``), and is decoded in place: by
+    ``fast`` (the part's JSON text -> an object whose length is its number of items, or None),
+    else into a list. A part that does not parse (an item cut by the part's end leaves its brackets
+    unbalanced; strings hold no line breaks), a layout without commas at line ends, or lines
+    longer than 16 blocks raise :class:`_NotAList`, and the caller goes on where this stopped.
+
+    ``start`` > 0 and ``stop``: the items in bytes ``[start, stop)`` of the file only, where the
+    byte at ``start`` is the line end after an item's comma and ``stop`` follows one (a comma and
+    a line end): a share of the file (:func:`split_json_lines`)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = (os.fstat(f.fileno()).st_size if stop is None else stop) - start
+        buf, eof, pos, comma = bytearray(), False, 0 if start else -1, b",\n"
+        while True:
+            if not eof:
+                data = f.read(min(block, left))
+                left -= len(data)
+                eof = not data
+                buf += data
+            if pos < 0:  # the list's opening bracket, after any white space
+                pos = len(buf) - len(buf.lstrip())
+                if pos == len(buf):
+                    if eof:
+                        raise _NotAList
+                    pos = -1
+                    continue
+                if buf[pos] != ord("["):
+                    raise _NotAList
+                newline = buf.find(b"\n")
+                comma = b",\r\n" if newline > 0 and buf[newline - 1] == ord("\r") else b",\n"
+            if eof and stop is None:  # the last part ends with the list's "]" (and white space)
+                after_comma = buf[pos] != ord("[")
+                buf[pos] = ord("[")
+                items = _decode_part(buf, pos, len(buf), fast)
+                if after_comma and not len(items):  # "...,]": a comma after the last item
+                    raise _NotAList
+                yield items
+                return
+            cut = buf.rfind(comma, pos + 1)
+            if cut < 0:
+                if eof:  # the end of a share: nothing but the line end after its last comma
+                    if buf[pos + 1 :].strip():
+                        raise _NotAList
+                    return
+                if len(buf) > 16 * block:  # long lines: the streaming parser bounds memory
+                    raise _NotAList
+                continue
+            buf[pos], buf[cut] = ord("["), ord("]")
+            yield _decode_part(buf, pos, cut + 1, fast)
+            del buf[: cut + 1]
+            pos = 0  # the line end after the comma: the next part's "["
+
+
+def split_json_lines(path: str | os.PathLike[str], parts: int) -> list[tuple[int, int]] | None:
+    """Byte ranges ``[start, stop)`` that cut a JSON list written one item per line (a comma and
+    a line end after each item but the last) into about ``parts`` equal shares, each cut just
+    after a comma and its line end; None where the file has no such line ends to cut at. The
+    shares are read by :func:`iter_json_blocks` (``share=``)."""
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as f:
+        for k in range(1, parts):
+            f.seek(max(size * k // parts, cuts[-1]))
+            head = f.read(1 << 20)
+            at = head.find(b",\n")
+            if at < 0:
+                return None
+            cuts.append(f.tell() - len(head) + at + 1)  # the line end after the comma
+    if len(set(cuts)) < len(cuts):
+        return None
+    return [(a, b + 1 if b != size else b) for a, b in zip(cuts, [*cuts[1:], size])]
+
+
+def iter_json_blocks(
+    path: str | os.PathLike[str],
+    not_a_list: str = "expected a JSON list",
+    block: int = 1 << 23,
+    items: int = 20000,
+    fast: Callable[[bytes], Any] | None = None,
+    share: tuple[int, int] | None = None,
+) -> Iterator[Any]:
+    """The items of a JSON file holding one list, in blocks of consecutive items: memory holds one
+    block, never the whole list as Python objects.
+
+    ``share``: only the items in a byte range of :func:`split_json_lines` (which raises
+    :class:`NotLines` where the range is not whole items of that layout).
+
+    A list whose items end at line ends (what ``simcal predict`` writes) is read ``block`` bytes
+    at a time; each part, the JSON text of a list of whole items, goes to ``fast`` first (which
+    returns its own object for the block, with the number of items as its length, or None), else
+    is parsed into a list. Any other layout is parsed by :func:`iter_json_list`, ``items`` items
+    a block. A malformed file gets :func:`read_json`'s error; valid JSON that is not a list is
+    ``FILE: (top level): <not_a_list>, got <type>``.
+    """
+    path = Path(path)
+    require_file(path)
+    if share is not None:  # a share of a file cut by split_json_lines: that layout, or _NotAList
+        start, stop = share
+        try:
+            yield from _chunked_list(path, block, fast, start, None if stop >= path.stat().st_size else stop)
+        except _NotAList:
+            raise NotLines(f"{path}: bytes {start}-{stop}") from None
+        return
+    yielded = 0
+    try:
+        for part in _chunked_list(path, block, fast):
+            yielded += len(part)
+            yield part
+        return
+    except _NotAList:
+        pass
+    buf: list[Any] = []
+    for i, item in enumerate(iter_json_list(path, not_a_list)):
+        if i < yielded:
+            continue  # the parts gave these already
+        buf.append(item)
+        if len(buf) == items:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
 
 
 def append_line(path: str | os.PathLike[str], line: str) -> None:

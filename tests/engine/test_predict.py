@@ -10,7 +10,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from simcal.cli import main
-from simcal.data.annotations import load_dataset, validate_results
+from simcal.data.annotations import load_dataset
+from simcal.data.results import validate_results
 from simcal.engine import predict as predict_mod
 from simcal.engine.predict import infer_batch
 from simcal.engine.results import encode_rle, results_file
@@ -215,7 +216,8 @@ def test_predict_topk_per_class_equals_the_uncapped_detections_cut_per_class(run
     though its running threshold drops candidates before NMS; its metrics are AP-fixed and AP-pool
     with K per class, as `simcal evaluate` computes them from the file."""
     from simcal import api
-    from simcal.evaluation.lvis_eval import cap_per_class, evaluate, resolve_category_stats
+    from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
+    from simcal.evaluation.protocols import cap_per_class
 
     made = {}
 

@@ -205,7 +205,8 @@ def test_pooling_by_virtual_images_is_ap_pool(gt, results):
     """AP-pool for an engine without per-image matches: every (image, class) pair becomes an image
     and the pool's classes one class. With mask IoU on faster-coco-eval it equals AP-pool from
     hotcoco's per-image matches, every group key; with boundary IoU it is the boundary AP-pool."""
-    from simcal.evaluation.lvis_eval import cap_per_class, lvis_kept, pooled_by_virtual_images
+    from simcal.evaluation.engines import pooled_by_virtual_images
+    from simcal.evaluation.protocols import cap_per_class, lvis_kept
 
     stats = resolve_category_stats(gt, "gt", edges=EDGES)
     pool = evaluate(gt, results, "segm", stats, EDGES, protocol="pool", dets_per_class=K)

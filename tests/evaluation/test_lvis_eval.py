@@ -11,8 +11,9 @@ import pytest
 from simcal.data.annotations import validate_dataset
 from simcal.data.stats import BIN_PRESETS, bin_index, category_stats
 from simcal.errors import InputError
-from simcal.evaluation.lvis_eval import LVIS_MAX_DETS, evaluate, resolve_category_stats
+from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
 from simcal.evaluation.perturb import perturb_ground_truth, random_lvis_gt
+from simcal.evaluation.protocols import LVIS_MAX_DETS
 from tests.conftest import tiny_lvis
 
 EDGES = (3, 15, 60)  # bins that the small fixture populates
@@ -226,58 +227,122 @@ def test_coco_rules_ignore_detections_on_crowd_regions():
         assert next(row["AP"] for row in r.per_class if row["id"] == 1) == pytest.approx(0.5, abs=0.01), iou
 
 
+@pytest.mark.parametrize("iou", ["bbox", "segm"])
 @pytest.mark.parametrize("protocol", ["lvis", "fixed", "pool"])
-def test_a_bbox_results_file_streamed_into_columns_evaluates_as_its_dicts(lt_gt, lt_results, protocol, tmp_path):
-    """`simcal evaluate --iou bbox` streams the results file into columns (BoxResults): every
-    metric, per-class AP and count equals the evaluation of the same detections as dicts, under
-    every protocol; the file's layout does not matter."""
+def test_a_results_file_streamed_into_columns_evaluates_as_its_dicts(lt_gt, lt_results, protocol, iou, tmp_path):
+    """`simcal evaluate` streams the results file into columns (Detections: boxes, or the masks'
+    RLE strings as bytes): every metric, per-class AP and count equals the evaluation of the same
+    detections as dicts by the engine alone (hotcoco's LVISResults, as before), under every
+    protocol; the file's layout does not matter."""
     import json
 
     from simcal import api
-    from simcal.data.annotations import BoxResults, load_box_results
+    from simcal.data.results import Detections, read_results
 
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps(lt_gt))
-    dets = [{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in lt_results]
-    lines, one_line = tmp_path / "lines.json", tmp_path / "one.json"
+    dets = [{k: d[k] for k in ("image_id", "category_id", "bbox", "score", "segmentation")} for d in lt_results]
+    lines, one_line, indented = tmp_path / "lines.json", tmp_path / "one.json", tmp_path / "indented.json"
     lines.write_text("[\n" + ",\n".join(json.dumps(d) for d in dets) + "\n]\n")
     one_line.write_text(json.dumps(dets))
-    columns = load_box_results(lines, lt_gt, block=1000)
-    assert isinstance(columns, BoxResults) and len(columns) == len(dets)
-    assert np.array_equal(columns.array, load_box_results(one_line, lt_gt).array)
-    kw = dict(iou="bbox", bins=list(EDGES), protocol=protocol, dets_per_class=150)
+    indented.write_text(json.dumps(dets, indent=2))
+    columns = read_results(lines, lt_gt, iou, block=1000)  # many blocks
+    assert isinstance(columns, Detections) and len(columns) == len(dets)
+    for other in (one_line, indented):
+        again = read_results(other, lt_gt, iou)
+        assert np.array_equal(columns.array, again.array) and columns.counts == again.counts
+    for processes in (1, 2):  # two processes, each reading a share of the lines: the same columns
+        for size in (1000, 1 << 23):
+            again = read_results(lines, lt_gt, iou, block=size, processes=processes)
+            assert np.array_equal(columns.array, again.array) and columns.counts == again.counts
+            assert again.boxes == (iou == "bbox")
+    if iou == "segm":
+        assert columns.counts[0] == dets[0]["segmentation"]["counts"]
+        assert columns.sizes.tolist()[0] == dets[0]["segmentation"]["size"]
+    kw = dict(iou=iou, bins=list(EDGES), protocol=protocol, dets_per_class=150)
     as_dicts = api.evaluate(gt_path, dets, **kw).to_json()
     assert as_dicts["num_detections_evaluated"] < as_dicts["num_detections"]  # caps at work
     assert api.evaluate(gt_path, lines, **kw).to_json() == as_dicts
+    if protocol == "lvis":  # the engine alone, on the dicts (a mask's box and area are the mask's)
+        import hotcoco
+
+        engine_dets = [{k: v for k, v in d.items() if k != ("segmentation" if iou == "bbox" else "bbox")} for d in dets]
+        coco_gt = hotcoco.COCO(lt_gt)
+        ev = hotcoco.COCOeval(coco_gt, hotcoco.LVISResults(coco_gt, engine_dets, max_dets=300), iou, lvis_style=True)
+        ev.params.max_dets = [300]
+        ev.evaluate()
+        ev.accumulate()
+        precision = np.asarray(ev.eval["precision"])[..., 0, -1]  # [T, R, K], area all
+        assert as_dicts["AP"] == pytest.approx(float(precision[precision > -1].mean()), abs=1e-12)
 
 
-def test_a_bad_detection_in_a_streamed_bbox_file_is_named_as_before(lt_gt, tmp_path):
+BAD_DETECTIONS = {
+    "bbox": [
+        {"bbox": [1, 2, -3, 4]},
+        {"image_id": -7, "bbox": [1, 2, 3, 4]},
+        {"score": "high", "bbox": [1, 2, 3, 4]},
+        {},
+        [1, 2],
+        {"score": True, "bbox": [1, 2, 3, 4]},
+        {"score": float("nan"), "bbox": [1, 2, 3, 4]},
+        {"score": float("inf"), "bbox": [1, 2, 3, 4]},
+        {"bbox": [1, 2, 3, 4, 5]},
+        {"bbox": [1, 2, 3, None]},
+        {"bbox": [1, 2, 3, "4"]},
+        {"category_id": "1", "bbox": [1, 2, 3, 4]},
+        {"category_id": 10**30, "bbox": [1, 2, 3, 4]},
+    ],
+    "segm": [
+        {"segmentation": {"size": [1, 1], "counts": "1"}},
+        {"segmentation": {"size": [64], "counts": "1"}},
+        {"segmentation": {"size": [64, True], "counts": "1"}},
+        {"segmentation": {"counts": "1"}},
+        {"segmentation": {"size": [64, 64], "counts": 7}},
+        {"segmentation": [[1, 2, 3]]},
+        {"segmentation": "RLE"},
+        {"bbox": [1, 2, 3, 4]},
+        {"image_id": -7},
+        {"score": float("nan")},
+    ],
+}
+
+
+@pytest.mark.parametrize("iou", ["bbox", "segm"])
+def test_a_bad_detection_in_a_streamed_file_is_named_as_before(lt_gt, tmp_path, iou):
+    """The column checks find what the detection-by-detection checks found, with the same line:
+    the file, the detection's position and the field."""
     import json
 
-    from simcal.data.annotations import load_box_results, load_results
+    from simcal.data.results import load_results, read_results
 
-    good = {"image_id": lt_gt["images"][0]["id"], "category_id": lt_gt["categories"][0]["id"], "score": 0.5}
-    for bad in (
-        {**good, "bbox": [1, 2, -3, 4]},
-        {**good, "image_id": -7, "bbox": [1, 2, 3, 4]},
-        {**good, "score": "high", "bbox": [1, 2, 3, 4]},
-        {**good},
-        [1, 2],
-        {**good, "score": True, "bbox": [1, 2, 3, 4]},
-        {**good, "score": float("nan"), "bbox": [1, 2, 3, 4]},
-        {**good, "bbox": [1, 2, 3, 4, 5]},
-        {**good, "bbox": [1, 2, 3, None]},
-        {**good, "category_id": "1", "bbox": [1, 2, 3, 4]},
-    ):
+    image = lt_gt["images"][0]
+    hw = [image["height"], image["width"]]
+    good = {"image_id": image["id"], "category_id": lt_gt["categories"][0]["id"], "score": 0.5}
+    good["segmentation" if iou == "segm" else "bbox"] = {"size": hw, "counts": "0"} if iou == "segm" else [0, 0, 1, 1]
+    assert image["height"] != 64 or image["width"] != 64  # the bad sizes below are not the image's
+    for bad in BAD_DETECTIONS[iou]:
+        if isinstance(bad, dict):
+            bad = {**{k: v for k, v in good.items() if k not in ("bbox", "segmentation")}, **bad}
         path = tmp_path / "res.json"
-        path.write_text(json.dumps([{**good, "bbox": [0, 0, 1, 1]}] * 3 + [bad]))
+        path.write_text("[\n" + ",\n".join(json.dumps(d) for d in [good] * 3 + [bad]) + "\n]\n")
         with pytest.raises(InputError) as streamed:
-            load_box_results(path, lt_gt)
+            read_results(path, lt_gt, iou)
+        with pytest.raises(InputError) as in_two:  # the bad line in the second process's share
+            read_results(path, lt_gt, iou, processes=2)
         with pytest.raises(InputError) as whole:
-            load_results(path, lt_gt, "bbox")
-        assert str(streamed.value) == str(whole.value) and "[3]" in str(whole.value)
+            load_results(path, lt_gt, iou)
+        assert str(streamed.value) == str(in_two.value) == str(whole.value) and "[3]" in str(whole.value), bad
     # what the checks let through in another type (an image id 1.0 is the image 1) reads as well
-    odd = {**good, "image_id": float(good["image_id"]), "bbox": (1, 2, 3, 4.5)}
-    path.write_text(json.dumps([{**good, "bbox": [0, 0, 1, 1]}, odd]))
-    rows = load_box_results(path, lt_gt).array
-    assert rows[1].tolist() == [good["image_id"], 1, 2, 3, 4.5, 0.5, good["category_id"]]
+    odd = {**good, "image_id": float(good["image_id"])}
+    path.write_text(json.dumps([good, odd]))
+    got = read_results(path, lt_gt, iou)
+    assert got.image_ids.tolist() == [good["image_id"]] * 2
+    if iou == "bbox":
+        assert got.array[1].tolist() == [good["image_id"], 0, 0, 1, 1, 0.5, good["category_id"]]
+    else:  # a polygon is read as its compressed RLE
+        poly = {**good, "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]}
+        path.write_text(json.dumps([poly]))
+        from pycocotools import mask as mask_utils
+
+        want = mask_utils.merge(mask_utils.frPyObjects(poly["segmentation"], *hw))["counts"].decode()
+        assert read_results(path, lt_gt, iou).counts == [want]

@@ -9,8 +9,9 @@ import pytest
 
 from simcal.cli import main
 from simcal.data.annotations import validate_dataset
-from simcal.evaluation.lvis_eval import cap_per_class, evaluate, resolve_category_stats
+from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
 from simcal.evaluation.perturb import perturb_ground_truth, random_lvis_gt
+from simcal.evaluation.protocols import cap_per_class
 from tests.evaluation.test_lvis_eval import EDGES, official_lvis
 
 K = 40  # a small per-class cap, so that it binds on the fixture

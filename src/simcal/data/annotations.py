@@ -1,4 +1,4 @@
-"""Load and validate COCO / LVIS annotation and result files.
+"""Load and validate COCO / LVIS annotation files (results files: :mod:`simcal.data.results`).
 
 Every check raises :class:`simcal.errors.InputError` naming the file and the field
 (``annotations[12].bbox``), so a user sees one clear line instead of a traceback deep inside an
@@ -8,11 +8,12 @@ evaluation or training loop. Validation is done once, here; the rest of simcal t
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from simcal.errors import InputError
-from simcal.io import iter_json_list, read_json
+from simcal.io import read_json
 
 FREQUENCIES = ("r", "c", "f")
 LVIS_IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
@@ -128,6 +129,8 @@ def validate_dataset(data: Any, source: str | os.PathLike[str] = "<dataset>") ->
                 if cid not in categories:
                     raise InputError(src, f"images[{i}].{key}", f"unknown category id {cid!r}")
 
+    if _annotations_pass(src, data["annotations"], images, categories):
+        return data
     for i, ann in enumerate(data["annotations"]):
         field = f"annotations[{i}]"
         if ann.get("image_id") not in images:
@@ -147,6 +150,68 @@ def validate_dataset(data: Any, source: str | os.PathLike[str] = "<dataset>") ->
         elif not (_is_number(ann["area"]) and ann["area"] >= 0):
             raise InputError(src, f"{field}.area", f"expected a non-negative number, got {ann['area']!r}")
     return data
+
+
+def _annotations_pass(
+    src: str, anns: list[dict[str, Any]], images: dict[int, dict[str, Any]], categories: dict[int, dict[str, Any]]
+) -> bool:
+    """The annotations' checks of :func:`validate_dataset` on whole columns (and its fill-ins:
+    ``iscrowd``, a missing ``area``). True when every annotation passes; False when anything is
+    unusual, and the per-annotation checks then name the first bad field. The RLEs among them (a
+    COCO set's crowd regions) are checked one by one here too."""
+    n = len(anns)
+    if n == 0:
+        return True
+    try:
+        image_ids, cat_ids, boxes = zip(*map(itemgetter("image_id", "category_id", "bbox"), anns))
+    except (KeyError, TypeError):
+        return False
+    if not set(map(type, image_ids)) | set(map(type, cat_ids)) <= {int}:
+        return False
+    if not (set(image_ids) <= images.keys() and set(cat_ids) <= categories.keys()):
+        return False
+    if set(map(type, boxes)) != {list} or set(map(len, boxes)) != {4}:
+        return False
+    coords = list(itertools.chain.from_iterable(boxes))
+    if not set(map(type, coords)) <= {int, float}:
+        return False
+    box = np.array(coords, dtype=np.float64).reshape(n, 4)
+    if not np.isfinite(box).all() or (box[:, 2:] < 0).any():
+        return False
+    polygons = []
+    for i, ann in enumerate(anns):
+        if "segmentation" not in ann:
+            continue
+        seg = ann["segmentation"]
+        if type(seg) is list:
+            polygons.append(seg)
+        elif type(seg) is dict:  # an RLE: few in a set (crowd regions); checked as the others are
+            field = f"annotations[{i}].segmentation"
+            _check_segmentation(src, field, seg)
+            _check_rle_size(src, field, seg, images[ann["image_id"]])
+            _check_rle_counts(src, field, seg)
+        else:
+            return False
+    polys = list(itertools.chain.from_iterable(polygons))
+    if not set(map(type, polys)) <= {list}:
+        return False
+    lengths = np.fromiter(map(len, polys), dtype=np.int64, count=len(polys))
+    if (lengths < 6).any() or (lengths % 2).any():
+        return False
+    xy = list(itertools.chain.from_iterable(polys))
+    if not set(map(type, xy)) <= {int, float} or not np.isfinite(np.array(xy, dtype=np.float64)).all():
+        return False
+    areas = [ann.get("area", 0) for ann in anns]
+    if not set(map(type, areas)) <= {int, float}:
+        return False
+    area = np.array(areas, dtype=np.float64)
+    if not np.isfinite(area).all() or (area < 0).any():
+        return False
+    for ann in anns:
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            ann["area"] = annotation_area(ann, images[ann["image_id"]])
+    return True
 
 
 def annotation_area(ann: dict[str, Any], image: dict[str, Any]) -> float:
@@ -190,35 +255,6 @@ def image_path(image: dict[str, Any], root: str | os.PathLike[str]) -> Path:
     raise InputError(str(root), f"images[id={image.get('id')}]", "has neither file_name nor coco_url")
 
 
-def validate_results(
-    results: Any,
-    dataset: dict[str, Any],
-    iou_type: str,
-    source: str | os.PathLike[str] = "<results>",
-) -> list[dict[str, Any]]:
-    """Check a detection results list against its ground truth.
-
-    Args:
-        results: the parsed results json: a list of ``{image_id, category_id, score, bbox | segmentation}``.
-        dataset: the validated ground truth it refers to.
-        iou_type: ``"bbox"`` needs ``bbox``; ``"segm"`` and ``"boundary"`` need ``segmentation``.
-
-    Returns:
-        The list itself. An empty list is valid.
-    """
-    src = str(source)
-    if not isinstance(results, list):
-        raise InputError(src, "(top level)", f"results must be a list of detections, got {type(results).__name__}")
-    if iou_type not in ("bbox", "segm", "boundary"):
-        raise InputError("--iou", "iou", f"expected bbox, segm or boundary, got {iou_type!r}")
-    image_ids = {img["id"] for img in dataset["images"]}
-    cat_ids = {cat["id"] for cat in dataset["categories"]}
-    sizes = {img["id"]: [img["height"], img["width"]] for img in dataset["images"]} if iou_type != "bbox" else None
-    for i, det in enumerate(results):
-        _check_detection(src, i, det, image_ids, cat_ids, iou_type, sizes)
-    return results
-
-
 def _check_rle_size(src: str, field: str, seg: Any, image: dict[str, Any] | list[int]) -> None:
     """An RLE's ``size`` must be its image's ``[height, width]`` (pycocotools would compare masks
     of different sizes without a word)."""
@@ -248,76 +284,6 @@ def _check_rle_counts(src: str, field: str, seg: Any) -> None:
         raise InputError(src, f"{field}.counts", f"not a valid compressed RLE of {h}x{w} pixels") from None
 
 
-def _check_detection(
-    src: str,
-    i: int,
-    det: Any,
-    image_ids: set[int],
-    cat_ids: set[int],
-    iou_type: str,
-    sizes: dict[int, list[int]] | None = None,
-) -> None:
-    field = f"[{i}]"
-    if not isinstance(det, dict):
-        raise InputError(src, field, "expected an object")
-    if det.get("image_id") not in image_ids:
-        raise InputError(src, f"{field}.image_id", f"unknown image id {det.get('image_id')!r}")
-    if det.get("category_id") not in cat_ids:
-        raise InputError(src, f"{field}.category_id", f"unknown category id {det.get('category_id')!r}")
-    if not _is_number(det.get("score")):
-        raise InputError(src, f"{field}.score", f"expected a finite number, got {det.get('score')!r}")
-    if iou_type == "bbox":
-        if "bbox" not in det:
-            raise InputError(src, f"{field}.bbox", "missing (needed for --iou bbox)")
-        _check_bbox(src, f"{field}.bbox", det["bbox"])
-    else:
-        seg = det.get("segmentation")
-        if seg is None:
-            raise InputError(src, f"{field}.segmentation", f"missing (needed for --iou {iou_type})")
-        _check_segmentation(src, f"{field}.segmentation", seg)
-        if sizes is not None:
-            _check_rle_size(src, f"{field}.segmentation", seg, sizes[det["image_id"]])
-
-
-@dataclass(frozen=True)
-class BoxResults:
-    """Box detections as columns, what ``simcal evaluate --iou bbox`` reads a results file into:
-    ``array`` ``(N, 7)`` float64 rows ``[image_id, x, y, width, height, score, category_id]`` (the
-    evaluation engine's array form). LVIS v1 val's 19,809 images x 300 detections take 330 MB
-    so, where the same detections as Python dicts take several GB.
-    """
-
-    array: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.array.shape[0])
-
-    @property
-    def image_ids(self) -> np.ndarray:
-        """``(N,)`` int64."""
-        return self.array[:, 0].astype(np.int64)
-
-    @property
-    def category_ids(self) -> np.ndarray:
-        """``(N,)`` int64."""
-        return self.array[:, 6].astype(np.int64)
-
-    @property
-    def scores(self) -> np.ndarray:
-        """``(N,)`` float64."""
-        return self.array[:, 5]
-
-    def take(self, index: np.ndarray) -> BoxResults:
-        """The detections at ``index`` (positions or a boolean mask), in that order."""
-        return BoxResults(self.array[index])
-
-    @classmethod
-    def from_list(cls, results: list[dict[str, Any]]) -> BoxResults:
-        """Validated dict detections (with ``bbox``) as columns."""
-        rows = [(d["image_id"], *d["bbox"], d["score"], d["category_id"]) for d in results]
-        return cls(np.array(rows, dtype=np.float64).reshape(-1, 7))
-
-
 @contextmanager
 def collector_paused() -> Iterator[None]:
     """Python's cycle collector off while ~10^6 small dicts are made: it would walk every live
@@ -329,66 +295,6 @@ def collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _box_rows(
-    items: list[Any], start: int, src: str, image_ids: set[int], cat_ids: set[int], valid: tuple[np.ndarray, np.ndarray]
-) -> np.ndarray:
-    """``(n, 7)`` rows of detections ``start .. start + n - 1``, validated. Detections of the usual
-    types are checked as whole columns; anything else, detection by detection with
-    :func:`validate_results`' checks, which raise on the first bad one with its message."""
-    n = len(items)
-    try:
-        if {type(d) for d in items} <= {dict}:
-            img, cat = [d["image_id"] for d in items], [d["category_id"] for d in items]
-            score, box = [d["score"] for d in items], [d["bbox"] for d in items]
-            if (
-                {type(v) for v in img} | {type(v) for v in cat} <= {int}
-                and {type(v) for v in score} <= {int, float}
-                and {type(b) for b in box} <= {list, tuple}
-                and {len(b) for b in box} <= {4}
-                and {type(v) for b in box for v in b} <= {int, float}
-            ):
-                rows = np.empty((n, 7), dtype=np.float64)
-                rows[:, 0], rows[:, 6], rows[:, 5] = img, cat, score
-                rows[:, 1:5] = np.array(box, dtype=np.float64).reshape(n, 4)
-                if (
-                    np.isfinite(rows[:, 1:6]).all()
-                    and (rows[:, 3:5] >= 0).all()
-                    and np.isin(rows[:, 0], valid[0]).all()
-                    and np.isin(rows[:, 6], valid[1]).all()
-                ):
-                    return rows
-    except (KeyError, OverflowError, ValueError):
-        pass
-    for j, det in enumerate(items):
-        _check_detection(src, start + j, det, image_ids, cat_ids, "bbox")
-    return np.array([(d["image_id"], *d["bbox"], d["score"], d["category_id"]) for d in items], dtype=np.float64)
-
-
-def load_box_results(path: str | os.PathLike[str], dataset: dict[str, Any], block: int = 65536) -> BoxResults:
-    """Read and validate a results json for ``--iou bbox`` as :class:`BoxResults`, streaming it
-    (:func:`simcal.io.iter_json_list`): memory holds the columns and one block of detections, never
-    the whole list as dicts. Errors are :func:`validate_results`'s, naming the same fields."""
-    src = str(path)
-    image_ids = {img["id"] for img in dataset["images"]}
-    cat_ids = {cat["id"] for cat in dataset["categories"]}
-    valid = (np.array(sorted(image_ids), dtype=np.float64), np.array(sorted(cat_ids), dtype=np.float64))
-    blocks, items, start = [], [], 0
-    with collector_paused():
-        for det in iter_json_list(path, "results must be a list of detections"):
-            items.append(det)
-            if len(items) == block:
-                blocks.append(_box_rows(items, start, src, image_ids, cat_ids, valid))
-                start, items = start + len(items), []
-        blocks.append(_box_rows(items, start, src, image_ids, cat_ids, valid).reshape(-1, 7))
-    return BoxResults(np.concatenate(blocks) if len(blocks) > 1 else blocks[0])
-
-
-def load_results(path: str | os.PathLike[str], dataset: dict[str, Any], iou_type: str) -> list[dict[str, Any]]:
-    """Read and validate a results json (see :func:`validate_results`)."""
-    with collector_paused():
-        return validate_results(read_json(path), dataset, iou_type, path)
 
 
 def first_images(gt: dict[str, Any], n: int | None) -> dict[str, Any]:

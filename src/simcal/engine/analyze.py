@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from simcal.data.annotations import check_categories, first_images, load_dataset, load_results
+from simcal.data.annotations import check_categories, first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
+from simcal.data.results import load_results
 from simcal.data.stats import declared_bins
 from simcal.engine import distributed as dist_utils
 from simcal.engine.checkpoint import load_calibrated_head, load_model

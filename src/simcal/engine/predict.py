@@ -13,7 +13,6 @@ per-class threshold (the class's K-th best score so far) drops hopeless candidat
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,6 +29,7 @@ from simcal import choices
 from simcal.config import Config, apply_overrides
 from simcal.data.annotations import check_categories, first_images, load_dataset
 from simcal.data.dataset import DetectionDataset, LabelMap, data_loader
+from simcal.data.results import DetectionsBuilder, read_results
 from simcal.data.stats import class_instance_counts, declared_bins
 from simcal.engine import distributed as dist_utils
 from simcal.engine.checkpoint import load_calibrated_head, load_model
@@ -331,6 +331,11 @@ def run_heads(
                 stack.callback(top.close)
         else:
             writers = {tag: stack.enter_context(results_file(target(tag))) for tag in scorers}
+        # the evaluation takes the detections from memory (the file is for the user); under
+        # torchrun and for top-k it reads the merged / kept file
+        columns = {}
+        if options.evaluate_results and not topk_per_class and world == 1:
+            columns = {tag: DetectionsBuilder(masks="segm" in ious) for tag in scorers}
         show = options.progress and rank == 0
         for imgs, targets in tqdm(loader, desc=desc, disable=not show, dynamic_ncols=True):
             per_head = model.detect(
@@ -346,12 +351,16 @@ def run_heads(
                 for det, tgt, im in zip(dets, targets, imgs):
                     if shared is not None:
                         det = only_labels(det, shared)
-                    records = detections_to_results(det, int(tgt["image_id"]), label_map, tuple(im.shape[-2:]))
+                    size = tuple(im.shape[-2:])
+                    records = list(detections_to_results(det, int(tgt["image_id"]), label_map, size))
                     if topk_per_class:
-                        tops[tag].add(det["labels"], list(records))
+                        tops[tag].add(det["labels"], records)
                         continue
                     for rec in records:
                         writers[tag].write(rec)
+                    if tag in columns:
+                        for rec in records:
+                            columns[tag].add(rec)
         if topk_per_class:
             for top in tops.values():
                 top.finish()
@@ -391,7 +400,7 @@ def run_heads(
     metrics: dict[str, dict[str, EvalResult]] = {}
     for tag in scorers:
         files = out.head(tag)
-        results = json.loads(files.results.read_text())
+        results = columns[tag].build() if tag in columns else read_results(files.results, gt, ious)
         metrics[tag] = {}
         for iou in ious:
             by_protocol = evaluate_protocols(

@@ -3,8 +3,8 @@
 inference), the part files of a torchrun prediction merged in image order (:func:`merge_parts`),
 and one image's detections turned into result records (boxes in xywh, masks as compressed RLE).
 
-Reading results lives with the annotations (:func:`simcal.data.annotations.load_results`,
-:func:`simcal.data.annotations.load_box_results`).
+Reading results files is the data layer's (:func:`simcal.data.results.read_results`, into the
+columns the evaluation takes).
 """
 
 from __future__ import annotations
