@@ -134,6 +134,24 @@ def test_iter_json_blocks_reads_lines_a_part_at_a_time_and_any_layout_as_iter_js
         assert [x for b in blocks for x in b] == items, name
         if name == "lines" and block == 64:
             assert 1 < len(blocks) < len(items)  # parts of several lines each
+    plain = [{"id": i, "v": [i, 0.5]} for i in range(40)]
+    tricky = [{"id": i, "s": "}, {\\\"", "v": [i, {"w": i}]} for i in range(40)]  # "}, {" in strings, nested
+    for dump in (json.dumps, lambda x: json.dumps(x, separators=(",", ":"))):  # json.dump's one line
+        path.write_text(dump(plain))
+        blocks = list(iter_json_blocks(path, block=block))
+        assert [x for b in blocks for x in b] == plain
+        if block == 64:
+            assert len(blocks) > 1  # cut between objects, not only at line ends
+        dicts = tricky
+        path.write_text(dump(dicts))
+        assert [x for b in iter_json_blocks(path, block=block) for x in b] == dicts
+        for parts in (2, 3):
+            shares = split_json_lines(path, parts)
+            try:
+                got = [x for share in shares for b in iter_json_blocks(path, block=block, share=share) for x in b]
+            except NotLines:  # a share cut inside a string: the whole file is read instead
+                continue
+            assert got == dicts
     path.write_text(layouts["lines"])
     for parts in (2, 3):
         shares = split_json_lines(path, parts)

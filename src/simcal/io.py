@@ -452,27 +452,51 @@ def _decode_part(buf: bytearray, start: int, end: int, fast: Callable[[bytes], A
     return items
 
 
+#: a comma between two items of a list, as writers put it: at a line end (``simcal predict``), or
+#: between two objects on one line (``json.dump``), with the comma's offset in each
+_ITEM_COMMAS = ((b",\n", 0), (b",\r\n", 0), (b"}, {", 1), (b"},{", 1))
+
+
+def _last_item_comma(buf: bytearray, start: int) -> int:
+    """The position of the last comma in ``buf[start:]`` that may separate two items
+    (:data:`_ITEM_COMMAS`); -1 where there is none. Searched in the buffer's last megabyte
+    first (an item is far smaller)."""
+    for lo in (max(start, len(buf) - (1 << 20)), start):
+        found = [(buf.rfind(sep, lo), off) for sep, off in _ITEM_COMMAS]
+        last = max((at + off for at, off in found if at >= 0), default=-1)
+        if last >= 0 or lo == start:
+            return last
+    return -1
+
+
+def _first_item_comma(data: bytes) -> int:
+    """The position of the first comma in ``data`` that may separate two items; -1 where none."""
+    found = [(data.find(sep), off) for sep, off in _ITEM_COMMAS]
+    return min((at + off for at, off in found if at >= 0), default=-1)
+
+
 def _chunked_list(
     path: Path, block: int, fast: Callable[[bytes], Any] | None, start: int = 0, stop: int | None = None
 ) -> Iterator[Any]:
-    """The items of a JSON list whose items end at line ends, a comma before each but the last
-    (``simcal predict``'s one detection per line, or one line for the whole list), about
-    ``block`` bytes of lines at a time.
+    """The items of a JSON list read about ``block`` bytes at a time: what ``simcal predict``
+    writes (one item per line), ``json.dump``'s one line (objects separated by ``", "``), and any
+    layout with a comma at each item's line end.
 
-    Each part runs from the list's ``[`` (or the line end after the previous part's comma, which
-    becomes ``[``) to a comma at a line end (which becomes ``]``), and is decoded in place: by
-    ``fast`` (the part's JSON text -> an object whose length is its number of items, or None),
-    else into a list. A part that does not parse (an item cut by the part's end leaves its brackets
-    unbalanced; strings hold no line breaks), a layout without commas at line ends, or lines
-    longer than 16 blocks raise :class:`_NotAList`, and the caller goes on where this stopped.
+    Each part runs from the list's ``[`` (or the comma that ended the previous part, which becomes
+    ``[``) to the last comma between two items in the buffer (which becomes ``]``), and is decoded
+    in place: by ``fast`` (the part's JSON text -> an object whose length is its number of items,
+    or None), else into a list. A part that does not parse (a cut inside an item leaves its
+    brackets or a string open), or no such comma within 16 blocks, raises :class:`_NotAList`, and
+    the caller goes on where this stopped.
 
-    ``start`` > 0 and ``stop``: the items in bytes ``[start, stop)`` of the file only, where the
-    byte at ``start`` is the line end after an item's comma and ``stop`` follows one (a comma and
-    a line end): a share of the file (:func:`split_json_lines`)."""
+    ``start`` > 0 and ``stop``: only the items in bytes ``[start, stop)``, where the byte at
+    ``start`` is a comma between items and ``stop`` the position of the next such comma (or None:
+    the end of the file): a share of the file (:func:`split_json_lines`)."""
     with open(path, "rb") as f:
         f.seek(start)
         left = (os.fstat(f.fileno()).st_size if stop is None else stop) - start
-        buf, eof, pos, comma = bytearray(), False, 0 if start else -1, b",\n"
+        buf, eof, pos = bytearray(), False, 0 if start else -1
+        after_comma = start > 0  # the part begins at a comma between items, not at the list's "["
         while True:
             if not eof:
                 data = f.read(min(block, left))
@@ -488,49 +512,42 @@ def _chunked_list(
                     continue
                 if buf[pos] != ord("["):
                     raise _NotAList
-                newline = buf.find(b"\n")
-                comma = b",\r\n" if newline > 0 and buf[newline - 1] == ord("\r") else b",\n"
-            if eof and stop is None:  # the last part ends with the list's "]" (and white space)
-                after_comma = buf[pos] != ord("[")
+            if eof:
+                if stop is not None:  # a share ends at a comma between items: its last part
+                    buf += b"]"
                 buf[pos] = ord("[")
                 items = _decode_part(buf, pos, len(buf), fast)
                 if after_comma and not len(items):  # "...,]": a comma after the last item
                     raise _NotAList
                 yield items
                 return
-            cut = buf.rfind(comma, pos + 1)
+            cut = _last_item_comma(buf, pos + 1)
             if cut < 0:
-                if eof:  # the end of a share: nothing but the line end after its last comma
-                    if buf[pos + 1 :].strip():
-                        raise _NotAList
-                    return
-                if len(buf) > 16 * block:  # long lines: the streaming parser bounds memory
+                if len(buf) > 16 * block:  # no place to cut: the streaming parser bounds memory
                     raise _NotAList
                 continue
             buf[pos], buf[cut] = ord("["), ord("]")
             yield _decode_part(buf, pos, cut + 1, fast)
-            del buf[: cut + 1]
-            pos = 0  # the line end after the comma: the next part's "["
+            del buf[:cut]
+            pos, after_comma = 0, True  # the comma that ended this part: the next part's "["
 
 
 def split_json_lines(path: str | os.PathLike[str], parts: int) -> list[tuple[int, int]] | None:
-    """Byte ranges ``[start, stop)`` that cut a JSON list written one item per line (a comma and
-    a line end after each item but the last) into about ``parts`` equal shares, each cut just
-    after a comma and its line end; None where the file has no such line ends to cut at. The
+    """Byte ranges ``[start, stop)`` that cut a JSON list of objects (one per line, or
+    ``json.dump``'s one line) into about ``parts`` equal shares, each cut at a comma between two
+    items (the comma starts the next share); None where no such comma is found near a cut. The
     shares are read by :func:`iter_json_blocks` (``share=``)."""
     size = os.path.getsize(path)
     cuts = [0]
     with open(path, "rb") as f:
         for k in range(1, parts):
-            f.seek(max(size * k // parts, cuts[-1]))
+            f.seek(max(size * k // parts, cuts[-1] + 1))
             head = f.read(1 << 20)
-            at = head.find(b",\n")
+            at = _first_item_comma(head)
             if at < 0:
                 return None
-            cuts.append(f.tell() - len(head) + at + 1)  # the line end after the comma
-    if len(set(cuts)) < len(cuts):
-        return None
-    return [(a, b + 1 if b != size else b) for a, b in zip(cuts, [*cuts[1:], size])]
+            cuts.append(f.tell() - len(head) + at)
+    return [(a, b) for a, b in zip(cuts, [*cuts[1:], size])]
 
 
 def iter_json_blocks(
