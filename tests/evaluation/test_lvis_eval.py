@@ -346,3 +346,32 @@ def test_a_bad_detection_in_a_streamed_file_is_named_as_before(lt_gt, tmp_path, 
 
         want = mask_utils.merge(mask_utils.frPyObjects(poly["segmentation"], *hw))["counts"].decode()
         assert read_results(path, lt_gt, iou).counts == [want]
+
+
+def test_the_engines_mask_iou_does_not_read_the_rows_box(lt_gt, lt_results):
+    """The engine gets masks as rows of the results array plus their RLEs; the rows' boxes are
+    the detections' boxes or zeros (a file read for its masks alone). hotcoco's mask IoU must not
+    read them: the same precision with the masks' own boxes, the file's boxes and zeros. (Should
+    an upgrade start to, this fails, and engines._hotcoco_results must give the masks' boxes.)"""
+    import hotcoco
+
+    from simcal.data.results import as_detections
+    from simcal.evaluation.engines import gt_for_engine
+
+    stats = resolve_category_stats(lt_gt, "gt")
+    dets = as_detections(lt_results, lt_gt, ("bbox", "segm"))
+    segs = dets.segmentation()
+    area = np.asarray(hotcoco.mask.area(segs), dtype=np.float64)
+    coco_gt = hotcoco.COCO(gt_for_engine(lt_gt, stats))
+    precisions = []
+    for boxes in (np.asarray(hotcoco.mask.toBbox(segs)), dets.array[:, 1:5], np.zeros((len(dets), 4))):
+        array = dets.array.copy()
+        array[:, 1:5] = boxes
+        coco_dt = coco_gt.load_res(array, segmentation=segs)
+        coco_dt.update_anns(ids=np.arange(1, len(dets) + 1), area=area)
+        ev = hotcoco.COCOeval(coco_gt, coco_dt, "segm", lvis_style=True)
+        ev.evaluate()
+        ev.accumulate()
+        precisions.append(np.asarray(ev.eval["precision"]))
+    assert (precisions[0] > 0).any()
+    assert all(np.array_equal(precisions[0], p) for p in precisions[1:])

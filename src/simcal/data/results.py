@@ -91,15 +91,13 @@ class Detections:
 
     def segmentation(self) -> list[dict[str, Any]]:
         """The masks as RLE dicts ``{"size": [h, w], "counts": str}``, one per row (made when the
-        engine is called: the detections keep only the strings)."""
-        if self.counts is None:
+        engine is called: the detections keep only the strings); one size list per image size."""
+        if self.counts is None or self.sizes is None:
             raise ValueError("these detections have no masks")
-        sizes: dict[tuple[int, int], list[int]] = {}
-        out = []
-        for (h, w), counts in zip(self.sizes.tolist(), self.counts):  # type: ignore[union-attr]
-            size = sizes.setdefault((h, w), [h, w])  # one list per image size, shared
-            out.append({"size": size, "counts": counts})
-        return out
+        code = self.sizes[:, 0] * (1 << 32) + self.sizes[:, 1]
+        unique, inverse = np.unique(code, return_inverse=True)
+        lists = [[c >> 32, c & 0xFFFFFFFF] for c in unique.tolist()]
+        return [{"size": lists[i], "counts": c} for i, c in zip(inverse.reshape(-1).tolist(), self.counts)]
 
     def to_dicts(self) -> list[dict[str, Any]]:
         """One dict per detection: its ``bbox``, or with masks its ``segmentation`` alone (``counts``
