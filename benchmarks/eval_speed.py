@@ -210,11 +210,14 @@ def main() -> None:
         for rules in args.rules:
             for iou in args.iou:
                 runs = {}
+                res = files.get(iou, files["segm"])  # boundary IoU: the masks
                 for engine in args.engines:
-                    runs[engine, "lvis"] = run_worker(engine, rules, gts[rules], files[iou], iou, "lvis")
+                    if iou == "boundary" and engine != "simcal":
+                        continue  # hotcoco and the official APIs have no boundary IoU
+                    runs[engine, "lvis"] = run_worker(engine, rules, gts[rules], res, iou, "lvis")
                 if rules == "lvis" and "simcal" in args.engines:
                     for protocol in args.protocols:
-                        runs["simcal", protocol] = run_worker("simcal", rules, gts[rules], files[iou], iou, protocol)
+                        runs["simcal", protocol] = run_worker("simcal", rules, gts[rules], res, iou, protocol)
                 ref, hot = runs.get(("official", "lvis")), runs.get(("hotcoco", "lvis"))
                 for (engine, protocol), r in runs.items():
                     same = ref is not None and protocol == "lvis"

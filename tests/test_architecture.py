@@ -126,6 +126,8 @@ def test_every_choice_has_an_implementation_and_every_implementation_a_name():
         assert name == "ce" or losses.LOSS_CLASSES[name].activation == spec.classifier, name
     assert set(calibration._TRAINABLE) == set(choices.CALIBRATED_HEADS)
     assert {layers for kinds in calibration._TRAINABLE.values() for layers in kinds} == set(choices.LAYERS)
+    assert set(calibration._MADE) == set(calibration._TRAINABLE) == set(calibration.HEAD_CLASSES)
+    assert set(calibration.HEAD_CLASSES) == set(choices.CALIBRATED_HEADS)
     assert set(combine.COMBINERS) | {"det"} == set(choices.COMBINERS)
     assert set(combine.POSTHOC) == set(choices.POSTHOC)
     assert set(scoring.SCORER_KINDS) == set(choices.SCORERS)

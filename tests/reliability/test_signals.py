@@ -117,7 +117,7 @@ def test_train_and_calibrate_killed_at_random_moments(tiny_data, tmp_path):
     left, the last checkpoint readable, and the run resumes to its end."""
     rng = random.Random(28)
     cfg = write_config(tmp_path / "cfg.yaml", tiny_data, max_iter=6, checkpoint_period=1)
-    for i in range(2):  # four kills: two of training, two of calibration
+    for i in range(1):  # two kills: one of training, one of calibration (at a random moment each)
         run = tmp_path / f"run{i}"
         for argv in (
             ["train", "--config", str(cfg), "--out", str(run)],

@@ -63,6 +63,16 @@ _TRAINABLE: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+#: How each kind makes its layers: copies of the detector's trained ``(fc6, fc7, cls_score)``, or
+#: seeded random ones; and which of those layers it has (in the order a random init makes them).
+_MADE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "3fc_ft": ("copy", ("fc6", "fc7", "cls_score")),
+    "ncm": ("copy", ("fc6", "fc7")),
+    "3fc_rand": ("random", ("fc6", "fc7", "cls_score")),
+    "2fc_rand": ("random", ("fc6", "cls_score")),
+}
+
+
 def _check_choice(kind: str, layers: str) -> None:
     if kind not in choices.CALIBRATED_HEADS:
         raise InputError(
@@ -142,31 +152,29 @@ class CalibratedHead(nn.Module):
         self.representation_size = representation_size
         self.num_outputs = num_outputs
         self.scale = NCM_SCALE
-        self.activation = Softmax() if activation is None or kind == "ncm" else activation
+        self.activation = Softmax() if activation is None or not self.uses_classifier else activation
 
-        if kind in ("3fc_ft", "ncm"):
+        made, names = _MADE[kind]
+        if made == "copy":
             if source is None:
                 raise ValueError(f"kind {kind!r} copies the trained layers: pass source=(fc6, fc7, cls_score)")
-            fc6, fc7, cls = (copy.deepcopy(m) for m in source)
-            self.fc6, self.fc7 = fc6, fc7
-            if kind == "3fc_ft":
-                self.cls_score = cls
+            trained = dict(zip(("fc6", "fc7", "cls_score"), source))
+            fcs = [copy.deepcopy(trained[name]) for name in names]
         else:
-            shapes = [(in_features, representation_size)]
-            if kind == "3fc_rand":
-                shapes.append((representation_size, representation_size))
-            shapes.append((representation_size, num_outputs))
+            dims = {
+                "fc6": (in_features, representation_size),
+                "fc7": (representation_size, representation_size),
+                "cls_score": (representation_size, num_outputs),
+            }
             # A private RNG stream: the same seed gives the same head, and the global RNG is untouched.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                fcs = [nn.Linear(i, o) for i, o in shapes]
+                fcs = [nn.Linear(*dims[name]) for name in names]
             if source is not None:
                 ref = source[0].weight
                 fcs = [fc.to(device=ref.device, dtype=ref.dtype) for fc in fcs]
-            self.fc6 = fcs[0]
-            if kind == "3fc_rand":
-                self.fc7 = fcs[1]
-            self.cls_score = fcs[-1]
+        for name, fc in zip(names, fcs):
+            setattr(self, name, fc)
 
         self._buffers_of_kind()
         trainable = set(_TRAINABLE[kind][layers])
@@ -178,6 +186,20 @@ class CalibratedHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, layers={self.layers!r}"
+
+    #: scores with the detector's (or a decoupled loss's) classifier; False: its own softmax
+    uses_classifier: bool = True
+
+    @classmethod
+    def num_logits(cls, classifier: Activation, num_classes: int) -> int:
+        """``K``, the head's outputs for ``num_classes`` foreground classes under ``classifier``."""
+        return classifier.num_logits(num_classes)
+
+    @property
+    def copies_classifier(self) -> bool:
+        """The class-score layer is a copy of the detector's (``3fc_ft``)."""
+        made, names = _MADE[self.kind]
+        return made == "copy" and "cls_score" in names
 
     # ------------------------------------------------------------------ the calibration loop's hooks
     #: the loop computes the detector's box-head features of the RoIs for :meth:`observe`
@@ -248,6 +270,11 @@ class NCMHead(CalibratedHead):
 
     needs_box_feats = True
     takes_snapshots = False  # the means exist only once the sums are complete
+    uses_classifier = False  # a softmax over its cosine logits
+
+    @classmethod
+    def num_logits(cls, classifier: Activation, num_classes: int) -> int:
+        return num_classes + 1  # a mean per class and the background's
 
     def _buffers_of_kind(self) -> None:
         ref = self.fc6.weight
@@ -428,20 +455,20 @@ def build_calibrated_head(
     _check_choice(kind, layers)
     fc6, fc7, cls = _source_layers(roi_heads, stage)
     predictor = _stage_parts(roi_heads, stage)[1]
-    own = predictor.activation
-    if classifier is None or kind == "ncm" or _same_classifier(classifier, own):
+    own, head_class = predictor.activation, HEAD_CLASSES[kind]
+    if classifier is None or not head_class.uses_classifier or _same_classifier(classifier, own):
         classifier = own
-    head = HEAD_CLASSES[kind](
+    head = head_class(
         kind,
         in_features=fc6.in_features,
         representation_size=fc6.out_features,
-        num_outputs=predictor.num_classes + 1 if kind == "ncm" else classifier.num_logits(predictor.num_classes),
+        num_outputs=head_class.num_logits(classifier, predictor.num_classes),
         layers=layers,
         seed=seed,
         source=(fc6, fc7, cls),
         activation=classifier,
     )
-    if classifier is not own and kind == "3fc_ft":
+    if classifier is not own and head.copies_classifier:
         head.cls_score = _transplanted(cls, own, classifier, predictor.num_classes, seed)
         head.cls_score.requires_grad_(True)
     return head
