@@ -135,7 +135,7 @@ def test_iter_json_blocks_reads_lines_a_part_at_a_time_and_any_layout_as_iter_js
         if name == "lines" and block == 64:
             assert 1 < len(blocks) < len(items)  # parts of several lines each
     plain = [{"id": i, "v": [i, 0.5]} for i in range(40)]
-    tricky = [{"id": i, "s": "}, {\\\"", "v": [i, {"w": i}]} for i in range(40)]  # "}, {" in strings, nested
+    tricky = [{"id": i, "s": '}, {\\"', "v": [i, {"w": i}]} for i in range(40)]  # "}, {" in strings, nested
     for dump in (json.dumps, lambda x: json.dumps(x, separators=(",", ":"))):  # json.dump's one line
         path.write_text(dump(plain))
         blocks = list(iter_json_blocks(path, block=block))
