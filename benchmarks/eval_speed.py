@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--iou", nargs="+", default=["bbox", "segm"])
     ap.add_argument("--rules", nargs="+", default=["lvis", "coco"], help="lvis json, or the same as plain COCO json")
     ap.add_argument("--engines", nargs="+", default=["simcal", "hotcoco", "official"])
-    ap.add_argument("--protocols", nargs="+", default=["fixed", "pool"], help="simcal's other protocols (LVIS json)")
+    ap.add_argument("--protocols", nargs="*", default=["fixed", "pool"], help="simcal's other protocols (LVIS json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the table as json here")
     ap.add_argument("--scale", choices=["small", "lvis_v1"], default="small", help="lvis_v1: LVIS v1 val's size")

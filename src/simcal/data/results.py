@@ -1,17 +1,19 @@
 """Detection results files read into columns, validated as whole columns.
 
 A results file is a JSON list of ``{image_id, category_id, score, bbox, segmentation}``
-(``simcal predict`` writes one detection per line). It is read here into :class:`Detections`:
-an ``(N, 7)`` float64 array ``[image_id, x, y, width, height, score, category_id]`` (the
-evaluation engine's array form) and, for masks, each detection's compressed RLE string (ASCII,
-one compact ``str`` each: no dict per detection). LVIS v1 val's 19,809 images x 300 detections take a few hundred
-MB of columns plus the RLE strings, where the same detections as Python dicts take several GB.
+(``simcal predict`` writes one detection per line; ``json.dump`` one line). It is read here into
+:class:`Detections`: an ``(N, 7)`` float64 array ``[image_id, x, y, width, height, score,
+category_id]`` (the evaluation engine's array form) and, for masks, each detection's compressed
+RLE string (ASCII, one compact ``str`` each: no dict per detection). LVIS v1 val's 19,809 images x
+300 detections with masks take about 2 GB this way, where Python dicts take several times that.
 
-The file is parsed a block at a time (:func:`simcal.io.iter_json_blocks`, orjson where the
-layout allows); each block's columns are checked with numpy (ids, finite numbers, box sizes, RLE
-sizes). A block that fails a column check, or holds anything the columns cannot take (a missing
-key, a bool, a polygon), is checked again detection by detection with :func:`validate_results`'
-checks: the error names the file, the detection's position and the field, as before.
+The file is read a part at a time (:func:`simcal.io.iter_json_blocks`), each part decoded by
+msgspec straight into typed records (:meth:`_Columns.typed`) and checked as columns with numpy
+(ids, finite numbers, box sizes, RLE sizes); a file of :data:`PARALLEL_READ_BYTES` or more by two
+processes. A part that fails a column check, or holds anything the records cannot take (a
+missing key, a bool, a polygon), is checked again detection by detection with
+:func:`validate_results`' checks: the error names the file, the detection's position and the
+field, as before.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ class Detections:
     ``counts`` the ``N`` compressed RLE strings of the masks (ASCII ``str``, pycocotools'
     ``counts`` as a results file holds them; ``None``: boxes only) and
     ``sizes`` ``(N, 2)`` int64 their ``[height, width]`` (each its image's). ``boxes``: whether
-    the array's box columns hold the detections' boxes (read for masks alone they are zero: the
-    engine takes a mask's box from the mask).
+    the array's box columns hold the detections' boxes (read for masks alone they are zero; the
+    engine's mask IoU does not read them).
     """
 
     array: np.ndarray
@@ -76,10 +78,6 @@ class Detections:
     def scores(self) -> np.ndarray:
         """``(N,)`` float64."""
         return self.array[:, 5]
-
-    @property
-    def has_masks(self) -> bool:
-        return self.counts is not None
 
     def take(self, index: np.ndarray) -> Detections:
         """The detections at ``index`` (ascending positions or a boolean mask), in that order."""
@@ -239,7 +237,7 @@ class _Columns:
                 boxes = itertools.chain.from_iterable(map(attrgetter("bbox"), records))
                 rows[:, 1:5] = np.fromiter(boxes, np.float64, 4 * n).reshape(n, 4)
             else:
-                rows[:, 1:5] = 0.0  # the engine takes a mask's box from the mask
+                rows[:, 1:5] = 0.0  # read for masks alone: no boxes (the mask IoU does not read them)
             if self.masks:
                 masks = list(map(attrgetter("segmentation"), records))
                 sizes = np.fromiter(itertools.chain.from_iterable(map(attrgetter("size"), masks)), np.int64, 2 * n)
@@ -300,7 +298,7 @@ class _Columns:
                     return None
                 rles = list(counts)
             if not self.boxes:
-                rows[:, 1:5] = 0.0  # the engine takes a mask's box from the mask
+                rows[:, 1:5] = 0.0  # read for masks alone: no boxes (the mask IoU does not read them)
             else:
                 boxes = list(map(itemgetter("bbox"), items))
                 if set(map(type, boxes)) != {list} or set(map(len, boxes)) != {4}:
