@@ -15,7 +15,7 @@ from simcal.data.samplers import BiLevelSampler
 from simcal.data.stats import class_instance_counts
 from simcal.engine import calibrate as cal_mod
 from simcal.engine.calibrate import calibrate
-from simcal.engine.calibration_batches import calibration_batch
+from simcal.engine.calibration_batches import calibration_batches
 from simcal.engine.checkpoint import load_model
 from simcal.engine.feature_cache import FrozenDetector
 from simcal.modeling.calibration import load_head
@@ -74,7 +74,7 @@ def test_bilevel_batch_keeps_only_the_sampled_class_and_one_to_one_background(ru
     ds = DetectionDataset(train, cfg.data.train_images, label_map=label_map, with_masks=False)
     frozen = FrozenDetector(model, ds, cache_mb=100, device=torch.device("cpu"))
     draws = BiLevelSampler(train, classes_per_batch=6, seed=0).batch(0)
-    batch = calibration_batch(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1, box_feats=True)
+    batch = calibration_batches(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1, box_feats=True)[0]
     labels, slot = batch.labels, batch.slot
     fg = labels > 0
     assert fg.sum() > 0
@@ -94,7 +94,7 @@ def test_bilevel_batch_keeps_only_the_sampled_class_and_one_to_one_background(ru
     assert dropped > 0, "no sampled image yields RoIs of another class: the test checks nothing"
     # the frozen part was computed once per (image, flip) and is served from the cache afterwards
     misses = frozen.misses
-    calibration_batch(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1)
+    calibration_batches(frozen, draws, [False] * 6, list(range(6)), label_map, bg_seed=1)
     assert frozen.misses == misses and frozen.hits >= 6
 
 
@@ -112,9 +112,9 @@ def test_a_process_share_of_a_batch_is_its_slots_of_the_one_process_batch(run, m
     counts = {}
     real = cal_mod.dist_utils.all_reduce_sum
     monkeypatch.setattr(cal_mod.dist_utils, "all_reduce_sum", lambda t: counts.setdefault("all", real(t)))
-    whole = calibration_batch(*args, box_feats=True)  # the first call records the whole batch's counts
+    whole = calibration_batches(*args, box_feats=True)[0]  # the first call records the whole batch's counts
     assert whole.total == whole.labels.numel() and whole.fg == whole.bg > 0
-    parts = [calibration_batch(*args, box_feats=True, mine=m) for m in ([0, 3, 4], [1, 2, 5], [])]
+    parts = [calibration_batches(*args, box_feats=True, mine=m)[0] for m in ([0, 3, 4], [1, 2, 5], [])]
     for part in parts:
         assert (part.total, part.fg, part.bg) == (whole.total, whole.fg, whole.bg)
     assert parts[2].labels.numel() == 0 and parts[2].pooled.shape[1:] == whole.pooled.shape[1:]

@@ -526,11 +526,11 @@ def read_results(
     child reads the second half); default: 2 for a file of :data:`PARALLEL_READ_BYTES` or more
     where this process can fork (:func:`_can_fork`), else 1. The columns are the same either way;
     a share with anything unusual in it makes the whole file be read in one process."""
+    require_file(Path(path))
     columns = _Columns(dataset, str(path), _ious(iou))
     if processes is None:
         processes = 2 if _can_fork() and os.path.getsize(path) >= PARALLEL_READ_BYTES else 1
     if processes > 1:
-        require_file(Path(path))
         with collector_paused():
             got = _read_in_two(path, columns, block)
         if got is not None:

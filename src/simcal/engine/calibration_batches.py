@@ -46,21 +46,6 @@ class CalibrationBatch:
     bg: int = 0
 
 
-def calibration_batch(
-    frozen: FrozenDetector,
-    draws: list[tuple[int, int | None]],
-    flips: list[bool],
-    seeds: list[int],
-    label_map: LabelMap,
-    bg_seed: int,
-    step: int | None = None,
-    box_feats: bool = False,
-    mine: list[int] | None = None,
-) -> CalibrationBatch | None:
-    """The RoIs of one calibration step for a one-stage detector (:func:`calibration_batches`'s only batch)."""
-    return calibration_batches(frozen, draws, flips, seeds, label_map, bg_seed, step, box_feats, mine)[0]
-
-
 def calibration_batches(
     frozen: FrozenDetector,
     draws: list[tuple[int, int | None]],

@@ -23,7 +23,7 @@ from simcal.data.stats import BIN_PRESETS, category_stats
 from simcal.errors import InputError
 from simcal.evaluation.diagnostics import ERROR_TYPES, comparison_rows
 from simcal.formatting import pct
-from simcal.io import atomic_open, iter_json_list, read_json, read_log, write_json, writes_run
+from simcal.io import atomic_open, iter_json_blocks, read_json, read_log, write_json, writes_run
 from simcal.report import figures, plots
 from simcal.report.gallery import gallery, pick_images, rare_hits, spread
 from simcal.report.tables import html_table, img
@@ -56,16 +56,19 @@ def _head_name(tag: HeadTag) -> str:
 def read_results(path: Path, image_ids: Iterable[int]) -> dict[int, list[dict[str, Any]]]:
     """The detections of ``image_ids`` in an LVIS results file, per image id.
 
-    The file is read a part at a time (:func:`simcal.io.iter_json_list`: bounded memory on
+    The file is read a part at a time (:func:`simcal.io.iter_json_blocks`: bounded memory on
     LVIS-size files); a malformed one is an :class:`InputError` naming it.
     """
     wanted = set(image_ids)
     out: dict[int, list[dict[str, Any]]] = {i: [] for i in wanted}
-    for i, r in enumerate(iter_json_list(path, "results must be a list of detections")):
-        if not isinstance(r, dict) or "image_id" not in r:
-            raise InputError(path, f"[{i}]", "expected a detection with an image_id")
-        if r["image_id"] in wanted:
-            out[r["image_id"]].append(r)
+    start = 0
+    for block in iter_json_blocks(path, "results must be a list of detections"):
+        for i, r in enumerate(block, start):
+            if not isinstance(r, dict) or "image_id" not in r:
+                raise InputError(path, f"[{i}]", "expected a detection with an image_id")
+            if r["image_id"] in wanted:
+                out[r["image_id"]].append(r)
+        start += len(block)
     return out
 
 
