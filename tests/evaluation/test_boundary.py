@@ -201,19 +201,21 @@ def test_boundary_from_the_cli_and_its_refusals(gt, results, write_json, tmp_pat
     assert capsys.readouterr().err.strip() == "simcal: error: --dets-per-class: dets_per_class: must be >= 1, got 0"
 
 
-def test_pooling_by_virtual_images_is_ap_pool(gt, results):
-    """AP-pool for an engine without per-image matches: every (image, class) pair becomes an image
-    and the pool's classes one class. With mask IoU on faster-coco-eval it equals AP-pool from
-    hotcoco's per-image matches, every group key; with boundary IoU it is the boundary AP-pool."""
-    from simcal.evaluation.engines import pooled_by_virtual_images
-    from simcal.evaluation.protocols import cap_per_class, lvis_kept
+def test_pools_on_faster_coco_eval_equal_hotcocos(gt, results):
+    """Boundary AP-pool's engine (faster-coco-eval, no re-accumulation over image subsets) runs
+    every partition's virtual images as categories of one run. With mask IoU it gives hotcoco's
+    AP-pool (one partition, re-accumulated per group), every group key; with boundary IoU it is
+    the boundary AP-pool, per class AP-fixed's."""
+    from simcal.data.results import as_detections
+    from simcal.evaluation import engines
+    from simcal.evaluation.protocols import pool_partitions, pooled_metrics
 
     stats = resolve_category_stats(gt, "gt", edges=EDGES)
     pool = evaluate(gt, results, "segm", stats, EDGES, protocol="pool", dets_per_class=K)
-    fixed = cap_per_class(results, K)
-    keys = ("image_id", "category_id", "score", "segmentation")
-    dets = [{k: fixed[i][k] for k in keys} for i in lvis_kept(fixed, gt, -1)]
-    mine = pooled_by_virtual_images(gt, dets, stats, len(EDGES) + 1, "segm", True, K)
+    kept = engines.kept_detections(as_detections(results, gt, "segm"), gt, True, "pool", K)
+    pool_of, keys = pool_partitions(stats, len(EDGES) + 1)
+    virtual_gt, virtual, _ = engines.virtual_pools(engines.gt_for_engine(gt, stats), kept, pool_of, len(keys), True)
+    mine = pooled_metrics(engines._fce_precision(virtual_gt, virtual.to_dicts(), "segm", True, [K], 0.02), keys)
     assert set(mine) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"}
     for key, value in mine.items():
         theirs = pool.metrics[key]

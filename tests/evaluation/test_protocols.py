@@ -40,6 +40,8 @@ def _reference_cap(results, k):
 def test_cap_per_class_is_the_definition(results):
     assert cap_per_class(results, K) == _reference_cap(results, K)
     assert cap_per_class(results, 10**9) == results and cap_per_class([], K) == []
+    far = [{**d, "category_id": d["category_id"] + 10**12} for d in results]  # ids past a counting table
+    assert [d["score"] for d in cap_per_class(far, K)] == [d["score"] for d in _reference_cap(results, K)]
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
@@ -116,6 +118,59 @@ def test_a_pool_of_one_class_is_that_class_ap(gt, results):
         assert ours.metrics[f"AP{b + 1}"] == pytest.approx(only["AP"], abs=1e-12)
     assert ours.metrics["AP"] != pytest.approx(fixed.metrics["AP"])  # pooled over 30 classes: another number
     assert np.isfinite(ours.metrics["AP"]) and 0 < ours.metrics["AP"] < 1
+
+
+def official_pooled(gt, results, iou_type, stats, num_bins, monkeypatch):
+    """AP-pool as the authors' LVISPooledEval (large-vocab-devil) has it: the official LVIS API's
+    (lvis 0.5.3) per-(class, area, image) matches of AP-fixed's detections, each pool's entries
+    handed to the API's own accumulation as if they were one class's. ``{key: AP-pool}``."""
+    ev = official_lvis(gt, _reference_cap(results, K), iou_type, monkeypatch, max_dets=-1)
+    p = ev.params
+    cat_ids, num_a, num_i = list(p.cat_ids), len(p.area_rng), len(p.img_ids)
+    by_id = {s.id: s for s in stats}
+    pools = [cat_ids, *([c for c in cat_ids if by_id[c].frequency == g] for g in "rcf")]
+    pools += [[c for c in cat_ids if by_id[c].bin == b] for b in range(num_bins)]
+
+    def entries(cats, a):
+        starts = [cat_ids.index(c) * num_a * num_i + a * num_i for c in cats]
+        return [e for s in starts for e in ev.eval_imgs[s : s + num_i] if e is not None]
+
+    width = max(len(entries(cats, a)) for cats in pools for a in range(num_a))
+    table = []
+    for cats in pools:
+        for a in range(num_a):
+            got = entries(cats, a)
+            table += got + [None] * (width - len(got))
+    p.cat_ids, p.img_ids, ev.eval_imgs = list(range(len(pools))), list(range(width)), table
+    ev.accumulate()
+    prec = ev.eval["precision"]  # [T, R, pool, A]
+
+    def mean(x):
+        return float(x[x > -1].mean()) if (x > -1).any() else None
+
+    out = {"AP": mean(prec[:, :, 0, 0]), "AP50": mean(prec[0, :, 0, 0]), "AP75": mean(prec[5, :, 0, 0])}
+    out.update({key: mean(prec[:, :, 0, a]) for a, key in enumerate(("APs", "APm", "APl"), start=1)})
+    keys = ["APr", "APc", "APf", *(f"AP{b + 1}" for b in range(num_bins))]
+    out.update({key: mean(prec[:, :, j, 0]) for j, key in enumerate(keys, start=1)})
+    return out
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_ap_pool_equals_the_official_apis_matches_pooled(gt, results, iou_type, monkeypatch):
+    """AP-pool (one engine run on virtual images, each group re-accumulated over its classes'
+    images) equals the official API's own matches pooled per group, every key; per class it is
+    AP-fixed's."""
+    stats = resolve_category_stats(gt, "gt", edges=EDGES)
+    ours = evaluate(gt, results, iou_type, stats, EDGES, protocol="pool", dets_per_class=K)
+    theirs = official_pooled(gt, results, iou_type, stats, len(EDGES) + 1, monkeypatch)
+    assert set(theirs) == {k for k in ours.metrics}
+    for key, value in theirs.items():
+        assert (ours.metrics[key] if ours.metrics[key] is not None else -1.0) == pytest.approx(
+            value if value is not None else -1.0, abs=1e-12
+        ), key
+    assert sum(v is None for v in theirs.values()) < 2  # the groups are there to compare
+    fixed = evaluate(gt, results, iou_type, stats, EDGES, protocol="fixed", dets_per_class=K)
+    assert ours.per_class == fixed.per_class and ours.metrics["AP"] != pytest.approx(fixed.metrics["AP"])
 
 
 def _has_gt(gt, cid):

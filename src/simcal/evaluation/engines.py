@@ -7,10 +7,15 @@ dict per detection. Before it, the protocol's caps and the federated rule are ap
 columns (:mod:`simcal.evaluation.protocols`), so the engine matches only what is evaluated; it
 still ignores the unmatched detections of a not-exhaustive class itself. A mask's box and area are
 the mask's (as lvis-api and pycocotools take them for a result without ``bbox``).
+
+AP-pool's pools are evaluated as categories of virtual images (:func:`virtual_pools`): one per
+(image, class) pair, so that matching stays per class while the engine's accumulation pools.
 """
 
 from __future__ import annotations
 
+import itertools
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -19,7 +24,13 @@ from simcal.choices import BOUNDARY_DILATION
 from simcal.data.annotations import collector_paused
 from simcal.data.results import Detections
 from simcal.data.stats import CategoryStat
-from simcal.evaluation.protocols import cap_per_class, lvis_kept, per_image_cap
+from simcal.evaluation.protocols import (
+    cap_per_class,
+    lvis_kept,
+    per_image_cap,
+    pool_partitions,
+    pooled_metrics,
+)
 
 
 def gt_for_engine(gt: dict[str, Any], stats: list[CategoryStat]) -> dict[str, Any]:
@@ -59,6 +70,33 @@ def _hotcoco_results(coco_gt: Any, dets: Detections, iou_type: str) -> Any:
     return coco_dt
 
 
+def _hotcoco_eval(
+    engine_gt: dict[str, Any], dets: Detections, iou_type: str, lvis_rules: bool, max_dets: list[int]
+) -> Any:
+    """hotcoco's evaluator of ``dets`` against ``engine_gt`` after its per-image matching
+    (``evaluate()``); ``max_dets``: the engine's (:func:`_max_dets`)."""
+    import hotcoco
+
+    with collector_paused():
+        coco_gt = hotcoco.COCO(engine_gt)
+        coco_dt = _hotcoco_results(coco_gt, dets, iou_type)
+        if lvis_rules:  # capped already: marked so, or the engine's diagnostics cap at 300 again
+            coco_dt = coco_dt.cap_detections_per_image(None)
+        ev = hotcoco.COCOeval(coco_gt, coco_dt, iou_type, lvis_style=lvis_rules)
+        ev.params.max_dets = max_dets
+        ev.evaluate()
+    return ev
+
+
+def _max_dets(protocol: str, lvis_rules: bool, dets_per_class: int) -> list[int]:
+    """The engine's max-dets per (image, class), the largest last: AP-fixed's per-class cap (all
+    of a class's detections in an image), else the per-image one; COCO's 1 and 10 before 100."""
+    if protocol != "lvis":
+        return [dets_per_class]
+    cap = per_image_cap(protocol, lvis_rules)
+    return [cap] if lvis_rules else [1, 10, cap]
+
+
 def engine_eval(
     gt: dict[str, Any],
     dets: Detections,
@@ -72,50 +110,102 @@ def engine_eval(
     """hotcoco's evaluator after its per-image matching (``evaluate()``) of the detections the
     protocol keeps (:func:`kept_detections`), and their number. ``iou_type``: ``bbox`` or ``segm``;
     the categories' ``frequency`` (the engine's r/c/f) is taken from ``stats``."""
-    import hotcoco
-
-    fixed = protocol != "lvis"
     kept = kept_detections(dets, gt, lvis_rules, protocol, dets_per_class)
+    max_dets = _max_dets(protocol, lvis_rules, dets_per_class)
+    return _hotcoco_eval(gt_for_engine(gt, stats), kept, iou_type, lvis_rules, max_dets), len(kept)
+
+
+def precision(
+    gt: dict[str, Any],
+    dets: Detections,
+    iou_type: str,
+    stats: list[CategoryStat],
+    *,
+    lvis_rules: bool,
+    protocol: str,
+    dets_per_class: int,
+    pool_bins: int | None = None,
+    dilation: float = BOUNDARY_DILATION,
+) -> tuple[np.ndarray, int, dict[str, float | None] | None]:
+    """The engine's precision ``[T, R, K, A]`` (IoU thresholds x recall thresholds x classes in id
+    order x area ranges, at the largest max-dets) of the detections the protocol keeps, their
+    number, and with ``pool_bins`` (the number of instance bins) AP-pool's metrics: hotcoco for
+    ``bbox`` and ``segm``, faster-coco-eval for ``boundary`` (:func:`boundary_precision`, bands of
+    ``dilation`` x the image diagonal).
+
+    AP-pool is a second run on the pools' virtual images (:func:`virtual_pools`) with one category
+    for all classes: its precision gives AP, AP50, AP75 and the sizes; the engine's re-accumulation
+    of that run over the virtual images of each group's (and bin's) classes (``slice_by``, no IoU
+    recomputed) gives each group's pooled AP."""
+    if iou_type == "boundary":
+        return boundary_precision(
+            gt,
+            dets,
+            stats,
+            lvis_rules=lvis_rules,
+            protocol=protocol,
+            dets_per_class=dets_per_class,
+            pool_bins=pool_bins,
+            dilation=dilation,
+        )
+    kept = kept_detections(dets, gt, lvis_rules, protocol, dets_per_class)
+    max_dets = _max_dets(protocol, lvis_rules, dets_per_class)[-1:]  # the precision read: COCO's 1 and 10 unused
+    engine_gt = gt_for_engine(gt, stats)
     with collector_paused():
-        coco_gt = hotcoco.COCO(gt_for_engine(gt, stats))
-        coco_dt = _hotcoco_results(coco_gt, kept, iou_type)
-        if lvis_rules:  # capped already: marked so, or the engine's diagnostics cap at 300 again
-            coco_dt = coco_dt.cap_detections_per_image(None)
-        ev = hotcoco.COCOeval(coco_gt, coco_dt, iou_type, lvis_style=lvis_rules)
-        per_pair = dets_per_class if fixed else per_image_cap(protocol, lvis_rules)  # per (image, class)
-        ev.params.max_dets = [per_pair] if lvis_rules or fixed else [1, 10, per_pair]
-        ev.evaluate()
-    return ev, len(kept)
+        ev = _hotcoco_eval(engine_gt, kept, iou_type, lvis_rules, max_dets)
+        ev.accumulate()
+        out = np.asarray(ev.eval["precision"])[..., -1]
+        pooled = None
+        if pool_bins is not None:
+            pool_of, keys = pool_partitions(stats, pool_bins)
+            virtual_gt, virtual, image_class = virtual_pools(engine_gt, kept, pool_of[:, :1], 1, lvis_rules)
+            ev = _hotcoco_eval(virtual_gt, virtual, iou_type, lvis_rules, max_dets)
+            ev.accumulate()
+            pooled = pooled_metrics(np.asarray(ev.eval["precision"])[..., -1], keys[:1])
+            image_ids = np.array([im["id"] for im in virtual_gt["images"]], dtype=np.int64)
+            member = pool_of[image_class]  # [V, 3]: each virtual image's class's pools
+            slices = {key: image_ids[(member == p).any(axis=1)].tolist() for p, key in enumerate(keys) if p}
+            for key, got in ev.slice_by({k: v for k, v in slices.items() if v}).items():
+                if key in slices:
+                    pooled[key] = got["AP"] if got["AP"] >= 0 else None
+            pooled.update({key: None for key, v in slices.items() if not v})
+    return out, len(kept), pooled
 
 
 def boundary_precision(
     gt: dict[str, Any],
     dets: Detections,
     stats: list[CategoryStat],
+    *,
     lvis_rules: bool,
     protocol: str,
     dets_per_class: int,
+    pool_bins: int | None = None,
     dilation: float = BOUNDARY_DILATION,
-    num_bins: int = 0,
 ) -> tuple[np.ndarray, int, dict[str, float | None] | None]:
-    """Boundary-IoU precision ``[T, R, K, A]`` (as :func:`engine_eval`'s accumulated one), the
-    number of detections matched, and for ``protocol="pool"`` the pooled group metrics
-    (:func:`pooled_by_virtual_images`, ``num_bins`` bins), on faster-coco-eval.
+    """:func:`precision` with boundary IoU, on faster-coco-eval: the precision ``[T, R, K,
+    A]``, the number of detections matched and with ``pool_bins`` AP-pool's metrics
+    (:func:`~simcal.evaluation.protocols.pooled_metrics`; every partition's virtual images,
+    :func:`virtual_pools`, as categories of the same run: the engine cannot re-accumulate over
+    image subsets).
 
     Boundary IoU (Cheng et al. 2021, the official boundary-iou-api): the IoU of the two masks'
     boundary bands (each mask minus its erosion by ``round(dilation * image diagonal)`` pixels,
     zero outside the image), taken as ``min(mask IoU, band IoU)``; a crowd region keeps mask IoU.
     The protocol's detections (:func:`kept_detections`) go to the engine as dicts.
     """
-    fixed = protocol != "lvis"
-    given = kept_detections(dets, gt, lvis_rules, protocol, dets_per_class).to_dicts()
-    per_pair = dets_per_class if fixed else per_image_cap(protocol, lvis_rules)
-    engine_gt = gt_for_engine(gt, stats)
-    precision = _fce_precision(engine_gt, given, "boundary", lvis_rules, per_pair, fixed, dilation)
-    pooled = None
-    if protocol == "pool":
-        pooled = pooled_by_virtual_images(gt, given, stats, num_bins, "boundary", lvis_rules, per_pair, dilation)
-    return precision, len(given), pooled
+    kept = kept_detections(dets, gt, lvis_rules, protocol, dets_per_class)
+    max_dets = _max_dets(protocol, lvis_rules, dets_per_class)[-1:]
+    engine_gt, given, keys = gt_for_engine(gt, stats), kept, []
+    if pool_bins is not None:
+        pool_of, keys = pool_partitions(stats, pool_bins)
+        virtual_gt, virtual, _ = virtual_pools(engine_gt, kept, pool_of, len(keys), lvis_rules)
+        engine_gt = {key: engine_gt[key] + virtual_gt[key] for key in ("images", "annotations", "categories")}
+        given = Detections.concatenate([kept, virtual])
+    out = _fce_precision(engine_gt, given.to_dicts(), "boundary", lvis_rules, max_dets, dilation)
+    num_classes = len(gt["categories"])
+    pooled = pooled_metrics(out[:, :, num_classes:], keys) if pool_bins is not None else None
+    return out[:, :, :num_classes], len(kept), pooled
 
 
 def _fce_precision(
@@ -123,12 +213,11 @@ def _fce_precision(
     dets: list[dict[str, Any]],
     iou_type: str,
     lvis_rules: bool,
-    per_pair: int,
-    fixed: bool,
+    max_dets: list[int],
     dilation: float,
 ) -> np.ndarray:
-    """faster-coco-eval's precision ``[T, R, K, A]`` at its largest max-dets (``per_pair`` per
-    image and class), on copies of ``engine_gt`` and ``dets`` (fields as the engine reads them; it
+    """faster-coco-eval's precision ``[T, R, K, A]`` at its largest max-dets (``max_dets``:
+    :func:`_max_dets`), on copies of ``engine_gt`` and ``dets`` (fields as the engine reads them; it
     writes RLEs into what it is given)."""
     from faster_coco_eval import COCO as FCOCO
     from faster_coco_eval import COCOeval_faster
@@ -148,7 +237,7 @@ def _fce_precision(
             boundary_dilation_ratio=dilation,
             boundary_cpu_count=1,
         )
-        ev.params.maxDets = [per_pair] if lvis_rules or fixed else [1, 10, per_pair]
+        ev.params.maxDets = max_dets
         ev.evaluate()
         ev.accumulate()
     return np.asarray(ev.eval["precision"])[..., -1]
@@ -171,79 +260,66 @@ def _no_detections(gt: dict[str, Any]) -> np.ndarray:
     return np.broadcast_to(out, (10, 101, len(cat_ids), 4)).copy()
 
 
-def _virtual_pools(
-    gt: dict[str, Any], dets: list[dict[str, Any]], pool_of: dict[int, int], lvis_rules: bool
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Ground truth and detections in which every (image, class) pair is an image of its own and
-    every class is relabelled ``pool_of[class]``: matching stays within a class (one class per
-    image), while the engine's accumulation of a pool id pools the true and false positives of
-    its classes over their images, which is AP-pool. The pair's image keeps its size; the image's
-    negative and not-exhaustive classes become their pairs' negative / not-exhaustive pool id."""
-    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
-    neg = {im["id"]: set(im.get("neg_category_ids", ())) for im in gt["images"]}
-    nel = {im["id"]: set(im.get("not_exhaustive_category_ids", ())) for im in gt["images"]}
-    pairs: dict[tuple[int, int], int] = {}
+def virtual_pools(
+    engine_gt: dict[str, Any], dets: Detections, pool_of: np.ndarray, num_pools: int, lvis_rules: bool
+) -> tuple[dict[str, Any], Detections, np.ndarray]:
+    """AP-pool's pools as categories of virtual images, for an engine to accumulate.
 
-    def pair(image_id: int, cat: int) -> int:
-        return pairs.setdefault((image_id, cat), len(pairs) + 1)
+    For each partition of the classes (``pool_of`` ``(K, Q)``: class ``k``'s pool in partition
+    ``q``, K in category id order), every (image, class) pair that holds ground truth or a
+    detection is copied as a virtual image of its own, its class relabelled as its pool: a
+    category after every class, id ``max class id + 1 + pool`` (pools ``0..num_pools-1``, each a
+    category even without classes). Matching stays within a class
+    (one class per virtual image), while the engine's accumulation of a pool pools the true and
+    false positives of its classes over their images, which is AP-pool. A virtual image keeps its
+    image's size; under LVIS rules the pair's class being one of the image's negative or
+    not-exhaustive classes makes the pool one of the virtual image's.
 
-    anns = [
-        {**a, "image_id": pair(a["image_id"], a["category_id"]), "category_id": pool_of[a["category_id"]]}
-        for a in gt["annotations"]
-    ]
-    for image_id, cats in neg.items():
-        for c in sorted(cats):
-            pair(image_id, c)
-    moved = [
-        {**d, "image_id": pair(d["image_id"], d["category_id"]), "category_id": pool_of[d["category_id"]]} for d in dets
-    ]
-    images = []
-    for (image_id, cat), vid in pairs.items():
-        h, w = sizes[image_id]
-        image: dict[str, Any] = {"id": vid, "height": h, "width": w}
-        if lvis_rules:
-            image["neg_category_ids"] = [pool_of[cat]] if cat in neg[image_id] else []
-            image["not_exhaustive_category_ids"] = [pool_of[cat]] if cat in nel[image_id] else []
-        images.append(image)
-    cats = [{"id": p, "name": f"pool {p}", "frequency": "f"} for p in sorted(set(pool_of.values()))]
-    return {"images": images, "annotations": anns, "categories": cats}, moved
+    Returns the virtual ground truth (images after ``engine_gt``'s largest image id, annotation ids
+    after its largest), the ``Q`` relabelled copies of ``dets`` one after the other, and each
+    virtual image's class (its index in K), in the order of the images.
+    """
+    images, anns, cats = engine_gt["images"], engine_gt["annotations"], engine_gt["categories"]
+    cat_ids = np.array(sorted(c["id"] for c in cats), dtype=np.int64)
+    span = int(cat_ids[-1]) + 1
+    n = len(anns)
+    ann_img = np.fromiter(map(itemgetter("image_id"), anns), dtype=np.int64, count=n)
+    ann_cat = np.fromiter(map(itemgetter("category_id"), anns), dtype=np.int64, count=n)
+    codes = np.concatenate([ann_img * span + ann_cat, dets.image_ids * span + dets.category_ids])
+    pairs, inverse = np.unique(codes, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    ann_pair, det_pair = inverse[:n], inverse[n:]
+    pair_class = np.searchsorted(cat_ids, pairs % span)
+    image_base = max(im["id"] for im in images) + 1
+    ann_base = max((a["id"] for a in anns), default=0) + 1
+    sizes = {im["id"]: (im["height"], im["width"]) for im in images}
+    pair_size = [sizes[i] for i in (pairs // span).tolist()]
 
+    def listed(field: str) -> np.ndarray:
+        """Whether each pair's class is in its image's ``field``."""
+        ids = [im.get(field, ()) for im in images]
+        img = np.repeat(np.array([im["id"] for im in images], dtype=np.int64), [len(x) for x in ids])
+        cat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=len(img))
+        return np.isin(pairs, img * span + cat)
 
-def pooled_by_virtual_images(
-    gt: dict[str, Any],
-    dets: list[dict[str, Any]],
-    stats: list[CategoryStat],
-    num_bins: int,
-    iou_type: str,
-    lvis_rules: bool,
-    per_pair: int,
-    dilation: float = BOUNDARY_DILATION,
-) -> dict[str, float | None]:
-    """AP-pool's group keys (as :func:`simcal.evaluation.protocols.pooled_from_matches`') for an
-    engine that keeps no per-image matches: each partition of the classes (all; r/c/f; the bins)
-    is one engine run on :func:`_virtual_pools` data, whose per-pool AP is the pooled AP. ``dets``:
-    AP-fixed's detections with the LVIS rules applied (engine fields)."""
-    by_id = {s.id: s for s in stats}
-    out: dict[str, float | None] = {}
-
-    def run(pool_of: dict[int, int]) -> np.ndarray:
-        virtual_gt, moved = _virtual_pools(gt, dets, pool_of, lvis_rules)
-        return _fce_precision(virtual_gt, moved, iou_type, lvis_rules, per_pair, True, dilation)
-
-    def mean(p: np.ndarray) -> float | None:
-        return None if (p < 0).all() else float(p[p > -1].mean())
-
-    every = run({c: 1 for c in by_id})  # [T, R, 1, A]
-    out.update(AP=mean(every[..., 0, 0]), AP50=mean(every[0, :, 0, 0]), AP75=mean(every[5, :, 0, 0]))
-    for a, key in enumerate(("APs", "APm", "APl"), start=1):
-        out[key] = mean(every[..., 0, a])
-    for key, name, index in (("group", "AP{}", "rcf"), ("bin", "AP{}", range(num_bins))):
-        labels = list(index)
-        pool_of = {c: 1 + labels.index(s.frequency if key == "group" else s.bin) for c, s in by_id.items()}
-        present = sorted(set(pool_of.values()))
-        precision = run(pool_of)
-        for label in labels:
-            k = labels.index(label) + 1
-            value = mean(precision[..., present.index(k), 0]) if k in present else None
-            out[name.format(label if key == "group" else label + 1)] = value
-    return out
+    neg = listed("neg_category_ids").tolist() if lvis_rules else []
+    not_exhaustive = listed("not_exhaustive_category_ids").tolist() if lvis_rules else []
+    new_images, new_anns, copies = [], [], []
+    for q in range(pool_of.shape[1]):
+        vid = image_base + q * len(pairs) + np.arange(len(pairs))
+        pool = span + pool_of[pair_class, q]
+        for j, (v, p, (h, w)) in enumerate(zip(vid.tolist(), pool.tolist(), pair_size)):
+            image: dict[str, Any] = {"id": v, "height": h, "width": w}
+            if lvis_rules:
+                image["neg_category_ids"] = [p] if neg[j] else []
+                image["not_exhaustive_category_ids"] = [p] if not_exhaustive[j] else []
+            new_images.append(image)
+        ann_ids = range(ann_base + q * n, ann_base + (q + 1) * n)
+        for a, i, v, p in zip(anns, ann_ids, vid[ann_pair].tolist(), pool[ann_pair].tolist()):
+            new_anns.append({**a, "id": i, "image_id": v, "category_id": p})
+        array = dets.array.copy()
+        array[:, 0], array[:, 6] = vid[det_pair], pool[det_pair]
+        copies.append(Detections(array, dets.counts, dets.sizes, dets.boxes))
+    new_cats = [{"id": span + p, "name": f"pool {p}", "frequency": "f"} for p in range(num_pools)]
+    virtual_gt = {"images": new_images, "annotations": new_anns, "categories": new_cats}
+    return virtual_gt, Detections.concatenate(copies), np.tile(pair_class, pool_of.shape[1])

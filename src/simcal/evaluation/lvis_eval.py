@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from simcal.choices import BOUNDARY_DILATION, EVAL_IOU_TYPES, FIXED_DETS_PER_CLASS, PROTOCOLS
-from simcal.data.annotations import collector_paused, is_lvis
+from simcal.data.annotations import is_lvis
 from simcal.data.results import Detections, as_detections
 from simcal.data.stats import BIN_PRESETS, CategoryStat, category_stats, stats_from_fields
 from simcal.errors import InputError
 from simcal.evaluation import engines
-from simcal.evaluation.protocols import per_image_cap, pooled_from_matches
+from simcal.evaluation.protocols import per_image_cap
 from simcal.evaluation.result import EvalResult, SettingError, metric_keys
 
 #: detections: dicts (checked as a results file is) or columns
@@ -120,7 +120,7 @@ def evaluate(
             against ``gt`` as a results file is), or :class:`~simcal.data.results.Detections`
             (with masks for segm and boundary); not modified.
         iou_type: ``"bbox"``, ``"segm"`` or ``"boundary"`` (boundary IoU of the masks, bands of
-            ``dilation`` x the image diagonal; :func:`simcal.evaluation.engines.boundary_precision`).
+            ``dilation`` x the image diagonal; :func:`simcal.evaluation.engines.precision`).
         stats: training statistics of every gt category (see :func:`resolve_category_stats`).
         edges: inner bin edges used for ``stats`` (AP1..AP<len(edges)+1>).
         lvis_rules: federated LVIS rules; default: when the gt is LVIS.
@@ -176,35 +176,27 @@ def evaluate_protocols(
     num_in = len(dets)
     cat_ids = sorted(c["id"] for c in gt["categories"])
     out: dict[str, EvalResult] = {}
-    if iou_type == "boundary":
-        for protocol in protocols:
-            precision, kept, pooled = engines.boundary_precision(
-                gt, dets, stats, lvis_rules, protocol, dets_per_class, dilation, len(edges) + 1
-            )
-            max_dets = per_image_cap(protocol, lvis_rules)
-            result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, num_in, kept)
-            result.protocol = protocol
-            result.dets_per_class = dets_per_class if protocol != "lvis" else None
-            result.dilation = dilation
-            if pooled is not None:
-                result.metrics.update({k: v for k, v in pooled.items() if k in result.metrics})
-            out[protocol] = result
-        return out
     for run in [[p for p in protocols if p == "lvis"], [p for p in protocols if p != "lvis"]]:
         if not run:
             continue
+        precision, kept, pooled = engines.precision(
+            gt,
+            dets,
+            iou_type,
+            stats,
+            lvis_rules=lvis_rules,
+            protocol=run[0],
+            dets_per_class=dets_per_class,
+            pool_bins=len(edges) + 1 if "pool" in run else None,
+            dilation=dilation,
+        )
         max_dets = per_image_cap(run[0], lvis_rules)
-        with collector_paused():
-            ev, kept = engines.engine_eval(
-                gt, dets, iou_type, stats, lvis_rules=lvis_rules, protocol=run[0], dets_per_class=dets_per_class
-            )
-            ev.accumulate()
-            precision = np.asarray(ev.eval["precision"])[..., -1]  # [T, R, K, A] at the largest max-dets
-            pooled = pooled_from_matches(ev, stats, len(edges) + 1) if "pool" in run else None
         for protocol in run:
             result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, num_in, kept)
             result.protocol = protocol
             result.dets_per_class = dets_per_class if protocol != "lvis" else None
+            if iou_type == "boundary":
+                result.dilation = dilation
             if protocol == "pool" and pooled is not None:
                 result.metrics.update({k: v for k, v in pooled.items() if k in result.metrics})
             out[protocol] = result

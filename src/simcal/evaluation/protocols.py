@@ -6,14 +6,14 @@ on the detections' columns, before and after the engine (METHOD.md, Evaluation).
   its ``neg_category_ids``; lvis-api applies them in that order.
 * AP-fixed's cap per class over the whole split (:func:`cap_per_class`), in place of the
   per-image one.
-* AP-pool (:func:`pooled_from_matches`): each group's true and false positives pooled over its
-  classes, from the engine's per-(image, class) matches.
+* AP-pool's pools (:func:`pool_partitions`) and their metrics (:func:`pooled_metrics`): each
+  group's true and false positives pooled over its classes, which the engine accumulates as one
+  class on virtual images (:func:`simcal.evaluation.engines.virtual_pools`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 from operator import itemgetter
 from typing import Any, TypeVar
 
@@ -58,20 +58,25 @@ def allowed_pairs(gt: dict[str, Any], span: int) -> np.ndarray:
     return np.unique(np.concatenate([img * span + cat, neg_img * span + neg_cat]))
 
 
-def _top_per_image(img: np.ndarray, score: np.ndarray, max_dets: int) -> np.ndarray:
-    """Positions of each image's ``max_dets`` best detections by score (ties in results order),
-    ascending. Only the images with more than ``max_dets`` are sorted."""
-    n = len(img)
-    _, inverse, counts = np.unique(img, return_inverse=True, return_counts=True)
-    over = counts[inverse] > max_dets
+def _top_per_key(key: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` best detections by score of each ``key`` value (an image, a class;
+    ties in results order), ascending. Only the detections of a key with more than ``k`` are
+    sorted."""
+    n = len(key)
+    if n and key.min() >= 0 and key.max() < 4 * n + 2**16:  # ids as table positions
+        counts = np.bincount(key)[key]
+    else:
+        _, inverse, per_key = np.unique(key, return_inverse=True, return_counts=True)
+        counts = per_key[inverse.reshape(-1)]
+    over = counts > k
     if not over.any():
         return np.arange(n)
     crowded = np.flatnonzero(over)
-    order = crowded[np.lexsort((-score[crowded], img[crowded]))]  # stable: ties keep results order
-    sorted_img = img[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_img, sorted_img, side="left")
+    order = crowded[np.lexsort((-score[crowded], key[crowded]))]  # stable: ties keep results order
+    sorted_key = key[order]
+    rank = np.arange(len(order)) - np.searchsorted(sorted_key, sorted_key, side="left")
     keep = np.ones(n, dtype=bool)
-    keep[order[rank >= max_dets]] = False
+    keep[order[rank >= k]] = False
     return np.flatnonzero(keep)
 
 
@@ -83,7 +88,7 @@ def lvis_kept(results: list[dict[str, Any]] | Detections, gt: dict[str, Any], ma
     if not n:
         return np.zeros(0, dtype=np.int64)
     img, cat, score = _columns(results)
-    kept = _top_per_image(img, score, max_dets) if max_dets >= 0 else np.arange(n)
+    kept = _top_per_key(img, score, max_dets) if max_dets >= 0 else np.arange(n)
     span = max([c["id"] for c in gt["categories"]] + [int(cat.max())]) + 1
     codes = img[kept] * span + cat[kept]
     allowed = allowed_pairs(gt, span)
@@ -104,68 +109,42 @@ def cap_per_class(results: R, k: int) -> R:
     if not len(results):
         return results
     _, cat, score = _columns(results)
-    order = np.lexsort((np.arange(len(results)), -score, cat))
-    sorted_cat = cat[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_cat, sorted_cat, side="left")
-    kept = np.sort(order[rank < k])
+    kept = _top_per_key(cat, score, k)
     if isinstance(results, Detections):
         return results.take(kept) if len(kept) < len(results) else results
     return [results[i] for i in kept]
 
 
-def _pooled_precision(entries: list[dict[str, Any]], num_t: int, rec_thrs: np.ndarray) -> np.ndarray | None:
-    """Precision ``[T, R]`` of detections pooled over several classes' (image) entries, as
-    pycocotools accumulates one class; ``None`` when the pool has no ground truth."""
-    gt_ignore = np.concatenate([np.asarray(e["gtIgnore"], dtype=bool).ravel() for e in entries] or [np.zeros(0)])
-    npig = int((~gt_ignore.astype(bool)).sum())
-    if npig == 0:
-        return None
-    scores = np.concatenate([np.asarray(e["dtScores"], dtype=np.float64).ravel() for e in entries])
-    order = np.argsort(-scores, kind="mergesort")
-    matches = np.concatenate([np.asarray(e["dtMatches"]).reshape(num_t, -1) for e in entries], axis=1)[:, order]
-    ignore = np.concatenate([np.asarray(e["dtIgnore"]).reshape(num_t, -1) for e in entries], axis=1)[:, order]
-    matched, ignored = matches != 0, ignore != 0
-    tps = np.cumsum(matched & ~ignored, axis=1, dtype=np.float64)
-    fps = np.cumsum(~matched & ~ignored, axis=1, dtype=np.float64)
-    out = np.zeros((num_t, len(rec_thrs)))
-    for t in range(num_t):
-        tp, fp = tps[t], fps[t]
-        recall = tp / npig
-        precision = tp / np.maximum(tp + fp, np.spacing(1))
-        precision = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
-        idx = np.searchsorted(recall, rec_thrs, side="left")
-        valid = idx < precision.size
-        out[t, valid] = precision[idx[valid]]
-    return out
+def pool_partitions(stats: list[CategoryStat], num_bins: int) -> tuple[np.ndarray, list[str]]:
+    """AP-pool's pools: each class's pool in each partition of the classes, and each pool's key.
+
+    Returns ``pool_of`` ``(K, 3)`` int64 (``stats``' order): column 0 the pool of all classes
+    (``0``), column 1 the class's frequency group (``1..3`` for r/c/f), column 2 its instance bin
+    (``4..``); and the ``3 + 1 + num_bins`` pools' metric keys ``["AP", "APr", "APc", "APf",
+    "AP1", ...]``.
+    """
+    group = np.array(["rcf".index(s.frequency) for s in stats], dtype=np.int64)
+    bins = np.array([s.bin for s in stats], dtype=np.int64)
+    pool_of = np.stack([np.zeros(len(stats), dtype=np.int64), 1 + group, 4 + bins], axis=1)
+    return pool_of, ["AP", "APr", "APc", "APf", *(f"AP{b + 1}" for b in range(num_bins))]
 
 
-def pooled_from_matches(ev: Any, stats: list[CategoryStat], num_bins: int) -> dict[str, float | None]:
-    """AP-pool of every group key (``AP AP50 AP75 APs APm APl APr APc APf AP1..``) from an
-    evaluator's per-(class, area, image) matches (``ev.eval_imgs``, pycocotools' layout)."""
-    p = ev.params
-    cat_ids = list(p.cat_ids)
-    areas = [tuple(a) for a in p.area_rng]  # all, small, medium, large
-    num_t, rec_thrs = len(p.iou_thrs), np.asarray(p.rec_thrs)
-    by_pair: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)  # (class, area) -> entries
-    for e in ev.eval_imgs:
-        if e is not None:
-            by_pair[e["category_id"], areas.index(tuple(e["aRng"]))].append(e)
-    by_id = {s.id: s for s in stats}
+def pooled_metrics(precision: np.ndarray, keys: list[str]) -> dict[str, float | None]:
+    """AP-pool of every group key (``AP AP50 AP75 APs APm APl APr APc APf AP1..``) from the pools'
+    precision ``[T, R, P, A]`` (P in :func:`pool_partitions`' order; -1 where a pool has no
+    ground truth): the engine's accumulation of a pool pools the true and false positives of its
+    classes as if they were one class."""
 
-    def pool(cats: list[int], area: int) -> np.ndarray | None:
-        got = [e for cid in cats for e in by_pair.get((cid, area), ())]
-        return _pooled_precision(got, num_t, rec_thrs) if got else None
+    def mean(p: np.ndarray) -> float | None:
+        return None if (p < 0).all() else float(p[p > -1].mean())
 
-    def mean(prec: np.ndarray | None, t: int | None = None) -> float | None:
-        return None if prec is None else float((prec if t is None else prec[t]).mean())
-
-    out: dict[str, float | None] = {}
-    every = pool(cat_ids, 0)
-    out.update(AP=mean(every), AP50=mean(every, 0), AP75=mean(every, 5))
+    out: dict[str, float | None] = {
+        "AP": mean(precision[..., 0, 0]),
+        "AP50": mean(precision[0, :, 0, 0]),
+        "AP75": mean(precision[5, :, 0, 0]),
+    }
     for a, key in enumerate(("APs", "APm", "APl"), start=1):
-        out[key] = mean(pool(cat_ids, a))
-    for g in "rcf":
-        out[f"AP{g}"] = mean(pool([c for c in cat_ids if by_id[c].frequency == g], 0))
-    for b in range(num_bins):
-        out[f"AP{b + 1}"] = mean(pool([c for c in cat_ids if by_id[c].bin == b], 0))
+        out[key] = mean(precision[..., 0, a])
+    for k, key in enumerate(keys[1:], start=1):
+        out[key] = mean(precision[..., k, 0])
     return out
