@@ -375,3 +375,27 @@ def test_the_engines_mask_iou_does_not_read_the_rows_box(lt_gt, lt_results):
         precisions.append(np.asarray(ev.eval["precision"]))
     assert (precisions[0] > 0).any()
     assert all(np.array_equal(precisions[0], p) for p in precisions[1:])
+
+
+def test_mask_areas_counted_by_a_forked_process_are_the_pixel_counts(lt_gt, lt_results, monkeypatch):
+    """The masks' areas (the size ranges of segm AP) are counted by a forked process while the
+    engine loads the masks, where there are many: the same numbers as counted here, and as the
+    masks' decoded pixels; more than pycocotools' 255 RLEs at once."""
+    import os
+
+    from pycocotools import mask as mask_utils
+
+    from simcal.data import results
+    from simcal.data.results import areas_later, as_detections
+
+    dets = as_detections(lt_results, lt_gt, "segm")
+    assert len(dets) > 255
+    pixels = [float(mask_utils.decode(s).sum()) for s in dets.segmentation()]
+    forks = []
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or fork())
+    monkeypatch.setattr(results, "PARALLEL_AREA_MASKS", 10)
+    monkeypatch.setattr(results, "_can_fork", lambda: True)  # another test may have loaded torch here
+    assert areas_later(dets)().tolist() == pixels and forks == [1]
+    monkeypatch.setattr(results, "_can_fork", lambda: False)
+    assert areas_later(dets)().tolist() == pixels and forks == [1]

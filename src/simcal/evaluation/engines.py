@@ -22,7 +22,7 @@ import numpy as np
 
 from simcal.choices import BOUNDARY_DILATION
 from simcal.data.annotations import collector_paused
-from simcal.data.results import Detections
+from simcal.data.results import Detections, areas_later
 from simcal.data.stats import CategoryStat
 from simcal.evaluation.protocols import (
     cap_per_class,
@@ -55,18 +55,15 @@ def kept_detections(
 
 def _hotcoco_results(coco_gt: Any, dets: Detections, iou_type: str) -> Any:
     """The detections in the engine, from their columns. Masks: each row's area is its mask's
-    (the engine's mask tools), for the size ranges; the engine's mask IoU does not read the row's
-    box (the same precision with the masks' own boxes and with zeros: tested)."""
-    import hotcoco
-
+    (:func:`~simcal.data.results.areas_later`), for the size ranges; the engine's mask IoU does
+    not read the row's box (the same precision with the masks' own boxes and with zeros: tested)."""
     if not len(dets):
         return coco_gt.load_res([])
     if iou_type == "bbox":
         return coco_gt.load_res(dets.array)
-    segs = dets.segmentation()
-    coco_dt = coco_gt.load_res(dets.array, segmentation=segs)
-    area = np.asarray(hotcoco.mask.area(segs), dtype=np.float64).reshape(-1)
-    coco_dt.update_anns(ids=np.arange(1, len(dets) + 1), area=area)
+    areas = areas_later(dets)  # counted by a forked process while the engine loads the masks
+    coco_dt = coco_gt.load_res(dets.array, segmentation=dets.segmentation())
+    coco_dt.update_anns(ids=np.arange(1, len(dets) + 1), area=areas())
     return coco_dt
 
 
