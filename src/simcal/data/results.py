@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
 import numpy as np
@@ -155,28 +155,44 @@ def areas_later(dets: Detections) -> Callable[[], np.ndarray]:
     counts, sizes = dets.counts, dets.sizes
     if len(counts) < PARALLEL_AREA_MASKS or not _can_fork():
         return lambda: mask_areas(counts, sizes)
+    counted = _forked(lambda out: out.write(mask_areas(counts, sizes).tobytes()))
+
+    def collect() -> np.ndarray:
+        got = counted(lambda pipe: pipe.read())
+        if got is None or len(got) != 8 * len(counts):  # the child failed: count here
+            return mask_areas(counts, sizes)
+        return np.frombuffer(got, dtype=np.float64)
+
+    return collect
+
+
+def _forked(work: Callable[[BinaryIO], object]) -> Callable[[Callable[[BinaryIO], T]], T | None]:
+    """``work`` done by a forked child meanwhile, writing to a pipe: the call reads the pipe with
+    the reader it is given and returns what that read (None where the child failed), once the
+    child has left. The child leaves without running this process's exit handlers."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: count, send, and leave without running the parent's exit handlers
+    if pid == 0:
         code = 1
         try:
             os.close(read_end)
             with os.fdopen(write_end, "wb") as out:
-                out.write(mask_areas(counts, sizes).tobytes())
+                work(out)
             code = 0
         finally:
             os._exit(code)
     os.close(write_end)
 
-    def collect() -> np.ndarray:
+    def collect(read: Callable[[BinaryIO], T]) -> T | None:
         try:
             with os.fdopen(read_end, "rb") as pipe:
-                got = pipe.read()
+                try:
+                    got: T | None = read(pipe)
+                except (EOFError, pickle.UnpicklingError):
+                    got = None
         finally:
             _, status = os.waitpid(pid, 0)
-        if status != 0 or len(got) != 8 * len(counts):  # the child failed: count here
-            return mask_areas(counts, sizes)
-        return np.frombuffer(got, dtype=np.float64)
+        return got if status == 0 else None
 
     return collect
 
@@ -220,6 +236,8 @@ class _MaskOnly(_Record, gc=False):
 class _BoxMask(_Box, gc=False):
     segmentation: _Mask
 
+
+T = TypeVar("T")
 
 _RECORDS = {(True, False): _Box, (False, True): _MaskOnly, (True, True): _BoxMask}
 
@@ -542,30 +560,16 @@ def _read_in_two(path: str | os.PathLike[str], columns: _Columns, block: int) ->
     shares = split_json_lines(path, 2)
     if shares is None:
         return None
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: read, send, and leave without running the parent's exit handlers
-        code = 1
-        try:
-            os.close(read_end)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(_read_share(path, columns, block, shares[1]), out, protocol=pickle.HIGHEST_PROTOCOL)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
+    second = _forked(
+        lambda out: pickle.dump(_read_share(path, columns, block, shares[1]), out, pickle.HIGHEST_PROTOCOL)
+    )
     try:
         first = _read_share(path, columns, block, shares[0])
-        with os.fdopen(read_end, "rb") as pipe:
-            try:
-                second = pickle.load(pipe)
-            except (EOFError, pickle.UnpicklingError):
-                second = None
     finally:
-        os.waitpid(pid, 0)
-    if first is None or second is None:
+        rest = second(pickle.load)
+    if first is None or rest is None:
         return None
-    return Detections.concatenate(first + second) if first or second else columns.block([], 0)
+    return Detections.concatenate(first + rest) if first or rest else columns.block([], 0)
 
 
 def read_results(
