@@ -23,8 +23,9 @@ official API, the same numbers.
 
 ``--scale lvis_v1``: LVIS v1 val's size (19,809 images, 1,203 categories, about 300 detections
 per image with masks: 5.9 M, written one per line with box and mask): ``simcal evaluate`` bbox
-and segm under LVIS's protocol and AP-fixed, and hotcoco alone, with each process's peak
-memory (simcal's: the process and, where it reads the file as two shares, its forked reader).
+and segm under LVIS's protocol, AP-fixed and AP-pool, and hotcoco alone, with each process's
+peak memory (simcal's: the process and its largest forked helper: the reader of the file's
+second share, or the counter of the masks' areas).
 The official API is left out at this size (its dicts of 5.9 M masks do not fit). Goal: segm
 in 8 GB including reading.
 """
@@ -56,8 +57,9 @@ def _strip_lvis(gt: dict) -> dict:
 
 def _peaks() -> tuple[float, float]:
     """Peak RSS (MiB) of this process since it started (``VmHWM``: not the parent's pages that a
-    fork's ``ru_maxrss`` keeps across exec) and of its largest child (simcal's forked share
-    reader; it counts the pages it shares with this process at the fork too)."""
+    fork's ``ru_maxrss`` keeps across exec) and of its largest child (simcal's forked helpers: the
+    reader of the file's second share, the counter of the masks' areas; a child counts the pages
+    it shares with this process at the fork too)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -304,12 +306,12 @@ def lvis_v1(args: argparse.Namespace) -> None:
         )
         rows = []
         for iou in ("bbox", "segm"):
-            for engine, protocol in (("simcal", "lvis"), ("simcal", "fixed"), ("hotcoco", "lvis")):
+            for engine, protocol in (("simcal", "lvis"), ("simcal", "fixed"), ("simcal", "pool"), ("hotcoco", "lvis")):
                 r = run_worker(engine, "lvis", gt_path, res_path, iou, protocol)
                 rows.append({"iou": iou, "engine": engine, "protocol": protocol, **r})
                 print(f"  {iou} {engine} {protocol}: {r['seconds']:.1f} s, {_peak(r)} MiB", flush=True)
     print()
-    print("| iou | engine | protocol | s (read + evaluate) | peak MiB (+ forked reader) | AP |")
+    print("| iou | engine | protocol | s (read + evaluate) | peak MiB (+ largest forked helper) | AP |")
     print("|---|---|---|---:|---:|---:|")
     names = {"simcal": "`simcal evaluate`", "hotcoco": "hotcoco alone"}
     for r in rows:

@@ -14,6 +14,9 @@ processes. A part that fails a column check, or holds anything the records canno
 missing key, a bool, a polygon), is checked again detection by detection with
 :func:`validate_results`' checks: the error names the file, the detection's position and the
 field, as before.
+
+The masks' areas (for the engine's size ranges) are counted by :func:`areas_later`, by a forked
+process for many masks while the engine loads them.
 """
 
 from __future__ import annotations
