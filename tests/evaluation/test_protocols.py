@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 
 import numpy as np
 import pytest
@@ -120,20 +122,25 @@ def test_a_pool_of_one_class_is_that_class_ap(gt, results):
     assert np.isfinite(ours.metrics["AP"]) and 0 < ours.metrics["AP"] < 1
 
 
-def official_pooled(gt, results, iou_type, stats, num_bins, monkeypatch):
-    """AP-pool as the authors' LVISPooledEval (large-vocab-devil) has it: the official LVIS API's
-    (lvis 0.5.3) per-(class, area, image) matches of AP-fixed's detections, each pool's entries
-    handed to the API's own accumulation as if they were one class's. ``{key: AP-pool}``."""
-    ev = official_lvis(gt, _reference_cap(results, K), iou_type, monkeypatch, max_dets=-1)
+def _pooled_by_the_api(ev, stats, num_bins):
+    """An official evaluator's (lvis 0.5.3's or pycocotools') per-(class, area, image) matches,
+    after ``evaluate()``, pooled as the authors' LVISPooledEval (large-vocab-devil) pools them:
+    each pool's entries handed to the API's own accumulation as if they were one class's.
+    ``{key: AP-pool}``."""
+    coco = hasattr(ev, "evalImgs")  # pycocotools' spelling
+    params = [ev.params, ev._paramsEval] if coco else [ev.params]
     p = ev.params
-    cat_ids, num_a, num_i = list(p.cat_ids), len(p.area_rng), len(p.img_ids)
+    cat_ids = list(p.catIds if coco else p.cat_ids)
+    num_a = len(p.areaRng if coco else p.area_rng)
+    num_i = len(p.imgIds if coco else p.img_ids)
+    matches = ev.evalImgs if coco else ev.eval_imgs
     by_id = {s.id: s for s in stats}
     pools = [cat_ids, *([c for c in cat_ids if by_id[c].frequency == g] for g in "rcf")]
     pools += [[c for c in cat_ids if by_id[c].bin == b] for b in range(num_bins)]
 
     def entries(cats, a):
         starts = [cat_ids.index(c) * num_a * num_i + a * num_i for c in cats]
-        return [e for s in starts for e in ev.eval_imgs[s : s + num_i] if e is not None]
+        return [e for s in starts for e in matches[s : s + num_i] if e is not None]
 
     width = max(len(entries(cats, a)) for cats in pools for a in range(num_a))
     table = []
@@ -141,9 +148,20 @@ def official_pooled(gt, results, iou_type, stats, num_bins, monkeypatch):
         for a in range(num_a):
             got = entries(cats, a)
             table += got + [None] * (width - len(got))
-    p.cat_ids, p.img_ids, ev.eval_imgs = list(range(len(pools))), list(range(width)), table
-    ev.accumulate()
-    prec = ev.eval["precision"]  # [T, R, pool, A]
+    for q in params:
+        if coco:
+            q.catIds, q.imgIds = list(range(len(pools))), list(range(width))
+        else:
+            q.cat_ids, q.img_ids = list(range(len(pools))), list(range(width))
+    if coco:
+        ev.evalImgs = table
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.accumulate()
+        prec = ev.eval["precision"][..., -1]
+    else:
+        ev.eval_imgs = table
+        ev.accumulate()
+        prec = ev.eval["precision"]  # [T, R, pool, A]
 
     def mean(x):
         return float(x[x > -1].mean()) if (x > -1).any() else None
@@ -155,6 +173,40 @@ def official_pooled(gt, results, iou_type, stats, num_bins, monkeypatch):
     return out
 
 
+def official_pooled(gt, results, iou_type, stats, num_bins, monkeypatch):
+    """AP-pool by the official LVIS API's matches of AP-fixed's detections (:func:`_pooled_by_the_api`)."""
+    ev = official_lvis(gt, _reference_cap(results, K), iou_type, monkeypatch, max_dets=-1)
+    return _pooled_by_the_api(ev, stats, num_bins)
+
+
+def pycocotools_pooled(gt, results, iou_type, stats, num_bins):
+    """AP-pool under COCO rules by pycocotools' matches of AP-fixed's detections (K per image
+    and class at most, as the per-class cap leaves them)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    coco_gt = COCO()
+    coco_gt.dataset = copy.deepcopy(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt.createIndex()
+        res = copy.deepcopy(_reference_cap(results, K))
+        for d in res:
+            d.pop("bbox" if iou_type == "segm" else "segmentation", None)
+        ev = COCOeval(coco_gt, coco_gt.loadRes(res), iou_type)
+        ev.params.maxDets = [K]
+        ev.evaluate()
+    return _pooled_by_the_api(ev, stats, num_bins)
+
+
+def _check_pooled(ours, theirs):
+    assert set(theirs) == {k for k in ours.metrics}
+    for key, value in theirs.items():
+        assert (ours.metrics[key] if ours.metrics[key] is not None else -1.0) == pytest.approx(
+            value if value is not None else -1.0, abs=1e-12
+        ), key
+    assert sum(v is None for v in theirs.values()) < 2  # the groups are there to compare
+
+
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_ap_pool_equals_the_official_apis_matches_pooled(gt, results, iou_type, monkeypatch):
     """AP-pool (one engine run on virtual images, each group re-accumulated over its classes'
@@ -162,15 +214,22 @@ def test_ap_pool_equals_the_official_apis_matches_pooled(gt, results, iou_type, 
     AP-fixed's."""
     stats = resolve_category_stats(gt, "gt", edges=EDGES)
     ours = evaluate(gt, results, iou_type, stats, EDGES, protocol="pool", dets_per_class=K)
-    theirs = official_pooled(gt, results, iou_type, stats, len(EDGES) + 1, monkeypatch)
-    assert set(theirs) == {k for k in ours.metrics}
-    for key, value in theirs.items():
-        assert (ours.metrics[key] if ours.metrics[key] is not None else -1.0) == pytest.approx(
-            value if value is not None else -1.0, abs=1e-12
-        ), key
-    assert sum(v is None for v in theirs.values()) < 2  # the groups are there to compare
+    _check_pooled(ours, official_pooled(gt, results, iou_type, stats, len(EDGES) + 1, monkeypatch))
     fixed = evaluate(gt, results, iou_type, stats, EDGES, protocol="fixed", dets_per_class=K)
     assert ours.per_class == fixed.per_class and ours.metrics["AP"] != pytest.approx(fixed.metrics["AP"])
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_ap_pool_under_coco_rules_equals_pycocotools_matches_pooled(gt, results, iou_type):
+    """A plain COCO json (no federated rule, no not-exhaustive classes): AP-pool equals
+    pycocotools' own matches pooled per group, every key."""
+    plain = copy.deepcopy(gt)
+    for image in plain["images"]:
+        image.pop("neg_category_ids"), image.pop("not_exhaustive_category_ids")
+    stats = resolve_category_stats(plain, "gt", edges=EDGES)
+    ours = evaluate(plain, results, iou_type, stats, EDGES, protocol="pool", dets_per_class=K)
+    assert ours.mode == "coco"
+    _check_pooled(ours, pycocotools_pooled(plain, results, iou_type, stats, len(EDGES) + 1))
 
 
 def _has_gt(gt, cid):
