@@ -53,30 +53,32 @@ def kept_detections(
     return dets
 
 
-def _hotcoco_results(coco_gt: Any, dets: Detections, iou_type: str) -> Any:
+def _hotcoco_results(coco_gt: Any, dets: Detections, iou_type: str, read: int) -> Any:
     """The detections in the engine, from their columns. Masks: each row's area is its mask's
     (:func:`~simcal.data.results.areas_later`), for the size ranges; the engine's mask IoU does
-    not read the row's box (the same precision with the masks' own boxes and with zeros: tested)."""
+    not read the row's box (the same precision with the masks' own boxes and with zeros: tested).
+    ``read``: how many detections ``dets`` were kept of."""
     if not len(dets):
         return coco_gt.load_res([])
     if iou_type == "bbox":
         return coco_gt.load_res(dets.array)
-    areas = areas_later(dets)  # counted by a forked process while the engine loads the masks
+    areas = areas_later(dets, of=read)  # counted by a forked process while the engine loads the masks
     coco_dt = coco_gt.load_res(dets.array, segmentation=dets.segmentation())
     coco_dt.update_anns(ids=np.arange(1, len(dets) + 1), area=areas())
     return coco_dt
 
 
 def _hotcoco_eval(
-    engine_gt: dict[str, Any], dets: Detections, iou_type: str, lvis_rules: bool, max_dets: list[int]
+    engine_gt: dict[str, Any], dets: Detections, iou_type: str, lvis_rules: bool, max_dets: list[int], read: int
 ) -> Any:
     """hotcoco's evaluator of ``dets`` against ``engine_gt`` after its per-image matching
-    (``evaluate()``); ``max_dets``: the engine's (:func:`_max_dets`)."""
+    (``evaluate()``); ``max_dets``: the engine's (:func:`_max_dets`); ``read``: how many
+    detections ``dets`` were kept of."""
     import hotcoco
 
     with collector_paused():
         coco_gt = hotcoco.COCO(engine_gt)
-        coco_dt = _hotcoco_results(coco_gt, dets, iou_type)
+        coco_dt = _hotcoco_results(coco_gt, dets, iou_type, read)
         if lvis_rules:  # capped already: marked so, or the engine's diagnostics cap at 300 again
             coco_dt = coco_dt.cap_detections_per_image(None)
         ev = hotcoco.COCOeval(coco_gt, coco_dt, iou_type, lvis_style=lvis_rules)
@@ -109,7 +111,7 @@ def engine_eval(
     the categories' ``frequency`` (the engine's r/c/f) is taken from ``stats``."""
     kept = kept_detections(dets, gt, lvis_rules, protocol, dets_per_class)
     max_dets = _max_dets(protocol, lvis_rules, dets_per_class)
-    return _hotcoco_eval(gt_for_engine(gt, stats), kept, iou_type, lvis_rules, max_dets), len(kept)
+    return _hotcoco_eval(gt_for_engine(gt, stats), kept, iou_type, lvis_rules, max_dets, len(dets)), len(kept)
 
 
 def precision(
@@ -149,14 +151,14 @@ def precision(
     max_dets = _max_dets(protocol, lvis_rules, dets_per_class)[-1:]  # the precision read: COCO's 1 and 10 unused
     engine_gt = gt_for_engine(gt, stats)
     with collector_paused():
-        ev = _hotcoco_eval(engine_gt, kept, iou_type, lvis_rules, max_dets)
+        ev = _hotcoco_eval(engine_gt, kept, iou_type, lvis_rules, max_dets, len(dets))
         ev.accumulate()
         out = np.asarray(ev.eval["precision"])[..., -1]
         pooled = None
         if pool_bins is not None:
             pool_of, keys = pool_partitions(stats, pool_bins)
             virtual_gt, virtual, image_class = virtual_pools(engine_gt, kept, pool_of[:, :1], 1, lvis_rules)
-            ev = _hotcoco_eval(virtual_gt, virtual, iou_type, lvis_rules, max_dets)
+            ev = _hotcoco_eval(virtual_gt, virtual, iou_type, lvis_rules, max_dets, len(dets))
             ev.accumulate()
             pooled = pooled_metrics(np.asarray(ev.eval["precision"])[..., -1], keys[:1])
             image_ids = np.array([im["id"] for im in virtual_gt["images"]], dtype=np.int64)
