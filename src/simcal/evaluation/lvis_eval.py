@@ -17,8 +17,9 @@ and category, no federated filtering) and still reports APr/APc/APf and the bins
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -240,19 +241,18 @@ def summarize(
 ) -> EvalResult:
     """Summary metrics from ``precision[T, R, K, A]`` (T: IoU 0.50:0.95, A: all/small/medium/large)."""
     by_id = {s.id: s for s in stats}
-    gt_count: dict[int, int] = defaultdict(int)
-    for ann in gt["annotations"]:
-        gt_count[ann["category_id"]] += 1
+    gt_count = Counter(map(itemgetter("category_id"), gt["annotations"]))
     iou50, iou75 = 0, 5  # np.linspace(0.5, 0.95, 10)
-    p_all = precision[..., 0]  # [T, R, K]
+    by_area = np.ascontiguousarray(np.moveaxis(precision, 3, 0))  # [A, T, R, K]: precision[..., a] in its order
+    p_all = by_area[0]  # [T, R, K]
 
     metrics: dict[str, float | None] = {
         "AP": _mean_valid(p_all),
         "AP50": _mean_valid(p_all[iou50]),
         "AP75": _mean_valid(p_all[iou75]),
-        "APs": _mean_valid(precision[..., 1]),
-        "APm": _mean_valid(precision[..., 2]),
-        "APl": _mean_valid(precision[..., 3]),
+        "APs": _mean_valid(by_area[1]),
+        "APm": _mean_valid(by_area[2]),
+        "APl": _mean_valid(by_area[3]),
     }
     per_class = []
     group_ap: dict[str, list[float]] = defaultdict(list)
