@@ -11,6 +11,7 @@ import pytest
 
 from simcal.cli import main
 from simcal.data.annotations import validate_dataset
+from simcal.data.stats import CategoryStat
 from simcal.evaluation.lvis_eval import evaluate, resolve_category_stats
 from simcal.evaluation.perturb import perturb_ground_truth, random_lvis_gt
 from simcal.evaluation.protocols import cap_per_class
@@ -217,15 +218,19 @@ def test_ap_pool_equals_the_official_apis_matches_pooled(gt, results, iou_type, 
     _check_pooled(ours, official_pooled(gt, results, iou_type, stats, len(EDGES) + 1, monkeypatch))
     fixed = evaluate(gt, results, iou_type, stats, EDGES, protocol="fixed", dets_per_class=K)
     assert ours.per_class == fixed.per_class and ours.metrics["AP"] != pytest.approx(fixed.metrics["AP"])
+    mixed = [*stats[::-1], CategoryStat(10**6, "not in the gt", 5, 5, "f", 0)]  # looked up by id, not by place
+    assert evaluate(gt, results, iou_type, mixed, EDGES, protocol="pool", dets_per_class=K).metrics == ours.metrics
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_ap_pool_under_coco_rules_equals_pycocotools_matches_pooled(gt, results, iou_type):
-    """A plain COCO json (no federated rule, no not-exhaustive classes): AP-pool equals
-    pycocotools' own matches pooled per group, every key."""
+    """A plain COCO json (no federated rule, no not-exhaustive classes, some crowd regions):
+    AP-pool equals pycocotools' own matches pooled per group, every key."""
     plain = copy.deepcopy(gt)
     for image in plain["images"]:
         image.pop("neg_category_ids"), image.pop("not_exhaustive_category_ids")
+    for ann in plain["annotations"][::7]:
+        ann["iscrowd"] = 1  # matched detections on it are ignored, not counted
     stats = resolve_category_stats(plain, "gt", edges=EDGES)
     ours = evaluate(plain, results, iou_type, stats, EDGES, protocol="pool", dets_per_class=K)
     assert ours.mode == "coco"

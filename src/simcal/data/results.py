@@ -25,6 +25,7 @@ import itertools
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
@@ -165,6 +166,8 @@ def areas_later(dets: Detections, of: int = 0) -> Callable[[], np.ndarray]:
     if len(counts) < PARALLEL_AREA_MASKS or 2 * len(counts) < of or not _can_fork():
         return lambda: mask_areas(counts, sizes)
     counted = _forked(lambda out: out.write(mask_areas(counts, sizes).tobytes()))
+    if counted is None:
+        return lambda: mask_areas(counts, sizes)
 
     def collect() -> np.ndarray:
         got = counted(lambda pipe: pipe.read())
@@ -175,12 +178,28 @@ def areas_later(dets: Detections, of: int = 0) -> Callable[[], np.ndarray]:
     return collect
 
 
-def _forked(work: Callable[[BinaryIO], object]) -> Callable[[Callable[[BinaryIO], T]], T | None]:
+def _forked(work: Callable[[BinaryIO], object]) -> Callable[[Callable[[BinaryIO], T]], T | None] | None:
     """``work`` done by a forked child meanwhile, writing to a pipe: the call reads the pipe with
     the reader it is given and returns what that read (None where the child failed), once the
-    child has left. The child leaves without running this process's exit handlers."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
+    child has left; a second call returns None. None instead of the call where no child can be
+    made (the caller then does the work itself).
+
+    The child runs only numpy, msgspec and pycocotools (no threads of their own) and leaves
+    without running this process's exit handlers, so a fork after hotcoco's thread pool has
+    started is safe: the child never calls into it (Python 3.12's warning about forking a
+    multi-threaded process is silenced here for that reason)."""
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*multi-threaded.*", category=DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # no memory or processes left for a child
+        os.close(read_end)
+        os.close(write_end)
+        return None
     if pid == 0:
         code = 1
         try:
@@ -191,8 +210,12 @@ def _forked(work: Callable[[BinaryIO], object]) -> Callable[[Callable[[BinaryIO]
         finally:
             os._exit(code)
     os.close(write_end)
+    done: list[bool] = []
 
     def collect(read: Callable[[BinaryIO], T]) -> T | None:
+        if done:
+            return None
+        done.append(True)
         try:
             with os.fdopen(read_end, "rb") as pipe:
                 try:
@@ -534,15 +557,12 @@ def as_detections(
 
 #: a results file at least this large is read by two processes where it can be (:func:`read_results`)
 PARALLEL_READ_BYTES = 32 << 20
-#: the share of it this process reads; the forked child's columns then take the rest of the time
-#: to come through the pipe (measured on a 170 MB file)
-READ_FIRST_SHARE = 0.58
 
 
 def _can_fork() -> bool:
-    """Whether this process may fork a reader: where there is a second core and fork, and no
-    library that runs native threads of its own (torch) is loaded, since fork copies only the
-    thread that calls it."""
+    """Whether this process may fork a helper (:func:`_forked`): where there is a second core and
+    fork, and torch is not loaded (fork copies only the thread that calls it, and torch's threads
+    may hold its locks)."""
     return hasattr(os, "fork") and (os.cpu_count() or 1) > 1 and "torch" not in sys.modules
 
 
@@ -572,6 +592,8 @@ def _read_in_two(path: str | os.PathLike[str], columns: _Columns, block: int) ->
     second = _forked(
         lambda out: pickle.dump(_read_share(path, columns, block, shares[1]), out, pickle.HIGHEST_PROTOCOL)
     )
+    if second is None:
+        return None
     try:
         first = _read_share(path, columns, block, shares[0])
     finally:

@@ -63,8 +63,11 @@ def _hotcoco_results(coco_gt: Any, dets: Detections, iou_type: str, read: int) -
     if iou_type == "bbox":
         return coco_gt.load_res(dets.array)
     areas = areas_later(dets, of=read)  # counted by a forked process while the engine loads the masks
-    coco_dt = coco_gt.load_res(dets.array, segmentation=dets.segmentation())
-    coco_dt.update_anns(ids=np.arange(1, len(dets) + 1), area=areas())
+    try:
+        coco_dt = coco_gt.load_res(dets.array, segmentation=dets.segmentation())
+    finally:
+        area = areas()  # the child is waited for even where loading failed
+    coco_dt.update_anns(ids=np.arange(1, len(dets) + 1), area=area)
     return coco_dt
 
 
@@ -156,7 +159,7 @@ def precision(
         out = np.asarray(ev.eval["precision"])[..., -1]
         pooled = None
         if pool_bins is not None:
-            pool_of, keys = pool_partitions(stats, pool_bins)
+            pool_of, keys = pool_partitions(stats, pool_bins, sorted(c["id"] for c in gt["categories"]))
             virtual_gt, virtual, image_class = virtual_pools(engine_gt, kept, pool_of[:, :1], 1, lvis_rules)
             ev = _hotcoco_eval(virtual_gt, virtual, iou_type, lvis_rules, max_dets, len(dets))
             ev.accumulate()
@@ -183,10 +186,11 @@ def boundary_precision(
     dilation: float = BOUNDARY_DILATION,
 ) -> tuple[np.ndarray, int, dict[str, float | None] | None]:
     """:func:`precision` with boundary IoU, on faster-coco-eval: the precision ``[T, R, K,
-    A]``, the number of detections matched and with ``pool_bins`` AP-pool's metrics
-    (:func:`~simcal.evaluation.protocols.pooled_metrics`; every partition's virtual images,
-    :func:`virtual_pools`, as categories of the same run: the engine cannot re-accumulate over
-    image subsets).
+    A]``, the number of detections kept and with ``pool_bins`` AP-pool's metrics
+    (:func:`~simcal.evaluation.protocols.pooled_metrics`): the engine cannot re-accumulate over
+    image subsets, so each partition of the classes (all; r/c/f; the bins) is a run of its own on
+    its virtual images (:func:`virtual_pools`) with only its pools as categories (the engine
+    makes an entry per image and category).
 
     Boundary IoU (Cheng et al. 2021, the official boundary-iou-api): the IoU of the two masks'
     boundary bands (each mask minus its erosion by ``round(dilation * image diagonal)`` pixels,
@@ -195,16 +199,18 @@ def boundary_precision(
     """
     kept = kept_detections(dets, gt, lvis_rules, protocol, dets_per_class)
     max_dets = _max_dets(protocol, lvis_rules, dets_per_class)[-1:]
-    engine_gt, given, keys = gt_for_engine(gt, stats), kept, []
-    if pool_bins is not None:
-        pool_of, keys = pool_partitions(stats, pool_bins)
-        virtual_gt, virtual, _ = virtual_pools(engine_gt, kept, pool_of, len(keys), lvis_rules)
-        engine_gt = {key: engine_gt[key] + virtual_gt[key] for key in ("images", "annotations", "categories")}
-        given = Detections.concatenate([kept, virtual])
-    out = _fce_precision(engine_gt, given.to_dicts(), "boundary", lvis_rules, max_dets, dilation)
-    num_classes = len(gt["categories"])
-    pooled = pooled_metrics(out[:, :, num_classes:], keys) if pool_bins is not None else None
-    return out[:, :, :num_classes], len(kept), pooled
+    engine_gt = gt_for_engine(gt, stats)
+    out = _fce_precision(engine_gt, kept.to_dicts(), "boundary", lvis_rules, max_dets, dilation)
+    if pool_bins is None:
+        return out, len(kept), None
+    pool_of, keys = pool_partitions(stats, pool_bins, sorted(c["id"] for c in gt["categories"]))
+    pooled = np.full((*out.shape[:2], len(keys), out.shape[3]), -1.0)  # [T, R, pools, A]
+    for q, (start, stop) in enumerate(((0, 1), (1, 4), (4, len(keys)))):  # all; r/c/f; the bins
+        virtual_gt, virtual, _ = virtual_pools(engine_gt, kept, pool_of[:, q : q + 1] - start, stop - start, lvis_rules)
+        pooled[:, :, start:stop] = _fce_precision(
+            virtual_gt, virtual.to_dicts(), "boundary", lvis_rules, max_dets, dilation
+        )
+    return out, len(kept), pooled_metrics(pooled, keys)
 
 
 def _fce_precision(
@@ -289,7 +295,7 @@ def virtual_pools(
     inverse = inverse.reshape(-1)
     ann_pair, det_pair = inverse[:n], inverse[n:]
     pair_class = np.searchsorted(cat_ids, pairs % span)
-    image_base = max(im["id"] for im in images) + 1
+    image_base = max((im["id"] for im in images), default=0) + 1
     ann_base = max((a["id"] for a in anns), default=0) + 1
     sizes = {im["id"]: (im["height"], im["width"]) for im in images}
     pair_size = [sizes[i] for i in (pairs // span).tolist()]

@@ -168,7 +168,8 @@ def evaluate_protocols(
     dilation: float = BOUNDARY_DILATION,
 ) -> dict[str, EvalResult]:
     """:func:`evaluate` under several protocols: ``{protocol: EvalResult}``. AP-fixed and AP-pool
-    share one run of the engine (the same detections and matches, accumulated two ways)."""
+    share the engine's run of AP-fixed's detections (per class the same); AP-pool's pools are a
+    second run on virtual images (:func:`simcal.evaluation.engines.precision`)."""
     check_settings(iou_type, protocols, dets_per_class, dilation)
     if lvis_rules is None:
         lvis_rules = is_lvis(gt)

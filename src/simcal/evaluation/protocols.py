@@ -115,17 +115,19 @@ def cap_per_class(results: R, k: int) -> R:
     return [results[i] for i in kept]
 
 
-def pool_partitions(stats: list[CategoryStat], num_bins: int) -> tuple[np.ndarray, list[str]]:
+def pool_partitions(stats: list[CategoryStat], num_bins: int, cat_ids: list[int]) -> tuple[np.ndarray, list[str]]:
     """AP-pool's pools: each class's pool in each partition of the classes, and each pool's key.
 
-    Returns ``pool_of`` ``(K, 3)`` int64 (``stats``' order): column 0 the pool of all classes
-    (``0``), column 1 the class's frequency group (``1..3`` for r/c/f), column 2 its instance bin
-    (``4..``); and the ``3 + 1 + num_bins`` pools' metric keys ``["AP", "APr", "APc", "APf",
-    "AP1", ...]``.
+    Returns ``pool_of`` ``(K, 3)`` int64, a row per class of ``cat_ids`` (the ground truth's, in
+    the engine's order), its statistics looked up by id in ``stats``: column 0 the pool of all
+    classes (``0``), column 1 the class's frequency group (``1..3`` for r/c/f), column 2 its
+    instance bin (``4..``); and the ``3 + 1 + num_bins`` pools' metric keys ``["AP", "APr",
+    "APc", "APf", "AP1", ...]``.
     """
-    group = np.array(["rcf".index(s.frequency) for s in stats], dtype=np.int64)
-    bins = np.array([s.bin for s in stats], dtype=np.int64)
-    pool_of = np.stack([np.zeros(len(stats), dtype=np.int64), 1 + group, 4 + bins], axis=1)
+    by_id = {s.id: s for s in stats}
+    group = np.array(["rcf".index(by_id[c].frequency) for c in cat_ids], dtype=np.int64)
+    bins = np.array([by_id[c].bin for c in cat_ids], dtype=np.int64)
+    pool_of = np.stack([np.zeros(len(cat_ids), dtype=np.int64), 1 + group, 4 + bins], axis=1)
     return pool_of, ["AP", "APr", "APc", "APf", *(f"AP{b + 1}" for b in range(num_bins))]
 
 
