@@ -81,3 +81,25 @@ def test_the_survivor_names_the_rank_whose_process_exited(monkeypatch):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_rank_still_exiting_when_the_collective_fails_is_named(monkeypatch):
+    """A killed rank's sockets close before its process has exited: the survivor looks again for a
+    while instead of naming no rank (CI saw "another rank stopped")."""
+    import socket
+
+    from simcal.engine import distributed as dist_utils
+    from simcal.errors import peer_rank_lost
+
+    leaving = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        monkeypatch.setattr(
+            dist_utils, "_PEERS", [(socket.gethostname(), os.getpid()), (socket.gethostname(), leaving.pid)]
+        )
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer")
+        assert "rank 0 of 2: rank 1 stopped" in (peer_rank_lost(gloo, lambda: dist_utils.lost_ranks(wait=30)) or "")
+    finally:
+        leaving.kill()
+        leaving.wait()

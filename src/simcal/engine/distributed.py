@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -46,11 +47,20 @@ def _gone(pid: int) -> bool:
         return False
 
 
-def lost_ranks() -> tuple[list[int], list[int]]:
+def lost_ranks(wait: float = 2.0) -> tuple[list[int], list[int]]:
     """``(ranks whose process has exited, ranks on other machines)``, as seen from this process: the
-    ranks on this machine are checked by pid; the others cannot be from here."""
+    ranks on this machine are checked by pid; the others cannot be from here.
+
+    A process killed a moment ago closes its sockets (which fails this one's collective) before it
+    has exited: while none on this machine has, they are checked again for up to ``wait`` seconds
+    (CI saw the survivor look in between and name no rank)."""
     host, me = socket.gethostname(), os.getpid()
-    gone = [r for r, (h, pid) in enumerate(_PEERS) if h == host and pid != me and _gone(pid)]
+    here = [(r, pid) for r, (h, pid) in enumerate(_PEERS) if h == host and pid != me]
+    deadline = time.monotonic() + wait
+    gone = [r for r, pid in here if _gone(pid)]
+    while here and not gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gone = [r for r, pid in here if _gone(pid)]
     return gone, [r for r, (h, _) in enumerate(_PEERS) if h != host]
 
 
