@@ -223,6 +223,17 @@ def test_ap_pool_equals_the_official_apis_matches_pooled(gt, results, iou_type, 
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_ap_pool_breaks_score_ties_as_the_official_pooling_does(gt, results, iou_type, monkeypatch):
+    """Scores tied across classes (rounded to 0.05: a pool's ranking then depends on the order of
+    the tied detections): a pool's detections are in class order, then image order, before the
+    stable sort by score, as the official API's matches pooled class by class."""
+    tied = [{**d, "score": round(d["score"] * 20) / 20} for d in results]
+    stats = resolve_category_stats(gt, "gt", edges=EDGES)
+    ours = evaluate(gt, tied, iou_type, stats, EDGES, protocol="pool", dets_per_class=K)
+    _check_pooled(ours, official_pooled(gt, tied, iou_type, stats, len(EDGES) + 1, monkeypatch))
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_ap_pool_under_coco_rules_equals_pycocotools_matches_pooled(gt, results, iou_type):
     """A plain COCO json (no federated rule, no not-exhaustive classes, some crowd regions):
     AP-pool equals pycocotools' own matches pooled per group, every key."""

@@ -287,25 +287,28 @@ def virtual_pools(
     images, anns, cats = engine_gt["images"], engine_gt["annotations"], engine_gt["categories"]
     cat_ids = np.array(sorted(c["id"] for c in cats), dtype=np.int64)
     span = int(cat_ids[-1]) + 1
+    image_base = max((im["id"] for im in images), default=0) + 1  # also past every image id
     n = len(anns)
     ann_img = np.fromiter(map(itemgetter("image_id"), anns), dtype=np.int64, count=n)
     ann_cat = np.fromiter(map(itemgetter("category_id"), anns), dtype=np.int64, count=n)
-    codes = np.concatenate([ann_img * span + ann_cat, dets.image_ids * span + dets.category_ids])
+    # class-major codes: the virtual images of a class in image order, the classes in id order, so
+    # that a pool's detections meet the engine's stable sort by score as the official API's matches
+    # pooled class by class (score ties across classes are ranked the same)
+    codes = np.concatenate([ann_cat * image_base + ann_img, dets.category_ids * image_base + dets.image_ids])
     pairs, inverse = np.unique(codes, return_inverse=True)
     inverse = inverse.reshape(-1)
     ann_pair, det_pair = inverse[:n], inverse[n:]
-    pair_class = np.searchsorted(cat_ids, pairs % span)
-    image_base = max((im["id"] for im in images), default=0) + 1
+    pair_class = np.searchsorted(cat_ids, pairs // image_base)
     ann_base = max((a["id"] for a in anns), default=0) + 1
     sizes = {im["id"]: (im["height"], im["width"]) for im in images}
-    pair_size = [sizes[i] for i in (pairs // span).tolist()]
+    pair_size = [sizes[i] for i in (pairs % image_base).tolist()]
 
     def listed(field: str) -> np.ndarray:
         """Whether each pair's class is in its image's ``field``."""
         ids = [im.get(field, ()) for im in images]
         img = np.repeat(np.array([im["id"] for im in images], dtype=np.int64), [len(x) for x in ids])
         cat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=len(img))
-        return np.isin(pairs, img * span + cat)
+        return np.isin(pairs, cat * image_base + img)
 
     neg = listed("neg_category_ids").tolist() if lvis_rules else []
     not_exhaustive = listed("not_exhaustive_category_ids").tolist() if lvis_rules else []
