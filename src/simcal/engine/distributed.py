@@ -53,13 +53,17 @@ def lost_ranks(wait: float = 2.0) -> tuple[list[int], list[int]]:
 
     A process killed a moment ago closes its sockets (which fails this one's collective) before it
     has exited: while none on this machine has, they are checked again for up to ``wait`` seconds
-    (CI saw the survivor look in between and name no rank)."""
+    (CI saw the survivor look in between and name no rank). A signal in that wait (torchrun stops
+    the other ranks once it has reaped the failed one) ends it with one more look."""
     host, me = socket.gethostname(), os.getpid()
     here = [(r, pid) for r, (h, pid) in enumerate(_PEERS) if h == host and pid != me]
     deadline = time.monotonic() + wait
     gone = [r for r, pid in here if _gone(pid)]
-    while here and not gone and time.monotonic() < deadline:
-        time.sleep(0.05)
+    try:
+        while here and not gone and time.monotonic() < deadline:
+            time.sleep(0.05)
+            gone = [r for r, pid in here if _gone(pid)]
+    except KeyboardInterrupt:  # torchrun's SIGTERM (simcal's handler raises): it has reaped the failed rank
         gone = [r for r, pid in here if _gone(pid)]
     return gone, [r for r, (h, _) in enumerate(_PEERS) if h != host]
 
