@@ -157,20 +157,20 @@ def precision(
         ev = _hotcoco_eval(engine_gt, kept, iou_type, lvis_rules, max_dets, len(dets))
         ev.accumulate()
         out = np.asarray(ev.eval["precision"])[..., -1]
-        pooled = None
-        if pool_bins is not None:
-            pool_of, keys = pool_partitions(stats, pool_bins, sorted(c["id"] for c in gt["categories"]))
-            virtual_gt, virtual, image_class = virtual_pools(engine_gt, kept, pool_of[:, :1], 1, lvis_rules)
-            ev = _hotcoco_eval(virtual_gt, virtual, iou_type, lvis_rules, max_dets, len(dets))
-            ev.accumulate()
-            pooled = pooled_metrics(np.asarray(ev.eval["precision"])[..., -1], keys[:1])
-            image_ids = np.array([im["id"] for im in virtual_gt["images"]], dtype=np.int64)
-            member = pool_of[image_class]  # [V, 3]: each virtual image's class's pools
-            slices = {key: image_ids[(member == p).any(axis=1)].tolist() for p, key in enumerate(keys) if p}
-            for key, got in ev.slice_by({k: v for k, v in slices.items() if v}).items():
-                if key in slices:
-                    pooled[key] = got["AP"] if got["AP"] >= 0 else None
-            pooled.update({key: None for key, v in slices.items() if not v})
+        if pool_bins is None:
+            return out, len(kept), None
+        pool_of, keys = pool_partitions(stats, pool_bins, sorted(c["id"] for c in gt["categories"]))
+        virtual_gt, virtual, image_class = virtual_pools(engine_gt, kept, pool_of[:, :1], 1, lvis_rules)
+        ev = _hotcoco_eval(virtual_gt, virtual, iou_type, lvis_rules, max_dets, len(dets))
+        ev.accumulate()
+    pooled = pooled_metrics(np.asarray(ev.eval["precision"])[..., -1], keys[:1])
+    image_ids = np.array([im["id"] for im in virtual_gt["images"]], dtype=np.int64)
+    member = pool_of[image_class]  # [V, 3]: each virtual image's class's pools
+    slices = {key: image_ids[(member == p).any(axis=1)].tolist() for p, key in enumerate(keys) if p}
+    got = ev.slice_by({key: ids for key, ids in slices.items() if ids})
+    for key, ids in slices.items():
+        ap = got[key]["AP"] if ids else -1.0
+        pooled[key] = ap if ap >= 0 else None
     return out, len(kept), pooled
 
 
