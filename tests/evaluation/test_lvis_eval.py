@@ -399,3 +399,38 @@ def test_mask_areas_counted_by_a_forked_process_are_the_pixel_counts(lt_gt, lt_r
     assert areas_later(dets)().tolist() == pixels and forks == [1]
     monkeypatch.setattr(results, "_can_fork", lambda: False)
     assert areas_later(dets)().tolist() == pixels and forks == [1]
+
+
+def test_summary_means_are_the_valid_precisions_means():
+    """Each summary AP is the mean of the valid (> -1) precisions it covers: all of a class, or
+    none (no ground truth: None), or a mix (an area range without ground truth in some classes)."""
+    from simcal.data.stats import CategoryStat
+    from simcal.evaluation.lvis_eval import summarize
+
+    rng = np.random.default_rng(0)
+    precision = rng.random((10, 101, 4, 4))  # [T, R, K, A]
+    precision[:, :, 1] = -1  # class 1: no ground truth
+    precision[:, :, 2, 1] = -1  # class 2: no small objects
+    precision[3:, 60:, 3, 0] = -1  # class 3: a mixed block (as an engine never makes it; still a mean)
+    stats = [CategoryStat(k + 1, f"c{k}", 10 * (k + 1), k + 1, "rcfc"[k], k % 2) for k in range(4)]
+    gt = {"images": [{"id": 1}], "annotations": [], "categories": [{"id": s.id, "name": s.name} for s in stats]}
+    result = summarize(precision, [1, 2, 3, 4], gt, stats, [15.0], "segm", True, 300, 0, 0)
+
+    def mean(p):
+        v = p[p > -1]
+        return float(v.mean()) if v.size else None
+
+    m = result.metrics
+    assert m["AP"] == pytest.approx(mean(precision[..., 0]), abs=1e-12)
+    assert m["AP50"] == pytest.approx(mean(precision[0, :, :, 0]), abs=1e-12)
+    assert m["AP75"] == pytest.approx(mean(precision[5, :, :, 0]), abs=1e-12)
+    for key, a in (("APs", 1), ("APm", 2), ("APl", 3)):
+        assert m[key] == pytest.approx(mean(precision[..., a]), abs=1e-12)
+    per_class = [mean(precision[:, :, k, 0]) for k in range(4)]
+    assert [c["AP"] for c in result.per_class][1] is None
+    for got, want in zip(result.per_class, per_class):
+        assert got["AP"] == (None if want is None else pytest.approx(want, abs=1e-12))
+    assert result.per_class[3]["AP50"] == pytest.approx(mean(precision[0, :, 3, 0]), abs=1e-12)
+    assert m["APr"] == pytest.approx(per_class[0], abs=1e-12) and m["APf"] == pytest.approx(per_class[2], abs=1e-12)
+    assert m["APc"] == pytest.approx(per_class[3], abs=1e-12)  # class 1 (c) has no AP: left out
+    assert m["AP1"] == pytest.approx((per_class[0] + per_class[2]) / 2, abs=1e-12)

@@ -67,23 +67,26 @@ def resolve_category_stats(
     return out
 
 
-def _mean_valid(s: np.ndarray) -> float | None:
-    v = s[s > -1]
-    return float(v.mean()) if v.size else None
+def _valid_sums(precision: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sum and number of the valid precisions of ``precision[T, R, K, A]`` over the recall
+    thresholds, each ``[T, K, A]``: every mean the summary reports is a ratio of their sums. An
+    invalid precision is the engines' -1 (no ground truth), so the valid ones sum to the sum of
+    all plus the number of invalid ones: one pass over the array, no masked copy of it."""
+    count = (precision > -1).sum(axis=1)
+    return precision.sum(axis=1) + (precision.shape[1] - count), count
 
 
-def _class_means(p: np.ndarray) -> list[float | None]:
-    """:func:`_mean_valid` of each class's block ``p[:, :, k]`` (``p`` ``[T, R, K]``), as one
-    reduction: each block as a contiguous row (the same values in the same order, hence the same
-    sum). A class's block is all valid or all -1 (no ground truth); a mixed one is averaged alone."""
-    rows = np.ascontiguousarray(np.moveaxis(p, 2, 0)).reshape(p.shape[2], -1)
-    valid = rows > -1
-    every, none = valid.all(axis=1), ~valid.any(axis=1)
-    means = rows.mean(axis=1) if rows.shape[1] else np.zeros(len(rows))
-    return [
-        float(m) if all_valid else None if no_valid else _mean_valid(row)
-        for m, all_valid, no_valid, row in zip(means.tolist(), every, none, rows)
-    ]
+def _ratio(total: np.ndarray, count: np.ndarray) -> float | None:
+    """The mean of the valid precisions that ``total`` sums and ``count`` counts; None for none."""
+    n = int(count.sum())
+    return float(total.sum() / n) if n else None
+
+
+def _class_means(total: np.ndarray, count: np.ndarray) -> list[float | None]:
+    """Each class's mean of the valid precisions (``total`` and ``count`` ``[T, K]``, summed over
+    the recall thresholds): ``K`` values, None for a class with no ground truth."""
+    t, n = total.sum(axis=0), count.sum(axis=0)
+    return [float(a / b) if b else None for a, b in zip(t.tolist(), n.tolist())]
 
 
 def check_settings(
@@ -244,23 +247,21 @@ def summarize(
     by_id = {s.id: s for s in stats}
     gt_count = Counter(map(itemgetter("category_id"), gt["annotations"]))
     iou50, iou75 = 0, 5  # np.linspace(0.5, 0.95, 10)
-    by_area = np.ascontiguousarray(np.moveaxis(precision, 3, 0))  # [A, T, R, K]: precision[..., a] in its order
-    p_all = by_area[0]  # [T, R, K]
-
+    total, count = _valid_sums(precision)  # [T, K, A] each
     metrics: dict[str, float | None] = {
-        "AP": _mean_valid(p_all),
-        "AP50": _mean_valid(p_all[iou50]),
-        "AP75": _mean_valid(p_all[iou75]),
-        "APs": _mean_valid(by_area[1]),
-        "APm": _mean_valid(by_area[2]),
-        "APl": _mean_valid(by_area[3]),
+        "AP": _ratio(total[..., 0], count[..., 0]),
+        "AP50": _ratio(total[iou50, :, 0], count[iou50, :, 0]),
+        "AP75": _ratio(total[iou75, :, 0], count[iou75, :, 0]),
+        "APs": _ratio(total[..., 1], count[..., 1]),
+        "APm": _ratio(total[..., 2], count[..., 2]),
+        "APl": _ratio(total[..., 3], count[..., 3]),
     }
     per_class = []
     group_ap: dict[str, list[float]] = defaultdict(list)
     bin_ap: dict[int, list[float]] = defaultdict(list)
     names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
-    class_ap = _class_means(p_all)  # [T, R, K] -> K
-    class_ap50 = _class_means(p_all[iou50][None])
+    class_ap = _class_means(total[..., 0], count[..., 0])  # K
+    class_ap50 = _class_means(total[iou50 : iou50 + 1, :, 0], count[iou50 : iou50 + 1, :, 0])
     for k, cid in enumerate(cat_ids):
         s = by_id[cid]
         ap, ap50 = class_ap[k], class_ap50[k]
