@@ -96,10 +96,8 @@ class Detections:
         engine is called: the detections keep only the strings); one size list per image size."""
         if self.counts is None or self.sizes is None:
             raise ValueError("these detections have no masks")
-        code = self.sizes[:, 0] * (1 << 32) + self.sizes[:, 1]
-        unique, inverse = np.unique(code, return_inverse=True)
-        lists = [[c >> 32, c & 0xFFFFFFFF] for c in unique.tolist()]
-        return [{"size": lists[i], "counts": c} for i, c in zip(inverse.reshape(-1).tolist(), self.counts)]
+        lists, at = _size_lists(self.sizes)
+        return [{"size": lists[i], "counts": c} for i, c in zip(at, self.counts)]
 
     def to_dicts(self) -> list[dict[str, Any]]:
         """One dict per detection: its ``bbox``, or with masks its ``segmentation`` alone (``counts``
@@ -125,8 +123,18 @@ class Detections:
         array, boxes = np.concatenate([p.array for p in parts]), parts[0].boxes
         if parts[0].counts is None:
             return cls(array, boxes=boxes)
-        counts = list(itertools.chain.from_iterable(p.counts for p in parts))  # type: ignore[misc]
+        counts: list[str] = []
+        for p in parts:
+            counts.extend(p.counts)  # type: ignore[arg-type]
         return cls(array, counts, np.concatenate([p.sizes for p in parts]), boxes)  # type: ignore[misc]
+
+
+def _size_lists(sizes: np.ndarray) -> tuple[list[list[int]], list[int]]:
+    """``sizes`` ``(N, 2)`` ``[height, width]`` as one list ``[h, w]`` per distinct size and each
+    row's index into them (a list per row would be ``N`` new objects)."""
+    code = sizes[:, 0] * (1 << 32) + sizes[:, 1]
+    unique, inverse = np.unique(code, return_inverse=True)
+    return [[c >> 32, c & 0xFFFFFFFF] for c in unique.tolist()], inverse.reshape(-1).tolist()
 
 
 #: at least this many masks have their areas counted by a forked process (:func:`areas_later`)
@@ -140,11 +148,11 @@ def mask_areas(counts: Sequence[str], sizes: np.ndarray) -> np.ndarray:
     """Each mask's pixel count (pycocotools' ``area`` of its compressed RLE) ``(N,)`` float64,
     for ``counts`` (``N`` strings) of masks of ``sizes`` ``(N, 2)`` ``[height, width]``."""
     out = np.empty(len(counts), dtype=np.float64)
-    hw = sizes.tolist()
+    lists, at = _size_lists(sizes)
     for start in range(0, len(counts), _AREA_CHUNK):
         stop = start + _AREA_CHUNK
         out[start:stop] = mask_utils.area(
-            [{"size": s, "counts": c} for s, c in zip(hw[start:stop], counts[start:stop])]
+            [{"size": lists[i], "counts": c} for i, c in zip(at[start:stop], counts[start:stop])]
         )
     return out
 
