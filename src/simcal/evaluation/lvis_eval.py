@@ -83,10 +83,9 @@ def _ratio(total: np.ndarray, count: np.ndarray) -> float | None:
 
 
 def _class_means(total: np.ndarray, count: np.ndarray) -> list[float | None]:
-    """Each class's mean of the valid precisions (``total`` and ``count`` ``[T, K]``, summed over
-    the recall thresholds): ``K`` values, None for a class with no ground truth."""
-    t, n = total.sum(axis=0), count.sum(axis=0)
-    return [float(a / b) if b else None for a, b in zip(t.tolist(), n.tolist())]
+    """Each class's mean of the valid precisions from their sum ``total`` and number ``count``
+    ``[K]``: ``K`` values, None for a class with no ground truth."""
+    return [float(t / n) if n else None for t, n in zip(total.tolist(), count.tolist())]
 
 
 def check_settings(
@@ -260,8 +259,8 @@ def summarize(
     group_ap: dict[str, list[float]] = defaultdict(list)
     bin_ap: dict[int, list[float]] = defaultdict(list)
     names = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
-    class_ap = _class_means(total[..., 0], count[..., 0])  # K
-    class_ap50 = _class_means(total[iou50 : iou50 + 1, :, 0], count[iou50 : iou50 + 1, :, 0])
+    class_ap = _class_means(total[..., 0].sum(axis=0), count[..., 0].sum(axis=0))  # K
+    class_ap50 = _class_means(total[iou50, :, 0], count[iou50, :, 0])
     for k, cid in enumerate(cat_ids):
         s = by_id[cid]
         ap, ap50 = class_ap[k], class_ap50[k]

@@ -137,7 +137,7 @@ def pooled_metrics(precision: np.ndarray, keys: list[str]) -> dict[str, float | 
     ground truth): the engine's accumulation of a pool pools the true and false positives of its
     classes as if they were one class."""
 
-    def mean(p: np.ndarray) -> float | None:
+    def mean(p: np.ndarray) -> float | None:  # the masked mean, as the engine's slice_by averages: equal to it
         return None if (p < 0).all() else float(p[p > -1].mean())
 
     out: dict[str, float | None] = {
