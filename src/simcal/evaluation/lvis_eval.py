@@ -71,7 +71,7 @@ def _valid_sums(precision: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The sum and number of the valid precisions of ``precision[T, R, K, A]`` over the recall
     thresholds, each ``[T, K, A]``: every mean the summary reports is a ratio of their sums. An
     invalid precision is the engines' -1 (no ground truth), so the valid ones sum to the sum of
-    all plus the number of invalid ones: one pass over the array, no masked copy of it."""
+    all plus the number of invalid ones: two reductions over the array, no masked copy of it."""
     count = (precision > -1).sum(axis=1)
     return precision.sum(axis=1) + (precision.shape[1] - count), count
 
