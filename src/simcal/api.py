@@ -73,9 +73,10 @@ def evaluate(
     over the dataset) or ``pool`` (AP-pool). ``iou``: ``bbox``, ``segm`` or ``boundary`` (boundary
     IoU of the masks, the band ``dilation`` x the image diagonal wide). A results file is
     streamed into columns (:func:`simcal.data.results.read_results`: boxes, or the masks' RLE
-    strings), so LVIS v1 val's 5.9 M detections never sit in memory as dicts.
+    strings), so LVIS v1 val's 5.9 M detections never sit in memory as dicts; a large file of
+    masks under COCO rules is parsed by the engine itself while forked processes check it
+    (:func:`simcal.evaluation.engines.file_precision`).
     """
-    from simcal.data.results import as_detections, read_results
     from simcal.data.stats import declared_bins, parse_bins
     from simcal.evaluation.lvis_eval import check_settings, resolve_category_stats
     from simcal.evaluation.lvis_eval import evaluate as run_evaluation
@@ -85,12 +86,8 @@ def evaluate(
     train_data, train_name = _dataset(train, "train") if train is not None else (None, "<train>")
     edges = declared_bins(train_data or gt_data) if bins == "auto" else parse_bins(bins)
     stats = resolve_category_stats(gt_data, gt_name, train_data, train_name, edges)
-    if isinstance(results, list):
-        dets = as_detections(results, gt_data, iou)
-    else:
-        dets = read_results(results, gt_data, iou)
     return run_evaluation(
-        gt_data, dets, iou, stats, edges, protocol=protocol, dets_per_class=dets_per_class, dilation=dilation
+        gt_data, results, iou, stats, edges, protocol=protocol, dets_per_class=dets_per_class, dilation=dilation
     )
 
 

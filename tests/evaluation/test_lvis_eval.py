@@ -348,6 +348,108 @@ def test_a_bad_detection_in_a_streamed_file_is_named_as_before(lt_gt, tmp_path, 
         assert read_results(path, lt_gt, iou).counts == [want]
 
 
+def _coco_rules(gt):
+    """``gt`` without LVIS's image fields: evaluated under COCO rules."""
+    out = copy.deepcopy(gt)
+    for img in out["images"]:
+        for k in ("neg_category_ids", "not_exhaustive_category_ids"):
+            img.pop(k, None)
+    return out
+
+
+def _engine_reads(monkeypatch):
+    """Every results file large enough for hotcoco to read itself (the two readers' size: 0 here);
+    returns the count of forks made."""
+    import os
+
+    from simcal.data import results
+
+    forks = []
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or fork())
+    monkeypatch.setattr(results, "PARALLEL_READ_BYTES", 0)
+    monkeypatch.setattr(results, "_can_fork", lambda: True)  # another test may have loaded torch here
+    return forks
+
+
+@pytest.mark.parametrize("with_boxes", [True, False])
+def test_a_file_of_masks_under_coco_rules_read_by_the_engine_evaluates_as_its_columns(
+    lt_gt, lt_results, with_boxes, tmp_path, monkeypatch, capfd
+):
+    """Under COCO rules every mask goes to the engine, so a large results file is parsed by hotcoco
+    itself while two forked children check it: every metric, per-class AP and count equals the
+    evaluation of the file's columns. A mask's size range is its mask's: the boxes written here
+    cover the whole image, and hotcoco, which would take a box's area (pycocotools' rule where the
+    first detection has a box), gets the masks' areas counted by the children instead."""
+    import json
+
+    from simcal import api
+    from simcal.data import results
+    from simcal.data.results import read_results
+
+    gt = _coco_rules(lt_gt)
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    hw = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
+    dets = []
+    for d in lt_results:
+        det = {k: d[k] for k in ("image_id", "category_id", "score", "segmentation")}
+        if with_boxes:
+            det["bbox"] = [0, 0, hw[d["image_id"]][1], hw[d["image_id"]][0]]
+        dets.append(det)
+    path = tmp_path / "res.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(d) for d in dets) + "\n]\n")
+    kw = dict(iou="segm", bins=list(EDGES))
+    columns = api.evaluate(gt_path, read_results(path, gt, "segm", processes=1).to_dicts(), **kw).to_json()
+    assert columns["mode"] == "coco" and columns["num_detections_evaluated"] == len(dets)
+
+    forks = _engine_reads(monkeypatch)
+    read = results.read_results
+    monkeypatch.setattr(results, "read_results", lambda *a, **k: pytest.fail("read as columns"))
+    assert api.evaluate(gt_path, path, **kw).to_json() == columns
+    assert forks == [1, 1]  # the two checking children; no areas counter
+    assert capfd.readouterr().err == ""
+    if with_boxes:  # the test can fail: with the boxes' areas, the sizes' APs move
+        checked = results.checked_later
+        monkeypatch.setattr(
+            "simcal.evaluation.engines.checked_later", lambda *a, areas, **k: checked(*a, areas=False, **k)
+        )
+        by_box = api.evaluate(gt_path, path, **kw).to_json()
+        assert by_box["AP"] == columns["AP"] and by_box["APs"] != columns["APs"] != -1
+    # another protocol, or LVIS rules, reads the columns
+    monkeypatch.setattr(results, "read_results", read)
+    assert api.evaluate(gt_path, path, protocol="fixed", **kw).to_json()["protocol"] == "fixed"
+
+
+def test_a_bad_file_of_masks_read_by_the_engine_gets_the_columns_error_alone(lt_gt, tmp_path, monkeypatch, capfd):
+    """A file the children's checks refuse is read again as columns, which name the detection
+    and the field; what hotcoco printed while it parsed (an image id not in the ground truth) is
+    not shown, and what it refuses itself (a NaN score) gets the same line."""
+    import json
+
+    from simcal import api
+    from simcal.data.results import read_results
+
+    gt = _coco_rules(lt_gt)
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    image = gt["images"][0]
+    good = {"image_id": image["id"], "category_id": gt["categories"][0]["id"], "score": 0.5}
+    good["segmentation"] = {"size": [image["height"], image["width"]], "counts": "0"}
+    path = tmp_path / "res.json"
+    unknown = max(img["id"] for img in gt["images"]) + 1
+    for bad in ({"image_id": unknown}, {"score": float("nan")}, {"segmentation": {"size": [1, 1], "counts": "1"}}):
+        path.write_text("[\n" + ",\n".join(json.dumps(d) for d in [good] * 6 + [{**good, **bad}]) + "\n]\n")
+        with pytest.raises(InputError) as columns:
+            read_results(path, gt, "segm", processes=1)
+        capfd.readouterr()
+        forks = _engine_reads(monkeypatch)
+        with pytest.raises(InputError) as routed:
+            api.evaluate(gt_path, path, iou="segm")
+        assert str(routed.value) == str(columns.value) and "[6]" in str(columns.value), bad
+        assert forks[:2] == [1, 1] and capfd.readouterr().err == "", bad
+
+
 def test_the_engines_mask_iou_does_not_read_the_rows_box(lt_gt, lt_results):
     """The engine gets masks as rows of the results array plus their RLEs; the rows' boxes are
     the detections' boxes or zeros (a file read for its masks alone). hotcoco's mask IoU must not

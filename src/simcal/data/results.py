@@ -538,14 +538,17 @@ def validate_results(
 
 
 def as_detections(
-    results: list[dict[str, Any]] | Detections,
+    results: list[dict[str, Any]] | Detections | str | os.PathLike[str],
     dataset: dict[str, Any],
     iou: str | Sequence[str],
     source: str | os.PathLike[str] = "<results>",
 ) -> Detections:
-    """Detections as columns for ``iou`` (one IoU type or several): a list of dicts is checked as a
-    results file is; :class:`Detections` are taken as they are, if they have what ``iou`` needs
-    (boxes for ``bbox``, masks for ``segm`` / ``boundary``)."""
+    """Detections as columns for ``iou`` (one IoU type or several): a results file is read
+    (:func:`read_results`); a list of dicts is checked as a results file is; :class:`Detections`
+    are taken as they are, if they have what ``iou`` needs (boxes for ``bbox``, masks for
+    ``segm`` / ``boundary``)."""
+    if isinstance(results, (str, os.PathLike)):
+        return read_results(results, dataset, iou)
     ious = _ious(iou)
     if isinstance(results, Detections):
         for iou_type in ious:
@@ -575,16 +578,21 @@ def _can_fork() -> bool:
 
 
 def _read_share(
-    path: str | os.PathLike[str], columns: _Columns, block: int, share: tuple[int, int]
-) -> list[Detections] | None:
-    """One share's detections, a part at a time, or None where anything in it is unusual (the
-    whole file is then read in one process, which names it)."""
+    path: str | os.PathLike[str],
+    columns: _Columns,
+    block: int,
+    share: tuple[int, int],
+    each: Callable[[Detections], Any] | None = None,
+) -> list[Any] | None:
+    """``each`` of one share's parts of detections (by default the part), a part at a time, or
+    None where anything in the share is unusual (the whole file is then read in one process, which
+    names it)."""
     parts = []
     try:
         for items in iter_json_blocks(path, block=block, fast=columns.typed, share=share):
             if not isinstance(items, Detections):
                 return None
-            parts.append(items)
+            parts.append(items if each is None else each(items))
     except NotLines:
         return None
     return parts
@@ -609,6 +617,60 @@ def _read_in_two(path: str | os.PathLike[str], columns: _Columns, block: int) ->
     if first is None or rest is None:
         return None
     return Detections.concatenate(first + rest) if first or rest else columns.block([], 0)
+
+
+def first_detection(path: str | os.PathLike[str]) -> Any:
+    """The first item of a results file as JSON parses it (None for an empty list), from the
+    file's first block (64 KiB where the items end at line ends or commas)."""
+    blocks = iter_json_blocks(path, block=1 << 16)
+    try:
+        return next((part[0] for part in blocks if len(part)), None)
+    finally:
+        blocks.close()
+
+
+def checked_later(
+    path: str | os.PathLike[str], dataset: dict[str, Any], iou: str, areas: bool, block: int = 1 << 23
+) -> Callable[[], tuple[int, np.ndarray | None] | None] | None:
+    """The results file checked for ``iou`` meanwhile, for an engine that reads it itself: two
+    forked children each check a share of the lines as :func:`read_results` does, and send back
+    only how many detections they read and, with ``areas``, their masks' areas (:func:`mask_areas`),
+    not the columns. The call returns ``(N, areas (N,) float64 or None)``, or None where a share
+    holds anything unusual (:func:`read_results` then names it). None instead of the call where
+    :func:`read_results` would read in one process: a file under :data:`PARALLEL_READ_BYTES`, no
+    second core or fork (:func:`_can_fork`), or a file not cut into lines.
+    """
+    if not _can_fork() or os.path.getsize(path) < PARALLEL_READ_BYTES:
+        return None
+    shares = split_json_lines(path, 2)
+    if shares is None:
+        return None
+    columns = _Columns(dataset, str(path), _ious(iou))
+
+    def summary(part: Detections) -> tuple[int, np.ndarray | None]:
+        return len(part), mask_areas(part.counts, part.sizes) if areas else None  # type: ignore[arg-type]
+
+    def child(share: tuple[int, int]) -> Callable[[BinaryIO], object]:
+        def work(out: BinaryIO) -> None:
+            with collector_paused():
+                got = _read_share(path, columns, block, share, summary)
+            pickle.dump(got, out, pickle.HIGHEST_PROTOCOL)
+
+        return work
+
+    children = [_forked(child(share)) for share in shares]
+
+    def collect() -> tuple[int, np.ndarray | None] | None:
+        got = [c(pickle.load) for c in children if c is not None]  # every child is waited for
+        if None in children or any(g is None for g in got):
+            return None
+        parts = [part for share in got for part in share]  # type: ignore[union-attr]
+        n = sum(count for count, _ in parts)
+        if not areas:
+            return n, None
+        return n, np.concatenate([a for _, a in parts]) if parts else np.zeros(0)
+
+    return collect
 
 
 def read_results(

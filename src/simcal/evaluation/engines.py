@@ -6,7 +6,9 @@ them) takes the detections as columns: the ``(N, 7)`` array and, for masks, the 
 dict per detection. Before it, the protocol's caps and the federated rule are applied on the
 columns (:mod:`simcal.evaluation.protocols`), so the engine matches only what is evaluated; it
 still ignores the unmatched detections of a not-exhaustive class itself. A mask's box and area are
-the mask's (as lvis-api and pycocotools take them for a result without ``bbox``).
+the mask's (as lvis-api and pycocotools take them for a result without ``bbox``). Where all of a
+large file's masks go to the engine (COCO rules), hotcoco reads the file itself while forked
+children check it (:func:`file_precision`).
 
 AP-pool's pools are evaluated as categories of virtual images (:func:`virtual_pools`): one per
 (image, class) pair, so that matching stays per class while the engine's accumulation pools.
@@ -15,15 +17,20 @@ AP-pool's pools are evaluated as categories of virtual images (:func:`virtual_po
 from __future__ import annotations
 
 import itertools
+import os
+import sys
+import tempfile
+from collections.abc import Callable
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from simcal.choices import BOUNDARY_DILATION
 from simcal.data.annotations import collector_paused
-from simcal.data.results import Detections, areas_later
+from simcal.data.results import Detections, areas_later, checked_later, first_detection
 from simcal.data.stats import CategoryStat
+from simcal.errors import InputError
 from simcal.evaluation.protocols import (
     cap_per_class,
     lvis_kept,
@@ -31,6 +38,8 @@ from simcal.evaluation.protocols import (
     pool_partitions,
     pooled_metrics,
 )
+
+T = TypeVar("T")
 
 
 def gt_for_engine(gt: dict[str, Any], stats: list[CategoryStat]) -> dict[str, Any]:
@@ -72,16 +81,24 @@ def _hotcoco_results(coco_gt: Any, dets: Detections, iou_type: str, read: int) -
 
 
 def _hotcoco_eval(
-    engine_gt: dict[str, Any], dets: Detections, iou_type: str, lvis_rules: bool, max_dets: list[int], read: int
+    engine_gt: dict[str, Any],
+    dets: Detections | Callable[[Any], Any],
+    iou_type: str,
+    lvis_rules: bool,
+    max_dets: list[int],
+    read: int,
 ) -> Any:
     """hotcoco's evaluator of ``dets`` against ``engine_gt`` after its per-image matching
     (``evaluate()``); ``max_dets``: the engine's (:func:`_max_dets`); ``read``: how many
-    detections ``dets`` were kept of."""
+    detections ``dets`` were kept of. ``dets`` may instead be a call that loads them into the
+    engine, given its ground truth (a ``hotcoco.COCO``), or returns None (then so does this)."""
     import hotcoco
 
     with collector_paused():
         coco_gt = hotcoco.COCO(engine_gt)
-        coco_dt = _hotcoco_results(coco_gt, dets, iou_type, read)
+        coco_dt = dets(coco_gt) if callable(dets) else _hotcoco_results(coco_gt, dets, iou_type, read)
+        if coco_dt is None:
+            return None
         if lvis_rules:  # capped already: marked so, or the engine's diagnostics cap at 300 again
             coco_dt = coco_dt.cap_detections_per_image(None)
         ev = hotcoco.COCOeval(coco_gt, coco_dt, iou_type, lvis_style=lvis_rules)
@@ -115,6 +132,82 @@ def engine_eval(
     kept = kept_detections(dets, gt, lvis_rules, protocol, dets_per_class)
     max_dets = _max_dets(protocol, lvis_rules, dets_per_class)
     return _hotcoco_eval(gt_for_engine(gt, stats), kept, iou_type, lvis_rules, max_dets, len(dets)), len(kept)
+
+
+def file_precision(
+    gt: dict[str, Any],
+    path: str | os.PathLike[str],
+    iou_type: str,
+    stats: list[CategoryStat],
+    *,
+    lvis_rules: bool,
+    protocol: str,
+) -> tuple[np.ndarray, int] | None:
+    """:func:`precision` of a results file that hotcoco reads itself, and the number of its
+    detections; None where that route is not taken (the caller reads the file as columns, which
+    names anything wrong in it).
+
+    Taken for masks under COCO rules and LVIS's protocol, where every detection goes to the
+    engine, for a file :func:`~simcal.data.results.read_results` would read in two processes:
+    hotcoco parses the file (in Rust, on its threads) while two forked children check it as
+    ``read_results`` does (:func:`~simcal.data.results.checked_later`), sending back their counts
+    instead of the columns, so no RLE string crosses a pipe or becomes a Python dict. hotcoco
+    takes a mask's area from its box where the file's first detection has one (pycocotools'
+    ``loadRes`` rule); the children then count the masks' areas, which replace those (a mask's
+    size range is its mask's, as on the columns' route). What hotcoco prints while it parses
+    (an unknown image id) is shown only for a file the checks pass."""
+    if iou_type != "segm" or lvis_rules or protocol != "lvis":
+        return None
+    try:
+        first = first_detection(path)
+    except InputError:  # not a list of detections: the columns' reading says so
+        return None
+    by_box = isinstance(first, dict) and first.get("bbox") is not None
+    checked = checked_later(path, gt, iou_type, areas=by_box)
+    if checked is None:
+        return None
+    counted: list[int] = []
+
+    def load(coco_gt: Any) -> Any:
+        try:
+            coco_dt, said = _stderr_held(lambda: coco_gt.load_res(os.fspath(path)))
+        except Exception:  # what hotcoco refuses (a NaN score): read as columns, which name it
+            coco_dt, said = None, b""
+        finally:
+            got = checked()  # the children are waited for even where loading failed
+        if got is None or coco_dt is None:
+            return None
+        if said:
+            sys.stderr.write(said.decode(errors="replace"))
+        n, areas = got
+        if areas is not None:
+            coco_dt.update_anns(ids=np.arange(1, n + 1), area=areas)
+        counted.append(n)
+        return coco_dt
+
+    max_dets = _max_dets(protocol, lvis_rules, 0)[-1:]  # the precision read: COCO's 1 and 10 unused
+    with collector_paused():
+        ev = _hotcoco_eval(gt_for_engine(gt, stats), load, iou_type, lvis_rules, max_dets, 0)
+        if ev is None:
+            return None
+        ev.accumulate()
+    return np.asarray(ev.eval["precision"])[..., -1], counted[0]
+
+
+def _stderr_held(call: Callable[[], T]) -> tuple[T, bytes]:
+    """``call()`` with file descriptor 2 sent to a temporary file meanwhile, and what was written
+    there (hotcoco's Rust code writes its warnings to it, past ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            out = call()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        return out, held.read()
 
 
 def precision(

@@ -1,8 +1,9 @@
 """LVIS / COCO evaluation: AP, APr/c/f, the instance bins and per-class AP, under the LVIS
 protocol, AP-fixed or AP-pool.
 
-The detections are taken as columns (:class:`~simcal.data.results.Detections`; a list of dicts is
-turned into them once). What each protocol keeps is :mod:`simcal.evaluation.protocols`' (LVIS's
+The detections are taken as columns (:class:`~simcal.data.results.Detections`; a list of dicts or
+a results file is turned into them once; a large file of masks under COCO rules is read by the
+engine itself). What each protocol keeps is :mod:`simcal.evaluation.protocols`' (LVIS's
 300 per image and federated rule, AP-fixed's cap per class); the matching is the engine's
 (:mod:`simcal.evaluation.engines`: hotcoco for boxes and masks, faster-coco-eval for boundary IoU).
 
@@ -17,6 +18,7 @@ and category, no federated filtering) and still reports APr/APc/APf and the bins
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from operator import itemgetter
@@ -33,8 +35,8 @@ from simcal.evaluation import engines
 from simcal.evaluation.protocols import per_image_cap
 from simcal.evaluation.result import EvalResult, SettingError, metric_keys
 
-#: detections: dicts (checked as a results file is) or columns
-Results = list[dict[str, Any]] | Detections
+#: detections: dicts (checked as a results file is), columns or a results file
+Results = list[dict[str, Any]] | Detections | str | os.PathLike[str]
 
 
 def resolve_category_stats(
@@ -120,8 +122,9 @@ def evaluate(
     Args:
         gt: ground truth dataset (COCO or LVIS dict); not modified.
         results: detections ``{image_id, category_id, score, bbox | segmentation}`` (checked
-            against ``gt`` as a results file is), or :class:`~simcal.data.results.Detections`
-            (with masks for segm and boundary); not modified.
+            against ``gt`` as a results file is), :class:`~simcal.data.results.Detections`
+            (with masks for segm and boundary), or a results file's path (read as columns, or by
+            the engine itself: :func:`simcal.evaluation.engines.file_precision`); not modified.
         iou_type: ``"bbox"``, ``"segm"`` or ``"boundary"`` (boundary IoU of the masks, bands of
             ``dilation`` x the image diagonal; :func:`simcal.evaluation.engines.precision`).
         stats: training statistics of every gt category (see :func:`resolve_category_stats`).
@@ -176,24 +179,34 @@ def evaluate_protocols(
     if lvis_rules is None:
         lvis_rules = is_lvis(gt)
     _check_masks_of(gt, iou_type)
-    dets = as_detections(results, gt, iou_type)
-    num_in = len(dets)
+    from_file = None  # (precision, N): the engine read the file itself, every detection evaluated
+    if isinstance(results, (str, os.PathLike)) and set(protocols) == {"lvis"}:
+        from_file = engines.file_precision(gt, results, iou_type, stats, lvis_rules=lvis_rules, protocol="lvis")
+    dets = None
+    if from_file is None:
+        dets = as_detections(results, gt, iou_type)
+        num_in = len(dets)
+    else:
+        num_in = from_file[1]
     cat_ids = sorted(c["id"] for c in gt["categories"])
     out: dict[str, EvalResult] = {}
     for run in [[p for p in protocols if p == "lvis"], [p for p in protocols if p != "lvis"]]:
         if not run:
             continue
-        precision, kept, pooled = engines.precision(
-            gt,
-            dets,
-            iou_type,
-            stats,
-            lvis_rules=lvis_rules,
-            protocol=run[0],
-            dets_per_class=dets_per_class,
-            pool_bins=len(edges) + 1 if "pool" in run else None,
-            dilation=dilation,
-        )
+        if dets is None:
+            (precision, kept), pooled = from_file, None
+        else:
+            precision, kept, pooled = engines.precision(
+                gt,
+                dets,
+                iou_type,
+                stats,
+                lvis_rules=lvis_rules,
+                protocol=run[0],
+                dets_per_class=dets_per_class,
+                pool_bins=len(edges) + 1 if "pool" in run else None,
+                dilation=dilation,
+            )
         max_dets = per_image_cap(run[0], lvis_rules)
         for protocol in run:
             result = summarize(precision, cat_ids, gt, stats, edges, iou_type, lvis_rules, max_dets, num_in, kept)
