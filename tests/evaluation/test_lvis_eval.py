@@ -409,6 +409,9 @@ def test_a_file_of_masks_under_coco_rules_read_by_the_engine_evaluates_as_its_co
     assert api.evaluate(gt_path, path, **kw).to_json() == columns
     assert forks == [1, 1]  # the two checking children; no areas counter
     assert capfd.readouterr().err == ""
+    one_line = tmp_path / "one_line.json"  # as json.dump writes it
+    one_line.write_text(json.dumps(dets))
+    assert api.evaluate(gt_path, one_line, **kw).to_json() == columns and len(forks) == 4
     if with_boxes:  # the test can fail: with the boxes' areas, the sizes' APs move
         checked = results.checked_later
         monkeypatch.setattr(
