@@ -372,15 +372,16 @@ def _engine_reads(monkeypatch):
     return forks
 
 
-@pytest.mark.parametrize("with_boxes", [True, False])
+@pytest.mark.parametrize("boxes", ["every", "none", "after the first"])
 def test_a_file_of_masks_under_coco_rules_read_by_the_engine_evaluates_as_its_columns(
-    lt_gt, lt_results, with_boxes, tmp_path, monkeypatch, capfd
+    lt_gt, lt_results, boxes, tmp_path, monkeypatch, capfd
 ):
     """Under COCO rules every mask goes to the engine, so a large results file is parsed by hotcoco
     itself while two forked children check it: every metric, per-class AP and count equals the
-    evaluation of the file's columns. A mask's size range is its mask's: the boxes written here
-    cover the whole image, and hotcoco, which would take a box's area (pycocotools' rule where the
-    first detection has a box), gets the masks' areas counted by the children instead."""
+    evaluation of the file's columns, on a file of lines or of one line. A mask's size range is its
+    mask's: the boxes written here cover the whole image, and hotcoco, which takes every box's area
+    where the first detection has a box (pycocotools' rule), gets the masks' areas counted by the
+    children instead; where the first has none it takes every mask's own."""
     import json
 
     from simcal import api
@@ -392,9 +393,9 @@ def test_a_file_of_masks_under_coco_rules_read_by_the_engine_evaluates_as_its_co
     gt_path.write_text(json.dumps(gt))
     hw = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
     dets = []
-    for d in lt_results:
+    for i, d in enumerate(lt_results):
         det = {k: d[k] for k in ("image_id", "category_id", "score", "segmentation")}
-        if with_boxes:
+        if boxes == "every" or (boxes == "after the first" and i):
             det["bbox"] = [0, 0, hw[d["image_id"]][1], hw[d["image_id"]][0]]
         dets.append(det)
     path = tmp_path / "res.json"
@@ -412,22 +413,27 @@ def test_a_file_of_masks_under_coco_rules_read_by_the_engine_evaluates_as_its_co
     one_line = tmp_path / "one_line.json"  # as json.dump writes it
     one_line.write_text(json.dumps(dets))
     assert api.evaluate(gt_path, one_line, **kw).to_json() == columns and len(forks) == 4
-    if with_boxes:  # the test can fail: with the boxes' areas, the sizes' APs move
+    if boxes == "every":  # the test can fail: with the boxes' areas, the sizes' APs move
         checked = results.checked_later
         monkeypatch.setattr(
             "simcal.evaluation.engines.checked_later", lambda *a, areas, **k: checked(*a, areas=False, **k)
         )
         by_box = api.evaluate(gt_path, path, **kw).to_json()
         assert by_box["AP"] == columns["AP"] and by_box["APs"] != columns["APs"] != -1
-    # another protocol, or LVIS rules, reads the columns
+    # another protocol, or LVIS rules, read the columns
     monkeypatch.setattr(results, "read_results", read)
-    assert api.evaluate(gt_path, path, protocol="fixed", **kw).to_json()["protocol"] == "fixed"
+    monkeypatch.setattr("simcal.evaluation.engines.checked_later", lambda *a, **k: pytest.fail("read by the engine"))
+    assert api.evaluate(gt_path, path, **{**kw, "protocol": "fixed"}).to_json()["protocol"] == "fixed"
+    lvis_path = tmp_path / "lvis.json"
+    lvis_path.write_text(json.dumps(lt_gt))
+    assert api.evaluate(lvis_path, path, **kw).to_json()["mode"] == "lvis"
 
 
 def test_a_bad_file_of_masks_read_by_the_engine_gets_the_columns_error_alone(lt_gt, tmp_path, monkeypatch, capfd):
     """A file the children's checks refuse is read again as columns, which name the detection
-    and the field; what hotcoco printed while it parsed (an image id not in the ground truth) is
-    not shown, and what it refuses itself (a NaN score) gets the same line."""
+    and the field; what hotcoco printed while it parsed (an image id not in the ground truth, which
+    it only warns about) is not shown, and what it refuses itself (a NaN score) gets the same line.
+    A file the children leave to the columns (a polygon) evaluates as its columns."""
     import json
 
     from simcal import api
@@ -441,16 +447,23 @@ def test_a_bad_file_of_masks_read_by_the_engine_gets_the_columns_error_alone(lt_
     good["segmentation"] = {"size": [image["height"], image["width"]], "counts": "0"}
     path = tmp_path / "res.json"
     unknown = max(img["id"] for img in gt["images"]) + 1
+    forks = _engine_reads(monkeypatch)
     for bad in ({"image_id": unknown}, {"score": float("nan")}, {"segmentation": {"size": [1, 1], "counts": "1"}}):
         path.write_text("[\n" + ",\n".join(json.dumps(d) for d in [good] * 6 + [{**good, **bad}]) + "\n]\n")
         with pytest.raises(InputError) as columns:
             read_results(path, gt, "segm", processes=1)
         capfd.readouterr()
-        forks = _engine_reads(monkeypatch)
+        forks.clear()
         with pytest.raises(InputError) as routed:
             api.evaluate(gt_path, path, iou="segm")
         assert str(routed.value) == str(columns.value) and "[6]" in str(columns.value), bad
         assert forks[:2] == [1, 1] and capfd.readouterr().err == "", bad
+    polygon = {**good, "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]}
+    path.write_text("[\n" + ",\n".join(json.dumps(d) for d in [good] * 6 + [polygon]) + "\n]\n")
+    forks.clear()
+    got = api.evaluate(gt_path, path, iou="segm").to_json()
+    assert forks[:2] == [1, 1]
+    assert got == api.evaluate(gt_path, read_results(path, gt, "segm", processes=1).to_dicts(), iou="segm").to_json()
 
 
 def test_the_engines_mask_iou_does_not_read_the_rows_box(lt_gt, lt_results):

@@ -577,6 +577,12 @@ def _can_fork() -> bool:
     return hasattr(os, "fork") and (os.cpu_count() or 1) > 1 and "torch" not in sys.modules
 
 
+def _read_by_two(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is read by two processes by default: :data:`PARALLEL_READ_BYTES` or more,
+    where this process can fork (:func:`_can_fork`)."""
+    return os.path.getsize(path) >= PARALLEL_READ_BYTES and _can_fork()
+
+
 def _read_share(
     path: str | os.PathLike[str],
     columns: _Columns,
@@ -637,10 +643,10 @@ def checked_later(
     only how many detections they read and, with ``areas``, their masks' areas (:func:`mask_areas`),
     not the columns. The call returns ``(N, areas (N,) float64 or None)``, or None where a share
     holds anything unusual (:func:`read_results` then names it). None instead of the call where
-    :func:`read_results` would read in one process: a file under :data:`PARALLEL_READ_BYTES`, no
-    second core or fork (:func:`_can_fork`), or a file not cut into lines.
+    :func:`read_results` would read in one process (:func:`_read_by_two`), or the file is not cut
+    into lines.
     """
-    if not _can_fork() or os.path.getsize(path) < PARALLEL_READ_BYTES:
+    if not _read_by_two(path):
         return None
     shares = split_json_lines(path, 2)
     if shares is None:
@@ -661,8 +667,15 @@ def checked_later(
     children = [_forked(child(share)) for share in shares]
 
     def collect() -> tuple[int, np.ndarray | None] | None:
-        got = [c(pickle.load) for c in children if c is not None]  # every child is waited for
-        if None in children or any(g is None for g in got):
+        got: list[Any] = []
+        try:
+            for c in children:
+                got.append(None if c is None else c(pickle.load))
+        finally:  # every child is waited for, even where this wait is interrupted
+            for c in children[len(got) + 1 :]:
+                if c is not None:
+                    c(lambda pipe: None)
+        if any(g is None for g in got):
             return None
         parts = [part for share in got for part in share]  # type: ignore[union-attr]
         n = sum(count for count, _ in parts)
@@ -693,7 +706,7 @@ def read_results(
     require_file(Path(path))
     columns = _Columns(dataset, str(path), _ious(iou))
     if processes is None:
-        processes = 2 if _can_fork() and os.path.getsize(path) >= PARALLEL_READ_BYTES else 1
+        processes = 2 if _read_by_two(path) else 1
     if processes > 1:
         with collector_paused():
             got = _read_in_two(path, columns, block)

@@ -81,30 +81,36 @@ def _hotcoco_results(coco_gt: Any, dets: Detections, iou_type: str, read: int) -
 
 
 def _hotcoco_eval(
-    engine_gt: dict[str, Any],
-    dets: Detections | Callable[[Any], Any],
-    iou_type: str,
-    lvis_rules: bool,
-    max_dets: list[int],
-    read: int,
+    engine_gt: dict[str, Any], dets: Detections, iou_type: str, lvis_rules: bool, max_dets: list[int], read: int
 ) -> Any:
     """hotcoco's evaluator of ``dets`` against ``engine_gt`` after its per-image matching
     (``evaluate()``); ``max_dets``: the engine's (:func:`_max_dets`); ``read``: how many
-    detections ``dets`` were kept of. ``dets`` may instead be a call that loads them into the
-    engine, given its ground truth (a ``hotcoco.COCO``), or returns None (then so does this)."""
+    detections ``dets`` were kept of."""
     import hotcoco
 
     with collector_paused():
         coco_gt = hotcoco.COCO(engine_gt)
-        coco_dt = dets(coco_gt) if callable(dets) else _hotcoco_results(coco_gt, dets, iou_type, read)
-        if coco_dt is None:
-            return None
-        if lvis_rules:  # capped already: marked so, or the engine's diagnostics cap at 300 again
-            coco_dt = coco_dt.cap_detections_per_image(None)
-        ev = hotcoco.COCOeval(coco_gt, coco_dt, iou_type, lvis_style=lvis_rules)
-        ev.params.max_dets = max_dets
-        ev.evaluate()
+        return _matched(coco_gt, _hotcoco_results(coco_gt, dets, iou_type, read), iou_type, lvis_rules, max_dets)
+
+
+def _matched(coco_gt: Any, coco_dt: Any, iou_type: str, lvis_rules: bool, max_dets: list[int]) -> Any:
+    """hotcoco's evaluator of the loaded ``coco_dt`` against ``coco_gt`` after its per-image
+    matching (``evaluate()``)."""
+    import hotcoco
+
+    if lvis_rules:  # capped already: marked so, or the engine's diagnostics cap at 300 again
+        coco_dt = coco_dt.cap_detections_per_image(None)
+    ev = hotcoco.COCOeval(coco_gt, coco_dt, iou_type, lvis_style=lvis_rules)
+    ev.params.max_dets = max_dets
+    ev.evaluate()
     return ev
+
+
+def _accumulated(ev: Any) -> np.ndarray:
+    """The precision ``[T, R, K, A]`` at the largest max-dets of an engine's evaluator after its
+    matching (hotcoco's or faster-coco-eval's), accumulated."""
+    ev.accumulate()
+    return np.asarray(ev.eval["precision"])[..., -1]
 
 
 def _max_dets(protocol: str, lvis_rules: bool, dets_per_class: int) -> list[int]:
@@ -135,28 +141,24 @@ def engine_eval(
 
 
 def file_precision(
-    gt: dict[str, Any],
-    path: str | os.PathLike[str],
-    iou_type: str,
-    stats: list[CategoryStat],
-    *,
-    lvis_rules: bool,
-    protocol: str,
+    gt: dict[str, Any], path: str | os.PathLike[str], iou_type: str, stats: list[CategoryStat], *, lvis_rules: bool
 ) -> tuple[np.ndarray, int] | None:
-    """:func:`precision` of a results file that hotcoco reads itself, and the number of its
-    detections; None where that route is not taken (the caller reads the file as columns, which
-    names anything wrong in it).
+    """:func:`precision` under LVIS's protocol (the caller's to ask) of a results file that hotcoco
+    reads itself, and the number of its detections; None where that route is not taken (the
+    caller reads the file as columns, which names anything wrong in it).
 
-    Taken for masks under COCO rules and LVIS's protocol, where every detection goes to the
-    engine, for a file :func:`~simcal.data.results.read_results` would read in two processes:
-    hotcoco parses the file (in Rust, on its threads) while two forked children check it as
-    ``read_results`` does (:func:`~simcal.data.results.checked_later`), sending back their counts
-    instead of the columns, so no RLE string crosses a pipe or becomes a Python dict. hotcoco
-    takes a mask's area from its box where the file's first detection has one (pycocotools'
-    ``loadRes`` rule); the children then count the masks' areas, which replace those (a mask's
-    size range is its mask's, as on the columns' route). What hotcoco prints while it parses
-    (an unknown image id) is shown only for a file the checks pass."""
-    if iou_type != "segm" or lvis_rules or protocol != "lvis":
+    Taken for masks under COCO rules, where every detection goes to the engine, for a file
+    :func:`~simcal.data.results.read_results` would read in two processes: hotcoco parses the file
+    (in Rust, on its threads) while two forked children check it as ``read_results`` does
+    (:func:`~simcal.data.results.checked_later`), sending back their counts instead of the
+    columns, so no RLE string crosses a pipe or becomes a Python dict. hotcoco takes every mask's
+    area from its box where the file's first detection has a box, else from the mask (pycocotools'
+    ``loadRes`` rule: one kind per file, from its first detection); in the first case the children
+    count the masks' areas, which replace the boxes' (a mask's size range is its mask's, as on the
+    columns' route). What hotcoco writes to stderr while it parses is held (:func:`_stderr_held`)
+    and passed on only for a file the checks pass: for one they refuse (an unknown image id, which
+    hotcoco only warns about) the columns' error line is all that is shown."""
+    if iou_type != "segm" or lvis_rules:
         return None
     try:
         first = first_detection(path)
@@ -166,37 +168,38 @@ def file_precision(
     checked = checked_later(path, gt, iou_type, areas=by_box)
     if checked is None:
         return None
-    counted: list[int] = []
+    import hotcoco
 
-    def load(coco_gt: Any) -> Any:
-        try:
-            coco_dt, said = _stderr_held(lambda: coco_gt.load_res(os.fspath(path)))
-        except Exception:  # what hotcoco refuses (a NaN score): read as columns, which name it
-            coco_dt, said = None, b""
-        finally:
-            got = checked()  # the children are waited for even where loading failed
-        if got is None or coco_dt is None:
-            return None
-        if said:
-            sys.stderr.write(said.decode(errors="replace"))
-        n, areas = got
-        if areas is not None:
-            coco_dt.update_anns(ids=np.arange(1, n + 1), area=areas)
-        counted.append(n)
-        return coco_dt
-
-    max_dets = _max_dets(protocol, lvis_rules, 0)[-1:]  # the precision read: COCO's 1 and 10 unused
+    loaded = None
+    try:
+        with collector_paused():
+            coco_gt = hotcoco.COCO(gt_for_engine(gt, stats))
+            loaded = _stderr_held(lambda: coco_gt.load_res(os.fspath(path)))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # what hotcoco refuses (a NaN score; a panic): read as columns, which name it
+        pass
+    finally:
+        got = checked()  # the children are waited for, whatever happened here
+    if got is None or loaded is None:
+        return None
+    (coco_dt, said), (n, areas) = loaded, got
+    if said:
+        sys.stderr.write(said.decode(errors="replace"))
     with collector_paused():
-        ev = _hotcoco_eval(gt_for_engine(gt, stats), load, iou_type, lvis_rules, max_dets, 0)
-        if ev is None:
-            return None
-        ev.accumulate()
-    return np.asarray(ev.eval["precision"])[..., -1], counted[0]
+        if areas is not None:
+            try:
+                coco_dt.update_anns(ids=np.arange(1, n + 1), area=areas)
+            except (KeyError, ValueError):  # hotcoco read another number of detections
+                return None
+        max_dets = _max_dets("lvis", lvis_rules, 0)[-1:]  # the precision read: COCO's 1 and 10 unused
+        return _accumulated(_matched(coco_gt, coco_dt, iou_type, lvis_rules, max_dets)), n
 
 
 def _stderr_held(call: Callable[[], T]) -> tuple[T, bytes]:
     """``call()`` with file descriptor 2 sent to a temporary file meanwhile, and what was written
-    there (hotcoco's Rust code writes its warnings to it, past ``sys.stderr``)."""
+    there (hotcoco's Rust code writes its warnings to it, past ``sys.stderr``). What another
+    thread of this process writes to stderr meanwhile is held too."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
@@ -247,16 +250,14 @@ def precision(
     max_dets = _max_dets(protocol, lvis_rules, dets_per_class)[-1:]  # the precision read: COCO's 1 and 10 unused
     engine_gt = gt_for_engine(gt, stats)
     with collector_paused():
-        ev = _hotcoco_eval(engine_gt, kept, iou_type, lvis_rules, max_dets, len(dets))
-        ev.accumulate()
-        out = np.asarray(ev.eval["precision"])[..., -1]
+        out = _accumulated(_hotcoco_eval(engine_gt, kept, iou_type, lvis_rules, max_dets, len(dets)))
         if pool_bins is None:
             return out, len(kept), None
         pool_of, keys = pool_partitions(stats, pool_bins, sorted(c["id"] for c in gt["categories"]))
         virtual_gt, virtual, image_class = virtual_pools(engine_gt, kept, pool_of[:, :1], 1, lvis_rules)
         ev = _hotcoco_eval(virtual_gt, virtual, iou_type, lvis_rules, max_dets, len(dets))
-        ev.accumulate()
-    pooled = pooled_metrics(np.asarray(ev.eval["precision"])[..., -1], keys[:1])
+        virtual_precision = _accumulated(ev)
+    pooled = pooled_metrics(virtual_precision, keys[:1])
     image_ids = np.array([im["id"] for im in virtual_gt["images"]], dtype=np.int64)
     member = pool_of[image_class]  # [V, 3]: each virtual image's class's pools
     slices = {key: image_ids[(member == p).any(axis=1)].tolist() for p, key in enumerate(keys) if p}
@@ -337,8 +338,7 @@ def _fce_precision(
         )
         ev.params.maxDets = max_dets
         ev.evaluate()
-        ev.accumulate()
-    return np.asarray(ev.eval["precision"])[..., -1]
+        return _accumulated(ev)
 
 
 def _no_detections(gt: dict[str, Any]) -> np.ndarray:

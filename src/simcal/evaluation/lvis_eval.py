@@ -181,7 +181,7 @@ def evaluate_protocols(
     _check_masks_of(gt, iou_type)
     from_file = None  # (precision, N): the engine read the file itself, every detection evaluated
     if isinstance(results, (str, os.PathLike)) and set(protocols) == {"lvis"}:
-        from_file = engines.file_precision(gt, results, iou_type, stats, lvis_rules=lvis_rules, protocol="lvis")
+        from_file = engines.file_precision(gt, results, iou_type, stats, lvis_rules=lvis_rules)
     dets = None
     if from_file is None:
         dets = as_detections(results, gt, iou_type)
