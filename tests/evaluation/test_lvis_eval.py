@@ -416,7 +416,7 @@ def test_a_file_of_masks_under_coco_rules_read_by_the_engine_evaluates_as_its_co
     if boxes == "every":  # the test can fail: with the boxes' areas, the sizes' APs move
         checked = results.checked_later
         monkeypatch.setattr(
-            "simcal.evaluation.engines.checked_later", lambda *a, areas, **k: checked(*a, areas=False, **k)
+            "simcal.evaluation.engines.checked_later", lambda *a, areas, **k: checked(*a, areas=lambda _: False, **k)
         )
         by_box = api.evaluate(gt_path, path, **kw).to_json()
         assert by_box["AP"] == columns["AP"] and by_box["APs"] != columns["APs"] != -1

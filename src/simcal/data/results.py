@@ -625,7 +625,7 @@ def _read_in_two(path: str | os.PathLike[str], columns: _Columns, block: int) ->
     return Detections.concatenate(first + rest) if first or rest else columns.block([], 0)
 
 
-def first_detection(path: str | os.PathLike[str]) -> Any:
+def _first_detection(path: str | os.PathLike[str]) -> Any:
     """The first item of a results file as JSON parses it (None for an empty list), from the
     file's first block (64 KiB where the items end at line ends or commas)."""
     blocks = iter_json_blocks(path, block=1 << 16)
@@ -636,25 +636,33 @@ def first_detection(path: str | os.PathLike[str]) -> Any:
 
 
 def checked_later(
-    path: str | os.PathLike[str], dataset: dict[str, Any], iou: str, areas: bool, block: int = 1 << 23
+    path: str | os.PathLike[str],
+    dataset: dict[str, Any],
+    iou: str,
+    areas: Callable[[Any], bool],
+    block: int = 1 << 23,
 ) -> Callable[[], tuple[int, np.ndarray | None] | None] | None:
     """The results file checked for ``iou`` meanwhile, for an engine that reads it itself: two
     forked children each check a share of the lines as :func:`read_results` does, and send back
-    only how many detections they read and, with ``areas``, their masks' areas (:func:`mask_areas`),
-    not the columns. The call returns ``(N, areas (N,) float64 or None)``, or None where a share
-    holds anything unusual (:func:`read_results` then names it). None instead of the call where
-    :func:`read_results` would read in one process (:func:`_read_by_two`), or the file is not cut
-    into lines.
+    only how many detections they read and, where ``areas`` holds for the file's first detection
+    (as JSON parses it), their masks' areas (:func:`mask_areas`), not the columns. The call returns
+    ``(N, areas (N,) float64 or None)``, or None where a share holds anything unusual
+    (:func:`read_results` then names it). None instead of the call where :func:`read_results`
+    would read in one process (:func:`_read_by_two`), or the file is not a list cut into lines.
     """
     if not _read_by_two(path):
         return None
     shares = split_json_lines(path, 2)
     if shares is None:
         return None
+    try:
+        counted = areas(_first_detection(path))
+    except InputError:  # not a list of detections: read_results says so
+        return None
     columns = _Columns(dataset, str(path), _ious(iou))
 
     def summary(part: Detections) -> tuple[int, np.ndarray | None]:
-        return len(part), mask_areas(part.counts, part.sizes) if areas else None  # type: ignore[arg-type]
+        return len(part), mask_areas(part.counts, part.sizes) if counted else None  # type: ignore[arg-type]
 
     def child(share: tuple[int, int]) -> Callable[[BinaryIO], object]:
         def work(out: BinaryIO) -> None:
@@ -679,7 +687,7 @@ def checked_later(
             return None
         parts = [part for share in got for part in share]  # type: ignore[union-attr]
         n = sum(count for count, _ in parts)
-        if not areas:
+        if not counted:
             return n, None
         return n, np.concatenate([a for _, a in parts]) if parts else np.zeros(0)
 

@@ -28,9 +28,8 @@ import numpy as np
 
 from simcal.choices import BOUNDARY_DILATION
 from simcal.data.annotations import collector_paused
-from simcal.data.results import Detections, areas_later, checked_later, first_detection
+from simcal.data.results import Detections, areas_later, checked_later
 from simcal.data.stats import CategoryStat
-from simcal.errors import InputError
 from simcal.evaluation.protocols import (
     cap_per_class,
     lvis_kept,
@@ -160,12 +159,7 @@ def file_precision(
     hotcoco only warns about) the columns' error line is all that is shown."""
     if iou_type != "segm" or lvis_rules:
         return None
-    try:
-        first = first_detection(path)
-    except InputError:  # not a list of detections: the columns' reading says so
-        return None
-    by_box = isinstance(first, dict) and first.get("bbox") is not None
-    checked = checked_later(path, gt, iou_type, areas=by_box)
+    checked = checked_later(path, gt, iou_type, areas=_box_first)
     if checked is None:
         return None
     import hotcoco
@@ -194,6 +188,12 @@ def file_precision(
                 return None
         max_dets = _max_dets("lvis", lvis_rules, 0)[-1:]  # the precision read: COCO's 1 and 10 unused
         return _accumulated(_matched(coco_gt, coco_dt, iou_type, lvis_rules, max_dets)), n
+
+
+def _box_first(first: Any) -> bool:
+    """Whether hotcoco takes a results file's areas from the boxes, given its first detection
+    (pycocotools' ``loadRes`` rule: one kind per file, from its first detection)."""
+    return isinstance(first, dict) and first.get("bbox") is not None
 
 
 def _stderr_held(call: Callable[[], T]) -> tuple[T, bytes]:
